@@ -1,0 +1,1 @@
+"""The HTTP and WebSocket API: REST routers, gateways, auth and the error contract."""

@@ -1,0 +1,56 @@
+"""``create_app(hub)``: the FastAPI application over one running hub."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, FastAPI
+
+from hexa.api import errors
+from hexa.api.middleware import HttpMetrics, Idempotency, RequestContext
+from hexa.api.routers import auth, devices, health, integrations, tenancy
+from hexa.api.ws import client_gateway, device_gateway
+from hexa.hub import __version__
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
+
+
+def create_app(hub: Hub) -> FastAPI:
+    app = FastAPI(
+        title="Hexa Hub",
+        version=__version__,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.hub = hub
+    app.state.device_sessions = device_gateway.DeviceSessions(hub)
+    app.state.client_sessions = client_gateway.ClientSessions(hub)
+    hub.starters.append(app.state.device_sessions.start)
+    hub.starters.append(app.state.client_sessions.start)
+    errors.install(app)
+    v1 = APIRouter(prefix="/api/v1")
+    for module in (auth, tenancy, devices, integrations):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    app.include_router(device_gateway.router)
+    app.include_router(client_gateway.router)
+    settings = hub.settings
+    assert settings.jwt_secret is not None
+    # Starlette applies middleware in reverse order: the last added is the outermost.
+    app.add_middleware(
+        Idempotency,  # type: ignore[arg-type]
+        ttl_s=settings.idempotency_ttl_s,
+        jwt_secret=settings.jwt_secret,
+        wait_s=settings.command_timeout_s + 5,
+    )
+    app.add_middleware(HttpMetrics)  # type: ignore[arg-type]
+    app.add_middleware(
+        RequestContext,  # type: ignore[arg-type]
+        max_body_bytes=settings.max_body_bytes,
+        enforce_https=settings.enforce_https,
+        trust_proxy=settings.trust_proxy,
+    )
+    return app

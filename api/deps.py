@@ -1,0 +1,74 @@
+"""Typed dependencies shared by the routers: the hub, the caller, pagination."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from hexa.hub.access import Principal, load_principal
+from hexa.hub.errors import Unauthorized
+from hexa.hub.security import decode_access_token
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
+
+
+def get_hub(request: Request) -> Hub:
+    return request.app.state.hub  # type: ignore[no-any-return]
+
+
+HubDep = Annotated["Hub", Depends(get_hub)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def get_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing bearer token")
+    hub: Hub = request.app.state.hub
+    assert hub.settings.jwt_secret is not None
+    claims = decode_access_token(hub.settings.jwt_secret, credentials.credentials)
+    principal = await load_principal(claims.user_id)
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+class Page:
+    """``?limit=`` (1-100, default 20) and ``&offset=``."""
+
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> None:
+        self.limit, self.offset = limit, offset
+
+    def wrap(self, items: list[Any], total: int) -> dict[str, Any]:
+        return {
+            "items": items,
+            "total": total,
+            "limit": self.limit,
+            "offset": self.offset,
+            "has_next": self.offset + len(items) < total,
+            "has_prev": self.offset > 0,
+        }
+
+
+PageDep = Annotated[Page, Depends()]
+
+
+def client_address(request: Request) -> str | None:
+    hub: Hub = request.app.state.hub
+    if hub.settings.trust_proxy:
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.client.host if request.client else None

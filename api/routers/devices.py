@@ -1,0 +1,197 @@
+"""``/provision``, ``/devices``: provisioning, claiming, configuration, relay commands."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+
+from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.errors import request_id_of
+from hexa.api.schemas import (
+    AllRelaysCommand,
+    ClaimBody,
+    DevicePatch,
+    ProvisionBody,
+    RelayCommand,
+    device_view,
+    iso,
+)
+from hexa.hub.errors import NotFound, Unauthorized, ValidationFailed
+from hexa.hub.security import same_secret
+from hexa.models import Device, DeviceInput, RelayState
+
+router = APIRouter(tags=["devices"])
+
+
+async def _full_view(device: Device) -> dict[str, Any]:
+    relays = await RelayState.filter(device_id=device.id)
+    inputs = await DeviceInput.filter(device_id=device.id)
+    return device_view(device, relays, inputs)
+
+
+@router.post("/provision/register", status_code=201)
+async def provision(
+    body: ProvisionBody,
+    hub: HubDep,
+    x_provision_key: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    expected = hub.settings.device_provision_key
+    assert expected is not None
+    if not x_provision_key or not same_secret(x_provision_key, expected):
+        raise Unauthorized("missing or wrong X-Provision-Key")
+    device, token, code = await hub.registry.provision(body.model, body.serial, body.fw_version)
+    return {
+        "id": str(device.id),
+        "device_uid": device.device_uid,
+        "device_token": token,
+        "claim_code": code,
+        "model": device.model,
+        "relay_count": device.relay_count,
+        "input_count": device.input_count,
+        "mqtt": hub.mqtt_endpoint(),
+        "ws_url": hub.ws_device_url(),
+    }
+
+
+@router.post("/devices/claim")
+async def claim(body: ClaimBody, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
+    device = await hub.registry.claim(
+        principal, body.claim_code, body.org_id, body.site_id, body.area_id, body.name
+    )
+    return await _full_view(device)
+
+
+@router.get("/devices")
+async def list_devices(
+    principal: PrincipalDep,
+    page: PageDep,
+    org_id: uuid.UUID | None = None,
+    site_id: uuid.UUID | None = None,
+    area_id: uuid.UUID | None = None,
+    online: bool | None = None,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    query = Device.filter(deleted_at=None, org_id__isnull=False)
+    visible = principal.visible_org_ids()
+    if visible is not None:
+        query = query.filter(org_id__in=visible)
+    if org_id is not None:
+        query = query.filter(org_id=org_id)
+    if site_id is not None:
+        query = query.filter(site_id=site_id)
+    if area_id is not None:
+        query = query.filter(area_id=area_id)
+    if online is not None:
+        query = query.filter(online=online)
+    if model is not None:
+        query = query.filter(model=model)
+    total = await query.count()
+    devices = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    ids = [d.id for d in devices]
+    relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
+    inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
+    for r in await RelayState.filter(device_id__in=ids):
+        relays[r.device_id].append(r)  # type: ignore[attr-defined]
+    for i in await DeviceInput.filter(device_id__in=ids):
+        inputs[i.device_id].append(i)  # type: ignore[attr-defined]
+    return page.wrap([device_view(d, relays[d.id], inputs[d.id]) for d in devices], total)
+
+
+@router.get("/devices/{device_id}")
+async def get_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
+    return await _full_view(await hub.registry.get_visible(principal, device_id))
+
+
+@router.patch("/devices/{device_id}")
+async def patch_device(
+    device_id: uuid.UUID, body: DevicePatch, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    changes = body.model_dump(exclude_unset=True)
+    if "name" in changes and changes["name"] is None:
+        raise ValidationFailed("name cannot be null", details={"field": "name"})
+    device = await hub.registry.update(principal, device_id, changes)
+    return await _full_view(device)
+
+
+@router.delete("/devices/{device_id}", status_code=204)
+async def delete_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> Response:
+    await hub.registry.delete(principal, device_id)
+    return Response(status_code=204)
+
+
+@router.post("/devices/{device_id}/release")
+async def release_device(
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    device = await hub.registry.release(principal, device_id)
+    return await _full_view(device)
+
+
+@router.post("/devices/{device_id}/token/rotate")
+async def rotate_token(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
+    return {"device_token": await hub.registry.rotate_token(principal, device_id)}
+
+
+@router.get("/devices/{device_id}/state")
+async def device_state(
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    device = await hub.registry.get_visible(principal, device_id)
+    relays = await RelayState.filter(device_id=device.id).order_by("index")
+    inputs = await DeviceInput.filter(device_id=device.id).order_by("index")
+    return {
+        "relays": [r.state for r in relays],
+        "inputs": [i.state for i in inputs],
+        "online": device.online,
+        "last_seen_at": iso(device.last_seen_at),
+    }
+
+
+@router.post("/devices/{device_id}/relays/{relay_index}")
+async def set_relay(
+    device_id: uuid.UUID,
+    relay_index: Annotated[int, Path(ge=0, le=63)],
+    body: RelayCommand,
+    principal: PrincipalDep,
+    hub: HubDep,
+    request: Request,
+) -> dict[str, Any]:
+    device = await hub.registry.get_for(principal, device_id, "command_relays")
+    if relay_index >= device.relay_count:
+        raise NotFound("relay")
+    state = "TOGGLE" if body.state == "toggle" else ("ON" if body.state else "OFF")
+    result = await hub.commands.execute(
+        device.device_uid, relay_index, state,
+        source="api", actor_type="user", actor_id=str(principal.id),
+        request_id=request_id_of(request),
+    )  # fmt: skip
+    return {
+        "device_id": str(device.id),
+        "relays": result.relays,
+        "latency_ms": result.latency_ms,
+        "command_id": result.command_id,
+    }
+
+
+@router.post("/devices/{device_id}/relays")
+async def set_all_relays(
+    device_id: uuid.UUID,
+    body: AllRelaysCommand,
+    principal: PrincipalDep,
+    hub: HubDep,
+    request: Request,
+) -> dict[str, Any]:
+    device = await hub.registry.get_for(principal, device_id, "command_relays")
+    result = await hub.commands.execute(
+        device.device_uid, None, "ON" if body.state else "OFF",
+        source="api", actor_type="user", actor_id=str(principal.id),
+        request_id=request_id_of(request),
+    )  # fmt: skip
+    return {
+        "device_id": str(device.id),
+        "relays": result.relays,
+        "latency_ms": result.latency_ms,
+        "command_id": result.command_id,
+    }

@@ -1,0 +1,279 @@
+"""``/orgs``, ``/sites``, ``/areas``: the tenancy tree and its members."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Response
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from hexa.api.deps import PageDep, PrincipalDep
+from hexa.api.schemas import (
+    AreaCreate,
+    AreaPatch,
+    MemberAdd,
+    OrgCreate,
+    OrgPatch,
+    SiteCreate,
+    SitePatch,
+    area_view,
+    iso,
+    org_view,
+    site_view,
+)
+from hexa.hub.access import Principal, Role
+from hexa.hub.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from hexa.hub.security import utcnow
+from hexa.models import Area, Device, Membership, Organization, Site, User
+
+router = APIRouter(tags=["tenancy"])
+
+
+async def _org(principal: Principal, org_id: uuid.UUID, action: str) -> Organization:
+    org = await Organization.get_or_none(id=org_id, deleted_at=None)
+    if org is None:
+        raise NotFound("organization")
+    principal.require(org.id, action)
+    return org
+
+
+async def _site(principal: Principal, site_id: uuid.UUID, action: str) -> Site:
+    site = await Site.get_or_none(id=site_id, deleted_at=None, org__deleted_at__isnull=True)
+    if site is None:
+        raise NotFound("site")
+    principal.require(site.org_id, action, kind="site")  # type: ignore[attr-defined]
+    return site
+
+
+async def _area(principal: Principal, area_id: uuid.UUID, action: str) -> Area:
+    area = await Area.get_or_none(
+        id=area_id, deleted_at=None, site__deleted_at__isnull=True
+    ).prefetch_related("site")
+    if area is None:
+        raise NotFound("area")
+    principal.require(area.site.org_id, action, kind="area")  # type: ignore[attr-defined]
+    return area
+
+
+# --- organizations ---------------------------------------------------------------------
+@router.get("/orgs")
+async def list_orgs(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+    query = Organization.filter(deleted_at=None)
+    visible = principal.visible_org_ids()
+    if visible is not None:
+        query = query.filter(id__in=visible)
+    total = await query.count()
+    orgs = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    return page.wrap([org_view(o) for o in orgs], total)
+
+
+@router.post("/orgs", status_code=201)
+async def create_org(body: OrgCreate, principal: PrincipalDep) -> dict[str, Any]:
+    async with in_transaction():
+        org = await Organization.create(name=body.name)
+        await Membership.create(org=org, user_id=principal.id, role="owner")
+    return org_view(org)
+
+
+@router.get("/orgs/{org_id}")
+async def get_org(org_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
+    return org_view(await _org(principal, org_id, "read"))
+
+
+@router.patch("/orgs/{org_id}")
+async def patch_org(org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep) -> dict[str, Any]:
+    org = await _org(principal, org_id, "update_org")
+    if body.name is not None:
+        org.name = body.name
+        await org.save()
+    return org_view(org)
+
+
+@router.delete("/orgs/{org_id}", status_code=204)
+async def delete_org(org_id: uuid.UUID, principal: PrincipalDep) -> Response:
+    org = await _org(principal, org_id, "delete_org")
+    if await Device.filter(org_id=org.id, deleted_at=None).exists():
+        raise Conflict("release or delete this organization's devices first")
+    now = utcnow()
+    async with in_transaction():
+        await Organization.filter(id=org.id).update(deleted_at=now)
+        await Site.filter(org_id=org.id, deleted_at=None).update(deleted_at=now)
+    return Response(status_code=204)
+
+
+# --- members ---------------------------------------------------------------------------
+def _member_view(m: Membership) -> dict[str, Any]:
+    return {
+        "user_id": str(m.user.id),
+        "email": m.user.email,
+        "role": m.role,
+        "org_id": str(m.org_id),  # type: ignore[attr-defined]
+        "created_at": iso(m.created_at),
+    }
+
+
+@router.get("/orgs/{org_id}/members")
+async def list_members(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+    org = await _org(principal, org_id, "read")
+    query = Membership.filter(org_id=org.id)
+    total = await query.count()
+    rows = (
+        await query.order_by("created_at", "id")
+        .offset(page.offset)
+        .limit(page.limit)
+        .prefetch_related("user")
+    )
+    return page.wrap([_member_view(m) for m in rows], total)
+
+
+@router.post("/orgs/{org_id}/members", status_code=201)
+async def add_member(org_id: uuid.UUID, body: MemberAdd, principal: PrincipalDep) -> dict[str, Any]:
+    org = await _org(principal, org_id, "manage_members")
+    if (body.email is None) == (body.user_id is None):
+        raise ValidationFailed("give exactly one of email or user_id", details={"field": "email"})
+    _check_can_grant(principal, org.id, Role.parse(body.role))
+    user = (
+        await User.get_or_none(email=body.email.strip().lower())
+        if body.email is not None
+        else await User.get_or_none(id=body.user_id)
+    )
+    if user is None:
+        raise NotFound("user")
+    existing = await Membership.get_or_none(org_id=org.id, user_id=user.id)
+    if existing is not None:
+        _check_can_grant(principal, org.id, Role.parse(existing.role))
+        existing.role = body.role
+        await existing.save()
+        membership = existing
+    else:
+        try:
+            membership = await Membership.create(org=org, user=user, role=body.role)
+        except IntegrityError:
+            raise Conflict("already a member") from None
+    await membership.fetch_related("user")
+    return _member_view(membership)
+
+
+@router.delete("/orgs/{org_id}/members/{user_id}", status_code=204)
+async def remove_member(org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep) -> Response:
+    org = await _org(principal, org_id, "read")
+    membership = await Membership.get_or_none(org_id=org.id, user_id=user_id)
+    if membership is None:
+        raise NotFound("member")
+    if user_id != principal.id:  # leaving an organization needs no role
+        principal.require(org.id, "manage_members")
+        _check_can_grant(principal, org.id, Role.parse(membership.role))
+    if membership.role == "owner":
+        owners = await Membership.filter(org_id=org.id, role="owner").count()
+        if owners <= 1:
+            raise Conflict("an organization keeps at least one owner")
+    await membership.delete()
+    return Response(status_code=204)
+
+
+def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> None:
+    """Nobody grants or removes a role above their own."""
+    if principal.is_platform_admin:
+        return
+    mine = principal.role_in(org_id)
+    if mine is None or role > mine:
+        raise Forbidden(f"granting {role.name} needs the {role.name} role")
+
+
+# --- sites -----------------------------------------------------------------------------
+@router.get("/orgs/{org_id}/sites")
+async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+    org = await _org(principal, org_id, "read")
+    query = Site.filter(org_id=org.id, deleted_at=None)
+    total = await query.count()
+    sites = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    return page.wrap([site_view(s) for s in sites], total)
+
+
+@router.post("/orgs/{org_id}/sites", status_code=201)
+async def create_site(org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep) -> dict[str, Any]:
+    org = await _org(principal, org_id, "manage_sites")
+    site = await Site.create(org=org, **body.model_dump())
+    return site_view(site)
+
+
+@router.get("/sites/{site_id}")
+async def get_site(site_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
+    return site_view(await _site(principal, site_id, "read"))
+
+
+@router.patch("/sites/{site_id}")
+async def patch_site(site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep) -> dict[str, Any]:
+    site = await _site(principal, site_id, "manage_sites")
+    changes = body.model_dump(exclude_unset=True)
+    for key in ("name", "timezone", "metadata"):
+        if key in changes and changes[key] is None:
+            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    if changes:
+        site.update_from_dict(changes)
+        await site.save()
+    return site_view(site)
+
+
+@router.delete("/sites/{site_id}", status_code=204)
+async def delete_site(site_id: uuid.UUID, principal: PrincipalDep) -> Response:
+    site = await _site(principal, site_id, "manage_sites")
+    now = utcnow()
+    async with in_transaction():
+        await Site.filter(id=site.id).update(deleted_at=now)
+        await Area.filter(site_id=site.id, deleted_at=None).update(deleted_at=now)
+        await Device.filter(site_id=site.id).update(site_id=None, area_id=None)
+    return Response(status_code=204)
+
+
+# --- areas -----------------------------------------------------------------------------
+@router.get("/sites/{site_id}/areas")
+async def list_areas(site_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+    site = await _site(principal, site_id, "read")
+    query = Area.filter(site_id=site.id, deleted_at=None)
+    total = await query.count()
+    areas = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    return page.wrap([area_view(a) for a in areas], total)
+
+
+@router.post("/sites/{site_id}/areas", status_code=201)
+async def create_area(site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep) -> dict[str, Any]:
+    site = await _site(principal, site_id, "manage_sites")
+    return area_view(await Area.create(site=site, **body.model_dump()))
+
+
+@router.get("/areas/{area_id}")
+async def get_area(area_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
+    return area_view(await _area(principal, area_id, "read"))
+
+
+@router.patch("/areas/{area_id}")
+async def patch_area(area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep) -> dict[str, Any]:
+    area = await _area(principal, area_id, "manage_sites")
+    changes = body.model_dump(exclude_unset=True)
+    for key in ("name", "metadata"):
+        if key in changes and changes[key] is None:
+            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    if changes:
+        area.update_from_dict(changes)
+        await area.save()
+    return area_view(area)
+
+
+@router.delete("/areas/{area_id}", status_code=204)
+async def delete_area(area_id: uuid.UUID, principal: PrincipalDep) -> Response:
+    area = await _area(principal, area_id, "manage_sites")
+    async with in_transaction():
+        await Area.filter(id=area.id).update(deleted_at=utcnow())
+        await Device.filter(area_id=area.id).update(area_id=None)
+    return Response(status_code=204)
+
+
+@router.delete("/orgs/{org_id}/members", status_code=204)
+async def remove_member_by_query(
+    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep
+) -> Response:
+    """``DELETE /orgs/{id}/members?user_id=`` — the same as the path form."""
+    return await remove_member(org_id, user_id, principal)

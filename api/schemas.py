@@ -1,0 +1,192 @@
+"""Request bodies and response shapes of the REST API, and ORM → JSON views."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site, User
+
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Body(BaseModel):
+    """Every request body rejects unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Credentials(Body):
+    email: Annotated[str, Field(min_length=3, max_length=254)]
+    password: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class RefreshBody(Body):
+    refresh_token: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class OrgCreate(Body):
+    name: Name
+
+
+class OrgPatch(Body):
+    name: Name | None = None
+
+
+class MemberAdd(Body):
+    email: Annotated[str, Field(min_length=3, max_length=254)] | None = None
+    user_id: uuid.UUID | None = None
+    role: Literal["viewer", "operator", "manager", "admin", "owner"] = "viewer"
+
+
+def _check_tz(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA timezone {value!r}") from None
+    return value
+
+
+Metadata = Annotated[dict[str, Any], Field(max_length=100)]
+
+
+class SiteCreate(Body):
+    name: Name
+    location: Annotated[str, Field(max_length=500)] | None = None
+    timezone: str = "UTC"
+    metadata: Metadata = Field(default_factory=dict)
+
+    _tz = field_validator("timezone")(_check_tz)
+
+
+class SitePatch(Body):
+    name: Name | None = None
+    location: Annotated[str, Field(max_length=500)] | None = None
+    timezone: str | None = None
+    metadata: Metadata | None = None
+
+    _tz = field_validator("timezone")(_check_tz)
+
+
+class AreaCreate(Body):
+    name: Name
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class AreaPatch(Body):
+    name: Name | None = None
+    metadata: Metadata | None = None
+
+
+class ProvisionBody(Body):
+    model: Annotated[str, Field(min_length=1, max_length=64)]
+    serial: Annotated[str, Field(max_length=128)] | None = None
+    fw_version: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ClaimBody(Body):
+    claim_code: Annotated[str, Field(min_length=4, max_length=64)]
+    org_id: uuid.UUID | None = None
+    site_id: uuid.UUID | None = None
+    area_id: uuid.UUID | None = None
+    name: Name | None = None
+
+
+class DevicePatch(Body):
+    name: Name | None = None
+    site_id: uuid.UUID | None = None
+    area_id: uuid.UUID | None = None
+    relay_names: Annotated[list[Annotated[str, Field(max_length=200)] | None], Field(max_length=64)] | None = None  # noqa: E501
+
+
+class RelayCommand(Body):
+    state: StrictBool | Literal["toggle"]
+
+
+class AllRelaysCommand(Body):
+    state: StrictBool
+
+
+class IntegrationCreate(Body):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    org_id: uuid.UUID
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def org_view(org: Organization) -> dict[str, Any]:
+    return {"id": str(org.id), "name": org.name, "created_at": iso(org.created_at)}
+
+
+def site_view(site: Site) -> dict[str, Any]:
+    return {
+        "id": str(site.id),
+        "org_id": str(site.org_id),  # type: ignore[attr-defined]
+        "name": site.name,
+        "location": site.location,
+        "timezone": site.timezone,
+        "metadata": site.metadata or {},
+        "created_at": iso(site.created_at),
+    }
+
+
+def area_view(area: Area) -> dict[str, Any]:
+    return {
+        "id": str(area.id),
+        "site_id": str(area.site_id),  # type: ignore[attr-defined]
+        "name": area.name,
+        "metadata": area.metadata or {},
+        "created_at": iso(area.created_at),
+    }
+
+
+def user_view(user: User) -> dict[str, Any]:
+    return {
+        "id": str(user.id),
+        "email": user.email,
+        "role": user.role,
+        "is_active": user.is_active,
+        "created_at": iso(user.created_at),
+    }
+
+
+def device_view(device: Device, relays: list[RelayState], inputs: list[DeviceInput]) -> dict[str, Any]:
+    def opt(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    return {
+        "id": str(device.id),
+        "device_uid": device.device_uid,
+        "model": device.model,
+        "device_class": device.device_class,
+        "name": device.name,
+        "org_id": opt(device.org_id),  # type: ignore[attr-defined]
+        "site_id": opt(device.site_id),  # type: ignore[attr-defined]
+        "area_id": opt(device.area_id),  # type: ignore[attr-defined]
+        "relay_count": device.relay_count,
+        "input_count": device.input_count,
+        "relays": [
+            {"index": r.index, "name": r.name, "state": r.state}
+            for r in sorted(relays, key=lambda r: r.index)
+        ],
+        "inputs": [
+            {"index": i.index, "name": i.name, "mode": i.mode, "state": i.state}
+            for i in sorted(inputs, key=lambda i: i.index)
+        ],
+        "online": device.online,
+        "last_seen_at": iso(device.last_seen_at),
+        "fw_version": device.fw_version,
+        "serial": device.serial,
+        "created_at": iso(device.created_at),
+        "updated_at": iso(device.updated_at),
+    }

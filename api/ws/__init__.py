@@ -1,0 +1,1 @@
+"""WebSocket gateways: devices and clients bridged onto the bus."""

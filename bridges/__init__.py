@@ -1,0 +1,1 @@
+"""Bridges to other ecosystems (Home Assistant, HomeKit, Alexa); each a bus client."""

@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (amqtt): listeners, authentication and topic ACLs."""

@@ -1,0 +1,104 @@
+"""Topic ACL decisions (contract.md §3), as pure functions of who and which topic.
+
+- a device may publish only its own ack, report, event and availability, and subscribe
+  only to its own cmd (and ``hexa/hub/status``);
+- an integration may subscribe to ``hexa/#`` and ``homeassistant/#`` (or narrower
+  filters), receives only its organization's devices and ``hexa/hub/status``, and may
+  publish only intents for its organization's devices and ``homeassistant/status``;
+- the hub may do everything; anybody else nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from hexa.hub import topics
+
+
+class Kind(Enum):
+    HUB = "hub"
+    DEVICE = "device"
+    INTEGRATION = "integration"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a broker session belongs to, fixed at authentication."""
+
+    kind: Kind
+    name: str
+    org_id: uuid.UUID | None = None
+
+
+#: device uid → its organization (None: unclaimed), or raises KeyError if unknown
+OrgOf = Callable[[str], uuid.UUID | None]
+
+_HUB_STATUS = topics.HUB_STATUS.format()
+_HA_STATUS = topics.HA_STATUS.format()
+
+
+def topic_device(topic: str) -> str | None:
+    """The device a concrete topic is about (hexa/<uid>/… or an HA discovery topic)."""
+    uid = topics.device_of(topic)
+    if uid is not None:
+        return uid
+    params = topics.HA_SWITCH_CONFIG.parse(topic)
+    if params is not None:
+        return topics.uid_of_ha_object(params["object_id"])
+    return None
+
+
+def _in_org(identity: Identity, uid: str | None, org_of: OrgOf) -> bool:
+    if uid is None or identity.org_id is None:
+        return False
+    try:
+        return org_of(uid) == identity.org_id
+    except KeyError:
+        return False
+
+
+def may_publish(identity: Identity, topic: str, org_of: OrgOf) -> bool:
+    if identity.kind is Kind.HUB:
+        return True
+    if identity.kind is Kind.DEVICE:
+        return any(t.format(uid=identity.name) == topic for t in topics.DEVICE_PUBLISH)
+    if topic == _HA_STATUS:
+        return True
+    for t in topics.INTENT_TOPICS:
+        params = t.parse(topic)
+        if params is not None:
+            return _in_org(identity, params["uid"], org_of)
+    return False
+
+
+def may_subscribe(identity: Identity, flt: str, org_of: OrgOf) -> bool:
+    if identity.kind is Kind.HUB:
+        return True
+    if flt == _HUB_STATUS:
+        return True
+    if identity.kind is Kind.DEVICE:
+        return flt == topics.CMD.format(uid=identity.name)
+    parts = flt.split("/")
+    if parts[0] == "homeassistant":
+        return True
+    if parts[0] != topics.ROOT or len(parts) < 2:
+        return False
+    second = parts[1]
+    if second in ("+", "#", "hub"):
+        return True  # what is delivered is filtered per message (may_receive)
+    return _in_org(identity, second, org_of)
+
+
+def may_receive(identity: Identity, topic: str, org_of: OrgOf) -> bool:
+    if identity.kind is Kind.HUB:
+        return True
+    if topic == _HUB_STATUS:
+        return True
+    if identity.kind is Kind.DEVICE:
+        return topic == topics.CMD.format(uid=identity.name)
+    if topic == _HA_STATUS:
+        return True
+    return _in_org(identity, topic_device(topic), org_of)

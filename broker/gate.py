@@ -1,0 +1,85 @@
+"""Who may connect and what they may touch: the state behind the auth and ACL plugins."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+from hexa.broker.acl import Identity, Kind
+from hexa.hub import topics
+from hexa.models import Device, IntegrationToken
+
+log = logging.getLogger(__name__)
+
+HUB_USERNAME = "$hub"  # "$" is valid in no device uid or integration name
+ORG_CACHE_TTL_S = 30.0
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Gate:
+    """Authenticates broker sessions and caches device → organization for the ACL."""
+
+    def __init__(self, hub_password: str) -> None:
+        self.hub_password = hub_password
+        self._orgs: dict[str, tuple[uuid.UUID | None, float]] = {}
+        self.sessions: dict[str, tuple[Any, Any]] = {}  # the broker's, set at start
+
+    async def identify(self, username: str | None, password: str | None) -> Identity | None:
+        """The identity these credentials prove, or None (anonymous is never allowed)."""
+        if not username or not password:
+            return None
+        if username == HUB_USERNAME:
+            if hmac.compare_digest(password.encode(), self.hub_password.encode()):
+                return Identity(Kind.HUB, username)
+            return None
+        digest = _hash(password)
+        if topics.UID_RE.match(username):
+            device = await Device.get_or_none(device_uid=username, deleted_at=None)
+            if device is not None:
+                if hmac.compare_digest(device.token_hash, digest):
+                    self._orgs[username] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)  # type: ignore[attr-defined]
+                    return Identity(Kind.DEVICE, username)
+                return None
+        token = await IntegrationToken.get_or_none(name=username)
+        if token is not None and hmac.compare_digest(token.token_hash, digest):
+            return Identity(Kind.INTEGRATION, username, org_id=token.org_id)  # type: ignore[attr-defined]
+        return None
+
+    def client_id_taken(self, client_id: str, username: str) -> bool:
+        """True when another identity holds a live session under this client id."""
+        existing = self.sessions.get(client_id)
+        if existing is None:
+            return False
+        session = existing[0]
+        return bool(
+            session.username != username and session.transitions.state == "connected"
+        )
+
+    async def load_org(self, uid: str | None) -> None:
+        """Make :meth:`org_of` answer for ``uid`` (a cached database lookup)."""
+        if uid is None:
+            return
+        cached = self._orgs.get(uid)
+        if cached is not None and cached[1] > time.monotonic():
+            return
+        device = await Device.get_or_none(device_uid=uid, deleted_at=None)
+        if device is None:
+            self._orgs.pop(uid, None)
+            return
+        self._orgs[uid] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)  # type: ignore[attr-defined]
+        if len(self._orgs) > 200_000:
+            self._orgs.clear()
+
+    def org_of(self, uid: str) -> uuid.UUID | None:
+        """The organization of a live device; KeyError if unknown."""
+        return self._orgs[uid][0]
+
+    def forget(self, uid: str) -> None:
+        self._orgs.pop(uid, None)

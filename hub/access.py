@@ -1,0 +1,94 @@
+"""Who may do what: the role table, enforced here and nowhere else.
+
+Roles, lowest to highest: viewer < operator < manager < admin < owner. Platform admins
+(``User.role == "admin"``) may do everything everywhere. An object in an organization the
+caller is not a member of does not exist for them (NotFound, never Forbidden).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from hexa.hub.errors import Forbidden, NotFound, Unauthorized
+from hexa.models import Membership, User
+
+
+class Role(IntEnum):
+    viewer = 1
+    operator = 2
+    manager = 3
+    admin = 4
+    owner = 5
+
+    @classmethod
+    def parse(cls, value: str) -> Role:
+        return cls[value]
+
+
+#: action → the lowest role that may perform it
+PERMISSIONS: dict[str, Role] = {
+    "read": Role.viewer,
+    "command_relays": Role.operator,
+    "configure_devices": Role.manager,
+    "manage_schedules": Role.manager,
+    "manage_automations": Role.manager,
+    "manage_sites": Role.manager,
+    "update_org": Role.admin,
+    "manage_devices": Role.admin,
+    "manage_members": Role.admin,
+    "manage_integrations": Role.admin,
+    "delete_org": Role.owner,
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated user with their memberships, loaded once per request."""
+
+    user: User
+    roles: dict[uuid.UUID, Role] = field(default_factory=dict)
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.user.id  # type: ignore[no-any-return]
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return self.user.role == "admin"
+
+    def role_in(self, org_id: uuid.UUID | None) -> Role | None:
+        if org_id is None:
+            return None
+        return self.roles.get(org_id)
+
+    def can_see(self, org_id: uuid.UUID | None) -> bool:
+        return self.is_platform_admin or self.role_in(org_id) is not None
+
+    def require(self, org_id: uuid.UUID | None, action: str, kind: str = "organization") -> None:
+        """Raise NotFound when the org is invisible, Forbidden when the role is too low."""
+        needed = PERMISSIONS[action]
+        if self.is_platform_admin:
+            return
+        role = self.role_in(org_id)
+        if role is None:
+            raise NotFound(kind)
+        if role < needed:
+            raise Forbidden(
+                f"{action.replace('_', ' ')} needs the {needed.name} role",
+                details={"required_role": needed.name, "role": role.name},
+            )
+
+    def visible_org_ids(self) -> list[uuid.UUID] | None:
+        """The organizations this principal sees, or None for all (platform admin)."""
+        return None if self.is_platform_admin else list(self.roles)
+
+
+async def load_principal(user_id: uuid.UUID) -> Principal:
+    """Load an active user and their roles; raises Unauthorized if gone or disabled."""
+    user = await User.get_or_none(id=user_id)
+    if user is None or not user.is_active:
+        raise Unauthorized("user is unknown or disabled")
+    memberships = await Membership.filter(user_id=user.id, org__deleted_at__isnull=True).all()
+    return Principal(user=user, roles={m.org_id: Role.parse(m.role) for m in memberships})  # type: ignore[attr-defined]

@@ -1,0 +1,195 @@
+"""Accounts: registration, login with throttling, refresh-token rotation, admins."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from hexa.hub.config import Settings
+from hexa.hub.errors import Conflict, Forbidden, RateLimited, Unauthorized, ValidationFailed
+from hexa.hub.security import (
+    DUMMY_PASSWORD_HASH,
+    hash_password,
+    issue_access_token,
+    new_token,
+    token_hash,
+    utcnow,
+    verify_password,
+)
+from hexa.models import Membership, Organization, RefreshToken, User
+
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+MIN_PASSWORD, MAX_PASSWORD = 8, 128
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    user: User
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    if len(email) > 254 or not EMAIL_RE.match(email):
+        raise ValidationFailed("email is not a valid address", details={"field": "email"})
+    return email
+
+
+def check_password_policy(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise ValidationFailed(
+            f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters",
+            details={"field": "password"},
+        )
+
+
+class LoginThrottle:
+    """Sliding-window failure counters per account and per client address (in memory)."""
+
+    def __init__(self, max_failures: int, window_s: int, per_address_factor: int = 4) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.max_address_failures = max_failures * per_address_factor
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        q = self._failures.setdefault(key, deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        return q
+
+    def check(self, email: str, address: str | None) -> None:
+        now = time.monotonic()
+        for key, limit in self._keys(email, address):
+            q = self._recent(key, now)
+            if len(q) >= limit:
+                retry = max(1, int(q[0] + self.window_s - now))
+                raise RateLimited("too many failed logins, try again later", retry_after_s=retry)
+
+    def failed(self, email: str, address: str | None) -> None:
+        now = time.monotonic()
+        for key, _limit in self._keys(email, address):
+            self._recent(key, now).append(now)
+        if len(self._failures) > 100_000:  # bound memory under a spray of random emails
+            self._failures = {k: q for k, q in self._failures.items() if self._recent(k, now)}
+
+    def succeeded(self, email: str) -> None:
+        self._failures.pop(f"account:{email}", None)
+
+    def _keys(self, email: str, address: str | None) -> list[tuple[str, int]]:
+        keys = [(f"account:{email}", self.max_failures)]
+        if address:
+            keys.append((f"address:{address}", self.max_address_failures))
+        return keys
+
+
+class Accounts:
+    """Account operations used by the REST API and the CLI."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
+
+    @property
+    def _secret(self) -> str:
+        assert self.settings.jwt_secret is not None
+        return self.settings.jwt_secret
+
+    async def create_user(self, email: str, password: str, *, role: str = "user") -> User:
+        """Create a user and their personal organization (role owner)."""
+        email = normalize_email(email)
+        check_password_policy(password)
+        password_hash = hash_password(password)
+        try:
+            async with in_transaction():
+                user = await User.create(email=email, password_hash=password_hash, role=role)
+                org = await Organization.create(name=f"{email} (personal)", personal=True)
+                await Membership.create(org=org, user=user, role="owner")
+        except IntegrityError:
+            raise Conflict("an account with this email already exists") from None
+        return user
+
+    async def register(self, email: str, password: str) -> TokenPair:
+        user = await self.create_user(email, password)
+        return await self.issue(user)
+
+    async def login(self, email: str, password: str, address: str | None) -> TokenPair:
+        email = email.strip().lower()
+        self.throttle.check(email, address)
+        user = await User.get_or_none(email=email)
+        ok = verify_password(user.password_hash if user else DUMMY_PASSWORD_HASH, password)
+        if user is None or not ok:
+            self.throttle.failed(email, address)
+            raise Unauthorized("invalid email or password")
+        if not user.is_active:
+            raise Forbidden("this account is disabled")
+        self.throttle.succeeded(email)
+        return await self.issue(user)
+
+    async def issue(self, user: User, family_id: uuid.UUID | None = None) -> TokenPair:
+        refresh = new_token("hxr_")
+        await RefreshToken.create(
+            user=user,
+            family_id=family_id or uuid.uuid4(),
+            token_hash=token_hash(refresh),
+            expires_at=utcnow() + timedelta(seconds=self.settings.refresh_token_ttl_s),
+        )
+        ttl = self.settings.access_token_ttl_s
+        return TokenPair(user, issue_access_token(self._secret, user.id, ttl), refresh, ttl)
+
+    async def refresh(self, refresh_token: str) -> TokenPair:
+        """Rotate a refresh token. Presenting a rotated one revokes its whole family."""
+        row = await RefreshToken.get_or_none(token_hash=token_hash(refresh_token))
+        if row is None:
+            raise Unauthorized("invalid refresh token")
+        now = utcnow()
+        if row.revoked_at is not None:
+            raise Unauthorized("refresh token revoked")
+        # Claim the row atomically: of two concurrent refreshes only one may win.
+        claimed = await RefreshToken.filter(id=row.id, rotated_at=None, revoked_at=None).update(
+            rotated_at=now
+        )
+        if not claimed:
+            await self.revoke_family(row.family_id)
+            raise Unauthorized("refresh token reuse detected: all sessions of this login revoked")
+        if row.expires_at <= now:
+            raise Unauthorized("refresh token expired")
+        user = await User.get(id=row.user_id)  # type: ignore[attr-defined]
+        if not user.is_active:
+            await self.revoke_family(row.family_id)
+            raise Unauthorized("user is disabled")
+        return await self.issue(user, family_id=row.family_id)
+
+    async def logout(self, refresh_token: str) -> None:
+        row = await RefreshToken.get_or_none(token_hash=token_hash(refresh_token))
+        if row is not None:
+            await self.revoke_family(row.family_id)
+
+    async def revoke_family(self, family_id: uuid.UUID) -> None:
+        await RefreshToken.filter(family_id=family_id, revoked_at=None).update(revoked_at=utcnow())
+
+    async def create_admin(self, email: str, password: str) -> User:
+        return await self.create_user(email, password, role="admin")
+
+    async def ensure_bootstrap_admin(self) -> User | None:
+        """Create the admin named by HEXA_ADMIN_EMAIL/PASSWORD when no admin exists."""
+        email, password = self.settings.admin_email, self.settings.admin_password
+        if not email or not password:
+            return None
+        if await User.filter(role="admin").exists():
+            return None
+        existing = await User.get_or_none(email=normalize_email(email))
+        if existing is not None:
+            existing.role = "admin"
+            await existing.save(update_fields=["role", "updated_at"])
+            return existing
+        return await self.create_admin(email, password)

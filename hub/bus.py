@@ -1,0 +1,226 @@
+"""The bus: the hub's one MQTT connection (aiomqtt), with reconnect and dispatch.
+
+Handlers subscribe to topic filters; every message is dispatched to every matching
+handler in arrival order. Handlers must return quickly (they hand work to queues), so
+one slow consumer never stalls the connection. Subscriptions are replayed on every
+reconnect, and ``hexa/hub/status`` is ``online`` while connected (``offline`` is the
+connection's will).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import anyio
+from anyio.abc import TaskStatus
+
+from hexa.hub import metrics, topics
+from hexa.hub.errors import BusUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 1
+
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def from_url(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+
+def topic_matches(flt: str, topic: str) -> bool:
+    """MQTT filter matching (MQTT-4.7), including ``+`` and ``#``."""
+    fparts, tparts = flt.split("/"), topic.split("/")
+    for i, f in enumerate(fparts):
+        if f == "#":
+            return not (i == 0 and topic.startswith("$"))
+        if i >= len(tparts):
+            return False
+        if f == "+":
+            if i == 0 and tparts[0].startswith("$"):
+                return False
+            continue
+        if f != tparts[i]:
+            return False
+    return len(fparts) == len(tparts)
+
+
+def _nodelay(sock: Any) -> None:
+    # Neither paho nor aiomqtt sets TCP_NODELAY: without it every request/reply over
+    # MQTT waits 40 ms for the peer's delayed ACK (Nagle).
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class Bus:
+    """One supervised MQTT client connection shared by every hub service."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        client_id: str,
+        keepalive: int = 30,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.max_backoff_s = max_backoff_s
+        self._handlers: list[tuple[str, Handler]] = []
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def subscribe(self, flt: str, handler: Handler) -> None:
+        """Register a handler; it takes effect now if connected, and on every reconnect."""
+        known = any(f == flt for f, _ in self._handlers)
+        self._handlers.append((flt, handler))
+        client = self._client
+        if client is not None and self.connected and not known:
+            try:
+                await client.subscribe(flt, qos=1)
+            except aiomqtt.MqttError:
+                log.warning("subscribe %s failed; it is replayed on reconnect", flt)
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        client = self._client
+        if client is None or not self.connected:
+            raise BusUnavailable("the message bus is not connected")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+        except aiomqtt.MqttError as exc:
+            raise BusUnavailable(f"publish failed: {exc}") from exc
+
+    async def wait_connected(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _make_client(self) -> aiomqtt.Client:
+        a = self.address
+        tls = ssl.create_default_context() if a.tls else None
+        client = aiomqtt.Client(
+            a.host,
+            a.port,
+            username=a.username,
+            password=a.password,
+            identifier=self.client_id,
+            keepalive=self.keepalive,
+            clean_session=True,
+            tls_context=tls,
+            will=aiomqtt.Will(topics.HUB_STATUS.format(), b"offline", qos=1, retain=True),
+            timeout=10,
+        )
+        client.pending_calls_threshold = 10_000
+        paho = client._client  # noqa: SLF001 - the only way to reach the socket
+        original = paho.on_socket_open
+
+        def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
+            _nodelay(sock)
+            if original is not None:
+                original(c, userdata, sock)
+
+        paho.on_socket_open = on_socket_open
+        return client
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, and stay connected until cancelled; ready after the first connect."""
+        backoff = 0.1
+        started = False
+        while True:
+            client = self._make_client()
+            try:
+                async with client:
+                    self._client = client
+                    for flt in dict.fromkeys(f for f, _ in self._handlers):
+                        await client.subscribe(flt, qos=1)
+                    await client.publish(
+                        topics.HUB_STATUS.format(), b"online", qos=1, retain=True
+                    )
+                    self._connected.set()
+                    backoff = 0.1
+                    log.info("bus connected to %s:%s", self.address.host, self.address.port)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                self._client = None
+                if not started:
+                    log.warning("bus cannot connect yet: %s", exc)
+                else:
+                    metrics.BUS_RECONNECTS.inc()
+                    log.warning("bus connection lost: %s; reconnecting in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            finally:
+                self._connected.clear()
+                self._client = None
+
+    async def close(self) -> None:
+        """Publish ``offline`` for the hub and disconnect cleanly (best effort)."""
+        client = self._client
+        if client is not None and self.connected:
+            try:
+                await client.publish(topics.HUB_STATUS.format(), b"offline", qos=1, retain=True,
+                                     timeout=2)  # fmt: skip
+            except aiomqtt.MqttError:
+                pass
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        if not isinstance(payload, bytes):
+            payload = b"" if payload is None else str(payload).encode()
+        msg = Message(topic, payload, bool(message.retain), int(message.qos))
+        for flt, handler in self._handlers:
+            if topic_matches(flt, topic):
+                try:
+                    await handler(msg)
+                except Exception:
+                    log.exception("bus handler for %s failed on %s", flt, topic)

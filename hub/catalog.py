@@ -1,0 +1,35 @@
+"""The device model catalog: what each model is made of. Data, not code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """A device model's fixed capabilities."""
+
+    name: str
+    device_class: str
+    relay_count: int = 0
+    input_count: int = 0
+    default_input_mode: str = "momentary"
+    description: str = ""
+
+
+CATALOG: dict[str, DeviceModel] = {
+    m.name: m
+    for m in (
+        DeviceModel(
+            name="hexa-mini-switch-v1",
+            device_class="relay_controller",
+            relay_count=3,
+            input_count=3,
+            description="3 relays and 3 inputs",
+        ),
+    )
+}
+
+
+def lookup(model: str) -> DeviceModel | None:
+    return CATALOG.get(model)

@@ -1,0 +1,325 @@
+"""The ``hexa`` command, and the composition root that wires one hub process together.
+
+This is the only module of ``hub`` that imports ``broker``, ``api`` and ``bridges``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+
+from hexa.hub import __version__
+from hexa.hub.config import SettingError, Settings, load_settings
+
+log = logging.getLogger("hexa")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: str(value)
+        for name, value in vars(args).items()
+        if name in _FLAG_SETTINGS and value is not None
+    }
+    return load_settings(overrides)
+
+
+_FLAG_SETTINGS = (
+    "data_dir", "database_url", "http_host", "http_port", "mqtt_host", "mqtt_port",
+    "broker_url", "log_level", "command_timeout_ms",
+)  # fmt: skip
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", dest="data_dir", help="data directory (HEXA_DATA_DIR, ./data)")
+    p.add_argument("--database-url", dest="database_url", help="HEXA_DATABASE_URL")
+    p.add_argument("--log-level", dest="log_level", help="HEXA_LOG_LEVEL (INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hexa", description="Hexa Hub: a self-hosted IoT hub.")
+    parser.add_argument("--version", action="version", version=f"hexa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the whole hub in one process")
+    _add_common(serve)
+    serve.add_argument("--http-host", dest="http_host")
+    serve.add_argument("--http-port", dest="http_port")
+    serve.add_argument("--mqtt-host", dest="mqtt_host")
+    serve.add_argument("--mqtt-port", dest="mqtt_port", help="0 picks a free port")
+    serve.add_argument("--broker-url", dest="broker_url", help="external broker mqtt://user:pw@host:port")
+    serve.add_argument("--command-timeout-ms", dest="command_timeout_ms")
+
+    migrate = sub.add_parser("migrate", help="apply (or revert) schema migrations")
+    _add_common(migrate)
+    migrate.add_argument("--down", type=int, metavar="N", help="revert the last N migrations")
+
+    admin = sub.add_parser("admin", help="manage platform admins")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    create = admin_sub.add_parser("create", help="create a platform admin")
+    _add_common(create)
+    create.add_argument("--email", required=True)
+    create.add_argument("--password", help="generated and printed when omitted")
+
+    sim = sub.add_parser("sim", help="run simulated hexa-mini-switch-v1 devices")
+    sim.add_argument("--devices", type=int, default=1)
+    sim.add_argument("--url", default="http://127.0.0.1:8000", help="the hub's HTTP base URL")
+    sim.add_argument("--mqtt-host", dest="sim_mqtt_host", help="defaults to what provisioning says")
+    sim.add_argument("--mqtt-port", dest="sim_mqtt_port", type=int)
+    sim.add_argument("--transport", choices=("mqtt", "ws"), default="mqtt")
+    sim.add_argument("--provision-key", default=os.environ.get("HEXA_DEVICE_PROVISION_KEY"))
+    sim.add_argument("--state-file", help="JSON file to keep provisioned credentials across runs")
+    sim.add_argument("--no-ack", action="store_true", help="never acknowledge commands")
+    sim.add_argument("--report-every", type=float, default=60.0, help="seconds between reports")
+    sim.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    bench = sub.add_parser("bench", help="benchmark a hub with simulated devices (prints JSON)")
+    bench.add_argument("--devices", type=int, default=100)
+    bench.add_argument("--commands", type=int, default=200, help="REST commands to time")
+    bench.add_argument("--rate", type=float, default=10.0, help="REST commands per second")
+    bench.add_argument("--intents", type=int, default=2000, help="MQTT intents for throughput")
+    bench.add_argument("--broker-url", dest="bench_broker_url", help="run the hub on this broker")
+    bench.add_argument("--database-url", dest="bench_database_url")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "migrate":
+            return _migrate(args)
+        if args.command == "admin":
+            return _admin_create(args)
+        if args.command == "sim":
+            from hexa.hub.sim import run_sim
+
+            return run_sim(args)
+        if args.command == "bench":
+            from hexa.hub.bench import run_bench
+
+            return run_bench(args)
+    except SettingError as exc:
+        print(f"hexa: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("amqtt", "transitions", "tortoise", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _fail(message: str) -> int:
+    print(f"hexa: {message}", file=sys.stderr)
+    return 2
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from hexa.hub import db
+
+    settings = _settings_from(args)
+    _logging(settings.log_level)
+    url = settings.resolved_database_url
+    try:
+        if args.down:
+            names = asyncio.run(db.migrate_down(url, args.down))
+            print(f"reverted {len(names)} migration(s): {', '.join(names) or '-'}")
+        else:
+            names = asyncio.run(db.migrate_up(url))
+            print(f"applied {len(names)} migration(s): {', '.join(names) or 'up to date'}")
+    except OSError as exc:
+        return _fail(f"cannot reach the database (HEXA_DATABASE_URL): {exc}")
+    return 0
+
+
+def _admin_create(args: argparse.Namespace) -> int:
+    from hexa.hub import db
+    from hexa.hub.accounts import Accounts
+    from hexa.hub.errors import HubError
+
+    settings = _settings_from(args)
+    _logging("WARNING")
+    password = args.password or secrets.token_urlsafe(12)
+
+    async def create() -> None:
+        await db.migrate_up(settings.resolved_database_url)
+        async with db.database(settings.resolved_database_url):
+            await Accounts(settings).create_admin(args.email, password)
+
+    try:
+        asyncio.run(create())
+    except HubError as exc:
+        return _fail(exc.message)
+    print(f"created platform admin {args.email.strip().lower()}")
+    if not args.password:
+        print(f"password: {password}")
+    return 0
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
+    """Bind the HTTP socket ourselves, so a taken port is one clear line, not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SettingError(setting, f"{host}:{port}", exc.strerror or str(exc)) from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    _logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except SettingError as exc:
+        return _fail(str(exc))
+    except _StartupError as exc:
+        return _fail(str(exc))
+
+
+class _StartupError(Exception):
+    pass
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
+                info: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Run one hub until SIGINT/SIGTERM (or until ``info['server'].should_exit``)."""
+    import uvicorn
+
+    from hexa.api.app import create_app
+    from hexa.broker.server import EmbeddedBroker
+    from hexa.hub import db
+    from hexa.hub.bus import BrokerAddress
+    from hexa.hub.runtime import Hub
+
+    url = settings.resolved_database_url
+    http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
+    try:
+        try:
+            await db.migrate_up(url)
+        except OSError as exc:
+            raise _StartupError(f"cannot reach the database (HEXA_DATABASE_URL): {exc}") from None
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(db.database(url))
+            instance = secrets.token_hex(4)
+            broker: EmbeddedBroker | None = None
+            if settings.broker_url:
+                address = BrokerAddress.from_url(settings.broker_url)
+            else:
+                broker = EmbeddedBroker(settings)
+                try:
+                    await broker.start()
+                except OSError as exc:
+                    raise _StartupError(
+                        f"invalid setting HEXA_MQTT_PORT={settings.mqtt_port}: {exc.strerror or exc}"
+                    ) from None
+                stack.push_async_callback(broker.shutdown)
+                host, port, username, password = broker.hub_credentials()
+                address = BrokerAddress(host, port, username, password)
+            hub = Hub(settings, address, instance=instance)
+            if broker is not None:
+                broker.attach(hub)
+                hub.mqtt_port, hub.mqtt_tls_port = broker.port, broker.tls_port
+            hub.http_port = http_sock.getsockname()[1]
+            await hub.prepare()
+            app = create_app(hub)
+            config = uvicorn.Config(
+                app,
+                lifespan="off",
+                access_log=False,  # the access log would print WS tokens from query strings
+                log_level=settings.log_level.lower(),
+                ws_ping_interval=settings.heartbeat_s,
+                ws_ping_timeout=settings.heartbeat_s * 2,
+                ws_max_size=1024 * 1024,
+                timeout_graceful_shutdown=5,
+            )
+            server = _Server(config)
+            if info is not None:
+                info.update(server=server, hub=hub, http_port=hub.http_port, mqtt_port=hub.mqtt_port)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, server.request_exit)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+            async with anyio.create_task_group() as tg:
+                await hub.start(tg, wait_for_bus=broker is not None)
+                print(
+                    f"hexa {__version__}: HTTP on http://{settings.http_host}:{hub.http_port} "
+                    f"(docs at /docs), MQTT on {address.host}:{address.port}"
+                    + ("" if broker is None else " (embedded broker)")
+                    + (f", MQTT/TLS on {broker.tls_port}" if broker and broker.tls_port else "")
+                    + (f", MQTT/WebSocket on {broker.ws_port}" if broker and broker.ws_port else ""),
+                    flush=True,
+                )
+                if ready is not None:
+                    ready.set()
+                await server.serve(sockets=[http_sock])
+                log.info("shutting down")
+                await hub.shutdown()
+                tg.cancel_scope.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        http_sock.close()
+    return 0
+
+
+class _Server:
+    """uvicorn's Server without its own signal handling: the hub owns the signals."""
+
+    def __init__(self, config: Any) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+                return
+
+            def capture_signals(self) -> Any:  # uvicorn >= 0.29
+                import contextlib
+
+                return contextlib.nullcontext()
+
+        self._server = Server(config)
+
+    @property
+    def should_exit(self) -> bool:
+        return bool(self._server.should_exit)
+
+    def request_exit(self) -> None:
+        self._server.should_exit = True
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        await self._server.serve(sockets=sockets)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

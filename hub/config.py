@@ -1,0 +1,287 @@
+"""Settings: command-line flags, then ``HEXA_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingError(ValueError):
+    """A setting has a value the hub cannot run with; the message names the setting."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        self.name, self.value, self.reason = name, value, reason
+        super().__init__(f"invalid setting {name}={value!r}: {reason}")
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingError(name, raw, "must be a port number 0-65535") from None
+    if not 0 <= value <= 65535:
+        raise SettingError(name, raw, "must be a port number 0-65535")
+    return value
+
+
+def _optional_port(name: str, raw: str) -> int | None:
+    if raw.strip().lower() in ("", "off", "none", "disabled"):
+        return None
+    return _port(name, raw)
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingError(name, raw, "must be a positive integer") from None
+    if value <= 0:
+        raise SettingError(name, raw, "must be a positive integer")
+    return value
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError(name, raw, "must be a positive number") from None
+    if value <= 0:
+        raise SettingError(name, raw, "must be a positive number")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingError(name, raw, "must be true or false")
+
+
+def _database_url(name: str, raw: str) -> str:
+    if not raw.startswith(("sqlite://", "postgres://", "postgresql://", "asyncpg://")):
+        raise SettingError(name, raw, "must start with sqlite:// or postgres://")
+    if raw.startswith("postgresql://"):
+        return "postgres://" + raw.removeprefix("postgresql://")
+    return raw
+
+
+def _broker_url(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if not raw.startswith(("mqtt://", "mqtts://")):
+        raise SettingError(name, raw, "must start with mqtt:// or mqtts://")
+    return raw
+
+
+def _log_level(name: str, raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingError(name, raw, "must be one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+def _secret(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if len(raw) < 16:
+        raise SettingError(name, "***", "must be at least 16 characters")
+    return raw
+
+
+def _text(_name: str, raw: str) -> str | None:
+    return raw or None
+
+
+def _path(_name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _optional_path(name: str, raw: str) -> Path | None:
+    return _path(name, raw) if raw else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a hub process. Build it with :func:`load_settings`."""
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_tls_port: int | None = 8883
+    mqtt_ws_port: int | None = None
+    mqtt_tls_cert: Path | None = None
+    mqtt_tls_key: Path | None = None
+    broker_url: str | None = None
+    public_host: str | None = None
+    device_provision_key: str | None = None
+    jwt_secret: str | None = None
+    admin_email: str | None = None
+    admin_password: str | None = None
+    command_timeout_ms: int = 5000
+    scheduler_tick_s: float = 10.0
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_s: int = 30 * 24 * 3600
+    heartbeat_s: float = 30.0
+    max_body_bytes: int = 1024 * 1024
+    max_mqtt_payload_bytes: int = 64 * 1024
+    login_max_failures: int = 5
+    login_window_s: int = 900
+    idempotency_ttl_s: int = 24 * 3600
+    trust_proxy: bool = False
+    enforce_https: bool = False
+    log_level: str = "INFO"
+    secrets_generated: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite://{(self.data_dir / 'hexa.db').resolve()}"
+
+    @property
+    def command_timeout_s(self) -> float:
+        return self.command_timeout_ms / 1000
+
+    @property
+    def advertised_host(self) -> str:
+        """The host name devices are told to reach (provisioning answers)."""
+        if self.public_host:
+            return self.public_host
+        host = self.mqtt_host
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.mqtt_tls_cert is not None and self.mqtt_tls_key is not None
+
+
+Parser = Callable[[str, str], Any]
+
+#: setting name → parser. The environment variable is ``HEXA_`` + the upper-cased name.
+_PARSERS: dict[str, Parser] = {
+    "data_dir": _path,
+    "database_url": _database_url,
+    "http_host": lambda _n, raw: raw,
+    "http_port": _port,
+    "mqtt_host": lambda _n, raw: raw,
+    "mqtt_port": _port,
+    "mqtt_tls_port": _optional_port,
+    "mqtt_ws_port": _optional_port,
+    "mqtt_tls_cert": _optional_path,
+    "mqtt_tls_key": _optional_path,
+    "broker_url": _broker_url,
+    "public_host": _text,
+    "device_provision_key": _secret,
+    "jwt_secret": _secret,
+    "admin_email": _text,
+    "admin_password": _text,
+    "command_timeout_ms": _positive_int,
+    "scheduler_tick_s": _positive_float,
+    "access_token_ttl_s": _positive_int,
+    "refresh_token_ttl_s": _positive_int,
+    "heartbeat_s": _positive_float,
+    "max_body_bytes": _positive_int,
+    "max_mqtt_payload_bytes": _positive_int,
+    "login_max_failures": _positive_int,
+    "login_window_s": _positive_int,
+    "idempotency_ttl_s": _positive_int,
+    "trust_proxy": _bool,
+    "enforce_https": _bool,
+    "log_level": _log_level,
+}
+
+
+def env_name(setting: str) -> str:
+    return "HEXA_" + setting.upper()
+
+
+def load_settings(
+    overrides: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    with_secrets: bool = True,
+) -> Settings:
+    """Resolve settings from flags (``overrides``), then the environment, then defaults.
+
+    With ``with_secrets`` the provision key and JWT secret are read from, or generated
+    into, ``<data_dir>/secrets.json`` when not given, so that a restart keeps them.
+    Raises :class:`SettingError` naming the first bad setting.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        raw = overrides.get(name)
+        label = f"--{name.replace('_', '-')}"
+        if raw is None:
+            raw = environ.get(env_name(name))
+            label = env_name(name)
+        if raw is None:
+            continue
+        values[name] = parse(label, raw.strip())
+    settings = Settings(**values)
+    if settings.mqtt_tls_cert is not None and settings.mqtt_tls_key is None:
+        raise SettingError("HEXA_MQTT_TLS_KEY", None, "required when HEXA_MQTT_TLS_CERT is set")
+    if settings.mqtt_tls_key is not None and settings.mqtt_tls_cert is None:
+        raise SettingError("HEXA_MQTT_TLS_CERT", None, "required when HEXA_MQTT_TLS_KEY is set")
+    for name in ("mqtt_tls_cert", "mqtt_tls_key"):
+        path = getattr(settings, name)
+        if path is not None and not path.is_file():
+            raise SettingError(env_name(name), str(path), "file not found")
+    if with_secrets:
+        settings = _with_stored_secrets(settings)
+    return settings
+
+
+_GENERATED = ("device_provision_key", "jwt_secret")
+
+
+def _with_stored_secrets(settings: Settings) -> Settings:
+    missing = [name for name in _GENERATED if getattr(settings, name) is None]
+    if not missing:
+        return settings
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingError("HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)) from None
+    path = settings.data_dir / "secrets.json"
+    stored: dict[str, str] = {}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise SettingError(
+                "HEXA_DATA_DIR", str(settings.data_dir), "secrets.json is unreadable"
+            ) from None
+    generated = []
+    for name in missing:
+        if name not in stored:
+            stored[name] = secrets.token_urlsafe(32)
+            generated.append(name)
+    if generated:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stored, indent=2))
+        tmp.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        tmp.replace(path)
+    return replace(
+        settings,
+        secrets_generated=tuple(generated),
+        **{name: stored[name] for name in missing},
+    )
+
+
+def setting_names() -> list[str]:
+    """Every setting's environment variable, for the docs and ``--help``."""
+    return [env_name(f.name) for f in fields(Settings) if f.name in _PARSERS]

@@ -1,0 +1,106 @@
+"""The database: Tortoise configuration, schema migrations, connection lifecycle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tortoise import Tortoise, connections
+from tortoise.migrations.api import migrate as tortoise_migrate
+from tortoise.migrations.executor import MigrationExecutor
+from tortoise.migrations.recorder import MigrationRecorder
+
+log = logging.getLogger(__name__)
+
+APP = "models"
+
+
+def tortoise_config(database_url: str) -> dict[str, Any]:
+    """The Tortoise configuration for one database URL."""
+    return {
+        "connections": {"default": database_url},
+        "apps": {
+            APP: {
+                "models": ["hexa.models"],
+                "migrations": "hexa.migrations",
+                "default_connection": "default",
+            }
+        },
+        "use_tz": True,
+        "timezone": "UTC",
+    }
+
+
+async def migrate_up(database_url: str) -> list[str]:
+    """Apply every pending migration; returns the names applied."""
+    applied: list[str] = []
+
+    def progress(event: str, _app: str, name: str) -> None:
+        if event == "apply_done":
+            applied.append(name)
+            log.info("migration applied: %s", name)
+
+    try:
+        await tortoise_migrate(config=tortoise_config(database_url), progress=progress)
+    finally:
+        await Tortoise.close_connections()
+    return applied
+
+
+async def applied_migrations(database_url: str) -> list[str]:
+    """Names of the applied migrations, oldest first."""
+    await Tortoise.init(config=tortoise_config(database_url), init_connections=False)
+    try:
+        connection = connections.get("default")
+        executor = MigrationExecutor(connection, tortoise_config(database_url)["apps"])
+        await executor.loader.build_graph()
+        recorder = MigrationRecorder(connection)
+        await recorder.ensure_schema(executor._schema_editor(atomic=False))
+        applied = {key.name for key in await recorder.applied_migrations()}
+        order = [
+            key.name
+            for leaf in executor.loader.graph.leaf_nodes(APP)
+            for key in executor.loader.graph.forwards_plan(leaf)
+        ]
+        return [name for name in order if name in applied]
+    finally:
+        await Tortoise.close_connections()
+
+
+async def migrate_down(database_url: str, steps: int) -> list[str]:
+    """Revert the last ``steps`` applied migrations; returns the names reverted."""
+    applied = await applied_migrations(database_url)
+    if steps <= 0 or not applied:
+        return []
+    steps = min(steps, len(applied))
+    reverted = applied[-steps:][::-1]
+    target = f"{APP}.__first__" if steps == len(applied) else f"{APP}.{applied[-steps - 1]}"
+    try:
+        await tortoise_migrate(config=tortoise_config(database_url), target=target)
+    finally:
+        await Tortoise.close_connections()
+    for name in reverted:
+        log.info("migration reverted: %s", name)
+    return reverted
+
+
+@asynccontextmanager
+async def database(database_url: str) -> AsyncIterator[None]:
+    """Open the ORM for the hub's lifetime (migrations must already be applied)."""
+    await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=True)
+    try:
+        yield
+    finally:
+        await Tortoise.close_connections()
+
+
+async def ping() -> bool:
+    """True when the database answers a trivial query."""
+    try:
+        await connections.get("default").execute_query("SELECT 1")
+    except Exception:  # noqa: BLE001 - any failure means "not healthy"
+        log.warning("database ping failed", exc_info=True)
+        return False
+    return True

@@ -1,0 +1,145 @@
+"""Presence and device reports: availability, last seen, state reports, input events."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from hexa.hub import audit, metrics, topics
+from hexa.hub.bus import Bus, Message
+from hexa.hub.errors import BusUnavailable
+from hexa.hub.relay import RelayService
+from hexa.hub.security import utcnow
+from hexa.hub.state import DeviceCache, DeviceInfo
+from hexa.models import Device
+
+log = logging.getLogger(__name__)
+
+#: (event name, device, data): "device_online", "device_offline", "input_event"
+EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
+
+
+class Presence:
+    """Keeps ``online``/``last_seen_at`` current and ingests reports and input events."""
+
+    def __init__(self, bus: Bus, cache: DeviceCache, relay: RelayService) -> None:
+        self.bus = bus
+        self.cache = cache
+        self.relay = relay
+        self.listeners: list[EventListener] = []
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.bus.subscribe(topics.AVAILABILITY.filter(), self._on_availability)
+        await self.bus.subscribe(topics.REPORT.filter(), self._on_report)
+        await self.bus.subscribe(topics.EVENT.filter(), self._on_event)
+        task_status.started()
+        await anyio.sleep_forever()
+
+    @staticmethod
+    async def reset() -> None:
+        """At start nobody is connected yet: devices come back online as they connect."""
+        await Device.filter(online=True).update(online=False)
+
+    async def _emit(self, name: str, device: DeviceInfo, data: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                await listener(name, device, data)
+            except Exception:
+                log.exception("presence listener failed on %s", name)
+
+    async def set_online(self, device: DeviceInfo, online: bool) -> None:
+        if device.online == online:
+            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            return
+        device.online = online
+        await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
+        metrics.DEVICES_ONLINE.set(self.cache.online_count())
+        await self.relay.publish_state(device, only=[])
+        name = "device_online" if online else "device_offline"
+        if device.org_id is not None:
+            await audit.record(
+                action=name, source="device", actor_type="device", actor_id=device.uid,
+                device_id=device.id, org_id=device.org_id,
+            )  # fmt: skip
+        await self._emit(name, device, {})
+
+    async def _on_availability(self, msg: Message) -> None:
+        params = topics.AVAILABILITY.parse(msg.topic)
+        if params is None:
+            return
+        try:
+            online = topics.decode_availability(msg.payload)
+        except topics.PayloadError:
+            metrics.BAD_PAYLOADS.labels("availability").inc()
+            return
+        device = await self.cache.get(params["uid"])
+        if device is not None:
+            await self.set_online(device, online)
+
+    async def _on_report(self, msg: Message) -> None:
+        params = topics.REPORT.parse(msg.topic)
+        if params is None:
+            return
+        uid = params["uid"]
+        try:
+            report = topics.decode_report(msg.payload)
+        except topics.PayloadError as exc:
+            metrics.BAD_PAYLOADS.labels("report").inc()
+            log.info("dropped malformed report from %s: %s (%r)", uid, exc, msg.payload[:64])
+            return
+        device = await self.cache.get(uid)
+        if device is None:
+            return
+        metrics.STATE_REPORTS.inc()
+        if not device.online:
+            await self.set_online(device, True)
+        if report.fw_version:
+            await Device.filter(id=device.id).exclude(fw_version=report.fw_version).update(
+                fw_version=report.fw_version
+            )
+        relays = report.relays if report.relays and len(report.relays) == device.relay_count else None
+        inputs = report.inputs if report.inputs and len(report.inputs) == device.input_count else None
+        if (relays is None or relays == device.relays) and (inputs is None or inputs == device.inputs):
+            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            return
+        before = list(device.relays)
+        await self.relay.apply_state(device, relays or device.relays, inputs)
+        if relays is not None and relays != before and device.org_id is not None:
+            await audit.record(
+                action="state_report", source="device", actor_type="device", actor_id=uid,
+                device_id=device.id, org_id=device.org_id,
+                details={"before": before, "relays": relays},
+            )  # fmt: skip
+
+    async def _on_event(self, msg: Message) -> None:
+        params = topics.EVENT.parse(msg.topic)
+        if params is None:
+            return
+        uid = params["uid"]
+        try:
+            event = topics.decode_event(msg.payload)
+        except topics.PayloadError as exc:
+            metrics.BAD_PAYLOADS.labels("event").inc()
+            log.info("dropped malformed event from %s: %s (%r)", uid, exc, msg.payload[:64])
+            return
+        device = await self.cache.get(uid)
+        if device is None or event.input_index >= device.input_count:
+            metrics.BAD_PAYLOADS.labels("event").inc()
+            return
+        metrics.INPUT_EVENTS.labels(event.event).inc()
+        payload: dict[str, Any] = {"event": event.event}
+        if event.duration_ms is not None:
+            payload["duration_ms"] = event.duration_ms
+        try:
+            await self.bus.publish(
+                topics.INPUT_EVENT.format(uid=uid, index=event.input_index),
+                json.dumps(payload).encode(),
+            )
+        except BusUnavailable:
+            log.warning("input event of %s not republished: bus down", uid)
+        await self._emit("input_event", device, {"input_index": event.input_index, **payload})

@@ -1,0 +1,342 @@
+"""RelayService: the one subscriber of relay intents and the only writer of relay state.
+
+intent → validate → (offline? answer at once) → command on ``hexa/<uid>/cmd`` →
+wait for the matching ack or the timeout → persist → cache → retained state →
+result → audit → metrics. Commands to one device run in order; devices run
+concurrently; an ack that arrives after its timeout is still recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from hexa.hub import audit, metrics, topics
+from hexa.hub.bus import Bus, Message
+from hexa.hub.errors import BusUnavailable
+from hexa.hub.security import utcnow
+from hexa.hub.state import DeviceCache, DeviceInfo
+from hexa.models import Device, DeviceInput, RelayState
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED_PER_DEVICE = 32
+LATE_ACK_MEMORY = 1024
+
+
+@dataclass
+class _Job:
+    uid: str
+    index: int | None
+    intent: topics.Intent
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Pending:
+    uid: str
+    future: asyncio.Future[topics.Ack]
+    expected: list[bool]
+    intent: topics.Intent
+
+
+class RelayService:
+    """Consumes intents and acks; publishes commands, states and results."""
+
+    def __init__(self, bus: Bus, cache: DeviceCache, *, timeout_s: float) -> None:
+        self.bus = bus
+        self.cache = cache
+        self.timeout_s = timeout_s
+        self._queues: dict[str, asyncio.Queue[_Job]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._timed_out: OrderedDict[str, _Pending] = OrderedDict()
+        self._tg: TaskGroup | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.bus.subscribe(topics.RELAY_SET.filter(), self._on_intent)
+            await self.bus.subscribe(topics.RELAYS_SET.filter(), self._on_intent)
+            await self.bus.subscribe(topics.ACK.filter(), self._on_ack)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def device_lock(self, uid: str) -> asyncio.Lock:
+        """Held while relay state of ``uid`` is written (shared with state reports)."""
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    # --- intake -------------------------------------------------------------------------
+    async def _on_intent(self, msg: Message) -> None:
+        matched = topics.match_topic(msg.topic)
+        if matched is None:
+            return
+        topic, params = matched
+        uid = params["uid"]
+        if msg.retain:
+            # A retained intent would replay on every reconnect ("ghost switching").
+            metrics.INTENTS_REFUSED.labels("retained").inc()
+            log.warning("refused retained intent on %s", msg.topic)
+            return
+        try:
+            intent = topics.decode_intent(msg.payload, all_relays=topic is topics.RELAYS_SET)
+        except topics.PayloadError as exc:
+            metrics.BAD_PAYLOADS.labels("intent").inc()
+            metrics.INTENTS_REFUSED.labels("malformed").inc()
+            await self._result(uid, "", "rejected", error=f"malformed intent: {exc}")
+            return
+        index = int(params["index"]) if "index" in params else None
+        queue = self._queues.get(uid)
+        if queue is None:
+            queue = self._queues[uid] = asyncio.Queue(MAX_QUEUED_PER_DEVICE)
+            assert self._tg is not None
+            self._tg.start_soon(self._worker, uid, queue, name=f"relay-worker-{uid}")
+        try:
+            queue.put_nowait(_Job(uid, index, intent))
+        except asyncio.QueueFull:
+            metrics.INTENTS_REFUSED.labels("busy").inc()
+            await self._result(uid, intent.intent_id, "rejected", error="device busy: too many queued intents")
+
+    async def _worker(self, uid: str, queue: asyncio.Queue[_Job]) -> None:
+        """Runs one device's intents in order; exits when idle."""
+        try:
+            while True:
+                try:
+                    job = await asyncio.wait_for(queue.get(), timeout=30)
+                except TimeoutError:
+                    if queue.empty():
+                        return
+                    continue
+                try:
+                    await self._execute(job)
+                except Exception:
+                    log.exception("intent %s for %s failed", job.intent.intent_id, uid)
+                    await self._result(uid, job.intent.intent_id, "rejected", error="internal error")
+        finally:
+            if self._queues.get(uid) is queue:
+                del self._queues[uid]
+                # anything put after the last get is answered, not lost
+                while not queue.empty():
+                    job = queue.get_nowait()
+                    await self._result(uid, job.intent.intent_id, "rejected", error="retry")
+
+    # --- execution ----------------------------------------------------------------------
+    async def _execute(self, job: _Job) -> None:
+        intent, uid = job.intent, job.uid
+        device = await self.cache.get(uid)
+        if device is None or device.org_id is None:
+            metrics.INTENTS_REFUSED.labels("unknown_device").inc()
+            await self._result(uid, intent.intent_id, "rejected", error="unknown device")
+            return
+        if job.index is not None and job.index >= device.relay_count:
+            metrics.INTENTS_REFUSED.labels("bad_index").inc()
+            await self._result(
+                uid, intent.intent_id, "rejected",
+                error=f"relay index {job.index} out of range (0-{device.relay_count - 1})",
+            )  # fmt: skip
+            return
+        if not device.online:
+            await self._finish(job, device, "offline", None, None)
+            return
+
+        command_id = uuid.uuid4().hex
+        expected = list(device.relays)
+        command: topics.SetRelay | topics.SetAllRelays
+        if job.index is None:
+            value = intent.state == "ON"
+            command = topics.SetAllRelays(command_id=command_id, state=value)
+            expected = [value] * device.relay_count
+        else:
+            value = (not device.relays[job.index]) if intent.state == "TOGGLE" else intent.state == "ON"
+            command = topics.SetRelay(command_id=command_id, relay_index=job.index, state=value)
+            expected[job.index] = value
+        future: asyncio.Future[topics.Ack] = asyncio.get_running_loop().create_future()
+        pending = _Pending(uid, future, expected, intent)
+        self._pending[command_id] = pending
+        try:
+            await self.bus.publish(topics.CMD.format(uid=uid), topics.encode_command(command))
+            remaining = self.timeout_s - (time.perf_counter() - job.received)
+            ack = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
+        except TimeoutError:
+            self._remember_timeout(command_id, pending)
+            await self._finish(job, device, "timeout", command_id, None)
+            return
+        except BusUnavailable as exc:
+            await self._finish(job, device, "rejected", command_id, None, error=str(exc))
+            return
+        finally:
+            self._pending.pop(command_id, None)
+        if not ack.ok:
+            await self._finish(job, device, "rejected", command_id, None,
+                               error=ack.error or "device refused the command")  # fmt: skip
+            return
+        relays = self._relays_from_ack(ack, expected, device)
+        await self._finish(job, device, "applied", command_id, relays)
+
+    @staticmethod
+    def _relays_from_ack(ack: topics.Ack, expected: list[bool], device: DeviceInfo) -> list[bool]:
+        if ack.relays is not None and len(ack.relays) == device.relay_count:
+            return list(ack.relays)
+        return expected
+
+    def _remember_timeout(self, command_id: str, pending: _Pending) -> None:
+        self._timed_out[command_id] = pending
+        while len(self._timed_out) > LATE_ACK_MEMORY:
+            self._timed_out.popitem(last=False)
+
+    async def _finish(
+        self,
+        job: _Job,
+        device: DeviceInfo,
+        status: str,
+        command_id: str | None,
+        relays: list[bool] | None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        latency_ms = round((time.perf_counter() - job.received) * 1000, 3)
+        intent = job.intent
+        if relays is not None:
+            await self.apply_state(device, relays)
+        await self._result(
+            device.uid, intent.intent_id, status,
+            relays=relays if relays is not None else list(device.relays),
+            latency_ms=latency_ms, command_id=command_id, error=error,
+        )  # fmt: skip
+        metrics.COMMANDS.labels(status, intent.source).inc()
+        if status == "applied":
+            metrics.COMMAND_LATENCY.observe(latency_ms / 1000)
+        await audit.record(
+            action="relay_command",
+            source=intent.source,
+            actor_type=intent.actor_type or ("system" if intent.source in ("schedule", "automation") else "mqtt_client"),
+            actor_id=intent.actor_id,
+            device_id=device.id,
+            org_id=device.org_id,
+            request_id=intent.request_id,
+            automation_id=intent.automation_id,
+            schedule_id=intent.schedule_id,
+            details={
+                "status": status,
+                "relay_index": job.index,
+                "requested": intent.state,
+                "relays": relays,
+                "command_id": command_id,
+                "intent_id": intent.intent_id,
+                "latency_ms": latency_ms,
+                **({"error": error} if error else {}),
+            },
+        )
+
+    async def apply_state(
+        self, device: DeviceInfo, relays: list[bool], inputs: list[bool] | None = None
+    ) -> None:
+        """Persist, cache and publish a new relay (and input) state of one device."""
+        async with self.device_lock(device.uid):
+            changed = [i for i, (old, new) in enumerate(zip(device.relays, relays, strict=False)) if old != new]
+            for index in changed:
+                await RelayState.filter(device_id=device.id, index=index).update(state=relays[index])
+            changed_inputs: list[int] = []
+            if inputs is not None and len(inputs) == device.input_count:
+                changed_inputs = [i for i, (o, n) in enumerate(zip(device.inputs, inputs, strict=True)) if o != n]
+                for index in changed_inputs:
+                    await DeviceInput.filter(device_id=device.id, index=index).update(state=inputs[index])
+                device.inputs = list(inputs)
+            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            device.relays = list(relays)
+        await self.publish_state(device, only=changed)
+
+    async def publish_state(self, device: DeviceInfo, only: list[int] | None = None) -> None:
+        """Retained per-relay and aggregate state (``only``: the relays that changed)."""
+        indexes = range(device.relay_count) if only is None else only
+        try:
+            await asyncio.gather(
+                *(
+                    self.bus.publish(
+                        topics.RELAY_STATE.format(uid=device.uid, index=i),
+                        topics.encode_onoff(device.relays[i]),
+                        retain=True,
+                    )
+                    for i in indexes
+                ),
+                self.bus.publish(
+                    topics.STATE.format(uid=device.uid),
+                    topics.encode(
+                        topics.DeviceState(
+                            relays=device.relays,
+                            inputs=device.inputs,
+                            online=device.online,
+                            updated_at=topics.iso_now(),
+                        )
+                    ),
+                    retain=True,
+                ),
+            )
+        except BusUnavailable:
+            log.warning("state of %s not published: bus down (republished on reconnect)", device.uid)
+
+    async def _result(
+        self,
+        uid: str,
+        intent_id: str,
+        status: str,
+        *,
+        relays: list[bool] | None = None,
+        latency_ms: float | None = None,
+        command_id: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        result = topics.Result(
+            intent_id=intent_id, ok=status == "applied", status=status,  # type: ignore[arg-type]
+            relays=relays, latency_ms=latency_ms, command_id=command_id, error=error,
+        )  # fmt: skip
+        try:
+            await self.bus.publish(topics.RESULT.format(uid=uid), topics.encode(result))
+        except (BusUnavailable, ValueError):
+            log.warning("result of intent %s for %s not published", intent_id, uid)
+
+    # --- acks ---------------------------------------------------------------------------
+    async def _on_ack(self, msg: Message) -> None:
+        params = topics.ACK.parse(msg.topic)
+        if params is None:
+            return
+        uid = params["uid"]
+        try:
+            ack = topics.decode_ack(msg.payload)
+        except topics.PayloadError as exc:
+            metrics.BAD_PAYLOADS.labels("ack").inc()
+            log.info("dropped malformed ack from %s: %s (%r)", uid, exc, msg.payload[:64])
+            return
+        pending = self._pending.get(ack.command_id)
+        if pending is not None:
+            if pending.uid != uid:
+                log.warning("dropped ack for %s's command from %s", pending.uid, uid)
+                metrics.BAD_PAYLOADS.labels("ack_wrong_device").inc()
+                return
+            if not pending.future.done():
+                pending.future.set_result(ack)
+            return
+        late = self._timed_out.pop(ack.command_id, None)
+        if late is None or late.uid != uid:
+            metrics.BAD_PAYLOADS.labels("ack_unknown_command").inc()
+            log.info("dropped ack for unknown command %s from %s", ack.command_id, uid)
+            return
+        metrics.LATE_ACKS.inc()
+        device = await self.cache.get(uid)
+        if device is None or not ack.ok:
+            return
+        relays = self._relays_from_ack(ack, late.expected, device)
+        await self.apply_state(device, relays)
+        await audit.record(
+            action="late_ack", source="device", actor_type="device", actor_id=uid,
+            device_id=device.id, org_id=device.org_id, request_id=late.intent.request_id,
+            details={"command_id": ack.command_id, "intent_id": late.intent.intent_id,
+                     "relays": relays},
+        )  # fmt: skip

@@ -1,0 +1,138 @@
+"""The Hub object: the domain services of one hub process and their lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from hexa.hub import topics
+from hexa.hub.accounts import Accounts
+from hexa.hub.bus import BrokerAddress, Bus
+from hexa.hub.commands import Commands
+from hexa.hub.config import Settings
+from hexa.hub.devices import Registry
+from hexa.hub.errors import BusUnavailable
+from hexa.hub.presence import Presence
+from hexa.hub.relay import RelayService
+from hexa.hub.security import utcnow
+from hexa.hub.state import DeviceCache
+from hexa.models import Device
+
+log = logging.getLogger(__name__)
+
+Starter = Callable[[], Awaitable[None]]
+Closer = Callable[[str], Awaitable[None]]
+
+
+class Hub:
+    """Owns the bus client, the relay service, presence and the registries.
+
+    The composition root (``hexa serve``) opens the database, starts the broker, calls
+    :meth:`start` inside its task group, and serves the API over this object.
+    """
+
+    def __init__(self, settings: Settings, bus_address: BrokerAddress, *, instance: str) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.accounts = Accounts(settings)
+        self.registry = Registry()
+        self.cache = DeviceCache()
+        self.bus = Bus(bus_address, client_id=f"hexa-hub-{instance}")
+        self.relay = RelayService(self.bus, self.cache, timeout_s=settings.command_timeout_s)
+        self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s)
+        self.presence = Presence(self.bus, self.cache, self.relay)
+        #: run once the bus is connected (the API's gateways subscribe here)
+        self.starters: list[Starter] = []
+        #: close an integration's broker sessions by its MQTT username
+        self.integration_closers: list[Closer] = []
+        self.mqtt_port: int | None = None
+        self.mqtt_tls_port: int | None = None
+        self.http_port: int | None = None
+        self._touched: dict[str, float] = {}
+        self.registry.hooks.append(self._on_device_change)
+
+    async def prepare(self) -> None:
+        """Database-side start-up: presence reset, bootstrap admin."""
+        await Presence.reset()
+        admin = await self.accounts.ensure_bootstrap_admin()
+        if admin is not None:
+            log.info("bootstrap admin %s ready", admin.email)
+
+    async def start(self, tg: TaskGroup, *, wait_for_bus: bool = True) -> None:
+        """Start the services in order: bus → relay service → presence → gateways."""
+        if wait_for_bus:
+            await tg.start(self.bus.run)
+        else:
+            tg.start_soon(self.bus.run)
+        await tg.start(self.relay.run)
+        await self.commands.start()
+        await tg.start(self.presence.run)
+        for start in self.starters:
+            await start()
+
+    async def _on_device_change(self, device: Device, what: str) -> None:
+        self.cache.forget(device.device_uid)
+        if what == "deleted":
+            for index in range(device.relay_count):
+                await self._clear_retained(topics.RELAY_STATE.format(uid=device.device_uid, index=index))
+            await self._clear_retained(topics.STATE.format(uid=device.device_uid))
+            await self._clear_retained(topics.AVAILABILITY.format(uid=device.device_uid))
+
+    async def _clear_retained(self, topic: str) -> None:
+        try:
+            await self.bus.publish(topic, b"", retain=True)  # MQTT-3.3.1-10: empty clears
+        except BusUnavailable:
+            pass
+
+    # --- used by the API -----------------------------------------------------------------
+    def bus_ready(self) -> bool:
+        return self.bus.connected
+
+    def mqtt_endpoint(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "host": s.advertised_host,
+            "port": self.mqtt_port if self.mqtt_port is not None else s.mqtt_port,
+            "tls_port": self.mqtt_tls_port,
+        }
+
+    def ws_device_url(self) -> str:
+        s = self.settings
+        host = s.public_host or (s.http_host if s.http_host not in ("0.0.0.0", "::") else "127.0.0.1")  # noqa: S104
+        port = self.http_port if self.http_port is not None else s.http_port
+        scheme = "wss" if s.enforce_https else "ws"
+        return f"{scheme}://{host}:{port}/ws/device"
+
+    async def publish_availability(self, uid: str, online: bool) -> None:
+        """Availability on behalf of a device bridged by the API (WebSocket)."""
+        try:
+            await self.bus.publish(
+                topics.AVAILABILITY.format(uid=uid),
+                topics.encode_availability(online),
+                retain=True,
+            )
+        except BusUnavailable:
+            log.warning("availability of %s not published: bus down", uid)
+
+    async def touch_device(self, uid: str) -> None:
+        """Record ``last_seen_at`` (at most every 5 s per device)."""
+        now = time.monotonic()
+        if now - self._touched.get(uid, 0.0) < 5:
+            return
+        self._touched[uid] = now
+        await Device.filter(device_uid=uid, deleted_at=None).update(last_seen_at=utcnow())
+
+    async def close_integration_sessions(self, name: str) -> None:
+        for close in self.integration_closers:
+            await close(name)
+
+    async def shutdown(self) -> None:
+        """Publish the hub's ``offline`` while the bus is still up."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(3):
+                await self.bus.close()

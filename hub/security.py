@@ -1,0 +1,95 @@
+"""Secrets: password hashing, opaque tokens, access JWTs."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from hexa.hub.errors import Unauthorized
+
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+JWT_ALGORITHM = "HS256"
+JWT_AUDIENCE = "hexa-api"
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+#: verified against when an account does not exist, so timing does not reveal it
+DUMMY_PASSWORD_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def new_token(prefix: str = "", nbytes: int = 32) -> str:
+    """A random opaque token (URL-safe)."""
+    return prefix + secrets.token_urlsafe(nbytes)
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 of a high-entropy token: how tokens are stored and looked up."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    user_id: uuid.UUID
+    expires_at: datetime
+
+
+def issue_access_token(secret: str, user_id: uuid.UUID, ttl_s: int) -> str:
+    now = utcnow()
+    claims = {
+        "sub": str(user_id),
+        "iat": int(now.timestamp()),
+        "exp": int((now + timedelta(seconds=ttl_s)).timestamp()),
+        "aud": JWT_AUDIENCE,
+        "typ": "access",
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
+
+
+def decode_access_token(secret: str, token: str) -> AccessClaims:
+    """Verify an access JWT; raises :class:`Unauthorized` for anything wrong with it."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[JWT_ALGORITHM],  # never accept "none" or another algorithm
+            audience=JWT_AUDIENCE,
+            options={"require": ["exp", "sub", "iat", "aud"]},
+        )
+        if claims.get("typ") != "access":
+            raise Unauthorized("not an access token")
+        return AccessClaims(
+            user_id=uuid.UUID(claims["sub"]),
+            expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("access token expired") from None
+    except (jwt.InvalidTokenError, ValueError, TypeError):
+        raise Unauthorized("invalid access token") from None

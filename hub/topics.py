@@ -1,0 +1,331 @@
+"""The MQTT topic contract (contract.md §3): every topic and payload, in one module.
+
+Nothing else in the code base formats a topic string: build topics with
+``Topic.format()``, subscribe with ``Topic.filter()``, recognise them with
+``Topic.parse()``, and turn payloads into typed objects with the ``decode_*`` codecs,
+which raise :class:`PayloadError` for anything malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+ROOT = "hexa"
+UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SEGMENT_RE = {"uid": UID_RE, "index": re.compile(r"^(0|[1-9][0-9]{0,2})$")}
+
+
+M = TypeVar("M", bound="BaseModel")
+
+
+class PayloadError(ValueError):
+    """A payload that does not decode to its topic's type."""
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic template such as ``hexa/{uid}/relay/{index}/set``."""
+
+    name: str
+    template: str
+    retained: bool = False
+
+    @property
+    def _parts(self) -> list[str]:
+        return self.template.split("/")
+
+    def format(self, **params: object) -> str:
+        out = []
+        for part in self._parts:
+            if part.startswith("{"):
+                value = str(params[part[1:-1]])
+                if "/" in value or "+" in value or "#" in value or not value:
+                    raise ValueError(f"bad topic segment {value!r}")
+                out.append(value)
+            else:
+                out.append(part)
+        return "/".join(out)
+
+    def filter(self, **params: object) -> str:
+        """A subscription filter: unnamed placeholders become ``+``."""
+        return "/".join(
+            str(params.get(p[1:-1], "+")) if p.startswith("{") else p for p in self._parts
+        )
+
+    def parse(self, topic: str) -> dict[str, str] | None:
+        """The placeholders of ``topic`` if it is an instance of this template."""
+        parts = topic.split("/")
+        tparts = self._parts
+        if len(parts) != len(tparts):
+            return None
+        found: dict[str, str] = {}
+        for got, want in zip(parts, tparts, strict=True):
+            if want.startswith("{"):
+                key = want[1:-1]
+                check = _SEGMENT_RE.get(key)
+                if check is not None and not check.match(got):
+                    return None
+                found[key] = got
+            elif got != want:
+                return None
+        return found
+
+
+# --- device ↔ hub ---------------------------------------------------------------------
+CMD = Topic("cmd", "hexa/{uid}/cmd")
+ACK = Topic("ack", "hexa/{uid}/ack")
+REPORT = Topic("report", "hexa/{uid}/report")
+EVENT = Topic("event", "hexa/{uid}/event")
+AVAILABILITY = Topic("availability", "hexa/{uid}/availability", retained=True)
+# --- intents (anyone allowed → the relay service) ----------------------------------------
+RELAY_SET = Topic("relay_set", "hexa/{uid}/relay/{index}/set")
+RELAYS_SET = Topic("relays_set", "hexa/{uid}/relays/set")
+# --- hub → everyone -------------------------------------------------------------------
+RELAY_STATE = Topic("relay_state", "hexa/{uid}/relay/{index}/state", retained=True)
+STATE = Topic("state", "hexa/{uid}/state", retained=True)
+RESULT = Topic("result", "hexa/{uid}/result")
+INPUT_EVENT = Topic("input_event", "hexa/{uid}/input/{index}/event")
+HUB_STATUS = Topic("hub_status", "hexa/hub/status", retained=True)
+# --- Home Assistant -------------------------------------------------------------------
+HA_SWITCH_CONFIG = Topic("ha_switch_config", "homeassistant/switch/{object_id}/config", True)
+HA_STATUS = Topic("ha_status", "homeassistant/status")
+
+DEVICE_TOPICS = (CMD, ACK, REPORT, EVENT, AVAILABILITY)
+INTENT_TOPICS = (RELAY_SET, RELAYS_SET)
+#: what a device may publish about itself
+DEVICE_PUBLISH = (ACK, REPORT, EVENT, AVAILABILITY)
+#: every per-device topic, used to find the device a topic is about
+PER_DEVICE = (
+    CMD, ACK, REPORT, EVENT, AVAILABILITY, RELAY_SET, RELAYS_SET, RELAY_STATE, STATE, RESULT,
+    INPUT_EVENT,
+)  # fmt: skip
+
+
+def device_of(topic: str) -> str | None:
+    """The device uid a ``hexa/<uid>/...`` topic is about, or None."""
+    for t in PER_DEVICE:
+        params = t.parse(topic)
+        if params is not None:
+            return params["uid"]
+    return None
+
+
+def match_topic(topic: str) -> tuple[Topic, dict[str, str]] | None:
+    """Which per-device topic this is, with its placeholders."""
+    for t in PER_DEVICE:
+        params = t.parse(topic)
+        if params is not None:
+            return t, params
+    return None
+
+
+def ha_object_id(uid: str, index: int) -> str:
+    return f"hexa_{uid}_{index}"
+
+
+# --- payloads ---------------------------------------------------------------------------
+class _Ours(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Theirs(BaseModel):
+    """A payload written by firmware: unknown fields are ignored for forward compatibility."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+RelayValue = bool | Literal["toggle"]
+
+
+class SetRelay(_Ours):
+    type: Literal["set_relay"] = "set_relay"
+    command_id: str
+    relay_index: int
+    state: RelayValue
+
+
+class SetAllRelays(_Ours):
+    type: Literal["set_all_relays"] = "set_all_relays"
+    command_id: str
+    state: bool
+
+
+class ConfigCommand(_Theirs):
+    type: Literal["config"] = "config"
+    command_id: str | None = None
+
+
+Command = Annotated[SetRelay | SetAllRelays | ConfigCommand, Field(discriminator="type")]
+
+
+class Ack(_Theirs):
+    command_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: StrictBool
+    relays: list[StrictBool] | None = None
+    error: str | None = None
+
+
+class Report(_Theirs):
+    relays: list[StrictBool] | None = None
+    inputs: list[StrictBool] | None = None
+    fw_version: Annotated[str, Field(max_length=64)] | None = None
+    uptime_s: Annotated[float, Field(ge=0)] | None = None
+
+
+InputEventName = Literal["press", "release", "hold", "double_press"]
+
+
+class InputEvent(_Theirs):
+    input_index: Annotated[int, Field(ge=0, le=63)]
+    event: InputEventName
+    duration_ms: Annotated[int, Field(ge=0)] | None = None
+
+
+IntentValue = Literal["ON", "OFF", "TOGGLE"]
+
+
+class Intent(_Ours):
+    """A relay intent. ``relay_index`` is None for an all-relays intent."""
+
+    state: IntentValue
+    source: Annotated[str, Field(max_length=32)] = "mqtt"
+    intent_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: uuid.uuid4().hex
+    )
+    request_id: Annotated[str, Field(max_length=128)] | None = None
+    actor_type: Annotated[str, Field(max_length=32)] | None = None
+    actor_id: Annotated[str, Field(max_length=64)] | None = None
+    automation_id: str | None = None
+    schedule_id: str | None = None
+
+
+ResultStatus = Literal["applied", "timeout", "offline", "rejected"]
+
+
+class Result(_Ours):
+    intent_id: str
+    ok: bool
+    status: ResultStatus
+    relays: list[bool] | None = None
+    latency_ms: float | None = None
+    command_id: str | None = None
+    error: str | None = None
+
+
+class DeviceState(_Ours):
+    relays: list[bool]
+    inputs: list[bool]
+    online: bool
+    updated_at: str
+
+
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PayloadError(f"not UTF-8 JSON: {exc}") from None
+
+
+def _model(cls: type[M], payload: bytes) -> M:
+    data = _json(payload)
+    if not isinstance(data, dict):
+        raise PayloadError("expected a JSON object")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise PayloadError(_brief(exc)) from None
+
+
+def _brief(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "payload"
+    return f"{where}: {err.get('msg')}"
+
+
+def decode_ack(payload: bytes) -> Ack:
+    return _model(Ack, payload)
+
+
+def decode_report(payload: bytes) -> Report:
+    return _model(Report, payload)
+
+
+def decode_event(payload: bytes) -> InputEvent:
+    return _model(InputEvent, payload)
+
+
+def decode_result(payload: bytes) -> Result:
+    return _model(Result, payload)
+
+
+def decode_availability(payload: bytes) -> bool:
+    """``online`` → True, ``offline`` → False."""
+    text = payload.strip().lower()
+    if text == b"online":
+        return True
+    if text == b"offline":
+        return False
+    raise PayloadError("availability must be 'online' or 'offline'")
+
+
+def decode_intent(payload: bytes, *, all_relays: bool) -> Intent:
+    """A plain ``ON``/``OFF``/``TOGGLE`` or a JSON intent document."""
+    text = payload.strip()
+    if text.upper() in (b"ON", b"OFF", b"TOGGLE"):
+        intent = Intent(state=text.upper().decode())  # type: ignore[arg-type]
+    else:
+        data = _json(payload)
+        if not isinstance(data, dict):
+            raise PayloadError("expected ON, OFF, TOGGLE or a JSON object")
+        if isinstance(data.get("state"), str):
+            data["state"] = data["state"].upper()
+        elif isinstance(data.get("state"), bool):
+            data["state"] = "ON" if data["state"] else "OFF"
+        try:
+            intent = Intent.model_validate(data)
+        except ValidationError as exc:
+            raise PayloadError(_brief(exc)) from None
+    if all_relays and intent.state == "TOGGLE":
+        raise PayloadError("TOGGLE is not allowed for all relays")
+    return intent
+
+
+def encode(model: BaseModel) -> bytes:
+    return model.model_dump_json(exclude_none=True).encode()
+
+
+def encode_intent(intent: Intent) -> bytes:
+    return encode(intent)
+
+
+def encode_command(command: SetRelay | SetAllRelays) -> bytes:
+    return command.model_dump_json().encode()
+
+
+def encode_onoff(state: bool) -> bytes:
+    return b"ON" if state else b"OFF"
+
+
+def encode_availability(online: bool) -> bytes:
+    return b"online" if online else b"offline"
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def uid_of_ha_object(object_id: str) -> str | None:
+    """The device uid inside ``hexa_<uid>_<n>``, or None."""
+    if not object_id.startswith("hexa_"):
+        return None
+    uid, _, index = object_id[5:].rpartition("_")
+    if not index.isdigit() or not UID_RE.match(uid):
+        return None
+    return uid

@@ -1,0 +1,23 @@
+"""Tortoise ORM models, one module per aggregate. No I/O beyond the ORM."""
+
+from hexa.models.audit import AuditEntry
+from hexa.models.devices import Device, DeviceInput, RelayState
+from hexa.models.idempotency import IdempotencyRecord
+from hexa.models.integrations import IntegrationToken
+from hexa.models.tenancy import Area, Membership, Organization, Site
+from hexa.models.users import RefreshToken, User
+
+__all__ = [
+    "Area",
+    "AuditEntry",
+    "Device",
+    "DeviceInput",
+    "IdempotencyRecord",
+    "IntegrationToken",
+    "Membership",
+    "Organization",
+    "RefreshToken",
+    "RelayState",
+    "Site",
+    "User",
+]

@@ -1,0 +1,26 @@
+"""Integration tokens: MQTT and API credentials scoped to one organization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tortoise import fields
+
+from hexa.models.base import TimestampedModel
+
+
+class IntegrationToken(TimestampedModel):
+    """A named token: the MQTT username is name, the password the token itself."""
+
+    org: fields.ForeignKeyRelation[Any] = fields.ForeignKeyField(
+        "models.Organization", related_name="integration_tokens", on_delete=fields.CASCADE
+    )
+    name = fields.CharField(max_length=100, unique=True)
+    token_hash = fields.CharField(max_length=64, unique=True)
+    created_by: fields.ForeignKeyNullableRelation[Any] = fields.ForeignKeyField(
+        "models.User", related_name="integration_tokens", null=True, on_delete=fields.SET_NULL
+    )
+    last_used_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "integration_tokens"
