@@ -25,6 +25,11 @@ class Credentials(Body):
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
 
+class UserPatch(Body):
+    is_active: StrictBool | None = None
+    role: Literal["admin", "user"] | None = None
+
+
 class RefreshBody(Body):
     refresh_token: Annotated[str, Field(min_length=1, max_length=512)]
 

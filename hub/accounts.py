@@ -177,6 +177,10 @@ class Accounts:
     async def revoke_family(self, family_id: uuid.UUID) -> None:
         await RefreshToken.filter(family_id=family_id, revoked_at=None).update(revoked_at=utcnow())
 
+    async def revoke_all(self, user: User) -> None:
+        """Revoke every refresh token of a user (access tokens die with is_active)."""
+        await RefreshToken.filter(user_id=user.id, revoked_at=None).update(revoked_at=utcnow())
+
     async def create_admin(self, email: str, password: str) -> User:
         return await self.create_user(email, password, role="admin")
 

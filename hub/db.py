@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from tortoise import Tortoise, connections
+from tortoise.backends.base.executor import EXECUTOR_CACHE
 from tortoise.migrations.api import migrate as tortoise_migrate
 from tortoise.migrations.executor import MigrationExecutor
 from tortoise.migrations.recorder import MigrationRecorder
@@ -94,6 +95,9 @@ async def database(database_url: str) -> AsyncIterator[None]:
         yield
     finally:
         await Tortoise.close_connections()
+        # Tortoise caches compiled INSERTs by connection *name*; a later database of
+        # another dialect in the same process (tests, tools) would reuse them.
+        EXECUTOR_CACHE.clear()
 
 
 async def ping() -> bool:
