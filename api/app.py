@@ -41,14 +41,14 @@ def create_app(hub: Hub) -> FastAPI:
     assert settings.jwt_secret is not None
     # Starlette applies middleware in reverse order: the last added is the outermost.
     app.add_middleware(
-        Idempotency,  # type: ignore[arg-type]
+        Idempotency,
         ttl_s=settings.idempotency_ttl_s,
         jwt_secret=settings.jwt_secret,
         wait_s=settings.command_timeout_s + 5,
     )
-    app.add_middleware(HttpMetrics)  # type: ignore[arg-type]
+    app.add_middleware(HttpMetrics)
     app.add_middleware(
-        RequestContext,  # type: ignore[arg-type]
+        RequestContext,
         max_body_bytes=settings.max_body_bytes,
         enforce_https=settings.enforce_https,
         trust_proxy=settings.trust_proxy,

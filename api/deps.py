@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def get_hub(request: Request) -> Hub:
-    return request.app.state.hub  # type: ignore[no-any-return]
+    return request.app.state.hub
 
 
 HubDep = Annotated["Hub", Depends(get_hub)]

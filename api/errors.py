@@ -70,13 +70,13 @@ def error_response(
 def status_for(exc: errors.HubError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 
 async def _hub_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.HubError)
-    headers = None
+    headers: dict[str, str] | None = None
     if isinstance(exc, errors.RateLimited):
         headers = {"Retry-After": str(exc.retry_after_s)}
     if isinstance(exc, errors.Unauthorized):
@@ -90,7 +90,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404:
         message = "no such route"
-    return error_response(request, exc.status_code, code, message, headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(request, exc.status_code, code, message, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -70,8 +70,8 @@ class RequestContext:
         if self.trust_proxy:
             forwarded = _header(scope, b"x-forwarded-proto")
             if forwarded in ("http", "https"):
-                scope["scheme"] = forwarded if scope["type"] == "http" else forwarded.replace(
-                    "http", "ws"
+                scope["scheme"] = (
+                    forwarded if scope["type"] == "http" else forwarded.replace("http", "ws")
                 )
         if self.enforce_https and scope["scheme"] not in ("https", "wss"):
             if scope["type"] == "http":
@@ -313,5 +313,7 @@ class Idempotency:
             (b"idempotency-replayed", b"true"),
         ]
         assert record.status_code is not None
-        await send({"type": "http.response.start", "status": record.status_code, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": record.status_code, "headers": headers}
+        )
         await send({"type": "http.response.body", "body": body})

@@ -107,7 +107,9 @@ class DevicePatch(Body):
     name: Name | None = None
     site_id: uuid.UUID | None = None
     area_id: uuid.UUID | None = None
-    relay_names: Annotated[list[Annotated[str, Field(max_length=200)] | None], Field(max_length=64)] | None = None  # noqa: E501
+    relay_names: (
+        Annotated[list[Annotated[str, Field(max_length=200)] | None], Field(max_length=64)] | None
+    ) = None
 
 
 class RelayCommand(Body):
@@ -119,7 +121,9 @@ class AllRelaysCommand(Body):
 
 
 class IntegrationCreate(Body):
-    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[
+        str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    ]
     org_id: uuid.UUID
 
 
@@ -136,7 +140,7 @@ def org_view(org: Organization) -> dict[str, Any]:
 def site_view(site: Site) -> dict[str, Any]:
     return {
         "id": str(site.id),
-        "org_id": str(site.org_id),  # type: ignore[attr-defined]
+        "org_id": str(site.org_id),
         "name": site.name,
         "location": site.location,
         "timezone": site.timezone,
@@ -148,7 +152,7 @@ def site_view(site: Site) -> dict[str, Any]:
 def area_view(area: Area) -> dict[str, Any]:
     return {
         "id": str(area.id),
-        "site_id": str(area.site_id),  # type: ignore[attr-defined]
+        "site_id": str(area.site_id),
         "name": area.name,
         "metadata": area.metadata or {},
         "created_at": iso(area.created_at),
@@ -165,7 +169,9 @@ def user_view(user: User) -> dict[str, Any]:
     }
 
 
-def device_view(device: Device, relays: list[RelayState], inputs: list[DeviceInput]) -> dict[str, Any]:
+def device_view(
+    device: Device, relays: list[RelayState], inputs: list[DeviceInput]
+) -> dict[str, Any]:
     def opt(value: Any) -> str | None:
         return None if value is None else str(value)
 
@@ -175,9 +181,9 @@ def device_view(device: Device, relays: list[RelayState], inputs: list[DeviceInp
         "model": device.model,
         "device_class": device.device_class,
         "name": device.name,
-        "org_id": opt(device.org_id),  # type: ignore[attr-defined]
-        "site_id": opt(device.site_id),  # type: ignore[attr-defined]
-        "area_id": opt(device.area_id),  # type: ignore[attr-defined]
+        "org_id": opt(device.org_id),
+        "site_id": opt(device.site_id),
+        "area_id": opt(device.area_id),
         "relay_count": device.relay_count,
         "input_count": device.input_count,
         "relays": [

@@ -44,12 +44,12 @@ class Gate:
             device = await Device.get_or_none(device_uid=username, deleted_at=None)
             if device is not None:
                 if hmac.compare_digest(device.token_hash, digest):
-                    self._orgs[username] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)  # type: ignore[attr-defined]
+                    self._orgs[username] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)
                     return Identity(Kind.DEVICE, username)
                 return None
         token = await IntegrationToken.get_or_none(name=username)
         if token is not None and hmac.compare_digest(token.token_hash, digest):
-            return Identity(Kind.INTEGRATION, username, org_id=token.org_id)  # type: ignore[attr-defined]
+            return Identity(Kind.INTEGRATION, username, org_id=token.org_id)
         return None
 
     def client_id_taken(self, client_id: str, username: str) -> bool:
@@ -58,9 +58,7 @@ class Gate:
         if existing is None:
             return False
         session = existing[0]
-        return bool(
-            session.username != username and session.transitions.state == "connected"
-        )
+        return bool(session.username != username and session.transitions.state == "connected")
 
     async def load_org(self, uid: str | None) -> None:
         """Make :meth:`org_of` answer for ``uid`` (a cached database lookup)."""
@@ -73,7 +71,7 @@ class Gate:
         if device is None:
             self._orgs.pop(uid, None)
             return
-        self._orgs[uid] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)  # type: ignore[attr-defined]
+        self._orgs[uid] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)
         if len(self._orgs) > 200_000:
             self._orgs.clear()
 

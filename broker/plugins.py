@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 IDENTITY = "hexa.identity"
 
 
-class HexaAuthPlugin(BaseAuthPlugin):
+class HexaAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no types
     """Devices by uid/token, integrations by name/token, the hub by its own credential."""
 
     @dataclass
@@ -46,7 +46,7 @@ class HexaAuthPlugin(BaseAuthPlugin):
         return True
 
 
-class HexaAclPlugin(BaseTopicPlugin):
+class HexaAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no types
     """contract.md §3 on publish, subscribe and delivery (see :mod:`hexa.broker.acl`)."""
 
     @dataclass
@@ -75,10 +75,11 @@ class HexaAclPlugin(BaseTopicPlugin):
         else:
             if identity.kind is acl.Kind.INTEGRATION:
                 parts = topic.split("/")
-                await gate.load_org(parts[1] if len(parts) > 1 and topics.UID_RE.match(parts[1]) else None)
+                await gate.load_org(
+                    parts[1] if len(parts) > 1 and topics.UID_RE.match(parts[1]) else None
+                )
             allowed = acl.may_subscribe(identity, topic, gate.org_of)
         if not allowed:
             metrics.MQTT_DENIED.labels(action.value if action else "unknown").inc()
             log.info("denied %s %s for %s %r", action, topic, identity.kind.value, identity.name)
         return allowed
-

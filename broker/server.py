@@ -26,9 +26,9 @@ NO_RETAIN = tuple(t.filter() for t in topics.INTENT_TOPICS)
 def _transport_of(handler: Any) -> Any:
     writer = handler.writer
     if hasattr(writer, "_writer"):
-        return writer._writer.transport  # noqa: SLF001 - tcp
+        return writer._writer.transport
     if hasattr(writer, "_protocol"):
-        return writer._protocol.transport  # noqa: SLF001 - websocket
+        return writer._protocol.transport
     return None
 
 
@@ -165,7 +165,11 @@ class EmbeddedBroker:
     def _config(self) -> dict[str, Any]:
         s = self.settings
         listeners: dict[str, Any] = {
-            "default": {"type": "tcp", "bind": f"{s.mqtt_host}:{s.mqtt_port}", "max_connections": -1}
+            "default": {
+                "type": "tcp",
+                "bind": f"{s.mqtt_host}:{s.mqtt_port}",
+                "max_connections": -1,
+            }
         }
         if s.tls_enabled and s.mqtt_tls_port is not None:
             listeners["tls"] = {

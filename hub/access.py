@@ -52,7 +52,7 @@ class Principal:
 
     @property
     def id(self) -> uuid.UUID:
-        return self.user.id  # type: ignore[no-any-return]
+        return self.user.id
 
     @property
     def is_platform_admin(self) -> bool:
@@ -91,4 +91,4 @@ async def load_principal(user_id: uuid.UUID) -> Principal:
     if user is None or not user.is_active:
         raise Unauthorized("user is unknown or disabled")
     memberships = await Membership.filter(user_id=user.id, org__deleted_at__isnull=True).all()
-    return Principal(user=user, roles={m.org_id: Role.parse(m.role) for m in memberships})  # type: ignore[attr-defined]
+    return Principal(user=user, roles={m.org_id: Role.parse(m.role) for m in memberships})

@@ -163,7 +163,7 @@ class Accounts:
             raise Unauthorized("refresh token reuse detected: all sessions of this login revoked")
         if row.expires_at <= now:
             raise Unauthorized("refresh token expired")
-        user = await User.get(id=row.user_id)  # type: ignore[attr-defined]
+        user = await User.get(id=row.user_id)
         if not user.is_active:
             await self.revoke_family(row.family_id)
             raise Unauthorized("user is disabled")

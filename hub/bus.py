@@ -132,13 +132,6 @@ class Bus:
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"publish failed: {exc}") from exc
 
-    async def wait_connected(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     def _make_client(self) -> aiomqtt.Client:
         a = self.address
         tls = ssl.create_default_context() if a.tls else None
@@ -155,7 +148,7 @@ class Bus:
             timeout=10,
         )
         client.pending_calls_threshold = 10_000
-        paho = client._client  # noqa: SLF001 - the only way to reach the socket
+        paho = client._client
         original = paho.on_socket_open
 
         def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
@@ -177,9 +170,7 @@ class Bus:
                     self._client = client
                     for flt in dict.fromkeys(f for f, _ in self._handlers):
                         await client.subscribe(flt, qos=1)
-                    await client.publish(
-                        topics.HUB_STATUS.format(), b"online", qos=1, retain=True
-                    )
+                    await client.publish(topics.HUB_STATUS.format(), b"online", qos=1, retain=True)
                     self._connected.set()
                     backoff = 0.1
                     log.info("bus connected to %s:%s", self.address.host, self.address.port)

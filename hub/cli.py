@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", dest="http_port")
     serve.add_argument("--mqtt-host", dest="mqtt_host")
     serve.add_argument("--mqtt-port", dest="mqtt_port", help="0 picks a free port")
-    serve.add_argument("--broker-url", dest="broker_url", help="external broker mqtt://user:pw@host:port")
+    serve.add_argument(
+        "--broker-url", dest="broker_url", help="external broker mqtt://user:pw@host:port"
+    )
     serve.add_argument("--command-timeout-ms", dest="command_timeout_ms")
 
     migrate = sub.add_parser("migrate", help="apply (or revert) schema migrations")
@@ -234,8 +236,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
                 try:
                     await broker.start()
                 except OSError as exc:
+                    reason = exc.strerror or str(exc)
                     raise _StartupError(
-                        f"invalid setting HEXA_MQTT_PORT={settings.mqtt_port}: {exc.strerror or exc}"
+                        f"invalid setting HEXA_MQTT_PORT={settings.mqtt_port}: {reason}"
                     ) from None
                 stack.push_async_callback(broker.shutdown)
                 host, port, username, password = broker.hub_credentials()
@@ -259,7 +262,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
             )
             server = _Server(config)
             if info is not None:
-                info.update(server=server, hub=hub, http_port=hub.http_port, mqtt_port=hub.mqtt_port)
+                info.update(
+                    server=server, hub=hub, http_port=hub.http_port, mqtt_port=hub.mqtt_port
+                )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
@@ -273,7 +278,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
                     f"(docs at /docs), MQTT on {address.host}:{address.port}"
                     + ("" if broker is None else " (embedded broker)")
                     + (f", MQTT/TLS on {broker.tls_port}" if broker and broker.tls_port else "")
-                    + (f", MQTT/WebSocket on {broker.ws_port}" if broker and broker.ws_port else ""),
+                    + (
+                        f", MQTT/WebSocket on {broker.ws_port}" if broker and broker.ws_port else ""
+                    ),
                     flush=True,
                 )
                 if ready is not None:

@@ -42,7 +42,7 @@ class Commands:
         self,
         uid: str,
         relay_index: int | None,
-        state: str,
+        state: topics.IntentValue,
         *,
         source: str,
         actor_type: str | None = None,
@@ -53,7 +53,7 @@ class Commands:
     ) -> topics.Result:
         """Publish one intent and return its result (any status)."""
         intent = topics.Intent(
-            state=state,  # type: ignore[arg-type]
+            state=state,
             source=source,
             intent_id=uuid.uuid4().hex,
             request_id=request_id,
@@ -78,7 +78,7 @@ class Commands:
             self._waiting.pop(intent.intent_id, None)
 
     async def execute(
-        self, uid: str, relay_index: int | None, state: str, **kwargs: str | None
+        self, uid: str, relay_index: int | None, state: topics.IntentValue, **kwargs: str | None
     ) -> topics.Result:
         """Like :meth:`submit`, but a result other than ``applied`` raises its HubError."""
         result = await self.submit(uid, relay_index, state, **kwargs)  # type: ignore[arg-type]

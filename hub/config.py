@@ -255,7 +255,9 @@ def _with_stored_secrets(settings: Settings) -> Settings:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SettingError("HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)) from None
+        raise SettingError(
+            "HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)
+        ) from None
     path = settings.data_dir / "secrets.json"
     stored: dict[str, str] = {}
     if path.exists():
@@ -278,7 +280,7 @@ def _with_stored_secrets(settings: Settings) -> Settings:
     return replace(
         settings,
         secrets_generated=tuple(generated),
-        **{name: stored[name] for name in missing},
+        **{name: stored[name] for name in missing},  # type: ignore[arg-type]
     )
 
 

@@ -112,7 +112,7 @@ class Registry:
             )
             if device is None:
                 raise NotFound("claim code")
-            if device.org_id is not None:  # type: ignore[attr-defined]
+            if device.org_id is not None:
                 raise Conflict("this device is already claimed")
             claimed = await Device.filter(id=device.id, org_id=None).update(
                 org_id=org_id,
@@ -130,13 +130,13 @@ class Registry:
     async def _default_org(self, principal: Principal, site_id: uuid.UUID | None) -> uuid.UUID:
         if site_id is not None:
             site = await Site.get_or_none(id=site_id, deleted_at=None)
-            if site is None or not principal.can_see(site.org_id):  # type: ignore[attr-defined]
+            if site is None or not principal.can_see(site.org_id):
                 raise NotFound("site")
-            return site.org_id  # type: ignore[attr-defined, no-any-return]
+            return site.org_id
         owned = [org for org, role in principal.roles.items() if role.name == "owner"]
         personal = await Organization.filter(id__in=owned, personal=True, deleted_at=None).first()
         if personal is not None:
-            return personal.id  # type: ignore[no-any-return]
+            return personal.id
         if len(principal.roles) == 1:
             return next(iter(principal.roles))
         raise ValidationFailed("org_id is required", details={"field": "org_id"})
@@ -151,38 +151,39 @@ class Registry:
                 raise NotFound("site")
         if area_id is not None:
             area = await Area.get_or_none(id=area_id, deleted_at=None).prefetch_related("site")
-            if area is None or area.site.org_id != org_id or area.site.deleted_at is not None:  # type: ignore[attr-defined]
+            if area is None or area.site.org_id != org_id or area.site.deleted_at is not None:
                 raise NotFound("area")
-            if site is not None and area.site_id != site.id:  # type: ignore[attr-defined]
+            if site is not None and area.site_id != site.id:
                 raise ValidationFailed("area is not in that site", details={"field": "area_id"})
             site = site or area.site
         return site, area
 
     async def get_visible(self, principal: Principal, device_id: uuid.UUID) -> Device:
         device = await Device.get_or_none(id=device_id, deleted_at=None)
-        if device is None or device.org_id is None or not principal.can_see(device.org_id):  # type: ignore[attr-defined]
+        if device is None or device.org_id is None or not principal.can_see(device.org_id):
             raise NotFound("device")
         return device
 
     async def get_for(self, principal: Principal, device_id: uuid.UUID, action: str) -> Device:
         device = await self.get_visible(principal, device_id)
-        principal.require(device.org_id, action, kind="device")  # type: ignore[attr-defined]
+        principal.require(device.org_id, action, kind="device")
         return device
 
     async def update(
         self, principal: Principal, device_id: uuid.UUID, changes: dict[str, Any]
     ) -> Device:
         device = await self.get_for(principal, device_id, "configure_devices")
-        org_id = device.org_id  # type: ignore[attr-defined]
+        org_id = device.org_id
+        assert org_id is not None  # get_for only returns claimed devices
         async with in_transaction():
             if "site_id" in changes or "area_id" in changes:
-                site_id = changes.get("site_id", device.site_id)  # type: ignore[attr-defined]
-                area_id = changes.get("area_id", device.area_id)  # type: ignore[attr-defined]
-                if "site_id" in changes and "area_id" not in changes and site_id != device.site_id:  # type: ignore[attr-defined]
+                site_id = changes.get("site_id", device.site_id)
+                area_id = changes.get("area_id", device.area_id)
+                if "site_id" in changes and "area_id" not in changes and site_id != device.site_id:
                     area_id = None
                 site, area = await self._placement(org_id, site_id, area_id)
-                device.site_id = site.id if site else None  # type: ignore[attr-defined]
-                device.area_id = area.id if area else None  # type: ignore[attr-defined]
+                device.site_id = site.id if site else None
+                device.area_id = area.id if area else None
             if "name" in changes:
                 device.name = changes["name"]
             await device.save()

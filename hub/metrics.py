@@ -24,7 +24,9 @@ INTENTS_REFUSED = Counter(
     "hexa_intents_refused_total", "Intents refused before execution, by reason", ["reason"]
 )
 BAD_PAYLOADS = Counter(
-    "hexa_bad_payloads_total", "Undecodable payloads dropped at the bus edge, by topic kind", ["kind"]
+    "hexa_bad_payloads_total",
+    "Undecodable payloads dropped at the bus edge, by topic kind",
+    ["kind"],
 )
 LATE_ACKS = Counter("hexa_late_acks_total", "Acks that arrived after their command timed out")
 STATE_REPORTS = Counter("hexa_state_reports_total", "Device state reports ingested")

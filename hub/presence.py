@@ -99,12 +99,20 @@ class Presence:
         if not device.online:
             await self.set_online(device, True)
         if report.fw_version:
-            await Device.filter(id=device.id).exclude(fw_version=report.fw_version).update(
-                fw_version=report.fw_version
+            await (
+                Device.filter(id=device.id)
+                .exclude(fw_version=report.fw_version)
+                .update(fw_version=report.fw_version)
             )
-        relays = report.relays if report.relays and len(report.relays) == device.relay_count else None
-        inputs = report.inputs if report.inputs and len(report.inputs) == device.input_count else None
-        if (relays is None or relays == device.relays) and (inputs is None or inputs == device.inputs):
+        relays = (
+            report.relays if report.relays and len(report.relays) == device.relay_count else None
+        )
+        inputs = (
+            report.inputs if report.inputs and len(report.inputs) == device.input_count else None
+        )
+        if (relays is None or relays == device.relays) and (
+            inputs is None or inputs == device.inputs
+        ):
             await Device.filter(id=device.id).update(last_seen_at=utcnow())
             return
         before = list(device.relays)

@@ -102,7 +102,9 @@ class RelayService:
             queue.put_nowait(_Job(uid, index, intent))
         except asyncio.QueueFull:
             metrics.INTENTS_REFUSED.labels("busy").inc()
-            await self._result(uid, intent.intent_id, "rejected", error="device busy: too many queued intents")
+            await self._result(
+                uid, intent.intent_id, "rejected", error="device busy: too many queued intents"
+            )
 
     async def _worker(self, uid: str, queue: asyncio.Queue[_Job]) -> None:
         """Runs one device's intents in order; exits when idle."""
@@ -118,7 +120,9 @@ class RelayService:
                     await self._execute(job)
                 except Exception:
                     log.exception("intent %s for %s failed", job.intent.intent_id, uid)
-                    await self._result(uid, job.intent.intent_id, "rejected", error="internal error")
+                    await self._result(
+                        uid, job.intent.intent_id, "rejected", error="internal error"
+                    )
         finally:
             if self._queues.get(uid) is queue:
                 del self._queues[uid]
@@ -154,7 +158,9 @@ class RelayService:
             command = topics.SetAllRelays(command_id=command_id, state=value)
             expected = [value] * device.relay_count
         else:
-            value = (not device.relays[job.index]) if intent.state == "TOGGLE" else intent.state == "ON"
+            value = (
+                (not device.relays[job.index]) if intent.state == "TOGGLE" else intent.state == "ON"
+            )
             command = topics.SetRelay(command_id=command_id, relay_index=job.index, state=value)
             expected[job.index] = value
         future: asyncio.Future[topics.Ack] = asyncio.get_running_loop().create_future()
@@ -216,7 +222,8 @@ class RelayService:
         await audit.record(
             action="relay_command",
             source=intent.source,
-            actor_type=intent.actor_type or ("system" if intent.source in ("schedule", "automation") else "mqtt_client"),
+            actor_type=intent.actor_type
+            or ("system" if intent.source in ("schedule", "automation") else "mqtt_client"),
             actor_id=intent.actor_id,
             device_id=device.id,
             org_id=device.org_id,
@@ -240,14 +247,24 @@ class RelayService:
     ) -> None:
         """Persist, cache and publish a new relay (and input) state of one device."""
         async with self.device_lock(device.uid):
-            changed = [i for i, (old, new) in enumerate(zip(device.relays, relays, strict=False)) if old != new]
+            changed = [
+                i
+                for i, (old, new) in enumerate(zip(device.relays, relays, strict=False))
+                if old != new
+            ]
             for index in changed:
-                await RelayState.filter(device_id=device.id, index=index).update(state=relays[index])
+                await RelayState.filter(device_id=device.id, index=index).update(
+                    state=relays[index]
+                )
             changed_inputs: list[int] = []
             if inputs is not None and len(inputs) == device.input_count:
-                changed_inputs = [i for i, (o, n) in enumerate(zip(device.inputs, inputs, strict=True)) if o != n]
+                changed_inputs = [
+                    i for i, (o, n) in enumerate(zip(device.inputs, inputs, strict=True)) if o != n
+                ]
                 for index in changed_inputs:
-                    await DeviceInput.filter(device_id=device.id, index=index).update(state=inputs[index])
+                    await DeviceInput.filter(device_id=device.id, index=index).update(
+                        state=inputs[index]
+                    )
                 device.inputs = list(inputs)
             await Device.filter(id=device.id).update(last_seen_at=utcnow())
             device.relays = list(relays)
@@ -280,7 +297,9 @@ class RelayService:
                 ),
             )
         except BusUnavailable:
-            log.warning("state of %s not published: bus down (republished on reconnect)", device.uid)
+            log.warning(
+                "state of %s not published: bus down (republished on reconnect)", device.uid
+            )
 
     async def _result(
         self,

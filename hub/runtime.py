@@ -79,7 +79,9 @@ class Hub:
         self.cache.forget(device.device_uid)
         if what == "deleted":
             for index in range(device.relay_count):
-                await self._clear_retained(topics.RELAY_STATE.format(uid=device.device_uid, index=index))
+                await self._clear_retained(
+                    topics.RELAY_STATE.format(uid=device.device_uid, index=index)
+                )
             await self._clear_retained(topics.STATE.format(uid=device.device_uid))
             await self._clear_retained(topics.AVAILABILITY.format(uid=device.device_uid))
 
@@ -103,7 +105,8 @@ class Hub:
 
     def ws_device_url(self) -> str:
         s = self.settings
-        host = s.public_host or (s.http_host if s.http_host not in ("0.0.0.0", "::") else "127.0.0.1")  # noqa: S104
+        wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
+        host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
         port = self.http_port if self.http_port is not None else s.http_port
         scheme = "wss" if s.enforce_https else "ws"
         return f"{scheme}://{host}:{port}/ws/device"

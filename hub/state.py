@@ -46,7 +46,7 @@ class DeviceCache:
         info = DeviceInfo(
             id=device.id,
             uid=uid,
-            org_id=device.org_id,  # type: ignore[attr-defined]
+            org_id=device.org_id,
             relay_count=device.relay_count,
             input_count=device.input_count,
             relays=[r.state for r in relays] or [False] * device.relay_count,

@@ -329,3 +329,17 @@ def uid_of_ha_object(object_id: str) -> str | None:
     if not index.isdigit() or not UID_RE.match(uid):
         return None
     return uid
+
+
+def intent_value(state: bool | str) -> IntentValue:
+    """``True``/``False``/``"toggle"`` (any case) as an intent's ``ON``/``OFF``/``TOGGLE``."""
+    if isinstance(state, bool):
+        return "ON" if state else "OFF"
+    upper = state.upper()
+    if upper == "ON":
+        return "ON"
+    if upper == "OFF":
+        return "OFF"
+    if upper == "TOGGLE":
+        return "TOGGLE"
+    raise ValueError("state must be true, false or 'toggle'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from tortoise import fields
 from tortoise.models import Model
@@ -19,7 +20,7 @@ class AuditEntry(Model):
     source = fields.CharField(max_length=32, db_index=True)
     action = fields.CharField(max_length=64, db_index=True)
     device_id = fields.UUIDField(null=True, db_index=True)
-    details = fields.JSONField(default=dict)
+    details: fields.Field[dict[str, Any]] = fields.JSONField(default=dict)
     automation_id = fields.UUIDField(null=True)
     schedule_id = fields.UUIDField(null=True)
     request_id = fields.CharField(max_length=128, null=True)

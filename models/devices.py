@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-
 from typing import Any
 
 from tortoise import fields
@@ -24,6 +23,9 @@ class Device(SoftDeleteModel):
     token_hash = fields.CharField(max_length=64, db_index=True)
     claim_code_hash = fields.CharField(max_length=64, null=True, unique=True)
     claimed_at = fields.DatetimeField(null=True)
+    org_id: uuid.UUID | None
+    site_id: uuid.UUID | None
+    area_id: uuid.UUID | None
     org: fields.ForeignKeyNullableRelation[Any] = fields.ForeignKeyField(
         "models.Organization", related_name="devices", null=True, on_delete=fields.SET_NULL
     )
@@ -37,7 +39,7 @@ class Device(SoftDeleteModel):
     input_count = fields.IntField()
     online = fields.BooleanField(default=False, db_default=False)
     last_seen_at = fields.DatetimeField(null=True)
-    metadata = fields.JSONField(default=dict)
+    metadata: fields.Field[dict[str, Any]] = fields.JSONField(default=dict)
 
     class Meta:
         table = "devices"
@@ -47,6 +49,7 @@ class RelayState(Model):
     """The last known state of one relay (written only by the relay service)."""
 
     id = fields.UUIDField(primary_key=True, default=uuid.uuid4)
+    device_id: uuid.UUID
     device: fields.ForeignKeyRelation[Device] = fields.ForeignKeyField(
         "models.Device", related_name="relays", on_delete=fields.CASCADE
     )
@@ -64,6 +67,7 @@ class DeviceInput(Model):
     """One physical input (a button or a switch) of a device."""
 
     id = fields.UUIDField(primary_key=True, default=uuid.uuid4)
+    device_id: uuid.UUID
     device: fields.ForeignKeyRelation[Device] = fields.ForeignKeyField(
         "models.Device", related_name="inputs", on_delete=fields.CASCADE
     )

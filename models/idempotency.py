@@ -19,7 +19,7 @@ class IdempotencyRecord(Model):
     request_hash = fields.CharField(max_length=64)
     status_code = fields.IntField(null=True)
     response_body = fields.TextField(null=True)
-    response_headers = fields.JSONField(default=dict)
+    response_headers: fields.Field[dict[str, str]] = fields.JSONField(default=dict)
     created_at = fields.DatetimeField(auto_now_add=True)
     expires_at = fields.DatetimeField(db_index=True)
 

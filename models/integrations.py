@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from tortoise import fields
@@ -12,6 +13,7 @@ from hexa.models.base import TimestampedModel
 class IntegrationToken(TimestampedModel):
     """A named token: the MQTT username is name, the password the token itself."""
 
+    org_id: uuid.UUID
     org: fields.ForeignKeyRelation[Any] = fields.ForeignKeyField(
         "models.Organization", related_name="integration_tokens", on_delete=fields.CASCADE
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-
 from typing import Any
 
 from tortoise import fields
@@ -28,6 +27,8 @@ class Membership(Model):
     """A user's role in an organization."""
 
     id = fields.UUIDField(primary_key=True, default=uuid.uuid4)
+    org_id: uuid.UUID
+    user_id: uuid.UUID
     org: fields.ForeignKeyRelation[Organization] = fields.ForeignKeyField(
         "models.Organization", related_name="memberships", on_delete=fields.CASCADE
     )
@@ -45,13 +46,14 @@ class Membership(Model):
 class Site(SoftDeleteModel):
     """A place (a house, an office) inside an organization."""
 
+    org_id: uuid.UUID
     org: fields.ForeignKeyRelation[Organization] = fields.ForeignKeyField(
         "models.Organization", related_name="sites", on_delete=fields.CASCADE
     )
     name = fields.CharField(max_length=200)
     location = fields.CharField(max_length=500, null=True)
     timezone = fields.CharField(max_length=64, default="UTC", db_default="UTC")
-    metadata = fields.JSONField(default=dict)
+    metadata: fields.Field[dict[str, Any]] = fields.JSONField(default=dict)
 
     class Meta:
         table = "sites"
@@ -60,11 +62,12 @@ class Site(SoftDeleteModel):
 class Area(SoftDeleteModel):
     """A part of a site (a room, a floor)."""
 
+    site_id: uuid.UUID
     site: fields.ForeignKeyRelation[Site] = fields.ForeignKeyField(
         "models.Site", related_name="areas", on_delete=fields.CASCADE
     )
     name = fields.CharField(max_length=200)
-    metadata = fields.JSONField(default=dict)
+    metadata: fields.Field[dict[str, Any]] = fields.JSONField(default=dict)
 
     class Meta:
         table = "areas"

@@ -26,6 +26,7 @@ class RefreshToken(Model):
     """One opaque refresh token, stored as its SHA-256 hash, in a rotation family."""
 
     id = fields.UUIDField(primary_key=True, default=uuid.uuid4)
+    user_id: uuid.UUID
     user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
         "models.User", related_name="refresh_tokens", on_delete=fields.CASCADE
     )

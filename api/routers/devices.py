@@ -18,6 +18,7 @@ from hexa.api.schemas import (
     device_view,
     iso,
 )
+from hexa.hub import topics
 from hexa.hub.errors import NotFound, Unauthorized, ValidationFailed
 from hexa.hub.security import same_secret
 from hexa.models import Device, DeviceInput, RelayState
@@ -93,9 +94,9 @@ async def list_devices(
     relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
     inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
     for r in await RelayState.filter(device_id__in=ids):
-        relays[r.device_id].append(r)  # type: ignore[attr-defined]
+        relays[r.device_id].append(r)
     for i in await DeviceInput.filter(device_id__in=ids):
-        inputs[i.device_id].append(i)  # type: ignore[attr-defined]
+        inputs[i.device_id].append(i)
     return page.wrap([device_view(d, relays[d.id], inputs[d.id]) for d in devices], total)
 
 
@@ -130,7 +131,9 @@ async def release_device(
 
 
 @router.post("/devices/{device_id}/token/rotate")
-async def rotate_token(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
+async def rotate_token(
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
     return {"device_token": await hub.registry.rotate_token(principal, device_id)}
 
 
@@ -161,9 +164,8 @@ async def set_relay(
     device = await hub.registry.get_for(principal, device_id, "command_relays")
     if relay_index >= device.relay_count:
         raise NotFound("relay")
-    state = "TOGGLE" if body.state == "toggle" else ("ON" if body.state else "OFF")
     result = await hub.commands.execute(
-        device.device_uid, relay_index, state,
+        device.device_uid, relay_index, topics.intent_value(body.state),
         source="api", actor_type="user", actor_id=str(principal.id),
         request_id=request_id_of(request),
     )  # fmt: skip
@@ -185,7 +187,7 @@ async def set_all_relays(
 ) -> dict[str, Any]:
     device = await hub.registry.get_for(principal, device_id, "command_relays")
     result = await hub.commands.execute(
-        device.device_uid, None, "ON" if body.state else "OFF",
+        device.device_uid, None, topics.intent_value(body.state),
         source="api", actor_type="user", actor_id=str(principal.id),
         request_id=request_id_of(request),
     )  # fmt: skip

@@ -22,7 +22,7 @@ def _view(row: IntegrationToken) -> dict[str, Any]:
     return {
         "id": str(row.id),
         "name": row.name,
-        "org_id": str(row.org_id),  # type: ignore[attr-defined]
+        "org_id": str(row.org_id),
         "created_at": iso(row.created_at),
         "last_used_at": iso(row.last_used_at),
     }
@@ -62,9 +62,9 @@ async def list_tokens(
 @router.delete("/tokens/{token_id}", status_code=204)
 async def delete_token(token_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> Response:
     row = await IntegrationToken.get_or_none(id=token_id)
-    if row is None or not principal.can_see(row.org_id):  # type: ignore[attr-defined]
+    if row is None or not principal.can_see(row.org_id):
         raise NotFound("integration token")
-    principal.require(row.org_id, "manage_integrations", kind="integration token")  # type: ignore[attr-defined]
+    principal.require(row.org_id, "manage_integrations", kind="integration token")
     await row.delete()
     await hub.close_integration_sessions(row.name)
     return Response(status_code=204)

@@ -43,7 +43,7 @@ async def _site(principal: Principal, site_id: uuid.UUID, action: str) -> Site:
     site = await Site.get_or_none(id=site_id, deleted_at=None, org__deleted_at__isnull=True)
     if site is None:
         raise NotFound("site")
-    principal.require(site.org_id, action, kind="site")  # type: ignore[attr-defined]
+    principal.require(site.org_id, action, kind="site")
     return site
 
 
@@ -53,7 +53,7 @@ async def _area(principal: Principal, area_id: uuid.UUID, action: str) -> Area:
     ).prefetch_related("site")
     if area is None:
         raise NotFound("area")
-    principal.require(area.site.org_id, action, kind="area")  # type: ignore[attr-defined]
+    principal.require(area.site.org_id, action, kind="area")
     return area
 
 
@@ -109,7 +109,7 @@ def _member_view(m: Membership) -> dict[str, Any]:
         "user_id": str(m.user.id),
         "email": m.user.email,
         "role": m.role,
-        "org_id": str(m.org_id),  # type: ignore[attr-defined]
+        "org_id": str(m.org_id),
         "created_at": iso(m.created_at),
     }
 
@@ -193,7 +193,9 @@ async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) 
 
 
 @router.post("/orgs/{org_id}/sites", status_code=201)
-async def create_site(org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep) -> dict[str, Any]:
+async def create_site(
+    org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep
+) -> dict[str, Any]:
     org = await _org(principal, org_id, "manage_sites")
     site = await Site.create(org=org, **body.model_dump())
     return site_view(site)
@@ -205,7 +207,9 @@ async def get_site(site_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any
 
 
 @router.patch("/sites/{site_id}")
-async def patch_site(site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep) -> dict[str, Any]:
+async def patch_site(
+    site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep
+) -> dict[str, Any]:
     site = await _site(principal, site_id, "manage_sites")
     changes = body.model_dump(exclude_unset=True)
     for key in ("name", "timezone", "metadata"):
@@ -239,7 +243,9 @@ async def list_areas(site_id: uuid.UUID, principal: PrincipalDep, page: PageDep)
 
 
 @router.post("/sites/{site_id}/areas", status_code=201)
-async def create_area(site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep) -> dict[str, Any]:
+async def create_area(
+    site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep
+) -> dict[str, Any]:
     site = await _site(principal, site_id, "manage_sites")
     return area_view(await Area.create(site=site, **body.model_dump()))
 
@@ -250,7 +256,9 @@ async def get_area(area_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any
 
 
 @router.patch("/areas/{area_id}")
-async def patch_area(area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep) -> dict[str, Any]:
+async def patch_area(
+    area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep
+) -> dict[str, Any]:
     area = await _area(principal, area_id, "manage_sites")
     changes = body.model_dump(exclude_unset=True)
     for key in ("name", "metadata"):

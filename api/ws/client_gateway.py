@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from hexa.hub import metrics, topics
 from hexa.hub.access import Principal, load_principal
 from hexa.hub.bus import Message
-from hexa.hub.errors import HubError
+from hexa.hub.errors import HubError, ValidationFailed
 from hexa.hub.security import decode_access_token
 
 if TYPE_CHECKING:
@@ -107,7 +107,9 @@ class ClientSessions:
         self._online[uid] = online
         base = {"device_id": str(device.id), "device_uid": uid}
         if was is not None and was != online:
-            self.broadcast(device.org_id, {"type": "device_online" if online else "device_offline", **base})
+            self.broadcast(
+                device.org_id, {"type": "device_online" if online else "device_offline", **base}
+            )
         self.broadcast(
             device.org_id,
             {"type": "device_state", **base, "relays": relays, "inputs": inputs, "online": online},
@@ -158,7 +160,9 @@ async def _receiver(client: _Client, hub: Hub, tg: anyio.abc.TaskGroup) -> None:
         text = raw.get("text")
         data = text.encode() if text is not None else (raw.get("bytes") or b"")
         if len(data) > MAX_MESSAGE_BYTES:
-            client.push({"type": "error", "error": f"message larger than {MAX_MESSAGE_BYTES} bytes"})
+            client.push(
+                {"type": "error", "error": f"message larger than {MAX_MESSAGE_BYTES} bytes"}
+            )
             continue
         try:
             doc = json.loads(data.decode("utf-8"))
@@ -174,7 +178,13 @@ async def _receiver(client: _Client, hub: Hub, tg: anyio.abc.TaskGroup) -> None:
             client.push({"type": "pong"})
             continue
         if kind not in ("set_relay", "set_all_relays"):
-            client.push({"type": "error", "request_id": request_id, "error": f"unknown message type {kind!r}"})
+            client.push(
+                {
+                    "type": "error",
+                    "request_id": request_id,
+                    "error": f"unknown message type {kind!r}",
+                }
+            )
             continue
         try:
             cmd = (_SetRelay if kind == "set_relay" else _SetAll).model_validate(doc)
@@ -193,16 +203,14 @@ async def _command(client: _Client, hub: Hub, cmd: _SetRelay | _SetAll) -> None:
         device = await hub.registry.get_for(client.principal, cmd.device_id, "command_relays")
         if isinstance(cmd, _SetRelay):
             if cmd.relay_index >= device.relay_count:
-                raise HubError(f"relay index {cmd.relay_index} out of range")
-            if isinstance(cmd.state, bool):
-                state = "ON" if cmd.state else "OFF"
-            elif cmd.state.lower() == "toggle":
-                state = "TOGGLE"
-            else:
-                raise HubError("state must be true, false or 'toggle'")
+                raise ValidationFailed(f"relay index {cmd.relay_index} out of range")
+            try:
+                state = topics.intent_value(cmd.state)
+            except ValueError as exc:
+                raise ValidationFailed(str(exc)) from None
             index: int | None = cmd.relay_index
         else:
-            state, index = ("ON" if cmd.state else "OFF"), None
+            state, index = topics.intent_value(cmd.state), None
         result = await hub.commands.execute(
             device.device_uid, index, state, source="ws_client", actor_type="user",
             actor_id=str(client.principal.id), request_id=request_id,
