@@ -11,7 +11,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from hexa.broker import acl
 from hexa.broker.gate import Gate
-from hexa.hub import metrics, topics
+from hexa.broker import metrics
+from hexa.hub import topics
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,16 @@ class HexaAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
             log.exception("broker authentication failed for %r", session.username)
             identity = None
         if identity is None:
-            metrics.MQTT_AUTH.labels("unknown", "refused").inc()
+            metrics.AUTH.labels("unknown", "refused").inc()
             log.info("refused MQTT login of %r from %s", session.username, session.remote_address)
             return False
         if gate.client_id_taken(session.client_id, identity.name):
-            metrics.MQTT_AUTH.labels(identity.kind.value, "refused").inc()
+            metrics.AUTH.labels(identity.kind.value, "refused").inc()
             log.warning("refused %r: client id %r belongs to a live session of someone else",
                         identity.name, session.client_id)  # fmt: skip
             return False
         session.attributes[IDENTITY] = identity
-        metrics.MQTT_AUTH.labels(identity.kind.value, "ok").inc()
+        metrics.AUTH.labels(identity.kind.value, "ok").inc()
         return True
 
 
@@ -80,6 +81,6 @@ class HexaAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no ty
                 )
             allowed = acl.may_subscribe(identity, topic, gate.org_of)
         if not allowed:
-            metrics.MQTT_DENIED.labels(action.value if action else "unknown").inc()
+            metrics.DENIED.labels(action.value if action else "unknown").inc()
             log.info("denied %s %s for %s %r", action, topic, identity.kind.value, identity.name)
         return allowed

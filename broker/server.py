@@ -13,7 +13,8 @@ from amqtt.errors import NoDataError
 
 from hexa.broker.gate import HUB_USERNAME, Gate
 from hexa.broker.plugins import HexaAclPlugin, HexaAuthPlugin
-from hexa.hub import metrics, topics
+from hexa.broker import metrics
+from hexa.hub import topics
 from hexa.hub.config import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class HexaBroker(Broker):  # type: ignore[misc]
             retain = bool(message.publish_packet and message.publish_packet.retain_flag)
             reason = self._refused(message.topic, message.data, retain)
             if reason is not None:
-                metrics.INTENTS_REFUSED.labels(reason).inc()
+                metrics.DROPPED.labels(reason).inc()
                 log.warning("dropped %s publish on %s from %s", reason, message.topic,
                             client_session.client_id)  # fmt: skip
                 return True
