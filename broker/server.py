@@ -9,7 +9,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import NoDataError
+from amqtt.errors import BrokerError, NoDataError
 
 from hexa.broker.gate import HUB_USERNAME, Gate
 from hexa.broker.plugins import HexaAclPlugin, HexaAuthPlugin
@@ -139,10 +139,25 @@ class HexaBroker(Broker):  # type: ignore[misc]
         return closed
 
     async def shutdown(self) -> None:
+        # Deliver what was accepted (e.g. the hub's last "offline") before closing.
+        # Delivery crosses several amqtt queues and tasks, so wait for a quiet spell.
+        loop = asyncio.get_running_loop()
+        deadline, quiet = loop.time() + 2.0, 0
+        while loop.time() < deadline and quiet < 5:
+            quiet = 0 if self._undelivered() else quiet + 1
+            await asyncio.sleep(0.01)
         for transport in list(self._transports):
             transport.abort()
         await asyncio.sleep(0)
         await super().shutdown()
+
+    def _undelivered(self) -> bool:
+        """Whether accepted publishes are still on their way to subscribers."""
+        return (
+            not self._broadcast_queue.empty()
+            or any(not task.done() for task in self._tasks_queue)
+            or any(not s.delivered_message_queue.empty() for s, _ in self._sessions.values())
+        )
 
     def bound_port(self, listener: str) -> int | None:
         server = self._servers.get(listener)
@@ -196,7 +211,13 @@ class EmbeddedBroker:
         if names != {HexaAuthPlugin.__name__, HexaAclPlugin.__name__}:
             raise RuntimeError(f"unexpected broker plugins: {sorted(names)}")
         self.gate.sessions = broker.sessions
-        await broker.start()
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            # amqtt wraps bind failures; hand the OSError to the caller to report.
+            if isinstance(exc.__cause__, OSError):
+                raise exc.__cause__ from None
+            raise
         self._broker = broker
         self.port = broker.bound_port("default")
         self.tls_port = broker.bound_port("tls")

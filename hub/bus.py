@@ -201,7 +201,7 @@ class Bus:
                 await client.publish(topics.HUB_STATUS.format(), b"offline", qos=1, retain=True,
                                      timeout=2)  # fmt: skip
             except aiomqtt.MqttError:
-                pass
+                log.warning("could not publish the hub's offline status")
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value

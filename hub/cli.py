@@ -220,6 +220,18 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
 
     url = settings.resolved_database_url
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
+    if not settings.broker_url:
+        for port, setting in (
+            (settings.mqtt_port, "HEXA_MQTT_PORT"),
+            (settings.mqtt_tls_port if settings.tls_enabled else None, "HEXA_MQTT_TLS_PORT"),
+            (settings.mqtt_ws_port, "HEXA_MQTT_WS_PORT"),
+        ):
+            if port:  # fail before any work, with one line, if a broker port is taken
+                try:
+                    _bind(settings.mqtt_host, port, setting).close()
+                except SettingError:
+                    http_sock.close()
+                    raise
     try:
         try:
             await db.migrate_up(url)

@@ -1,0 +1,109 @@
+"""The topic contract: templates, filters, parsing and payload codecs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hexa.hub import topics
+from hexa.hub.bus import topic_matches
+
+
+def test_format_filter_parse_round_trip() -> None:
+    """A formatted topic parses back to its placeholders, and its filter matches it."""
+    for t in topics.PER_DEVICE:
+        params = {"uid": "hx-0a1b2c3d", "index": 2}
+        concrete = t.format(**{k: v for k, v in params.items() if "{" + k + "}" in t.template})
+        parsed = t.parse(concrete)
+        assert parsed is not None and parsed["uid"] == "hx-0a1b2c3d"
+        assert topic_matches(t.filter(), concrete)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "x+y", "#", ""])
+def test_format_refuses_wildcards_and_separators(bad: str) -> None:
+    """A placeholder value can never inject a level or a wildcard."""
+    with pytest.raises(ValueError, match="bad topic segment"):
+        topics.CMD.format(uid=bad)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["hexa/hx-1/relay/x/set", "hexa/hx-1/relay/01/set", "hexa/../relay/0/set", "hexa/hx-1/relay/0"],
+)
+def test_parse_rejects_malformed_topics(topic: str) -> None:
+    """Non-numeric or zero-padded indexes and wrong shapes are not intents."""
+    assert topics.RELAY_SET.parse(topic) is None
+
+
+def test_device_of_finds_the_uid() -> None:
+    """device_of names the device of any per-device topic, and nothing else."""
+    assert topics.device_of("hexa/hx-1/relay/0/state") == "hx-1"
+    assert topics.device_of("hexa/hub/status") is None
+    assert topics.device_of("homeassistant/status") is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "state"),
+    [(b"ON", "ON"), (b"off", "OFF"), (b" toggle ", "TOGGLE"), (b'{"state":"on"}', "ON"),
+     (b'{"state": true}', "ON"), (b'{"state": false, "source": "home_assistant"}', "OFF")],
+)  # fmt: skip
+def test_intent_payloads(payload: bytes, state: str) -> None:
+    """Plain and JSON intents decode to the same state, with an intent id."""
+    intent = topics.decode_intent(payload, all_relays=False)
+    assert intent.state == state and intent.intent_id
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"maybe", b"\xff\xfe", b"[1,2]", b'{"state":"ON","evil":1}', b'{"state":3}',
+     b'{"state":"ON","intent_id":""}', b"{not json"],
+)  # fmt: skip
+def test_bad_intents_are_payload_errors(payload: bytes) -> None:
+    """Anything else is a PayloadError, never an exception of another type."""
+    with pytest.raises(topics.PayloadError):
+        topics.decode_intent(payload, all_relays=False)
+
+
+def test_toggle_is_refused_for_all_relays() -> None:
+    """TOGGLE is not an all-relays intent."""
+    with pytest.raises(topics.PayloadError, match="TOGGLE"):
+        topics.decode_intent(b"TOGGLE", all_relays=True)
+
+
+@pytest.mark.parametrize(
+    ("decode", "payload"),
+    [
+        (topics.decode_ack, b'{"command_id": "", "ok": true}'),
+        (topics.decode_ack, b'{"command_id": "c", "ok": "yes"}'),
+        (topics.decode_report, b'{"relays": [1, 0]}'),
+        (topics.decode_event, b'{"input_index": -1, "event": "press"}'),
+        (topics.decode_event, b'{"input_index": 0, "event": "explode"}'),
+        (topics.decode_ack, b"\x80\x81"),
+    ],
+)
+def test_device_payload_validation(decode: object, payload: bytes) -> None:
+    """Device payloads with wrong types, ranges or encodings are PayloadErrors."""
+    with pytest.raises(topics.PayloadError):
+        decode(payload)  # type: ignore[operator]
+
+
+def test_firmware_may_add_fields() -> None:
+    """Unknown fields in device payloads are ignored (forward compatibility)."""
+    ack = topics.decode_ack(b'{"command_id": "c1", "ok": true, "relays": [true], "rssi": -40}')
+    assert ack.command_id == "c1" and ack.relays == [True]
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "expected"),
+    [("hexa/#", "hexa/a/b", True), ("hexa/+/state", "hexa/a/state", True),
+     ("hexa/+/state", "hexa/a/b/state", False), ("#", "$SYS/x", False), ("+/x", "$SYS/x", False),
+     ("hexa/#", "hexa", True), ("a/b", "a/b", True), ("a/b", "a/c", False)],
+)  # fmt: skip
+def test_topic_matching(flt: str, topic: str, expected: bool) -> None:
+    """MQTT filter matching, including $-topics (MQTT-4.7.2-1)."""
+    assert topic_matches(flt, topic) is expected
+
+
+def test_ha_object_id_round_trip() -> None:
+    """The device uid is recoverable from a Home Assistant object id."""
+    assert topics.uid_of_ha_object(topics.ha_object_id("hx-7f3a9c21", 2)) == "hx-7f3a9c21"
+    assert topics.uid_of_ha_object("other_thing") is None
