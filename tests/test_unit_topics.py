@@ -107,3 +107,18 @@ def test_ha_object_id_round_trip() -> None:
     """The device uid is recoverable from a Home Assistant object id."""
     assert topics.uid_of_ha_object(topics.ha_object_id("hx-7f3a9c21", 2)) == "hx-7f3a9c21"
     assert topics.uid_of_ha_object("other_thing") is None
+
+
+def test_protocol_doc_lists_every_topic() -> None:
+    """docs/protocol.md documents every topic of the topic module."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    every = [*topics.PER_DEVICE, topics.HUB_STATUS, topics.HA_SWITCH_CONFIG, topics.HA_STATUS]
+    for t in every:
+        shown = (
+            t.template.replace("{uid}", "<uid>")
+            .replace("{index}", "<n>")
+            .replace("{object_id}", "hexa_<uid>_<n>")
+        )
+        assert f"`{shown}`" in doc, f"{t.name} ({shown}) is not in docs/protocol.md"
