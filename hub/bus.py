@@ -1,15 +1,17 @@
-"""The bus: the hub's one MQTT connection (aiomqtt), with reconnect and dispatch.
+"""The bus: an MQTT connection (aiomqtt) with reconnect, presence and dispatch.
 
 Handlers subscribe to topic filters; every message is dispatched to every matching
 handler in arrival order. Handlers must return quickly (they hand work to queues), so
 one slow consumer never stalls the connection. Subscriptions are replayed on every
-reconnect, and ``hexa/hub/status`` is ``online`` while connected (``offline`` is the
-connection's will).
+reconnect. A presence topic (for the hub ``hexa/hub/status``) is ``online`` while
+connected and ``offline`` as the connection's will. The hub has one Bus; the device
+simulator gives each simulated device its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -94,17 +96,18 @@ class Bus:
         address: BrokerAddress,
         *,
         client_id: str,
+        presence_topic: str | None = None,
         keepalive: int = 30,
         max_backoff_s: float = 5.0,
     ) -> None:
         self.address = address
         self.client_id = client_id
+        self.presence_topic = presence_topic if presence_topic else topics.HUB_STATUS.format()
         self.keepalive = keepalive
         self.max_backoff_s = max_backoff_s
         self._handlers: list[tuple[str, Handler]] = []
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._stopping = False
 
     @property
     def connected(self) -> bool:
@@ -144,7 +147,7 @@ class Bus:
             keepalive=self.keepalive,
             clean_session=True,
             tls_context=tls,
-            will=aiomqtt.Will(topics.HUB_STATUS.format(), b"offline", qos=1, retain=True),
+            will=aiomqtt.Will(self.presence_topic, b"offline", qos=1, retain=True),
             timeout=10,
         )
         client.pending_calls_threshold = 10_000
@@ -170,10 +173,11 @@ class Bus:
                     self._client = client
                     for flt in dict.fromkeys(f for f, _ in self._handlers):
                         await client.subscribe(flt, qos=1)
-                    await client.publish(topics.HUB_STATUS.format(), b"online", qos=1, retain=True)
+                    await client.publish(self.presence_topic, b"online", qos=1, retain=True)
                     self._connected.set()
                     backoff = 0.1
-                    log.info("bus connected to %s:%s", self.address.host, self.address.port)
+                    log.debug("bus %s connected to %s:%s", self.client_id, self.address.host,
+                              self.address.port)  # fmt: skip
                     if not started:
                         started = True
                         task_status.started()
@@ -194,14 +198,23 @@ class Bus:
                 self._client = None
 
     async def close(self) -> None:
-        """Publish ``offline`` for the hub and disconnect cleanly (best effort)."""
+        """Publish ``offline`` on the presence topic (best effort); run() then ends on cancel."""
         client = self._client
         if client is not None and self.connected:
             try:
-                await client.publish(topics.HUB_STATUS.format(), b"offline", qos=1, retain=True,
+                await client.publish(self.presence_topic, b"offline", qos=1, retain=True,
                                      timeout=2)  # fmt: skip
             except aiomqtt.MqttError:
-                log.warning("could not publish the hub's offline status")
+                log.warning("could not publish offline on %s", self.presence_topic)
+
+    def abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT (the will fires); run() reconnects."""
+        client = self._client
+        if client is not None:
+            sock = client._client.socket()  # noqa: SLF001 - no public way to lose a connection
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-ack", action="store_true", help="never acknowledge commands")
     sim.add_argument("--report-every", type=float, default=60.0, help="seconds between reports")
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
+    sim.add_argument("--press-every", type=float, help="press a random input every S seconds")
+    sim.add_argument("--hold-ms", type=int, help="with --press-every: hold for this long instead")
 
     bench = sub.add_parser("bench", help="benchmark a hub with simulated devices (prints JSON)")
     bench.add_argument("--devices", type=int, default=100)
@@ -121,13 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("amqtt", "transitions", "tortoise", "aiosqlite", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    from hexa.hub.logs import configure
+
+    configure(level)
 
 
 def _fail(message: str) -> int:
@@ -265,6 +263,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
             config = uvicorn.Config(
                 app,
                 lifespan="off",
+                log_config=None,  # keep our handlers (and their secret redaction)
                 access_log=False,  # the access log would print WS tokens from query strings
                 log_level=settings.log_level.lower(),
                 ws_ping_interval=settings.heartbeat_s,
