@@ -70,5 +70,6 @@ def client_address(request: Request) -> str | None:
     if hub.settings.trust_proxy:
         forwarded = request.headers.get("x-forwarded-for")
         if forwarded:
-            return forwarded.split(",")[0].strip()
+            # The last entry is the one our proxy appended; earlier ones are the client's say.
+            return forwarded.split(",")[-1].strip()
     return request.client.host if request.client else None

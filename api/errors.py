@@ -29,7 +29,7 @@ STATUS: dict[type[errors.HubError], int] = {
 }
 
 _HTTP_CODES = {
-    400: "bad_request",
+    400: "validation_error",  # FastAPI's own 400: a body it cannot parse (e.g. not UTF-8)
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",

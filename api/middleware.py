@@ -12,6 +12,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tortoise.exceptions import IntegrityError
 
@@ -103,7 +104,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge()
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -128,8 +129,12 @@ class RequestContext:
                 await send_error(send, 500, "internal_error", "internal server error", request_id)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from the body stream; an HTTPException so FastAPI's body parser re-raises it
+    (it turns any other exception into a 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
 
 
 class HttpMetrics:
@@ -190,9 +195,12 @@ class Idempotency:
         request_id = scope.get("state", {}).get("request_id")
         if not key or len(key) > 255 or not key.isprintable():
             await send_error(
-                send, 400, "validation_error", "Idempotency-Key must be 1-255 printable characters",
+                send,
+                400,
+                "validation_error",
+                "Idempotency-Key must be 1-255 printable characters",
                 request_id,
-            )  # fmt: skip
+            )
             return
 
         body = b""
@@ -214,16 +222,22 @@ class Idempotency:
             return
         if record.request_hash != digest:
             await send_error(
-                send, 409, "idempotency_conflict",
-                "this Idempotency-Key was used with a different request", request_id,
-            )  # fmt: skip
+                send,
+                409,
+                "idempotency_conflict",
+                "this Idempotency-Key was used with a different request",
+                request_id,
+            )
             return
         stored = await self._wait_done(record)
         if stored is None:
             await send_error(
-                send, 409, "idempotency_conflict",
-                "a request with this Idempotency-Key is still in progress", request_id,
-            )  # fmt: skip
+                send,
+                409,
+                "idempotency_conflict",
+                "a request with this Idempotency-Key is still in progress",
+                request_id,
+            )
             return
         await self._replay(stored, send, request_id)
 

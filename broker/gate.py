@@ -7,7 +7,6 @@ import hmac
 import logging
 import time
 import uuid
-from typing import Any
 
 from hexa.broker.acl import Identity, Kind
 from hexa.hub import topics
@@ -29,7 +28,6 @@ class Gate:
     def __init__(self, hub_password: str) -> None:
         self.hub_password = hub_password
         self._orgs: dict[str, tuple[uuid.UUID | None, float]] = {}
-        self.sessions: dict[str, tuple[Any, Any]] = {}  # the broker's, set at start
 
     async def identify(self, username: str | None, password: str | None) -> Identity | None:
         """The identity these credentials prove, or None (anonymous is never allowed)."""
@@ -51,14 +49,6 @@ class Gate:
         if token is not None and hmac.compare_digest(token.token_hash, digest):
             return Identity(Kind.INTEGRATION, username, org_id=token.org_id)
         return None
-
-    def client_id_taken(self, client_id: str, username: str) -> bool:
-        """True when another identity holds a live session under this client id."""
-        existing = self.sessions.get(client_id)
-        if existing is None:
-            return False
-        session = existing[0]
-        return bool(session.username != username and session.transitions.state == "connected")
 
     async def load_org(self, uid: str | None) -> None:
         """Make :meth:`org_of` answer for ``uid`` (a cached database lookup)."""

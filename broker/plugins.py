@@ -9,9 +9,8 @@ from typing import Any
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
-from hexa.broker import acl
+from hexa.broker import acl, metrics
 from hexa.broker.gate import Gate
-from hexa.broker import metrics
 from hexa.hub import topics
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,6 @@ class HexaAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
         if identity is None:
             metrics.AUTH.labels("unknown", "refused").inc()
             log.info("refused MQTT login of %r from %s", session.username, session.remote_address)
-            return False
-        if gate.client_id_taken(session.client_id, identity.name):
-            metrics.AUTH.labels(identity.kind.value, "refused").inc()
-            log.warning("refused %r: client id %r belongs to a live session of someone else",
-                        identity.name, session.client_id)  # fmt: skip
             return False
         session.attributes[IDENTITY] = identity
         metrics.AUTH.labels(identity.kind.value, "ok").inc()

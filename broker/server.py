@@ -10,16 +10,18 @@ from typing import Any
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError, NoDataError
+from amqtt.session import Session
 
-from hexa.broker.gate import HUB_USERNAME, Gate
-from hexa.broker.plugins import HexaAclPlugin, HexaAuthPlugin
 from hexa.broker import metrics
+from hexa.broker.gate import HUB_USERNAME, Gate
+from hexa.broker.plugins import IDENTITY, HexaAclPlugin, HexaAuthPlugin
 from hexa.hub import topics
 from hexa.hub.config import Settings
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+PREAUTHENTICATED = "hexa.preauthenticated"
 #: intents are commands: never retained (contract §3, Hygiene)
 NO_RETAIN = tuple(t.filter() for t in topics.INTENT_TOPICS)
 
@@ -40,6 +42,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
       within 10 s (amqtt waits forever, and its shutdown hangs on such sockets);
     - retained intents and oversized payloads are dropped (acked, never delivered);
     - a last will goes through the same PUBLISH ACL as any publish;
+    - a CONNECT for a live client id of another identity is refused without disturbing
+      the live session (amqtt drops it before authenticating the newcomer);
     - retained messages are replayed only for the session's own subscriptions and only
       where delivery is allowed (amqtt replays every client's filters on CONNECT).
     """
@@ -67,6 +71,58 @@ class HexaBroker(Broker):  # type: ignore[misc]
             self._transports.discard(transport)
             transport.abort()
 
+    async def _delete_session(self, client_id: str) -> None:
+        # amqtt deletes the live session of a client id as soon as a clean-session CONNECT
+        # for it arrives, before authenticating the newcomer: anybody could cut a device
+        # off. A live session is kept here; _handle_client_session decides.
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.is_connected():
+            return
+        await super()._delete_session(client_id)
+
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Any,
+        handler: Any,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        live = self._sessions.get(client_session.client_id) if client_session.client_id else None
+        if live is not None and live[0].transitions.is_connected():
+            owner = live[0].attributes.get(IDENTITY)
+            ok = await self._authenticate(client_session, self.listeners_config[listener_name])
+            mine = client_session.attributes.get(IDENTITY)
+            if not ok or owner is None or mine is None or mine.name != owner.name:
+                if client_session is live[0]:  # a persistent session: amqtt overwrote it
+                    client_session.attributes[IDENTITY] = owner
+                    client_session.username = owner.name if owner else None
+                log.warning(
+                    "refused a CONNECT for the live client id %r of %r",
+                    client_session.client_id,
+                    owner.name if owner else None,
+                )
+                refused = Session()
+                refused.client_id = client_session.client_id
+                handler.attach(refused, reader, writer)
+                await handler.mqtt_connack_authorize(False)
+                await writer.close()
+                return
+            # The same identity reconnecting (e.g. over a half-open connection): let amqtt
+            # take the session over, with the deletion deferred above.
+            if client_session is not live[0]:
+                await super()._delete_session(client_session.client_id)
+            client_session.attributes[PREAUTHENTICATED] = True
+        await super()._handle_client_session(
+            reader, writer, client_session, handler, server, listener_name
+        )
+
+    async def _authenticate(self, session: Any, listener: Any) -> bool:
+        if session.attributes.pop(PREAUTHENTICATED, False):
+            return True
+        return bool(await super()._authenticate(session, listener))
+
     async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await asyncio.wait_for(
@@ -91,8 +147,12 @@ class HexaBroker(Broker):  # type: ignore[misc]
             reason = self._refused(message.topic, message.data, retain)
             if reason is not None:
                 metrics.DROPPED.labels(reason).inc()
-                log.warning("dropped %s publish on %s from %s", reason, message.topic,
-                            client_session.client_id)  # fmt: skip
+                log.warning(
+                    "dropped %s publish on %s from %s",
+                    reason,
+                    message.topic,
+                    client_session.client_id,
+                )
                 return True
         return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
 
@@ -189,9 +249,12 @@ class EmbeddedBroker:
         }
         if s.tls_enabled and s.mqtt_tls_port is not None:
             listeners["tls"] = {
-                "type": "tcp", "bind": f"{s.mqtt_host}:{s.mqtt_tls_port}", "ssl": True,
-                "certfile": str(s.mqtt_tls_cert), "keyfile": str(s.mqtt_tls_key),
-            }  # fmt: skip
+                "type": "tcp",
+                "bind": f"{s.mqtt_host}:{s.mqtt_tls_port}",
+                "ssl": True,
+                "certfile": str(s.mqtt_tls_cert),
+                "keyfile": str(s.mqtt_tls_key),
+            }
         if s.mqtt_ws_port is not None:
             listeners["ws"] = {"type": "ws", "bind": f"{s.mqtt_host}:{s.mqtt_ws_port}"}
         gate = {"gate": self.gate}
@@ -210,7 +273,6 @@ class EmbeddedBroker:
         names = {type(p).__name__ for p in broker.plugins_manager.plugins}
         if names != {HexaAuthPlugin.__name__, HexaAclPlugin.__name__}:
             raise RuntimeError(f"unexpected broker plugins: {sorted(names)}")
-        self.gate.sessions = broker.sessions
         try:
             await broker.start()
         except BrokerError as exc:

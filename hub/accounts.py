@@ -167,7 +167,13 @@ class Accounts:
         if not user.is_active:
             await self.revoke_family(row.family_id)
             raise Unauthorized("user is disabled")
-        return await self.issue(user, family_id=row.family_id)
+        pair = await self.issue(user, family_id=row.family_id)
+        # A concurrent reuse may have revoked the family between our claim and our insert;
+        # its revocation missed the token we just made, so honour it now.
+        if await RefreshToken.filter(family_id=row.family_id, revoked_at__isnull=False).exists():
+            await self.revoke_family(row.family_id)
+            raise Unauthorized("refresh token reuse detected: all sessions of this login revoked")
+        return pair
 
     async def logout(self, refresh_token: str) -> None:
         row = await RefreshToken.get_or_none(token_hash=token_hash(refresh_token))

@@ -11,9 +11,19 @@ from hexa.models import AuditEntry
 log = logging.getLogger(__name__)
 
 SOURCES = frozenset(
-    {"api", "ws_client", "schedule", "automation", "mqtt", "home_assistant", "homekit", "alexa",
-     "device", "system"}
-)  # fmt: skip
+    {
+        "api",
+        "ws_client",
+        "schedule",
+        "automation",
+        "mqtt",
+        "home_assistant",
+        "homekit",
+        "alexa",
+        "device",
+        "system",
+    }
+)
 
 
 def _uuid(value: object) -> uuid.UUID | None:

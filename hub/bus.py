@@ -176,8 +176,12 @@ class Bus:
                     await client.publish(self.presence_topic, b"online", qos=1, retain=True)
                     self._connected.set()
                     backoff = 0.1
-                    log.debug("bus %s connected to %s:%s", self.client_id, self.address.host,
-                              self.address.port)  # fmt: skip
+                    log.debug(
+                        "bus %s connected to %s:%s",
+                        self.client_id,
+                        self.address.host,
+                        self.address.port,
+                    )
                     if not started:
                         started = True
                         task_status.started()
@@ -202,8 +206,7 @@ class Bus:
         client = self._client
         if client is not None and self.connected:
             try:
-                await client.publish(self.presence_topic, b"offline", qos=1, retain=True,
-                                     timeout=2)  # fmt: skip
+                await client.publish(self.presence_topic, b"offline", qos=1, retain=True, timeout=2)
             except aiomqtt.MqttError:
                 log.warning("could not publish offline on %s", self.presence_topic)
 
@@ -211,8 +214,8 @@ class Bus:
         """Drop the TCP connection without DISCONNECT (the will fires); run() reconnects."""
         client = self._client
         if client is not None:
-            sock = client._client.socket()  # noqa: SLF001 - no public way to lose a connection
-            if sock is not None:
+            sock = client._client.socket()
+            if isinstance(sock, socket.socket):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 

@@ -35,9 +35,16 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 _FLAG_SETTINGS = (
-    "data_dir", "database_url", "http_host", "http_port", "mqtt_host", "mqtt_port",
-    "broker_url", "log_level", "command_timeout_ms",
-)  # fmt: skip
+    "data_dir",
+    "database_url",
+    "http_host",
+    "http_port",
+    "mqtt_host",
+    "mqtt_port",
+    "broker_url",
+    "log_level",
+    "command_timeout_ms",
+)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -89,10 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark a hub with simulated devices (prints JSON)")
     bench.add_argument("--devices", type=int, default=100)
+    bench.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="run the hub on its embedded broker or on a Mosquitto it starts",
+    )
     bench.add_argument("--commands", type=int, default=200, help="REST commands to time")
     bench.add_argument("--rate", type=float, default=10.0, help="REST commands per second")
+    bench.add_argument("--intent-rtt-samples", type=int, default=200)
     bench.add_argument("--intents", type=int, default=2000, help="MQTT intents for throughput")
-    bench.add_argument("--broker-url", dest="bench_broker_url", help="run the hub on this broker")
+    bench.add_argument("--window", type=int, default=64, help="intents in flight")
+    bench.add_argument("--report-seconds", type=float, default=5.0)
+    bench.add_argument("--reporters", type=int, default=100, help="devices sending reports")
     bench.add_argument("--database-url", dest="bench_database_url")
     return parser
 
@@ -205,8 +221,9 @@ class _StartupError(Exception):
     pass
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None,
-                info: dict[str, Any] | None = None) -> int:  # fmt: skip
+async def serve(
+    settings: Settings, *, ready: asyncio.Event | None = None, info: dict[str, Any] | None = None
+) -> int:
     """Run one hub until SIGINT/SIGTERM (or until ``info['server'].should_exit``)."""
     import uvicorn
 

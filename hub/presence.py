@@ -63,9 +63,13 @@ class Presence:
         name = "device_online" if online else "device_offline"
         if device.org_id is not None:
             await audit.record(
-                action=name, source="device", actor_type="device", actor_id=device.uid,
-                device_id=device.id, org_id=device.org_id,
-            )  # fmt: skip
+                action=name,
+                source="device",
+                actor_type="device",
+                actor_id=device.uid,
+                device_id=device.id,
+                org_id=device.org_id,
+            )
         await self._emit(name, device, {})
 
     async def _on_availability(self, msg: Message) -> None:
@@ -98,12 +102,9 @@ class Presence:
         metrics.STATE_REPORTS.inc()
         if not device.online:
             await self.set_online(device, True)
-        if report.fw_version:
-            await (
-                Device.filter(id=device.id)
-                .exclude(fw_version=report.fw_version)
-                .update(fw_version=report.fw_version)
-            )
+        if report.fw_version and report.fw_version != device.fw_version:
+            await Device.filter(id=device.id).update(fw_version=report.fw_version)
+            device.fw_version = report.fw_version
         relays = (
             report.relays if report.relays and len(report.relays) == device.relay_count else None
         )
@@ -119,10 +120,14 @@ class Presence:
         await self.relay.apply_state(device, relays or device.relays, inputs)
         if relays is not None and relays != before and device.org_id is not None:
             await audit.record(
-                action="state_report", source="device", actor_type="device", actor_id=uid,
-                device_id=device.id, org_id=device.org_id,
+                action="state_report",
+                source="device",
+                actor_type="device",
+                actor_id=uid,
+                device_id=device.id,
+                org_id=device.org_id,
                 details={"before": before, "relays": relays},
-            )  # fmt: skip
+            )
 
     async def _on_event(self, msg: Message) -> None:
         params = topics.EVENT.parse(msg.topic)

@@ -142,9 +142,11 @@ class RelayService:
         if job.index is not None and job.index >= device.relay_count:
             metrics.INTENTS_REFUSED.labels("bad_index").inc()
             await self._result(
-                uid, intent.intent_id, "rejected",
+                uid,
+                intent.intent_id,
+                "rejected",
                 error=f"relay index {job.index} out of range (0-{device.relay_count - 1})",
-            )  # fmt: skip
+            )
             return
         if not device.online:
             await self._finish(job, device, "offline", None, None)
@@ -180,8 +182,14 @@ class RelayService:
         finally:
             self._pending.pop(command_id, None)
         if not ack.ok:
-            await self._finish(job, device, "rejected", command_id, None,
-                               error=ack.error or "device refused the command")  # fmt: skip
+            await self._finish(
+                job,
+                device,
+                "rejected",
+                command_id,
+                None,
+                error=ack.error or "device refused the command",
+            )
             return
         relays = self._relays_from_ack(ack, expected, device)
         await self._finish(job, device, "applied", command_id, relays)
@@ -212,10 +220,14 @@ class RelayService:
         if relays is not None:
             await self.apply_state(device, relays)
         await self._result(
-            device.uid, intent.intent_id, status,
+            device.uid,
+            intent.intent_id,
+            status,
             relays=relays if relays is not None else list(device.relays),
-            latency_ms=latency_ms, command_id=command_id, error=error,
-        )  # fmt: skip
+            latency_ms=latency_ms,
+            command_id=command_id,
+            error=error,
+        )
         metrics.COMMANDS.labels(status, intent.source).inc()
         if status == "applied":
             metrics.COMMAND_LATENCY.observe(latency_ms / 1000)
@@ -313,9 +325,14 @@ class RelayService:
         error: str | None = None,
     ) -> None:
         result = topics.Result(
-            intent_id=intent_id, ok=status == "applied", status=status,  # type: ignore[arg-type]
-            relays=relays, latency_ms=latency_ms, command_id=command_id, error=error,
-        )  # fmt: skip
+            intent_id=intent_id,
+            ok=status == "applied",
+            status=status,  # type: ignore[arg-type]
+            relays=relays,
+            latency_ms=latency_ms,
+            command_id=command_id,
+            error=error,
+        )
         try:
             await self.bus.publish(topics.RESULT.format(uid=uid), topics.encode(result))
         except (BusUnavailable, ValueError):
@@ -354,8 +371,16 @@ class RelayService:
         relays = self._relays_from_ack(ack, late.expected, device)
         await self.apply_state(device, relays)
         await audit.record(
-            action="late_ack", source="device", actor_type="device", actor_id=uid,
-            device_id=device.id, org_id=device.org_id, request_id=late.intent.request_id,
-            details={"command_id": ack.command_id, "intent_id": late.intent.intent_id,
-                     "relays": relays},
-        )  # fmt: skip
+            action="late_ack",
+            source="device",
+            actor_type="device",
+            actor_id=uid,
+            device_id=device.id,
+            org_id=device.org_id,
+            request_id=late.intent.request_id,
+            details={
+                "command_id": ack.command_id,
+                "intent_id": late.intent.intent_id,
+                "relays": relays,
+            },
+        )

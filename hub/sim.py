@@ -56,8 +56,14 @@ async def provision(
         if r.status_code != 201:
             raise RuntimeError(f"provisioning failed: {r.status_code} {r.text}")
         b = r.json()
-        return Credentials(b["device_uid"], b["device_token"], b["claim_code"],
-                           b["mqtt"]["host"], int(b["mqtt"]["port"]), b["ws_url"])  # fmt: skip
+        return Credentials(
+            b["device_uid"],
+            b["device_token"],
+            b["claim_code"],
+            b["mqtt"]["host"],
+            int(b["mqtt"]["port"]),
+            b["ws_url"],
+        )
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -122,9 +128,15 @@ class SimDevice:
 
     async def report(self) -> None:
         if self._send is not None:
-            await self._send("state_report", {"relays": self.relays, "inputs": self.inputs,
-                                              "fw_version": "sim-1.0",
-                                              "uptime_s": round(time.monotonic(), 1)})  # fmt: skip
+            await self._send(
+                "state_report",
+                {
+                    "relays": self.relays,
+                    "inputs": self.inputs,
+                    "fw_version": "sim-1.0",
+                    "uptime_s": round(time.monotonic(), 1),
+                },
+            )
 
     async def local_switch(self, index: int, state: bool) -> None:
         """A change at the device (a wall switch): state changes, then a report."""
@@ -154,11 +166,17 @@ class SimDevice:
 
     # --- transports -------------------------------------------------------------------
     async def _run_mqtt(self) -> None:
-        address = BrokerAddress(self.mqtt_host or self.creds.mqtt_host,
-                                self.mqtt_port or self.creds.mqtt_port,
-                                self.uid, self.creds.device_token)  # fmt: skip
-        bus = Bus(address, client_id=f"sim-{self.uid}",
-                  presence_topic=topics.AVAILABILITY.format(uid=self.uid))  # fmt: skip
+        address = BrokerAddress(
+            self.mqtt_host or self.creds.mqtt_host,
+            self.mqtt_port or self.creds.mqtt_port,
+            self.uid,
+            self.creds.device_token,
+        )
+        bus = Bus(
+            address,
+            client_id=f"sim-{self.uid}",
+            presence_topic=topics.AVAILABILITY.format(uid=self.uid),
+        )
         self._bus = bus
         topic_of = {"ack": topics.ACK, "state_report": topics.REPORT, "input_event": topics.EVENT}
 
@@ -180,7 +198,7 @@ class SimDevice:
             self.connected.set()
             await self.report()
             while True:
-                await asyncio.sleep(self.report_every * random.uniform(0.9, 1.1))  # noqa: S311
+                await asyncio.sleep(self.report_every * random.uniform(0.9, 1.1))
                 if bus.connected:
                     await self.report()
 
@@ -220,7 +238,7 @@ class SimDevice:
 
     async def _ws_reports(self) -> None:
         while True:
-            await asyncio.sleep(self.report_every * random.uniform(0.9, 1.1))  # noqa: S311
+            await asyncio.sleep(self.report_every * random.uniform(0.9, 1.1))
             await self.report()
 
 
@@ -259,7 +277,7 @@ async def _sim(args: argparse.Namespace) -> int:
             report_every=args.report_every,
             mqtt_host=args.sim_mqtt_host,
             mqtt_port=args.sim_mqtt_port,
-        )  # fmt: skip
+        )
         for c in creds[: args.devices]
     ]
     for d in devices:
@@ -280,8 +298,8 @@ async def _sim(args: argparse.Namespace) -> int:
 async def _presses(devices: list[SimDevice], every: float, hold_ms: int | None) -> None:
     while True:
         await asyncio.sleep(every)
-        d = random.choice(devices)  # noqa: S311
-        index = random.randrange(INPUTS)  # noqa: S311
+        d = random.choice(devices)
+        index = random.randrange(INPUTS)
         if hold_ms:
             await d.hold(index, hold_ms)
         else:

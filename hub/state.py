@@ -22,6 +22,7 @@ class DeviceInfo:
     relays: list[bool]
     inputs: list[bool]
     online: bool = False
+    fw_version: str | None = None
     connections: set[str] = field(default_factory=set)
 
 
@@ -52,6 +53,7 @@ class DeviceCache:
             relays=[r.state for r in relays] or [False] * device.relay_count,
             inputs=[i.state for i in inputs] or [False] * device.input_count,
             online=device.online,
+            fw_version=device.fw_version,
         )
         return self._by_uid.setdefault(uid, info)
 

@@ -103,9 +103,18 @@ INTENT_TOPICS = (RELAY_SET, RELAYS_SET)
 DEVICE_PUBLISH = (ACK, REPORT, EVENT, AVAILABILITY)
 #: every per-device topic, used to find the device a topic is about
 PER_DEVICE = (
-    CMD, ACK, REPORT, EVENT, AVAILABILITY, RELAY_SET, RELAYS_SET, RELAY_STATE, STATE, RESULT,
+    CMD,
+    ACK,
+    REPORT,
+    EVENT,
+    AVAILABILITY,
+    RELAY_SET,
+    RELAYS_SET,
+    RELAY_STATE,
+    STATE,
+    RESULT,
     INPUT_EVENT,
-)  # fmt: skip
+)
 
 
 def device_of(topic: str) -> str | None:

@@ -5,10 +5,10 @@ when a server answers, on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +43,7 @@ def _pg_reachable() -> str | None:
 
     try:
         asyncio.run(probe())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -67,7 +67,9 @@ def postgres_available() -> bool:
     if reason is None:
         return True
     if REQUIRE_PG:
-        pytest.fail(f"HEXA_REQUIRE_POSTGRES is set but PostgreSQL at {PG_URL} is unreachable: {reason}")
+        pytest.fail(
+            f"HEXA_REQUIRE_POSTGRES is set but PostgreSQL at {PG_URL} is unreachable: {reason}"
+        )
     _pg_skipped.append(reason)
     return False
 
@@ -82,15 +84,15 @@ def new_database_url(kind: str, tmp: Path) -> tuple[str, Callable[[], None]]:
     base = PG_URL.rsplit("/", 1)[0]
 
     def drop() -> None:
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup
             _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        except Exception:  # noqa: BLE001 - best effort cleanup
-            pass
 
     return f"{base}/{name}", drop
 
 
-@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def db_kind(request: pytest.FixtureRequest, postgres_available: bool) -> str:
     if request.param == "postgres" and not postgres_available:
         pytest.skip(f"PostgreSQL unreachable at {PG_URL}")
@@ -170,7 +172,7 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
 
         try:
             asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             errors.append(exc)
             ready.set()
 
@@ -181,8 +183,14 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
 
         detail = "".join(traceback.format_exception(errors[0])) if errors else "timeout"
         raise RuntimeError(f"hub did not start: {detail}")
-    hub = RunningHub(settings, f"http://127.0.0.1:{info['http_port']}", info["mqtt_port"],
-                     db_url.split(":")[0], info, thread)  # fmt: skip
+    hub = RunningHub(
+        settings,
+        f"http://127.0.0.1:{info['http_port']}",
+        info["mqtt_port"],
+        db_url.split(":")[0],
+        info,
+        thread,
+    )
     return hub
 
 
@@ -220,15 +228,23 @@ class User:
     org_id: str
 
 
-def register(hub: RunningHub, email: str | None = None, password: str = "S3cure-pass-word!") -> User:
+def register(
+    hub: RunningHub, email: str | None = None, password: str = "S3cure-pass-word!"
+) -> User:
     email = email or unique_email()
     with hub.api() as c:
         r = c.post("/auth/register", json={"email": email, "password": password})
         assert r.status_code == 201, r.text
         body = r.json()
         me = c.get("/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"}).json()
-    return User(email, password, body["access_token"], body["refresh_token"], body["user"]["id"],
-                me["memberships"][0]["org_id"])  # fmt: skip
+    return User(
+        email,
+        password,
+        body["access_token"],
+        body["refresh_token"],
+        body["user"]["id"],
+        me["memberships"][0]["org_id"],
+    )
 
 
 def admin_token(hub: RunningHub) -> str:
@@ -283,16 +299,24 @@ def _nodelay(client: mqtt.Client) -> None:
 class MqttClient:
     """A paho client collecting messages, for integrations and raw protocol tests."""
 
-    def __init__(self, hub: RunningHub, username: str | None, password: str | None,
-                 *, client_id: str | None = None, will: tuple[str, bytes, bool] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hub: RunningHub,
+        username: str | None,
+        password: str | None,
+        *,
+        client_id: str | None = None,
+        will: tuple[str, bytes, bool] | None = None,
+    ) -> None:
         self.msgs: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.disconnected = threading.Event()
         self.subacks: dict[int, list[Any]] = {}
         self.rc: Any = None
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=client_id or f"t-{uuid.uuid4().hex[:10]}")  # fmt: skip
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:10]}"
+        )
         _nodelay(self.c)
         if username is not None:
             self.c.username_pw_set(username, password)
@@ -347,7 +371,9 @@ class MqttClient:
 
         return wait_until(find, timeout)
 
-    def messages(self, pred: Callable[[str, bytes, bool], bool] | None = None) -> list[tuple[str, bytes, bool]]:
+    def messages(
+        self, pred: Callable[[str, bytes, bool], bool] | None = None
+    ) -> list[tuple[str, bytes, bool]]:
         with self.lock:
             return [m for m in self.msgs if pred is None or pred(*m)]
 
@@ -366,14 +392,27 @@ class MqttClient:
 class MqttDevice(MqttClient):
     """A simulated hexa-mini-switch-v1 over MQTT (paho), speaking contract §3."""
 
-    def __init__(self, hub: RunningHub, uid: str, token: str, *, auto_ack: bool = True,
-                 relays: int = 3, client_id: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hub: RunningHub,
+        uid: str,
+        token: str,
+        *,
+        auto_ack: bool = True,
+        relays: int = 3,
+        client_id: str | None = None,
+    ) -> None:
         self.uid = uid
         self.relays = [False] * relays
         self.auto_ack = auto_ack
         self.commands: list[dict[str, Any]] = []
-        super().__init__(hub, uid, token, client_id=client_id or f"dev-{uid}",
-                         will=(f"hexa/{uid}/availability", b"offline", True))  # fmt: skip
+        super().__init__(
+            hub,
+            uid,
+            token,
+            client_id=client_id or f"dev-{uid}",
+            will=(f"hexa/{uid}/availability", b"offline", True),
+        )
 
     def _on_connect(self, c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         if not rc.is_failure:
@@ -383,9 +422,11 @@ class MqttDevice(MqttClient):
         super()._on_connect(c, userdata, flags, rc, props)
 
     def report(self) -> None:
-        self.c.publish(f"hexa/{self.uid}/report",
-                       json.dumps({"relays": self.relays, "inputs": [False] * 3, "fw_version": "1.0.0"}),
-                       qos=1)  # fmt: skip
+        self.c.publish(
+            f"hexa/{self.uid}/report",
+            json.dumps({"relays": self.relays, "inputs": [False] * 3, "fw_version": "1.0.0"}),
+            qos=1,
+        )
 
     def _on_message(self, c: Any, userdata: Any, msg: Any) -> None:
         super()._on_message(c, userdata, msg)
@@ -404,8 +445,11 @@ class MqttDevice(MqttClient):
             self.relays = [bool(cmd["state"])] * len(self.relays)
         else:
             return
-        c.publish(f"hexa/{self.uid}/ack",
-                  json.dumps({"command_id": cmd["command_id"], "ok": True, "relays": self.relays}), qos=1)  # fmt: skip
+        c.publish(
+            f"hexa/{self.uid}/ack",
+            json.dumps({"command_id": cmd["command_id"], "ok": True, "relays": self.relays}),
+            qos=1,
+        )
 
     def event(self, input_index: int, event: str, duration_ms: int | None = None) -> None:
         p: dict[str, Any] = {"input_index": input_index, "event": event}
@@ -429,7 +473,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _pg_skipped:
         terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
         terminalreporter.write_line(
-            f"No PostgreSQL at {PG_URL} ({_pg_skipped[0]}). Every database test ran on SQLite only.\n"
+            f"No PostgreSQL at {PG_URL} ({_pg_skipped[0]}).\n"
+            "Every database test ran on SQLite only. "
             "Start a server (or set HEXA_TEST_POSTGRES_URL) to run them on PostgreSQL too; "
             "CI sets HEXA_REQUIRE_POSTGRES=1 and fails instead of skipping.",
             red=True,
@@ -441,4 +486,3 @@ def tmp_data(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
-

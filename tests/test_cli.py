@@ -15,16 +15,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import MqttClient, RunningHub, new_database_url, wait_until
 
 HEXA = [sys.executable, "-m", "hexa.hub.cli"]
 LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
 
 
-def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(HEXA + args, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
+def run(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        HEXA + args,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -44,10 +51,12 @@ def test_version() -> None:
 
 @pytest.mark.parametrize(
     ("env", "needle"),
-    [({"HEXA_HTTP_PORT": "http"}, "HEXA_HTTP_PORT"),
-     ({"HEXA_COMMAND_TIMEOUT_MS": "-5"}, "HEXA_COMMAND_TIMEOUT_MS"),
-     ({"HEXA_DATABASE_URL": "oracle://db"}, "HEXA_DATABASE_URL")],
-)  # fmt: skip
+    [
+        ({"HEXA_HTTP_PORT": "http"}, "HEXA_HTTP_PORT"),
+        ({"HEXA_COMMAND_TIMEOUT_MS": "-5"}, "HEXA_COMMAND_TIMEOUT_MS"),
+        ({"HEXA_DATABASE_URL": "oracle://db"}, "HEXA_DATABASE_URL"),
+    ],
+)
 def test_bad_setting_is_one_line(tmp_path: Path, env: dict[str, str], needle: str) -> None:
     """A bad setting stops start-up with exit 2 and one line naming it, no traceback."""
     r = run(["serve"], {"HEXA_DATA_DIR": str(tmp_path), **env})
@@ -65,8 +74,15 @@ def test_taken_port_is_one_line(tmp_path: Path, which: str) -> None:
         s.listen()
         port = s.getsockname()[1]
         other = "HEXA_MQTT_PORT" if which == "HTTP" else "HEXA_HTTP_PORT"
-        r = run(["serve"], {"HEXA_DATA_DIR": str(tmp_path), f"HEXA_{which}_PORT": str(port),
-                            other: "0", "HEXA_MQTT_WS_PORT": "off"})  # fmt: skip
+        r = run(
+            ["serve"],
+            {
+                "HEXA_DATA_DIR": str(tmp_path),
+                f"HEXA_{which}_PORT": str(port),
+                other: "0",
+                "HEXA_MQTT_WS_PORT": "off",
+            },
+        )
     assert r.returncode == 2, r.stderr
     assert f"HEXA_{which}_PORT" in r.stderr and "Traceback" not in r.stderr
 
@@ -87,9 +103,12 @@ def test_migrate_up_down_up(database: str, tmp_path: Path) -> None:
 def test_migrations_match_models() -> None:
     """The models and the migration files agree (no schema change without a migration)."""
     r = subprocess.run(
-        [sys.executable, "-c", _MAKEMIGRATIONS_CHECK], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", _MAKEMIGRATIONS_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -115,8 +134,13 @@ asyncio.run(main())
 
 
 def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen(HEXA + ["serve"], env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*HEXA, "serve"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -132,8 +156,14 @@ def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], int, int]:
 
 def test_admin_create_then_serve_and_sigterm(database: str, tmp_path: Path) -> None:
     """`hexa admin create` makes a working admin; SIGTERM exits 0 after publishing offline."""
-    env = {"HEXA_DATA_DIR": str(tmp_path), "HEXA_DATABASE_URL": database, "HEXA_HTTP_PORT": "0",
-           "HEXA_MQTT_PORT": "0", "HEXA_MQTT_WS_PORT": "off", "HEXA_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        "HEXA_DATA_DIR": str(tmp_path),
+        "HEXA_DATABASE_URL": database,
+        "HEXA_HTTP_PORT": "0",
+        "HEXA_MQTT_PORT": "0",
+        "HEXA_MQTT_WS_PORT": "off",
+        "HEXA_LOG_LEVEL": "WARNING",
+    }
     created = run(["admin", "create", "--email", "Root@Example.com"], env)
     assert created.returncode == 0, created.stderr
     password = re.search(r"password: (\S+)", created.stdout)
@@ -144,15 +174,19 @@ def test_admin_create_then_serve_and_sigterm(database: str, tmp_path: Path) -> N
     proc, http_port, mqtt_port = _start(env)
     try:
         api = f"http://127.0.0.1:{http_port}/api/v1"
-        login = httpx.post(f"{api}/auth/login",
-                           json={"email": "root@example.com", "password": password.group(1)})  # fmt: skip
+        login = httpx.post(
+            f"{api}/auth/login", json={"email": "root@example.com", "password": password.group(1)}
+        )
         assert login.status_code == 200, login.text
         token = login.json()["access_token"]
         me = httpx.get(f"{api}/auth/me", headers={"Authorization": f"Bearer {token}"}).json()
         assert me["role"] == "admin"
         org = me["memberships"][0]["org_id"]
-        it = httpx.post(f"{api}/integrations/tokens", json={"name": "sigterm-watch", "org_id": org},
-                        headers={"Authorization": f"Bearer {token}"}).json()  # fmt: skip
+        it = httpx.post(
+            f"{api}/integrations/tokens",
+            json={"name": "sigterm-watch", "org_id": org},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
         hub = RunningHub.__new__(RunningHub)
         hub.mqtt_port = mqtt_port
         watcher = MqttClient(hub, it["name"], it["token"])
@@ -172,8 +206,13 @@ def test_admin_create_then_serve_and_sigterm(database: str, tmp_path: Path) -> N
 
 def test_restart_keeps_generated_secrets(tmp_path: Path) -> None:
     """Two starts on one data dir share the generated provision key and JWT secret."""
-    env = {"HEXA_DATA_DIR": str(tmp_path), "HEXA_HTTP_PORT": "0", "HEXA_MQTT_PORT": "0",
-           "HEXA_MQTT_WS_PORT": "off", "HEXA_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        "HEXA_DATA_DIR": str(tmp_path),
+        "HEXA_HTTP_PORT": "0",
+        "HEXA_MQTT_PORT": "0",
+        "HEXA_MQTT_WS_PORT": "off",
+        "HEXA_LOG_LEVEL": "WARNING",
+    }
     first, http_port, _ = _start(env)
     try:
         api = f"http://127.0.0.1:{http_port}/api/v1"
@@ -189,8 +228,11 @@ def test_restart_keeps_generated_secrets(tmp_path: Path) -> None:
         me = httpx.get(f"{api}/auth/me", headers={"Authorization": f"Bearer {token}"})
         assert me.status_code == 200 and me.json()["email"] == "keep@x.io"
         key = secrets_file["device_provision_key"]
-        prov = httpx.post(f"{api}/provision/register", json={"model": "hexa-mini-switch-v1"},
-                          headers={"X-Provision-Key": key})  # fmt: skip
+        prov = httpx.post(
+            f"{api}/provision/register",
+            json={"model": "hexa-mini-switch-v1"},
+            headers={"X-Provision-Key": key},
+        )
         assert prov.status_code == 201
     finally:
         second.send_signal(signal.SIGTERM)

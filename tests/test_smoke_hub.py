@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-
 from conftest import RunningHub, online_device, register
 
 

@@ -23,11 +23,20 @@ HUB = Identity(Kind.HUB, "$hub")
 
 @pytest.mark.parametrize(
     ("topic", "allowed"),
-    [("hexa/hx-a1/ack", True), ("hexa/hx-a1/report", True), ("hexa/hx-a1/event", True),
-     ("hexa/hx-a1/availability", True), ("hexa/hx-a1/state", False), ("hexa/hx-a1/cmd", False),
-     ("hexa/hx-a1/relay/0/set", False), ("hexa/hx-b1/report", False), ("hexa/hx-b1/ack", False),
-     ("hexa/hub/status", False), ("homeassistant/status", False)],
-)  # fmt: skip
+    [
+        ("hexa/hx-a1/ack", True),
+        ("hexa/hx-a1/report", True),
+        ("hexa/hx-a1/event", True),
+        ("hexa/hx-a1/availability", True),
+        ("hexa/hx-a1/state", False),
+        ("hexa/hx-a1/cmd", False),
+        ("hexa/hx-a1/relay/0/set", False),
+        ("hexa/hx-b1/report", False),
+        ("hexa/hx-b1/ack", False),
+        ("hexa/hub/status", False),
+        ("homeassistant/status", False),
+    ],
+)
 def test_device_publish(topic: str, allowed: bool) -> None:
     """A device publishes only its own ack, report, event and availability."""
     assert may_publish(DEV, topic, org_of) is allowed
@@ -35,9 +44,16 @@ def test_device_publish(topic: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(
     ("flt", "allowed"),
-    [("hexa/hx-a1/cmd", True), ("hexa/hub/status", True), ("hexa/hx-b1/cmd", False),
-     ("hexa/+/cmd", False), ("hexa/#", False), ("#", False), ("hexa/hx-a1/state", False)],
-)  # fmt: skip
+    [
+        ("hexa/hx-a1/cmd", True),
+        ("hexa/hub/status", True),
+        ("hexa/hx-b1/cmd", False),
+        ("hexa/+/cmd", False),
+        ("hexa/#", False),
+        ("#", False),
+        ("hexa/hx-a1/state", False),
+    ],
+)
 def test_device_subscribe(flt: str, allowed: bool) -> None:
     """A device subscribes only to its own cmd (and the hub's status)."""
     assert may_subscribe(DEV, flt, org_of) is allowed
@@ -45,13 +61,20 @@ def test_device_subscribe(flt: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(
     ("topic", "allowed"),
-    [("hexa/hx-a1/relay/0/set", True), ("hexa/hx-a1/relays/set", True),
-     ("hexa/hx-b1/relay/0/set", False), ("hexa/hx-free/relay/0/set", False),
-     ("hexa/hx-unknown/relay/0/set", False), ("hexa/hx-a1/cmd", False),
-     ("hexa/hx-a1/relay/0/state", False), ("hexa/hx-a1/report", False),
-     ("homeassistant/status", True), ("homeassistant/switch/x/config", False),
-     ("hexa/hub/status", False)],
-)  # fmt: skip
+    [
+        ("hexa/hx-a1/relay/0/set", True),
+        ("hexa/hx-a1/relays/set", True),
+        ("hexa/hx-b1/relay/0/set", False),
+        ("hexa/hx-free/relay/0/set", False),
+        ("hexa/hx-unknown/relay/0/set", False),
+        ("hexa/hx-a1/cmd", False),
+        ("hexa/hx-a1/relay/0/state", False),
+        ("hexa/hx-a1/report", False),
+        ("homeassistant/status", True),
+        ("homeassistant/switch/x/config", False),
+        ("hexa/hub/status", False),
+    ],
+)
 def test_integration_publish(topic: str, allowed: bool) -> None:
     """An integration publishes intents for its org's devices and homeassistant/status only."""
     assert may_publish(INT_A, topic, org_of) is allowed
@@ -59,9 +82,17 @@ def test_integration_publish(topic: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(
     ("flt", "allowed"),
-    [("hexa/#", True), ("homeassistant/#", True), ("hexa/+/state", True), ("hexa/hx-a1/#", True),
-     ("hexa/hx-b1/#", False), ("#", False), ("+/status", False), ("$SYS/#", False)],
-)  # fmt: skip
+    [
+        ("hexa/#", True),
+        ("homeassistant/#", True),
+        ("hexa/+/state", True),
+        ("hexa/hx-a1/#", True),
+        ("hexa/hx-b1/#", False),
+        ("#", False),
+        ("+/status", False),
+        ("$SYS/#", False),
+    ],
+)
 def test_integration_subscribe(flt: str, allowed: bool) -> None:
     """An integration subscribes under hexa/ and homeassistant/, never to another org's device."""
     assert may_subscribe(INT_A, flt, org_of) is allowed
@@ -69,11 +100,18 @@ def test_integration_subscribe(flt: str, allowed: bool) -> None:
 
 @pytest.mark.parametrize(
     ("topic", "allowed"),
-    [("hexa/hx-a1/state", True), ("hexa/hx-a1/relay/1/state", True), ("hexa/hub/status", True),
-     ("hexa/hx-b1/state", False), ("hexa/hx-free/state", False), ("hexa/hx-unknown/state", False),
-     ("homeassistant/switch/hexa_hx-a1_0/config", True),
-     ("homeassistant/switch/hexa_hx-b1_0/config", False), ("homeassistant/status", True)],
-)  # fmt: skip
+    [
+        ("hexa/hx-a1/state", True),
+        ("hexa/hx-a1/relay/1/state", True),
+        ("hexa/hub/status", True),
+        ("hexa/hx-b1/state", False),
+        ("hexa/hx-free/state", False),
+        ("hexa/hx-unknown/state", False),
+        ("homeassistant/switch/hexa_hx-a1_0/config", True),
+        ("homeassistant/switch/hexa_hx-b1_0/config", False),
+        ("homeassistant/status", True),
+    ],
+)
 def test_integration_receive(topic: str, allowed: bool) -> None:
     """Delivery to an integration is limited to its org's devices and shared hub topics."""
     assert may_receive(INT_A, topic, org_of) is allowed

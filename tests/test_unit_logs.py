@@ -15,7 +15,9 @@ def _render(msg: str, *args: object) -> str:
 
 def test_websocket_tokens_are_redacted() -> None:
     """A WebSocket URL with a token in its query is logged with the token blanked."""
-    line = _render('%s - "WebSocket %s" [accepted]', "127.0.0.1:5", "/ws/client?token=eyJabc.def&x=1")
+    line = _render(
+        '%s - "WebSocket %s" [accepted]', "127.0.0.1:5", "/ws/client?token=eyJabc.def&x=1"
+    )
     assert "eyJabc" not in line and "token=***&x=1" in line
 
 

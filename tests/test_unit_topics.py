@@ -43,9 +43,15 @@ def test_device_of_finds_the_uid() -> None:
 
 @pytest.mark.parametrize(
     ("payload", "state"),
-    [(b"ON", "ON"), (b"off", "OFF"), (b" toggle ", "TOGGLE"), (b'{"state":"on"}', "ON"),
-     (b'{"state": true}', "ON"), (b'{"state": false, "source": "home_assistant"}', "OFF")],
-)  # fmt: skip
+    [
+        (b"ON", "ON"),
+        (b"off", "OFF"),
+        (b" toggle ", "TOGGLE"),
+        (b'{"state":"on"}', "ON"),
+        (b'{"state": true}', "ON"),
+        (b'{"state": false, "source": "home_assistant"}', "OFF"),
+    ],
+)
 def test_intent_payloads(payload: bytes, state: str) -> None:
     """Plain and JSON intents decode to the same state, with an intent id."""
     intent = topics.decode_intent(payload, all_relays=False)
@@ -54,9 +60,17 @@ def test_intent_payloads(payload: bytes, state: str) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"maybe", b"\xff\xfe", b"[1,2]", b'{"state":"ON","evil":1}', b'{"state":3}',
-     b'{"state":"ON","intent_id":""}', b"{not json"],
-)  # fmt: skip
+    [
+        b"",
+        b"maybe",
+        b"\xff\xfe",
+        b"[1,2]",
+        b'{"state":"ON","evil":1}',
+        b'{"state":3}',
+        b'{"state":"ON","intent_id":""}',
+        b"{not json",
+    ],
+)
 def test_bad_intents_are_payload_errors(payload: bytes) -> None:
     """Anything else is a PayloadError, never an exception of another type."""
     with pytest.raises(topics.PayloadError):
@@ -94,10 +108,17 @@ def test_firmware_may_add_fields() -> None:
 
 @pytest.mark.parametrize(
     ("flt", "topic", "expected"),
-    [("hexa/#", "hexa/a/b", True), ("hexa/+/state", "hexa/a/state", True),
-     ("hexa/+/state", "hexa/a/b/state", False), ("#", "$SYS/x", False), ("+/x", "$SYS/x", False),
-     ("hexa/#", "hexa", True), ("a/b", "a/b", True), ("a/b", "a/c", False)],
-)  # fmt: skip
+    [
+        ("hexa/#", "hexa/a/b", True),
+        ("hexa/+/state", "hexa/a/state", True),
+        ("hexa/+/state", "hexa/a/b/state", False),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("hexa/#", "hexa", True),
+        ("a/b", "a/b", True),
+        ("a/b", "a/c", False),
+    ],
+)
 def test_topic_matching(flt: str, topic: str, expected: bool) -> None:
     """MQTT filter matching, including $-topics (MQTT-4.7.2-1)."""
     assert topic_matches(flt, topic) is expected

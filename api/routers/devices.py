@@ -165,10 +165,14 @@ async def set_relay(
     if relay_index >= device.relay_count:
         raise NotFound("relay")
     result = await hub.commands.execute(
-        device.device_uid, relay_index, topics.intent_value(body.state),
-        source="api", actor_type="user", actor_id=str(principal.id),
+        device.device_uid,
+        relay_index,
+        topics.intent_value(body.state),
+        source="api",
+        actor_type="user",
+        actor_id=str(principal.id),
         request_id=request_id_of(request),
-    )  # fmt: skip
+    )
     return {
         "device_id": str(device.id),
         "relays": result.relays,
@@ -187,10 +191,14 @@ async def set_all_relays(
 ) -> dict[str, Any]:
     device = await hub.registry.get_for(principal, device_id, "command_relays")
     result = await hub.commands.execute(
-        device.device_uid, None, topics.intent_value(body.state),
-        source="api", actor_type="user", actor_id=str(principal.id),
+        device.device_uid,
+        None,
+        topics.intent_value(body.state),
+        source="api",
+        actor_type="user",
+        actor_id=str(principal.id),
         request_id=request_id_of(request),
-    )  # fmt: skip
+    )
     return {
         "device_id": str(device.id),
         "relays": result.relays,

@@ -36,9 +36,11 @@ async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> dict
     token = new_token("hxi_")
     try:
         row = await IntegrationToken.create(
-            org_id=body.org_id, name=body.name, token_hash=token_hash(token),
+            org_id=body.org_id,
+            name=body.name,
+            token_hash=token_hash(token),
             created_by_id=principal.id,
-        )  # fmt: skip
+        )
     except IntegrityError:
         raise Conflict("an integration token with this name already exists") from None
     return {**_view(row), "token": token}

@@ -144,6 +144,8 @@ async def add_member(org_id: uuid.UUID, body: MemberAdd, principal: PrincipalDep
     existing = await Membership.get_or_none(org_id=org.id, user_id=user.id)
     if existing is not None:
         _check_can_grant(principal, org.id, Role.parse(existing.role))
+        if existing.role == "owner" and body.role != "owner":
+            await _keep_an_owner(org.id)
         existing.role = body.role
         await existing.save()
         membership = existing
@@ -166,11 +168,15 @@ async def remove_member(org_id: uuid.UUID, user_id: uuid.UUID, principal: Princi
         principal.require(org.id, "manage_members")
         _check_can_grant(principal, org.id, Role.parse(membership.role))
     if membership.role == "owner":
-        owners = await Membership.filter(org_id=org.id, role="owner").count()
-        if owners <= 1:
-            raise Conflict("an organization keeps at least one owner")
+        await _keep_an_owner(org.id)
     await membership.delete()
     return Response(status_code=204)
+
+
+async def _keep_an_owner(org_id: uuid.UUID) -> None:
+    """Refuse to remove or demote the last owner."""
+    if await Membership.filter(org_id=org_id, role="owner").count() <= 1:
+        raise Conflict("an organization keeps at least one owner")
 
 
 def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> None:

@@ -191,8 +191,14 @@ async def _receiver(client: _Client, hub: Hub, tg: anyio.abc.TaskGroup) -> None:
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err.get("loc", ()))
-            client.push({"type": "command_result", "request_id": request_id, "ok": False,
-                         "error": f"{where}: {err['msg']}"})  # fmt: skip
+            client.push(
+                {
+                    "type": "command_result",
+                    "request_id": request_id,
+                    "ok": False,
+                    "error": f"{where}: {err['msg']}",
+                }
+            )
             continue
         tg.start_soon(_command, client, hub, cmd)
 
@@ -212,12 +218,32 @@ async def _command(client: _Client, hub: Hub, cmd: _SetRelay | _SetAll) -> None:
         else:
             state, index = topics.intent_value(cmd.state), None
         result = await hub.commands.execute(
-            device.device_uid, index, state, source="ws_client", actor_type="user",
-            actor_id=str(client.principal.id), request_id=request_id,
-        )  # fmt: skip
-        client.push({"type": "command_result", "request_id": request_id, "ok": True,
-                     "device_id": str(device.id), "relays": result.relays,
-                     "latency_ms": result.latency_ms, "command_id": result.command_id})  # fmt: skip
+            device.device_uid,
+            index,
+            state,
+            source="ws_client",
+            actor_type="user",
+            actor_id=str(client.principal.id),
+            request_id=request_id,
+        )
+        client.push(
+            {
+                "type": "command_result",
+                "request_id": request_id,
+                "ok": True,
+                "device_id": str(device.id),
+                "relays": result.relays,
+                "latency_ms": result.latency_ms,
+                "command_id": result.command_id,
+            }
+        )
     except HubError as exc:
-        client.push({"type": "command_result", "request_id": request_id, "ok": False,
-                     "error": exc.message, "code": exc.code})  # fmt: skip
+        client.push(
+            {
+                "type": "command_result",
+                "request_id": request_id,
+                "ok": False,
+                "error": exc.message,
+                "code": exc.code,
+            }
+        )

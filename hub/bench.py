@@ -1,0 +1,379 @@
+"""``hexa bench``: N simulated devices against a hub; prints one JSON line.
+
+Not a test: it measures and reports, and nothing fails on a number. It starts its own
+hub (``hexa serve`` in a subprocess, on the embedded broker or on a Mosquitto it starts
+with ``set_tcp_nodelay true``), provisions and claims N simulated switches, connects
+them over MQTT, and measures:
+
+- REST command round trip (POST /devices/{id}/relays/{n} → 200) at a fixed rate;
+- MQTT intent → result round trip, one intent at a time, by an integration client;
+- sustained acked intents/s with a bounded number in flight;
+- state reports/s ingested (device-initiated changes, by the hub's own counter);
+- hub (and broker) RSS and CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+
+from hexa.hub import topics
+from hexa.hub.bus import BrokerAddress, Bus, Message
+from hexa.hub.sim import Credentials, SimDevice, provision
+
+KEY = "bench-provision-key-" + uuid.uuid4().hex
+LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "n": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "n": len(ordered)}
+
+
+class _Processes:
+    """The hub (and Mosquitto) processes the bench started, stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.work = Path(tempfile.mkdtemp(prefix="hexa-bench-"))
+
+    def start_mosquitto(self) -> int:
+        binary = shutil.which("mosquitto")
+        if binary is None:
+            raise SystemExit("hexa bench: --broker mosquitto needs the mosquitto binary on PATH")
+        port = _free_port()
+        conf = self.work / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "set_tcp_nodelay true\nmax_queued_messages 100000\nlog_type error\n"
+        )
+        proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+            time.sleep(0.05)
+        raise SystemExit("hexa bench: mosquitto did not start")
+
+    def start_hub(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, int]:
+        log = (self.work / "hub.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hexa.hub.cli", "serve"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.work,
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = LISTEN_RE.search((self.work / "hub.log").read_text(errors="replace"))
+            if m:
+                return proc, int(m.group(1)), int(m.group(2))
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise SystemExit(f"hexa bench: hub did not start:\n{(self.work / 'hub.log').read_text()}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class _Usage:
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.t0 = time.monotonic()
+        self.cpu0 = [self._cpu(p) for p in self.procs]
+
+    @staticmethod
+    def _cpu(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    def sample(self) -> list[dict[str, float]]:
+        elapsed = time.monotonic() - self.t0
+        out = []
+        for p, c0 in zip(self.procs, self.cpu0, strict=True):
+            cpu = self._cpu(p) - c0
+            out.append(
+                {
+                    "rss_mb": round(p.memory_info().rss / 2**20, 1),
+                    "cpu_s": round(cpu, 2),
+                    "cpu_pct": round(100 * cpu / elapsed, 1),
+                }
+            )
+        return out
+
+
+async def _metric(client: httpx.AsyncClient, name: str) -> float:
+    text = (await client.get("/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    procs = _Processes()
+    result: dict[str, Any] = {"devices": args.devices, "broker": args.broker}
+    try:
+        env = {
+            "HEXA_DATA_DIR": str(procs.work / "data"),
+            "HEXA_HTTP_PORT": "0",
+            "HEXA_MQTT_PORT": "0",
+            "HEXA_DEVICE_PROVISION_KEY": KEY,
+            "HEXA_JWT_SECRET": uuid.uuid4().hex * 2,
+            "HEXA_LOG_LEVEL": "WARNING",
+            "HEXA_COMMAND_TIMEOUT_MS": "5000",
+        }
+        if args.bench_database_url:
+            env["HEXA_DATABASE_URL"] = args.bench_database_url
+        pids = []
+        mqtt_port = None
+        if args.broker == "mosquitto":
+            mqtt_port = procs.start_mosquitto()
+            env["HEXA_BROKER_URL"] = f"mqtt://127.0.0.1:{mqtt_port}"
+            pids.append(procs.procs[-1].pid)
+        hub, http_port, hub_mqtt = procs.start_hub(env)
+        mqtt_port = mqtt_port or hub_mqtt
+        pids.insert(0, hub.pid)
+        base = f"http://127.0.0.1:{http_port}"
+        async with AsyncExitStack() as stack:
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=base, timeout=30, limits=httpx.Limits(max_connections=64)
+                )
+            )
+            result.update(await _run(args, http, mqtt_port, pids))
+    finally:
+        procs.stop()
+    return result
+
+
+async def _run(
+    args: argparse.Namespace, http: httpx.AsyncClient, mqtt_port: int, pids: list[int]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    reg = await http.post(
+        "/api/v1/auth/register",
+        json={"email": f"bench-{uuid.uuid4().hex[:8]}@bench.local", "password": "bench-password-1"},
+    )
+    token = reg.json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    org = (await http.get("/api/v1/auth/me", headers=auth)).json()["memberships"][0]["org_id"]
+
+    t = time.monotonic()
+    creds: list[Credentials] = await provision(http, KEY, args.devices)
+    sem = asyncio.Semaphore(16)
+    ids: dict[str, str] = {}
+
+    async def claim(c: Credentials) -> None:
+        async with sem:
+            r = await http.post(
+                "/api/v1/devices/claim", json={"claim_code": c.claim_code}, headers=auth
+            )
+        ids[c.device_uid] = r.json()["id"]
+
+    await asyncio.gather(*(claim(c) for c in creds))
+    out["provision_and_claim_s"] = round(time.monotonic() - t, 2)
+
+    devices = [
+        SimDevice(c, report_every=3600, mqtt_host="127.0.0.1", mqtt_port=mqtt_port) for c in creds
+    ]
+    async with anyio.create_task_group() as tg:
+        t = time.monotonic()
+        connect_sem = asyncio.Semaphore(50)
+
+        async def start(d: SimDevice) -> None:
+            async with connect_sem:
+                tg.start_soon(d.run)
+                await d.connected.wait()
+
+        await asyncio.gather(*(start(d) for d in devices))
+        while (  # noqa: ASYNC110 - polling the hub under test is the measurement
+            await http.get("/api/v1/devices", params={"online": "true", "limit": 1}, headers=auth)
+        ).json()["total"] < len(devices):
+            await asyncio.sleep(0.2)
+        out["connect_all_s"] = round(time.monotonic() - t, 2)
+        usage = _Usage(pids)
+        out["idle_rss_mb"] = [u["rss_mb"] for u in usage.sample()]
+
+        # 1. REST command round trip at a fixed rate
+        latencies, failures = [], 0
+        interval = 1 / args.rate
+        start_at = time.monotonic()
+        for i in range(args.commands):
+            await asyncio.sleep(max(0.0, start_at + i * interval - time.monotonic()))
+            d = random.choice(devices)
+            t0 = time.perf_counter()
+            r = await http.post(
+                f"/api/v1/devices/{ids[d.uid]}/relays/{i % 3}",
+                json={"state": bool(i % 2)},
+                headers=auth,
+            )
+            if r.status_code == 200:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                failures += 1
+        out["rest_rtt_ms"] = {**_pct(latencies), "failed": failures, "rate_per_s": args.rate}
+
+        # 2. MQTT intent → result round trip, one at a time, as an integration
+        it = (
+            await http.post(
+                "/api/v1/integrations/tokens",
+                json={"name": f"bench-{uuid.uuid4().hex[:6]}", "org_id": org},
+                headers=auth,
+            )
+        ).json()
+        waiting: dict[str, asyncio.Future[topics.Result]] = {}
+
+        async def on_result(msg: Message) -> None:
+            try:
+                res = topics.decode_result(msg.payload)
+            except topics.PayloadError:
+                return
+            fut = waiting.pop(res.intent_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(res)
+
+        integration = Bus(
+            BrokerAddress("127.0.0.1", mqtt_port, it["name"], it["token"]),
+            client_id=f"bench-{uuid.uuid4().hex[:6]}",
+            presence_topic="homeassistant/status",
+        )
+        await integration.subscribe(topics.RESULT.filter(), on_result)
+        await tg.start(integration.run)
+
+        async def intent(d: SimDevice, index: int, state: str) -> topics.Result:
+            iid = uuid.uuid4().hex
+            fut: asyncio.Future[topics.Result] = asyncio.get_running_loop().create_future()
+            waiting[iid] = fut
+            body = json.dumps({"state": state, "intent_id": iid, "source": "mqtt"})
+            await integration.publish(topics.RELAY_SET.format(uid=d.uid, index=index), body)
+            return await asyncio.wait_for(fut, 15)
+
+        rtts = []
+        for i in range(args.intent_rtt_samples):
+            d = random.choice(devices)
+            t0 = time.perf_counter()
+            res = await intent(d, i % 3, "TOGGLE")
+            if res.status == "applied":
+                rtts.append((time.perf_counter() - t0) * 1000)
+        out["mqtt_intent_rtt_ms"] = _pct(rtts)
+
+        # 3. sustained acked intents/s, bounded in flight
+        window = asyncio.Semaphore(args.window)
+        applied = other = 0
+
+        async def one(i: int) -> None:
+            nonlocal applied, other
+            async with window:
+                try:
+                    res = await intent(devices[i % len(devices)], i % 3, "TOGGLE")
+                except TimeoutError:
+                    other += 1
+                    return
+            if res.status == "applied":
+                applied += 1
+            else:
+                other += 1
+
+        before = usage.sample()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.intents)))
+        elapsed = time.perf_counter() - t0
+        after = usage.sample()
+        out["acked_intents_per_s"] = round(applied / elapsed, 1)
+        out["intents"] = {
+            "applied": applied,
+            "not_applied": other,
+            "window": args.window,
+            "seconds": round(elapsed, 2),
+            "cpu_s": [
+                round(a["cpu_s"] - b["cpu_s"], 2) for a, b in zip(after, before, strict=True)
+            ],
+        }
+
+        # 4. state reports/s ingested: local changes from every device, bounded in flight
+        before_reports = await _metric(http, "hexa_state_reports_total")
+        stop_at = time.monotonic() + args.report_seconds
+        sent = 0
+
+        async def reporter(d: SimDevice) -> None:
+            nonlocal sent
+            while time.monotonic() < stop_at:
+                await d.local_switch(random.randrange(3), random.random() < 0.5)
+                sent += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(reporter(d) for d in devices[: args.reporters]))
+        # let the hub drain what the broker accepted
+        last, stable = -1.0, 0
+        while stable < 3:
+            await asyncio.sleep(0.5)
+            now = await _metric(http, "hexa_state_reports_total")
+            stable = stable + 1 if now == last else 0
+            last = now
+        ingest_s = time.perf_counter() - t0 - 1.5
+        ingested = last - before_reports
+        out["state_reports"] = {
+            "sent": sent,
+            "ingested": int(ingested),
+            "per_s": round(ingested / max(ingest_s, 0.001), 1),
+            "reporters": min(args.reporters, len(devices)),
+        }
+        final = usage.sample()
+        out["hub"] = final[0]
+        if len(final) > 1:
+            out["broker_process"] = final[1]
+        tg.cancel_scope.cancel()
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    result = asyncio.run(_bench(args))
+    print(json.dumps(result))
+    return 0
