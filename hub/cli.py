@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from hexa.hub import __version__
-from hexa.hub.config import SettingError, Settings, load_settings
+from hexa.hub.config import SettingError, Settings, load_settings, prepare_storage
 
 log = logging.getLogger("hexa")
 
@@ -31,7 +31,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         for name, value in vars(args).items()
         if name in _FLAG_SETTINGS and value is not None
     }
-    return load_settings(overrides)
+    settings = load_settings(overrides)
+    prepare_storage(settings)
+    return settings
 
 
 _FLAG_SETTINGS = (
@@ -194,7 +196,9 @@ def _admin_create(args: argparse.Namespace) -> int:
 def _bind(host: str, port: int, setting: str) -> socket.socket:
     """Bind the HTTP socket ourselves, so a taken port is one clear line, not a traceback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says
+    # TCP, and accepted sockets inherit it. Without it every response waits ~40 ms (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -233,6 +237,7 @@ async def serve(
     from hexa.hub.bus import BrokerAddress
     from hexa.hub.runtime import Hub
 
+    prepare_storage(settings)
     url = settings.resolved_database_url
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
     if not settings.broker_url:

@@ -284,6 +284,27 @@ def _with_stored_secrets(settings: Settings) -> Settings:
     )
 
 
+def prepare_storage(settings: Settings) -> None:
+    """Create the data directory and check that a SQLite database can be created.
+
+    Raises :class:`SettingError` naming the setting when not (SQLite would otherwise
+    fail deep inside the driver, or hang).
+    """
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingError(
+            "HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)
+        ) from None
+    url = settings.resolved_database_url
+    if url.startswith("sqlite://") and ":memory:" not in url:
+        path = Path(url.removeprefix("sqlite://").split("?", 1)[0])
+        if not path.parent.is_dir():
+            raise SettingError("HEXA_DATABASE_URL", url, f"directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise SettingError("HEXA_DATABASE_URL", url, f"directory {path.parent} is not writable")
+
+
 def setting_names() -> list[str]:
     """Every setting's environment variable, for the docs and ``--help``."""
     return [env_name(f.name) for f in fields(Settings) if f.name in _PARSERS]

@@ -98,3 +98,26 @@ def test_every_setting_has_an_environment_variable() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     missing = [n for n in names if n not in docs]
     assert not missing, f"docs/configuration.md does not document {missing}"
+
+
+def test_storage_is_prepared(tmp_path: Path) -> None:
+    """The data dir is created even when every secret is configured (no secrets file)."""
+    from hexa.hub.config import prepare_storage
+
+    data = tmp_path / "new" / "data"
+    env = {
+        "HEXA_DATA_DIR": str(data),
+        "HEXA_JWT_SECRET": "x" * 40,
+        "HEXA_DEVICE_PROVISION_KEY": "y" * 40,
+    }
+    prepare_storage(load_settings(environ=env))
+    assert data.is_dir()
+
+
+def test_sqlite_in_a_missing_directory_is_a_setting_error(tmp_path: Path) -> None:
+    """A SQLite URL whose directory does not exist is refused, naming the setting."""
+    from hexa.hub.config import prepare_storage
+
+    env = {"HEXA_DATA_DIR": str(tmp_path), "HEXA_DATABASE_URL": "sqlite:///nonexistent/x/h.db"}
+    with pytest.raises(SettingError, match="HEXA_DATABASE_URL"):
+        prepare_storage(load_settings(environ=env))
