@@ -367,6 +367,8 @@ async def _run(
         }
         final = usage.sample()
         out["hub"] = final[0]
+        me = psutil.Process()
+        out["loadgen_cpu_s"] = round(me.cpu_times().user + me.cpu_times().system, 1)
         if len(final) > 1:
             out["broker_process"] = final[1]
         tg.cancel_scope.cancel()

@@ -124,6 +124,16 @@ class Bus:
             except aiomqtt.MqttError:
                 log.warning("subscribe %s failed; it is replayed on reconnect", flt)
 
+    async def unsubscribe(self, flt: str, handler: Handler) -> None:
+        """Remove a handler; the broker subscription ends with the filter's last handler."""
+        self._handlers = [(f, h) for f, h in self._handlers if (f, h) != (flt, handler)]
+        client = self._client
+        if client is not None and self.connected and all(f != flt for f, _ in self._handlers):
+            try:
+                await client.unsubscribe(flt)
+            except aiomqtt.MqttError:
+                log.warning("unsubscribe %s failed", flt)
+
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> None:

@@ -18,10 +18,18 @@ log = logging.getLogger(__name__)
 APP = "models"
 
 
+def _tuned(database_url: str) -> str:
+    # SQLite runs in WAL mode (Tortoise's default); there synchronous=NORMAL cannot corrupt
+    # the database and saves an fsync per transaction (a crash may lose the last commits).
+    if database_url.startswith("sqlite://") and "synchronous" not in database_url:
+        return database_url + ("&" if "?" in database_url else "?") + "synchronous=NORMAL"
+    return database_url
+
+
 def tortoise_config(database_url: str) -> dict[str, Any]:
     """The Tortoise configuration for one database URL."""
     return {
-        "connections": {"default": database_url},
+        "connections": {"default": _tuned(database_url)},
         "apps": {
             APP: {
                 "models": ["hexa.models"],

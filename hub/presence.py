@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from hexa.hub import audit, metrics, topics
+from hexa.hub import metrics, topics
+from hexa.hub.audit import AuditLog
 from hexa.hub.bus import Bus, Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.relay import RelayService
-from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device
 
@@ -27,8 +27,9 @@ EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
 class Presence:
     """Keeps ``online``/``last_seen_at`` current and ingests reports and input events."""
 
-    def __init__(self, bus: Bus, cache: DeviceCache, relay: RelayService) -> None:
+    def __init__(self, bus: Bus, cache: DeviceCache, relay: RelayService, audit: AuditLog) -> None:
         self.bus = bus
+        self.audit = audit
         self.cache = cache
         self.relay = relay
         self.listeners: list[EventListener] = []
@@ -54,15 +55,15 @@ class Presence:
 
     async def set_online(self, device: DeviceInfo, online: bool) -> None:
         if device.online == online:
-            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            await self.cache.touch(device)
             return
         device.online = online
-        await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
+        await self.cache.touch(device, online=online)
         metrics.DEVICES_ONLINE.set(self.cache.online_count())
         await self.relay.publish_state(device, only=[])
         name = "device_online" if online else "device_offline"
         if device.org_id is not None:
-            await audit.record(
+            await self.audit.record(
                 action=name,
                 source="device",
                 actor_type="device",
@@ -114,12 +115,12 @@ class Presence:
         if (relays is None or relays == device.relays) and (
             inputs is None or inputs == device.inputs
         ):
-            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            await self.cache.touch(device)
             return
         before = list(device.relays)
         await self.relay.apply_state(device, relays or device.relays, inputs)
         if relays is not None and relays != before and device.org_id is not None:
-            await audit.record(
+            await self.audit.record(
                 action="state_report",
                 source="device",
                 actor_type="device",

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from hexa.hub import audit, metrics, topics
+from hexa.hub import metrics, topics
+from hexa.hub.audit import AuditLog
 from hexa.hub.bus import Bus, Message
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache, DeviceInfo
-from hexa.models import Device, DeviceInput, RelayState
+from hexa.models import DeviceInput, RelayState
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class _Pending:
 class RelayService:
     """Consumes intents and acks; publishes commands, states and results."""
 
-    def __init__(self, bus: Bus, cache: DeviceCache, *, timeout_s: float) -> None:
+    def __init__(self, bus: Bus, cache: DeviceCache, audit: AuditLog, *, timeout_s: float) -> None:
         self.bus = bus
+        self.audit = audit
         self.cache = cache
         self.timeout_s = timeout_s
         self._queues: dict[str, asyncio.Queue[_Job]] = {}
@@ -231,7 +232,7 @@ class RelayService:
         metrics.COMMANDS.labels(status, intent.source).inc()
         if status == "applied":
             metrics.COMMAND_LATENCY.observe(latency_ms / 1000)
-        await audit.record(
+        await self.audit.record(
             action="relay_command",
             source=intent.source,
             actor_type=intent.actor_type
@@ -278,7 +279,7 @@ class RelayService:
                         state=inputs[index]
                     )
                 device.inputs = list(inputs)
-            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+            await self.cache.touch(device)
             device.relays = list(relays)
         await self.publish_state(device, only=changed)
 
@@ -370,7 +371,7 @@ class RelayService:
             return
         relays = self._relays_from_ack(ack, late.expected, device)
         await self.apply_state(device, relays)
-        await audit.record(
+        await self.audit.record(
             action="late_ack",
             source="device",
             actor_type="device",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ from anyio.abc import TaskGroup
 
 from hexa.hub import topics
 from hexa.hub.accounts import Accounts
+from hexa.hub.audit import AuditLog
 from hexa.hub.bus import BrokerAddress, Bus
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
@@ -19,7 +19,6 @@ from hexa.hub.devices import Registry
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
-from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache
 from hexa.models import Device
 
@@ -43,9 +42,12 @@ class Hub:
         self.registry = Registry()
         self.cache = DeviceCache()
         self.bus = Bus(bus_address, client_id=f"hexa-hub-{instance}")
-        self.relay = RelayService(self.bus, self.cache, timeout_s=settings.command_timeout_s)
+        self.audit = AuditLog()
+        self.relay = RelayService(
+            self.bus, self.cache, self.audit, timeout_s=settings.command_timeout_s
+        )
         self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s)
-        self.presence = Presence(self.bus, self.cache, self.relay)
+        self.presence = Presence(self.bus, self.cache, self.relay, self.audit)
         #: run once the bus is connected (the API's gateways subscribe here)
         self.starters: list[Starter] = []
         #: close an integration's broker sessions by its MQTT username
@@ -53,7 +55,6 @@ class Hub:
         self.mqtt_port: int | None = None
         self.mqtt_tls_port: int | None = None
         self.http_port: int | None = None
-        self._touched: dict[str, float] = {}
         self.registry.hooks.append(self._on_device_change)
 
     async def prepare(self) -> None:
@@ -65,6 +66,7 @@ class Hub:
 
     async def start(self, tg: TaskGroup, *, wait_for_bus: bool = True) -> None:
         """Start the services in order: bus → relay service → presence → gateways."""
+        await tg.start(self.audit.run)
         if wait_for_bus:
             await tg.start(self.bus.run)
         else:
@@ -123,12 +125,8 @@ class Hub:
             log.warning("availability of %s not published: bus down", uid)
 
     async def touch_device(self, uid: str) -> None:
-        """Record ``last_seen_at`` (at most every 5 s per device)."""
-        now = time.monotonic()
-        if now - self._touched.get(uid, 0.0) < 5:
-            return
-        self._touched[uid] = now
-        await Device.filter(device_uid=uid, deleted_at=None).update(last_seen_at=utcnow())
+        """Record that a device (bridged by the API) was heard from."""
+        await self.cache.touch_uid(uid)
 
     async def close_integration_sessions(self, name: str) -> None:
         for close in self.integration_closers:

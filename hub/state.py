@@ -6,10 +6,15 @@ kept current by the relay service and presence, which are its only writers.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 
+from hexa.hub.security import utcnow
 from hexa.models import Device, DeviceInput, RelayState
+
+#: how often last_seen_at is written for a device that keeps talking
+LAST_SEEN_EVERY_S = 5.0
 
 
 @dataclass
@@ -23,6 +28,7 @@ class DeviceInfo:
     inputs: list[bool]
     online: bool = False
     fw_version: str | None = None
+    seen_written: float = 0.0
     connections: set[str] = field(default_factory=set)
 
 
@@ -56,6 +62,23 @@ class DeviceCache:
             fw_version=device.fw_version,
         )
         return self._by_uid.setdefault(uid, info)
+
+    async def touch(self, device: DeviceInfo, *, online: bool | None = None) -> None:
+        """Record ``last_seen_at`` (and ``online`` when given); at most every few seconds
+        per device unless presence changes, since every ack and report counts as seen."""
+        now = time.monotonic()
+        if online is None and now - device.seen_written < LAST_SEEN_EVERY_S:
+            return
+        device.seen_written = now
+        if online is None:
+            await Device.filter(id=device.id).update(last_seen_at=utcnow())
+        else:
+            await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
+
+    async def touch_uid(self, uid: str) -> None:
+        device = await self.get(uid)
+        if device is not None:
+            await self.touch(device)
 
     def forget(self, uid: str) -> None:
         self._by_uid.pop(uid, None)

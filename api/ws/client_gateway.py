@@ -73,13 +73,20 @@ class ClientSessions:
         self._online: dict[str, bool] = {}
 
     async def start(self) -> None:
-        await self.hub.bus.subscribe(topics.STATE.filter(), self._on_state)
+        """Nothing to do until a client connects (see add)."""
 
-    def add(self, client: _Client) -> None:
+    async def add(self, client: _Client) -> None:
+        # The hub listens to device state only while someone watches: every state
+        # message delivered to the hub costs the broker and the bus client work.
         self._clients.add(client)
+        if len(self._clients) == 1:
+            await self.hub.bus.subscribe(topics.STATE.filter(), self._on_state)
 
-    def remove(self, client: _Client) -> None:
+    async def remove(self, client: _Client) -> None:
         self._clients.discard(client)
+        if not self._clients:
+            await self.hub.bus.unsubscribe(topics.STATE.filter(), self._on_state)
+            self._online.clear()
 
     def broadcast(self, org_id: uuid.UUID | None, doc: dict[str, Any]) -> None:
         for client in list(self._clients):
@@ -99,9 +106,6 @@ class ClientSessions:
             relays, inputs, online = state["relays"], state["inputs"], bool(state["online"])
         except (ValueError, KeyError, TypeError):
             metrics.BAD_PAYLOADS.labels("state").inc()
-            return
-        if not self._clients:
-            self._online[uid] = online
             return
         was = self._online.get(uid)
         self._online[uid] = online
@@ -129,7 +133,7 @@ async def client_socket(ws: WebSocket, token: str = "") -> None:
         return
     client = _Client(ws, principal)
     sessions: ClientSessions = ws.app.state.client_sessions
-    sessions.add(client)
+    await sessions.add(client)
     metrics.WS_SESSIONS.labels("client").inc()
     try:
         async with anyio.create_task_group() as tg:
@@ -137,7 +141,8 @@ async def client_socket(ws: WebSocket, token: str = "") -> None:
             await _receiver(client, hub, tg)
             tg.cancel_scope.cancel()
     finally:
-        sessions.remove(client)
+        with anyio.CancelScope(shield=True):
+            await sessions.remove(client)
         metrics.WS_SESSIONS.labels("client").dec()
 
 
