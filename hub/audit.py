@@ -15,9 +15,19 @@ from hexa.models import AuditEntry
 log = logging.getLogger(__name__)
 
 SOURCES = frozenset(
-    {"api", "ws_client", "schedule", "automation", "mqtt", "home_assistant", "homekit", "alexa",
-     "device", "system"}
-)  # fmt: skip
+    {
+        "api",
+        "ws_client",
+        "schedule",
+        "automation",
+        "mqtt",
+        "home_assistant",
+        "homekit",
+        "alexa",
+        "device",
+        "system",
+    }
+)
 BATCH = 500
 FLUSH_EVERY_S = 0.1
 

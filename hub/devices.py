@@ -12,6 +12,7 @@ from tortoise.transactions import in_transaction
 
 from hexa.hub import catalog
 from hexa.hub.access import Principal
+from hexa.hub.audit import AuditLog
 from hexa.hub.errors import Conflict, NotFound, ValidationFailed
 from hexa.hub.security import new_token, token_hash, utcnow
 from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site
@@ -38,11 +39,35 @@ def _claim_hash(code: str) -> str:
 
 
 class Registry:
-    """Device operations shared by the REST API, the broker's auth and the CLI."""
+    """Device operations shared by the REST API, the broker's auth and the CLI.
 
-    def __init__(self) -> None:
+    Every change made for a principal is audited (source ``api``) with the request id.
+    """
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
         self.session_closers: list[SessionCloser] = []
         self.hooks: list[DeviceHook] = []
+
+    async def _audit(
+        self,
+        principal: Principal,
+        action: str,
+        device: Device,
+        org_id: uuid.UUID | None,
+        request_id: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        await self.audit.record(
+            action=action,
+            source="api",
+            actor_type="user",
+            actor_id=str(principal.id),
+            device_id=device.id,
+            org_id=org_id,
+            request_id=request_id,
+            details={"device_uid": device.device_uid, **(details or {})},
+        )
 
     async def _close_sessions(self, uid: str) -> None:
         for close in self.session_closers:
@@ -99,6 +124,8 @@ class Registry:
         site_id: uuid.UUID | None,
         area_id: uuid.UUID | None,
         name: str | None,
+        *,
+        request_id: str | None = None,
     ) -> Device:
         if org_id is None:
             org_id = await self._default_org(principal, site_id)
@@ -125,6 +152,7 @@ class Registry:
                 raise Conflict("this device is already claimed")
         device = await Device.get(id=device.id)
         await self._notify(device, "claimed")
+        await self._audit(principal, "device_claimed", device, org_id, request_id)
         return device
 
     async def _default_org(self, principal: Principal, site_id: uuid.UUID | None) -> uuid.UUID:
@@ -170,7 +198,12 @@ class Registry:
         return device
 
     async def update(
-        self, principal: Principal, device_id: uuid.UUID, changes: dict[str, Any]
+        self,
+        principal: Principal,
+        device_id: uuid.UUID,
+        changes: dict[str, Any],
+        *,
+        request_id: str | None = None,
     ) -> Device:
         device = await self.get_for(principal, device_id, "configure_devices")
         org_id = device.org_id
@@ -199,10 +232,21 @@ class Registry:
                         await RelayState.filter(device_id=device.id, index=index).update(
                             name=relay_name
                         )
+        await self._audit(
+            principal,
+            "device_updated",
+            device,
+            org_id,
+            request_id,
+            {"changes": {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in changes.items()}},
+        )
         return device
 
-    async def release(self, principal: Principal, device_id: uuid.UUID) -> Device:
+    async def release(
+        self, principal: Principal, device_id: uuid.UUID, *, request_id: str | None = None
+    ) -> Device:
         device = await self.get_for(principal, device_id, "manage_devices")
+        org_id = device.org_id
         # The claim code printed on the device stays valid: whoever holds it may claim again.
         await Device.filter(id=device.id).update(
             org_id=None, site_id=None, area_id=None, claimed_at=None
@@ -210,21 +254,28 @@ class Registry:
         device = await Device.get(id=device.id)
         await self._notify(device, "released")
         await self._close_sessions(device.device_uid)
+        await self._audit(principal, "device_released", device, org_id, request_id)
         return device
 
-    async def delete(self, principal: Principal, device_id: uuid.UUID) -> None:
+    async def delete(
+        self, principal: Principal, device_id: uuid.UUID, *, request_id: str | None = None
+    ) -> None:
         device = await self.get_for(principal, device_id, "manage_devices")
         await Device.filter(id=device.id).update(
             deleted_at=utcnow(), token_hash=token_hash(new_token()), claim_code_hash=None
         )
         await self._notify(device, "deleted")
         await self._close_sessions(device.device_uid)
+        await self._audit(principal, "device_deleted", device, device.org_id, request_id)
 
-    async def rotate_token(self, principal: Principal, device_id: uuid.UUID) -> str:
+    async def rotate_token(
+        self, principal: Principal, device_id: uuid.UUID, *, request_id: str | None = None
+    ) -> str:
         device = await self.get_for(principal, device_id, "manage_devices")
         token = new_token("hxd_")
         await Device.filter(id=device.id).update(token_hash=token_hash(token))
         await self._close_sessions(device.device_uid)
+        await self._audit(principal, "device_token_rotated", device, device.org_id, request_id)
         return token
 
     @staticmethod

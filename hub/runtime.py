@@ -39,10 +39,10 @@ class Hub:
         self.settings = settings
         self.instance = instance
         self.accounts = Accounts(settings)
-        self.registry = Registry()
         self.cache = DeviceCache()
         self.bus = Bus(bus_address, client_id=f"hexa-hub-{instance}")
         self.audit = AuditLog()
+        self.registry = Registry(self.audit)
         self.relay = RelayService(
             self.bus, self.cache, self.audit, timeout_s=settings.command_timeout_s
         )

@@ -57,9 +57,17 @@ async def provision(
 
 
 @router.post("/devices/claim")
-async def claim(body: ClaimBody, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
+async def claim(
+    body: ClaimBody, principal: PrincipalDep, hub: HubDep, request: Request
+) -> dict[str, Any]:
     device = await hub.registry.claim(
-        principal, body.claim_code, body.org_id, body.site_id, body.area_id, body.name
+        principal,
+        body.claim_code,
+        body.org_id,
+        body.site_id,
+        body.area_id,
+        body.name,
+        request_id=request_id_of(request),
     )
     return await _full_view(device)
 
@@ -107,34 +115,39 @@ async def get_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep)
 
 @router.patch("/devices/{device_id}")
 async def patch_device(
-    device_id: uuid.UUID, body: DevicePatch, principal: PrincipalDep, hub: HubDep
+    device_id: uuid.UUID, body: DevicePatch, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
     changes = body.model_dump(exclude_unset=True)
     if "name" in changes and changes["name"] is None:
         raise ValidationFailed("name cannot be null", details={"field": "name"})
-    device = await hub.registry.update(principal, device_id, changes)
+    device = await hub.registry.update(
+        principal, device_id, changes, request_id=request_id_of(request)
+    )
     return await _full_view(device)
 
 
 @router.delete("/devices/{device_id}", status_code=204)
-async def delete_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> Response:
-    await hub.registry.delete(principal, device_id)
+async def delete_device(
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> Response:
+    await hub.registry.delete(principal, device_id, request_id=request_id_of(request))
     return Response(status_code=204)
 
 
 @router.post("/devices/{device_id}/release")
 async def release_device(
-    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
-    device = await hub.registry.release(principal, device_id)
+    device = await hub.registry.release(principal, device_id, request_id=request_id_of(request))
     return await _full_view(device)
 
 
 @router.post("/devices/{device_id}/token/rotate")
 async def rotate_token(
-    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
-    return {"device_token": await hub.registry.rotate_token(principal, device_id)}
+    token = await hub.registry.rotate_token(principal, device_id, request_id=request_id_of(request))
+    return {"device_token": token}
 
 
 @router.get("/devices/{device_id}/state")
