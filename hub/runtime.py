@@ -98,7 +98,15 @@ class Hub:
         return self.bus.connected
 
     def mqtt_endpoint(self) -> dict[str, Any]:
+        """Where devices connect: the embedded broker, or the external one."""
         s = self.settings
+        if s.broker_url:
+            a = self.bus.address
+            return {
+                "host": s.public_host or a.host,
+                "port": None if a.tls else a.port,
+                "tls_port": a.port if a.tls else None,
+            }
         return {
             "host": s.advertised_host,
             "port": self.mqtt_port if self.mqtt_port is not None else s.mqtt_port,
