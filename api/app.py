@@ -8,7 +8,17 @@ from fastapi import APIRouter, FastAPI
 
 from hexa.api import errors
 from hexa.api.middleware import HttpMetrics, Idempotency, RequestContext
-from hexa.api.routers import admin, audit, auth, devices, health, integrations, tenancy
+from hexa.api.routers import (
+    admin,
+    audit,
+    auth,
+    automations,
+    devices,
+    health,
+    integrations,
+    schedules,
+    tenancy,
+)
 from hexa.api.ws import client_gateway, device_gateway
 from hexa.hub import __version__
 
@@ -31,7 +41,7 @@ def create_app(hub: Hub) -> FastAPI:
     hub.starters.append(app.state.client_sessions.start)
     errors.install(app)
     v1 = APIRouter(prefix="/api/v1")
-    for module in (auth, tenancy, devices, integrations, audit, admin):
+    for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)

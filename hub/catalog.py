@@ -14,6 +14,8 @@ class DeviceModel:
     relay_count: int = 0
     input_count: int = 0
     default_input_mode: str = "momentary"
+    #: claimed devices get "hold any input 10 s: all relays off"
+    default_hold_rule: bool = False
     description: str = ""
 
 
@@ -25,6 +27,7 @@ CATALOG: dict[str, DeviceModel] = {
             device_class="relay_controller",
             relay_count=3,
             input_count=3,
+            default_hold_rule=True,
             description="3 relays and 3 inputs",
         ),
     )

@@ -130,6 +130,7 @@ class Settings:
     admin_password: str | None = None
     command_timeout_ms: int = 5000
     scheduler_tick_s: float = 10.0
+    scheduler_grace_s: float = 60.0
     access_token_ttl_s: int = 900
     refresh_token_ttl_s: int = 30 * 24 * 3600
     heartbeat_s: float = 30.0
@@ -189,6 +190,7 @@ _PARSERS: dict[str, Parser] = {
     "admin_password": _text,
     "command_timeout_ms": _positive_int,
     "scheduler_tick_s": _positive_float,
+    "scheduler_grace_s": _positive_float,
     "access_token_ttl_s": _positive_int,
     "refresh_token_ttl_s": _positive_int,
     "heartbeat_s": _positive_float,

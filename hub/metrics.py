@@ -35,3 +35,7 @@ DEVICES_ONLINE = Gauge("hexa_devices_online", "Devices currently online")
 WS_SESSIONS = Gauge("hexa_ws_sessions", "Open WebSocket sessions", ["kind"])
 WS_DROPPED = Counter("hexa_ws_dropped_messages_total", "Messages dropped for slow WS clients")
 BUS_RECONNECTS = Counter("hexa_bus_reconnects_total", "Times the bus client reconnected")
+SCHEDULE_RUNS = Counter("hexa_schedule_runs_total", "Schedule runs by outcome", ["status"])
+AUTOMATION_RUNS = Counter(
+    "hexa_automation_runs_total", "Automation evaluations by outcome", ["outcome"]
+)

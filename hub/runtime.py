@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from hexa.hub import topics
+from hexa.hub import catalog, topics
 from hexa.hub.accounts import Accounts
 from hexa.hub.audit import AuditLog
+from hexa.hub.automations import Engine, default_rule
 from hexa.hub.bus import BrokerAddress, Bus
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
@@ -19,8 +21,9 @@ from hexa.hub.devices import Registry
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
+from hexa.hub.schedules import Scheduler
 from hexa.hub.state import DeviceCache
-from hexa.models import Device
+from hexa.models import Automation, Device, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,14 @@ class Hub:
         )
         self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s)
         self.presence = Presence(self.bus, self.cache, self.relay, self.audit)
+        self.scheduler = Scheduler(
+            self.commands,
+            self.audit,
+            tick_s=settings.scheduler_tick_s,
+            grace_s=settings.scheduler_grace_s,
+        )
+        self.automations = Engine(self.commands, self.cache, self.bus, self.audit)
+        self.presence.listeners.append(self.automations.on_event)
         #: run once the bus is connected (the API's gateways subscribe here)
         self.starters: list[Starter] = []
         #: close an integration's broker sessions by its MQTT username
@@ -56,6 +67,7 @@ class Hub:
         self.mqtt_tls_port: int | None = None
         self.http_port: int | None = None
         self.registry.hooks.append(self._on_device_change)
+        self.registry.hooks.append(self._rules_follow_device)
 
     async def prepare(self) -> None:
         """Database-side start-up: presence reset, bootstrap admin."""
@@ -74,6 +86,8 @@ class Hub:
         await tg.start(self.relay.run)
         await self.commands.start()
         await tg.start(self.presence.run)
+        await tg.start(self.scheduler.run)
+        await tg.start(self.automations.run)
         for start in self.starters:
             await start()
 
@@ -86,6 +100,30 @@ class Hub:
                 )
             await self._clear_retained(topics.STATE.format(uid=device.device_uid))
             await self._clear_retained(topics.AVAILABILITY.format(uid=device.device_uid))
+
+    async def _rules_follow_device(self, device: Device, what: str) -> None:
+        """A claimed switch gets the default hold rule; a device that leaves its organization
+        disables the schedules and automations that use it."""
+        if what == "claimed":
+            spec = catalog.lookup(device.model)
+            if spec is not None and spec.default_hold_rule:
+                await Automation.create(
+                    org_id=device.org_id,
+                    device_id=device.id,
+                    is_default=True,
+                    **default_rule(device),
+                )
+        else:
+            await Schedule.filter(device_id=device.id).update(
+                enabled=False, last_result="device_removed"
+            )
+            uid = str(device.id)
+            for rule in await Automation.filter(enabled=True):
+                if rule.device_id == device.id or uid in json.dumps(
+                    [rule.trigger, rule.conditions, rule.actions]
+                ):
+                    await Automation.filter(id=rule.id).update(enabled=False)
+        self.automations.invalidate()
 
     async def _clear_retained(self, topic: str) -> None:
         try:

@@ -352,3 +352,19 @@ def intent_value(state: bool | str) -> IntentValue:
     if upper == "TOGGLE":
         return "TOGGLE"
     raise ValueError("state must be true, false or 'toggle'")
+
+
+#: hub-internal: an automation fired (for the WebSocket clients of its organization).
+#: Only hub sessions may read it (the broker's ACL denies it to devices and integrations).
+AUTOMATION_FIRED = Topic("automation_fired", "hexa/hub/automation_fired")
+
+
+class AutomationFired(_Ours):
+    automation_id: str
+    org_id: str
+    device_id: str | None = None
+    at: str
+
+
+def decode_automation_fired(payload: bytes) -> AutomationFired:
+    return _model(AutomationFired, payload)

@@ -1,6 +1,7 @@
 """Tortoise ORM models, one module per aggregate. No I/O beyond the ORM."""
 
 from hexa.models.audit import AuditEntry
+from hexa.models.automation import Automation, AutomationRun, Schedule
 from hexa.models.devices import Device, DeviceInput, RelayState
 from hexa.models.idempotency import IdempotencyRecord
 from hexa.models.integrations import IntegrationToken
@@ -10,6 +11,8 @@ from hexa.models.users import RefreshToken, User
 __all__ = [
     "Area",
     "AuditEntry",
+    "Automation",
+    "AutomationRun",
     "Device",
     "DeviceInput",
     "IdempotencyRecord",
@@ -18,6 +21,7 @@ __all__ = [
     "Organization",
     "RefreshToken",
     "RelayState",
+    "Schedule",
     "Site",
     "User",
 ]

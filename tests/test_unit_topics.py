@@ -135,7 +135,13 @@ def test_protocol_doc_lists_every_topic() -> None:
     from pathlib import Path
 
     doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
-    every = [*topics.PER_DEVICE, topics.HUB_STATUS, topics.HA_SWITCH_CONFIG, topics.HA_STATUS]
+    every = [
+        *topics.PER_DEVICE,
+        topics.HUB_STATUS,
+        topics.HA_SWITCH_CONFIG,
+        topics.HA_STATUS,
+        topics.AUTOMATION_FIRED,
+    ]
     for t in every:
         shown = (
             t.template.replace("{uid}", "<uid>")

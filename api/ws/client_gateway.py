@@ -1,7 +1,7 @@
 """``/ws/client``: live device state for people, and relay commands from them.
 
 hub → client: ``device_state``, ``device_online``/``device_offline``,
-``command_result``; client → hub: ``set_relay``, ``set_all_relays``.
+``automation_fired``, ``command_result``; client → hub: ``set_relay``, ``set_all_relays``.
 A client only receives devices of organizations it is a member of.
 """
 
@@ -81,17 +81,36 @@ class ClientSessions:
         self._clients.add(client)
         if len(self._clients) == 1:
             await self.hub.bus.subscribe(topics.STATE.filter(), self._on_state)
+            await self.hub.bus.subscribe(topics.AUTOMATION_FIRED.format(), self._on_fired)
 
     async def remove(self, client: _Client) -> None:
         self._clients.discard(client)
         if not self._clients:
             await self.hub.bus.unsubscribe(topics.STATE.filter(), self._on_state)
+            await self.hub.bus.unsubscribe(topics.AUTOMATION_FIRED.format(), self._on_fired)
             self._online.clear()
 
     def broadcast(self, org_id: uuid.UUID | None, doc: dict[str, Any]) -> None:
         for client in list(self._clients):
             if client.principal.can_see(org_id):
                 client.push(doc)
+
+    async def _on_fired(self, msg: Message) -> None:
+        try:
+            fired = topics.decode_automation_fired(msg.payload)
+            org_id = uuid.UUID(fired.org_id)
+        except (topics.PayloadError, ValueError):
+            metrics.BAD_PAYLOADS.labels("automation_fired").inc()
+            return
+        self.broadcast(
+            org_id,
+            {
+                "type": "automation_fired",
+                "automation_id": fired.automation_id,
+                "device_id": fired.device_id,
+                "at": fired.at,
+            },
+        )
 
     async def _on_state(self, msg: Message) -> None:
         params = topics.STATE.parse(msg.topic)

@@ -1,0 +1,190 @@
+"""``/automations``: event rules that switch relays (manager+ to change, viewer to read)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Response
+from pydantic import Field, StrictBool
+
+from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.schemas import Body, Name, iso
+from hexa.hub.access import Principal
+from hexa.hub.automations import validate_rule
+from hexa.hub.errors import NotFound, ValidationFailed
+from hexa.models import Automation, AutomationRun, Device
+
+router = APIRouter(tags=["automations"])
+
+Cooldown = Annotated[int, Field(ge=0, le=86_400)]
+Dedupe = Annotated[int, Field(ge=0, le=3_600_000)]
+
+
+class AutomationCreate(Body):
+    name: Name
+    enabled: StrictBool = True
+    trigger: dict[str, Any]
+    conditions: Annotated[list[dict[str, Any]], Field(max_length=20)] = Field(default_factory=list)
+    actions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=20)]
+    cooldown_s: Cooldown = 0
+    dedupe_window_ms: Dedupe = 0
+
+
+class AutomationPatch(Body):
+    name: Name | None = None
+    enabled: StrictBool | None = None
+    trigger: dict[str, Any] | None = None
+    conditions: Annotated[list[dict[str, Any]], Field(max_length=20)] | None = None
+    actions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=20)] | None = None
+    cooldown_s: Cooldown | None = None
+    dedupe_window_ms: Dedupe | None = None
+
+
+def view(a: Automation) -> dict[str, Any]:
+    return {
+        "id": str(a.id),
+        "org_id": str(a.org_id),
+        "device_id": None if a.device_id is None else str(a.device_id),
+        "name": a.name,
+        "enabled": a.enabled,
+        "trigger": a.trigger,
+        "conditions": a.conditions,
+        "actions": a.actions,
+        "cooldown_s": a.cooldown_s,
+        "dedupe_window_ms": a.dedupe_window_ms,
+        "is_default": a.is_default,
+        "last_fired_at": iso(a.last_fired_at),
+        "fire_count": a.fire_count,
+        "created_at": iso(a.created_at),
+        "updated_at": iso(a.updated_at),
+    }
+
+
+async def _org_of_trigger(principal: Principal, trigger: dict[str, Any]) -> uuid.UUID:
+    """Rules live in the organization of their trigger's device."""
+    try:
+        device_id = uuid.UUID(str(trigger.get("device_id")))
+    except ValueError:
+        raise ValidationFailed(
+            "trigger.device_id must be a device id", details={"field": "trigger.device_id"}
+        ) from None
+    device = await Device.get_or_none(id=device_id, deleted_at=None)
+    if device is None or device.org_id is None or not principal.can_see(device.org_id):
+        raise NotFound("device")
+    principal.require(device.org_id, "manage_automations", kind="device")
+    return device.org_id
+
+
+async def _automation(principal: Principal, automation_id: uuid.UUID, action: str) -> Automation:
+    rule = await Automation.get_or_none(id=automation_id)
+    if rule is None or not principal.can_see(rule.org_id):
+        raise NotFound("automation")
+    principal.require(rule.org_id, action, kind="automation")
+    return rule
+
+
+@router.get("/automations")
+async def list_automations(
+    principal: PrincipalDep,
+    page: PageDep,
+    device_id: uuid.UUID | None = None,
+    enabled: bool | None = None,
+) -> dict[str, Any]:
+    query = Automation.all()
+    visible = principal.visible_org_ids()
+    if visible is not None:
+        query = query.filter(org_id__in=visible)
+    if device_id is not None:
+        query = query.filter(device_id=device_id)
+    if enabled is not None:
+        query = query.filter(enabled=enabled)
+    total = await query.count()
+    rows = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    return page.wrap([view(a) for a in rows], total)
+
+
+@router.post("/automations", status_code=201)
+async def create_automation(
+    body: AutomationCreate, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    org_id = await _org_of_trigger(principal, body.trigger)
+    trigger, conditions, actions = await validate_rule(
+        org_id, body.trigger, body.conditions, body.actions
+    )
+    rule = await Automation.create(
+        org_id=org_id,
+        device_id=trigger["device_id"],
+        name=body.name,
+        enabled=body.enabled,
+        trigger=trigger,
+        conditions=conditions,
+        actions=actions,
+        cooldown_s=body.cooldown_s,
+        dedupe_window_ms=body.dedupe_window_ms,
+    )
+    hub.automations.invalidate()
+    return view(rule)
+
+
+@router.get("/automations/{automation_id}")
+async def get_automation(automation_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
+    return view(await _automation(principal, automation_id, "read"))
+
+
+@router.patch("/automations/{automation_id}")
+async def patch_automation(
+    automation_id: uuid.UUID, body: AutomationPatch, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    rule = await _automation(principal, automation_id, "manage_automations")
+    changes = body.model_dump(exclude_unset=True)
+    for key in changes:
+        if changes[key] is None:
+            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    trigger = changes.get("trigger", rule.trigger)
+    if "trigger" in changes and await _org_of_trigger(principal, trigger) != rule.org_id:
+        raise NotFound("device")
+    trigger, conditions, actions = await validate_rule(
+        rule.org_id,
+        trigger,
+        changes.get("conditions", rule.conditions),
+        changes.get("actions", rule.actions),
+    )
+    changes.update(trigger=trigger, conditions=conditions, actions=actions)
+    rule.update_from_dict(changes)
+    rule.device_id = uuid.UUID(trigger["device_id"])
+    await rule.save()
+    hub.automations.invalidate()
+    return view(rule)
+
+
+@router.delete("/automations/{automation_id}", status_code=204)
+async def delete_automation(
+    automation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+) -> Response:
+    rule = await _automation(principal, automation_id, "manage_automations")
+    await rule.delete()
+    hub.automations.invalidate()
+    return Response(status_code=204)
+
+
+@router.get("/automations/{automation_id}/runs")
+async def list_runs(
+    automation_id: uuid.UUID, principal: PrincipalDep, page: PageDep
+) -> dict[str, Any]:
+    """The rule's evaluations, newest first: fired, skipped or suppressed, with results."""
+    rule = await _automation(principal, automation_id, "read")
+    query = AutomationRun.filter(automation_id=rule.id)
+    total = await query.count()
+    rows = await query.order_by("-at", "-id").offset(page.offset).limit(page.limit)
+    items = [
+        {
+            "id": str(r.id),
+            "at": iso(r.at),
+            "outcome": r.outcome,
+            "event": r.event,
+            "results": r.results,
+        }
+        for r in rows
+    ]
+    return page.wrap(items, total)

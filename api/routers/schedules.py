@@ -1,0 +1,194 @@
+"""``/schedules``: cron schedules that switch relays (manager+ to change, viewer to read)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Response
+from pydantic import Field, StrictBool
+
+from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.schemas import Body, Name, iso
+from hexa.hub.access import Principal
+from hexa.hub.errors import NotFound, ValidationFailed
+from hexa.hub.schedules import check_cron, check_timezone, next_run
+from hexa.hub.security import utcnow
+from hexa.models import Device, Schedule
+
+router = APIRouter(tags=["schedules"])
+
+
+class SetRelay(Body):
+    type: Literal["set_relay"]
+    relay_index: Annotated[int, Field(ge=0, le=63)]
+    state: StrictBool
+
+
+class SetAllRelays(Body):
+    type: Literal["set_all_relays"]
+    state: StrictBool
+
+
+ScheduleAction = Annotated[SetRelay | SetAllRelays, Field(discriminator="type")]
+Cron = Annotated[str, Field(min_length=1, max_length=120)]
+Tz = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ScheduleCreate(Body):
+    device_id: uuid.UUID
+    name: Name
+    cron: Cron
+    timezone: Tz = "UTC"
+    enabled: StrictBool = True
+    action: ScheduleAction
+
+
+class SchedulePatch(Body):
+    device_id: uuid.UUID | None = None
+    name: Name | None = None
+    cron: Cron | None = None
+    timezone: Tz | None = None
+    enabled: StrictBool | None = None
+    action: ScheduleAction | None = None
+
+
+def view(s: Schedule) -> dict[str, Any]:
+    return {
+        "id": str(s.id),
+        "org_id": str(s.org_id),
+        "device_id": str(s.device_id),
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "enabled": s.enabled,
+        "action": s.action,
+        "next_execution": iso(s.next_execution),
+        "last_execution": iso(s.last_execution),
+        "execution_count": s.execution_count,
+        "failure_count": s.failure_count,
+        "last_result": s.last_result,
+        "created_at": iso(s.created_at),
+        "updated_at": iso(s.updated_at),
+    }
+
+
+async def _device(principal: Principal, device_id: uuid.UUID) -> Device:
+    device = await Device.get_or_none(id=device_id, deleted_at=None)
+    if device is None or device.org_id is None or not principal.can_see(device.org_id):
+        raise NotFound("device")
+    principal.require(device.org_id, "manage_schedules", kind="device")
+    return device
+
+
+async def _schedule(principal: Principal, schedule_id: uuid.UUID, action: str) -> Schedule:
+    schedule = await Schedule.get_or_none(id=schedule_id)
+    if schedule is None or not principal.can_see(schedule.org_id):
+        raise NotFound("schedule")
+    principal.require(schedule.org_id, action, kind="schedule")
+    return schedule
+
+
+def _check(device: Device, cron: str, tz: str, action: dict[str, Any]) -> None:
+    check_timezone(tz)
+    check_cron(cron, tz)
+    index = action.get("relay_index")
+    if index is not None and index >= device.relay_count:
+        raise ValidationFailed(
+            f"relay_index {index} out of range (0-{device.relay_count - 1})",
+            details={"field": "action.relay_index"},
+        )
+
+
+def _next(cron: str, tz: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    upcoming = next_run(cron, check_timezone(tz), utcnow(), None)
+    return upcoming[0] if upcoming else None
+
+
+@router.get("/schedules")
+async def list_schedules(
+    principal: PrincipalDep,
+    page: PageDep,
+    device_id: uuid.UUID | None = None,
+    enabled: bool | None = None,
+) -> dict[str, Any]:
+    query = Schedule.all()
+    visible = principal.visible_org_ids()
+    if visible is not None:
+        query = query.filter(org_id__in=visible)
+    if device_id is not None:
+        query = query.filter(device_id=device_id)
+    if enabled is not None:
+        query = query.filter(enabled=enabled)
+    total = await query.count()
+    rows = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    return page.wrap([view(s) for s in rows], total)
+
+
+@router.post("/schedules", status_code=201)
+async def create_schedule(body: ScheduleCreate, principal: PrincipalDep) -> dict[str, Any]:
+    device = await _device(principal, body.device_id)
+    action = body.action.model_dump()
+    _check(device, body.cron, body.timezone, action)
+    schedule = await Schedule.create(
+        org_id=device.org_id,
+        device_id=device.id,
+        name=body.name,
+        cron=body.cron,
+        timezone=body.timezone,
+        enabled=body.enabled,
+        action=action,
+        next_execution=_next(body.cron, body.timezone, body.enabled),
+    )
+    return view(schedule)
+
+
+@router.get("/schedules/{schedule_id}")
+async def get_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
+    return view(await _schedule(principal, schedule_id, "read"))
+
+
+@router.patch("/schedules/{schedule_id}")
+async def patch_schedule(
+    schedule_id: uuid.UUID, body: SchedulePatch, principal: PrincipalDep
+) -> dict[str, Any]:
+    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+    changes = body.model_dump(exclude_unset=True)
+    for key in changes:
+        if changes[key] is None:
+            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    device_id = changes.get("device_id", schedule.device_id)
+    device = await _device(principal, device_id)
+    if device.org_id != schedule.org_id:
+        raise NotFound("device")
+    cron = changes.get("cron", schedule.cron)
+    tz = changes.get("timezone", schedule.timezone)
+    action = changes.get("action", schedule.action)
+    enabled = changes.get("enabled", schedule.enabled)
+    _check(device, cron, tz, action)
+    schedule.update_from_dict(changes)
+    if {"cron", "timezone", "enabled"} & changes.keys():
+        schedule.next_execution = _next(cron, tz, enabled)
+        schedule.last_fired_local = None
+    await schedule.save()
+    return view(schedule)
+
+
+@router.delete("/schedules/{schedule_id}", status_code=204)
+async def delete_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Response:
+    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+    await schedule.delete()
+    return Response(status_code=204)
+
+
+@router.post("/schedules/{schedule_id}/run")
+async def run_schedule(
+    schedule_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+) -> dict[str, Any]:
+    """Run the schedule's action now (its timing is unchanged); answers with the outcome."""
+    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+    status = await hub.scheduler.execute(schedule)
+    refreshed = await Schedule.get(id=schedule.id)
+    return {**view(refreshed), "result": status}
