@@ -376,6 +376,88 @@ async def _run(
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    result = asyncio.run(_bench(args))
+    if args.schedules:
+        result = asyncio.run(_bench_schedules(args.schedules, args.bench_database_url))
+    else:
+        result = asyncio.run(_bench(args))
     print(json.dumps(result))
     return 0
+
+
+class _AppliedCommands:
+    """Stands in for the bus in the scheduler benchmark: every intent is applied at once."""
+
+    async def submit(
+        self, uid: str, relay_index: int | None, state: str, **_: Any
+    ) -> topics.Result:
+        return topics.Result(intent_id=uuid.uuid4().hex, ok=True, status="applied")
+
+
+async def _bench_schedules(count: int, database_url: str | None) -> dict[str, Any]:
+    """How long one scheduler tick takes for ``count`` due schedules (database-bound)."""
+    from datetime import timedelta
+
+    from hexa.hub import db
+    from hexa.hub.audit import AuditLog
+    from hexa.hub.schedules import Scheduler
+    from hexa.hub.security import utcnow
+    from hexa.models import Device, Organization, Schedule
+
+    work = Path(tempfile.mkdtemp(prefix="hexa-bench-sched-"))
+    url = database_url or f"sqlite://{work / 'bench.db'}"
+    try:
+        await db.migrate_up(url)
+        async with db.database(url):
+            org = await Organization.create(name="bench")
+            device = await Device.create(
+                device_uid=f"hx-{uuid.uuid4().hex[:8]}",
+                model="hexa-mini-switch-v1",
+                device_class="relay_controller",
+                token_hash="x" * 64,
+                relay_count=3,
+                input_count=3,
+                org=org,
+            )
+            due = utcnow() - timedelta(seconds=1)
+            t0 = time.perf_counter()
+            await Schedule.bulk_create(
+                [
+                    Schedule(
+                        org=org,
+                        device=device,
+                        name=f"s{i}",
+                        cron="0 12 1 1 *",
+                        timezone="Europe/Berlin",
+                        next_execution=due,
+                        action={"type": "set_relay", "relay_index": i % 3, "state": True},
+                    )
+                    for i in range(count)
+                ],
+                batch_size=1000,
+            )
+            created = time.perf_counter() - t0
+            audit = AuditLog()
+            scheduler = Scheduler(_AppliedCommands(), audit, tick_s=10)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            fired = await scheduler.tick()
+            tick = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await audit.flush()
+            flushed = time.perf_counter() - t0
+            runs = await Schedule.filter(execution_count=1).count()
+            idle_t0 = time.perf_counter()
+            await scheduler.tick()
+            idle = time.perf_counter() - idle_t0
+        return {
+            "schedules": count,
+            "database": url.split(":", 1)[0],
+            "fired": fired,
+            "recorded_runs": runs,
+            "insert_s": round(created, 2),
+            "tick_s": round(tick, 2),
+            "per_schedule_ms": round(1000 * tick / max(fired, 1), 3),
+            "audit_flush_s": round(flushed, 2),
+            "idle_tick_ms": round(idle * 1000, 2),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--report-seconds", type=float, default=5.0)
     bench.add_argument("--reporters", type=int, default=100, help="devices sending reports")
     bench.add_argument("--database-url", dest="bench_database_url")
+    bench.add_argument(
+        "--schedules", type=int, help="instead: time one scheduler tick of N due schedules"
+    )
     return parser
 
 

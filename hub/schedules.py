@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: a schedule whose next run is further away than this never runs: refuse it
 HORIZON = timedelta(days=366 * 5)
 CLAIM_BATCH = 500
+#: runs of one tick in flight at once (each waits for its device's ack)
+MAX_CONCURRENT_RUNS = 64
 
 
 def check_timezone(name: str) -> ZoneInfo:
@@ -115,6 +117,7 @@ class Scheduler:
         self.tick_s = tick_s
         self.grace_s = grace_s
         self.last_tick: dict[str, Any] = {}
+        self._slots = anyio.Semaphore(MAX_CONCURRENT_RUNS)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -142,7 +145,8 @@ class Scheduler:
                 if tg is None:
                     await self.execute(schedule, scheduled_for)
                 else:
-                    tg.start_soon(self.execute, schedule, scheduled_for)
+                    await self._slots.acquire()
+                    tg.start_soon(self._execute_in_slot, schedule, scheduled_for)
             if len(claimed) < CLAIM_BATCH:
                 break
         self.last_tick = {"at": now, "fired": fired, "seconds": time.perf_counter() - began}
@@ -182,6 +186,12 @@ class Scheduler:
                     out.append((schedule, scheduled_for, missed))
         return out
 
+    async def _execute_in_slot(self, schedule: Schedule, scheduled_for: datetime) -> None:
+        try:
+            await self.execute(schedule, scheduled_for)
+        finally:
+            self._slots.release()
+
     async def execute(self, schedule: Schedule, scheduled_for: datetime | None = None) -> str:
         """Publish the schedule's intent and record the outcome (also used by run-now)."""
         device = await Device.get_or_none(id=schedule.device_id, deleted_at=None)
@@ -213,17 +223,14 @@ class Scheduler:
     async def _record(
         self, schedule: Schedule, status: str, scheduled_for: datetime | None, *, executed: bool
     ) -> None:
-        failed = status != "applied"
         updates: dict[str, Any] = {"last_result": status}
         if executed:
             updates["last_execution"] = utcnow()
+            updates["execution_count"] = F("execution_count") + 1
+        if status != "applied":
+            updates["failure_count"] = F("failure_count") + 1
         try:
             await Schedule.filter(id=schedule.id).update(**updates)
-            counters = Schedule.filter(id=schedule.id)
-            if executed:
-                await counters.update(execution_count=F("execution_count") + 1)
-            if failed:
-                await counters.update(failure_count=F("failure_count") + 1)
         except Exception:
             log.exception("could not record the run of schedule %s", schedule.id)
         metrics.SCHEDULE_RUNS.labels(status).inc()
