@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -51,6 +52,21 @@ class Page:
     ) -> None:
         self.limit, self.offset = limit, offset
 
+    async def rows(self, query: Any, *order: str) -> tuple[list[Any], int]:
+        """This page of a queryset (ordered by creation unless told) and the total."""
+        total = await query.count()
+        rows = (
+            await query.order_by(*(order or ("created_at", "id")))
+            .offset(self.offset)
+            .limit(self.limit)
+        )
+        return list(rows), total
+
+    async def of(self, query: Any, view: Callable[[Any], Any], *order: str) -> dict[str, Any]:
+        """The list response for a queryset, each row rendered with ``view``."""
+        rows, total = await self.rows(query, *order)
+        return self.wrap([view(r) for r in rows], total)
+
     def wrap(self, items: list[Any], total: int) -> dict[str, Any]:
         return {
             "items": items,
@@ -63,6 +79,12 @@ class Page:
 
 
 PageDep = Annotated[Page, Depends()]
+
+
+def in_visible_orgs(query: Any, principal: Principal, field: str = "org_id") -> Any:
+    """Narrow a queryset to the caller's organizations (platform admins: everything)."""
+    visible = principal.visible_org_ids()
+    return query if visible is None else query.filter(**{f"{field}__in": visible})
 
 
 def client_address(request: Request) -> str | None:

@@ -24,9 +24,7 @@ def _require_platform_admin(principal: Principal) -> None:
 @router.get("/users")
 async def list_users(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
     _require_platform_admin(principal)
-    total = await User.all().count()
-    users = await User.all().order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([user_view(u) for u in users], total)
+    return await page.of(User.all(), user_view)
 
 
 @router.patch("/users/{user_id}")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from hexa.api.deps import PageDep, PrincipalDep
+from hexa.api.deps import PageDep, PrincipalDep, in_visible_orgs
 from hexa.api.schemas import iso
 from hexa.hub.audit import SOURCES
 from hexa.hub.errors import ValidationFailed
@@ -59,10 +59,7 @@ async def list_audit(
     for name, value in (("since", since), ("until", until)):
         if value is not None and value.tzinfo is None:
             raise ValidationFailed(f"{name} needs a timezone (e.g. Z)", details={"field": name})
-    query = AuditEntry.all()
-    visible = principal.visible_org_ids()
-    if visible is not None:
-        query = query.filter(org_id__in=visible)
+    query = in_visible_orgs(AuditEntry.all(), principal)
     filters: dict[str, Any] = {
         "org_id": org_id,
         "device_id": device_id,
@@ -75,6 +72,4 @@ async def list_audit(
         "request_id": request_id,
     }
     query = query.filter(**{k: v for k, v in filters.items() if v is not None})
-    total = await query.count()
-    rows = await query.order_by("-at", "-id").offset(page.offset).limit(page.limit)
-    return page.wrap([_view(e) for e in rows], total)
+    return await page.of(query, _view, "-at", "-id")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Response
 from pydantic import Field, StrictBool
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
 from hexa.api.schemas import Body, Name, iso
 from hexa.hub.access import Principal
 from hexa.hub.automations import validate_rule
@@ -91,17 +91,12 @@ async def list_automations(
     device_id: uuid.UUID | None = None,
     enabled: bool | None = None,
 ) -> dict[str, Any]:
-    query = Automation.all()
-    visible = principal.visible_org_ids()
-    if visible is not None:
-        query = query.filter(org_id__in=visible)
+    query = in_visible_orgs(Automation.all(), principal)
     if device_id is not None:
         query = query.filter(device_id=device_id)
     if enabled is not None:
         query = query.filter(enabled=enabled)
-    total = await query.count()
-    rows = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([view(a) for a in rows], total)
+    return await page.of(query, view)
 
 
 @router.post("/automations", status_code=201)
@@ -174,9 +169,7 @@ async def list_runs(
 ) -> dict[str, Any]:
     """The rule's evaluations, newest first: fired, skipped or suppressed, with results."""
     rule = await _automation(principal, automation_id, "read")
-    query = AutomationRun.filter(automation_id=rule.id)
-    total = await query.count()
-    rows = await query.order_by("-at", "-id").offset(page.offset).limit(page.limit)
+    rows, total = await page.rows(AutomationRun.filter(automation_id=rule.id), "-at", "-id")
     items = [
         {
             "id": str(r.id),

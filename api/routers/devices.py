@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AllRelaysCommand,
@@ -19,9 +19,13 @@ from hexa.api.schemas import (
     iso,
 )
 from hexa.hub import topics
+from hexa.hub.access import Principal
 from hexa.hub.errors import NotFound, Unauthorized, ValidationFailed
 from hexa.hub.security import same_secret
 from hexa.models import Device, DeviceInput, RelayState
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
 
 router = APIRouter(tags=["devices"])
 
@@ -82,10 +86,7 @@ async def list_devices(
     online: bool | None = None,
     model: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
-    query = Device.filter(deleted_at=None, org_id__isnull=False)
-    visible = principal.visible_org_ids()
-    if visible is not None:
-        query = query.filter(org_id__in=visible)
+    query = in_visible_orgs(Device.filter(deleted_at=None, org_id__isnull=False), principal)
     if org_id is not None:
         query = query.filter(org_id=org_id)
     if site_id is not None:
@@ -96,8 +97,7 @@ async def list_devices(
         query = query.filter(online=online)
     if model is not None:
         query = query.filter(model=model)
-    total = await query.count()
-    devices = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
+    devices, total = await page.rows(query)
     ids = [d.id for d in devices]
     relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
     inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
@@ -177,21 +177,7 @@ async def set_relay(
     device = await hub.registry.get_for(principal, device_id, "command_relays")
     if relay_index >= device.relay_count:
         raise NotFound("relay")
-    result = await hub.commands.execute(
-        device.device_uid,
-        relay_index,
-        topics.intent_value(body.state),
-        source="api",
-        actor_type="user",
-        actor_id=str(principal.id),
-        request_id=request_id_of(request),
-    )
-    return {
-        "device_id": str(device.id),
-        "relays": result.relays,
-        "latency_ms": result.latency_ms,
-        "command_id": result.command_id,
-    }
+    return await _command(hub, principal, device, relay_index, body.state, request)
 
 
 @router.post("/devices/{device_id}/relays")
@@ -203,10 +189,22 @@ async def set_all_relays(
     request: Request,
 ) -> dict[str, Any]:
     device = await hub.registry.get_for(principal, device_id, "command_relays")
+    return await _command(hub, principal, device, None, body.state, request)
+
+
+async def _command(
+    hub: Hub,
+    principal: Principal,
+    device: Device,
+    relay_index: int | None,
+    state: bool | str,
+    request: Request,
+) -> dict[str, Any]:
+    """Publish the intent, wait for its result; anything but applied raises its error."""
     result = await hub.commands.execute(
         device.device_uid,
-        None,
-        topics.intent_value(body.state),
+        relay_index,
+        topics.intent_value(state),
         source="api",
         actor_type="user",
         actor_id=str(principal.id),

@@ -56,9 +56,7 @@ async def list_tokens(
         query = query.filter(org_id__in=manageable)
     if org_id is not None:
         query = query.filter(org_id=org_id)
-    total = await query.count()
-    rows = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([_view(r) for r in rows], total)
+    return await page.of(query, _view)
 
 
 @router.delete("/tokens/{token_id}", status_code=204)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Response
 from pydantic import Field, StrictBool
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
 from hexa.api.schemas import Body, Name, iso
 from hexa.hub.access import Principal
 from hexa.hub.errors import NotFound, ValidationFailed
@@ -114,17 +114,12 @@ async def list_schedules(
     device_id: uuid.UUID | None = None,
     enabled: bool | None = None,
 ) -> dict[str, Any]:
-    query = Schedule.all()
-    visible = principal.visible_org_ids()
-    if visible is not None:
-        query = query.filter(org_id__in=visible)
+    query = in_visible_orgs(Schedule.all(), principal)
     if device_id is not None:
         query = query.filter(device_id=device_id)
     if enabled is not None:
         query = query.filter(enabled=enabled)
-    total = await query.count()
-    rows = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([view(s) for s in rows], total)
+    return await page.of(query, view)
 
 
 @router.post("/schedules", status_code=201)

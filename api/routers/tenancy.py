@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from hexa.api.deps import PageDep, PrincipalDep
+from hexa.api.deps import PageDep, PrincipalDep, in_visible_orgs
 from hexa.api.schemas import (
     AreaCreate,
     AreaPatch,
@@ -60,13 +60,8 @@ async def _area(principal: Principal, area_id: uuid.UUID, action: str) -> Area:
 # --- organizations ---------------------------------------------------------------------
 @router.get("/orgs")
 async def list_orgs(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
-    query = Organization.filter(deleted_at=None)
-    visible = principal.visible_org_ids()
-    if visible is not None:
-        query = query.filter(id__in=visible)
-    total = await query.count()
-    orgs = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([org_view(o) for o in orgs], total)
+    query = in_visible_orgs(Organization.filter(deleted_at=None), principal, field="id")
+    return await page.of(query, org_view)
 
 
 @router.post("/orgs", status_code=201)
@@ -117,15 +112,7 @@ def _member_view(m: Membership) -> dict[str, Any]:
 @router.get("/orgs/{org_id}/members")
 async def list_members(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
     org = await _org(principal, org_id, "read")
-    query = Membership.filter(org_id=org.id)
-    total = await query.count()
-    rows = (
-        await query.order_by("created_at", "id")
-        .offset(page.offset)
-        .limit(page.limit)
-        .prefetch_related("user")
-    )
-    return page.wrap([_member_view(m) for m in rows], total)
+    return await page.of(Membership.filter(org_id=org.id).prefetch_related("user"), _member_view)
 
 
 @router.post("/orgs/{org_id}/members", status_code=201)
@@ -192,10 +179,7 @@ def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> Non
 @router.get("/orgs/{org_id}/sites")
 async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
     org = await _org(principal, org_id, "read")
-    query = Site.filter(org_id=org.id, deleted_at=None)
-    total = await query.count()
-    sites = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([site_view(s) for s in sites], total)
+    return await page.of(Site.filter(org_id=org.id, deleted_at=None), site_view)
 
 
 @router.post("/orgs/{org_id}/sites", status_code=201)
@@ -242,10 +226,7 @@ async def delete_site(site_id: uuid.UUID, principal: PrincipalDep) -> Response:
 @router.get("/sites/{site_id}/areas")
 async def list_areas(site_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
     site = await _site(principal, site_id, "read")
-    query = Area.filter(site_id=site.id, deleted_at=None)
-    total = await query.count()
-    areas = await query.order_by("created_at", "id").offset(page.offset).limit(page.limit)
-    return page.wrap([area_view(a) for a in areas], total)
+    return await page.of(Area.filter(site_id=site.id, deleted_at=None), area_view)
 
 
 @router.post("/sites/{site_id}/areas", status_code=201)
