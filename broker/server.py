@@ -52,6 +52,55 @@ class HexaBroker(Broker):  # type: ignore[misc]
         super().__init__(config)
         self._transports: set[Any] = set()
         self.max_payload = max_payload
+        self._filters_version = 0
+        self._wildcards: tuple[int, list[str]] = (-1, [])
+
+    # --- routing: amqtt scans every filter for every message (and formats a debug line
+    # per miss); with one exact filter per device that is O(devices) per message. We look
+    # up exact filters in the dict and scan only the wildcard ones.
+    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        self._filters_version += 1
+        return int(await super().add_subscription(subscription, session))
+
+    def _del_subscription(self, a_filter: str, session: Any) -> int:
+        self._filters_version += 1
+        return int(super()._del_subscription(a_filter, session))
+
+    async def _del_all_subscriptions(self, session: Any) -> None:
+        await super()._del_all_subscriptions(session)
+        self._filters_version += 1
+
+    def _matching_filters(self, topic: str) -> list[str]:
+        version, wildcards = self._wildcards
+        if version != self._filters_version:
+            wildcards = [f for f in self._subscriptions if "+" in f or "#" in f]
+            self._wildcards = (self._filters_version, wildcards)
+        found = [f for f in wildcards if self._matches(topic, f)]
+        if topic in self._subscriptions:
+            found.append(topic)
+        return found
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        for flt in self._matching_filters(topic):
+            for target, sub_qos in list(self._subscriptions.get(flt, ())):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target.transitions.state == "connected"
+                if not connected:
+                    # MQTT-3.1.2-4: a persistent session keeps QoS 1/2 messages while away
+                    if not target.clean_session and qos in (1, 2) and not target.is_anonymous:
+                        await self._retain_broadcast_message(broadcast, qos, target)
+                    continue
+                handler = self._get_handler(target)
+                if handler is not None:
+                    running_tasks.append(
+                        asyncio.ensure_future(
+                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                        )
+                    )
 
     async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
         transport = writer.transport

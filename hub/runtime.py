@@ -115,7 +115,7 @@ class Hub:
                 )
         else:
             await Schedule.filter(device_id=device.id).update(
-                enabled=False, last_result="device_removed"
+                enabled=False, next_execution=None, last_result="device_removed"
             )
             uid = str(device.id)
             for rule in await Automation.filter(enabled=True):

@@ -192,12 +192,20 @@ class Scheduler:
         finally:
             self._slots.release()
 
-    async def execute(self, schedule: Schedule, scheduled_for: datetime | None = None) -> str:
+    async def execute(
+        self,
+        schedule: Schedule,
+        scheduled_for: datetime | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> str:
         """Publish the schedule's intent and record the outcome (also used by run-now)."""
         device = await Device.get_or_none(id=schedule.device_id, deleted_at=None)
         if device is None or device.org_id != schedule.org_id:
-            await Schedule.filter(id=schedule.id).update(enabled=False)
-            await self._record(schedule, "device_removed", scheduled_for, executed=False)
+            await Schedule.filter(id=schedule.id).update(enabled=False, next_execution=None)
+            await self._record(
+                schedule, "device_removed", scheduled_for, executed=False, request_id=request_id
+            )
             return "device_removed"
         action = schedule.action
         index = action.get("relay_index") if action.get("type") == "set_relay" else None
@@ -212,16 +220,23 @@ class Scheduler:
                 actor_type="schedule",
                 actor_id=str(schedule.id),
                 schedule_id=str(schedule.id),
+                request_id=request_id,
             )
             status = result.status
         except Exception:
             log.exception("schedule %s could not publish its intent", schedule.id)
             status = "error"
-        await self._record(schedule, status, scheduled_for, executed=True)
+        await self._record(schedule, status, scheduled_for, executed=True, request_id=request_id)
         return status
 
     async def _record(
-        self, schedule: Schedule, status: str, scheduled_for: datetime | None, *, executed: bool
+        self,
+        schedule: Schedule,
+        status: str,
+        scheduled_for: datetime | None,
+        *,
+        executed: bool,
+        request_id: str | None = None,
     ) -> None:
         updates: dict[str, Any] = {"last_result": status}
         if executed:
@@ -242,6 +257,7 @@ class Scheduler:
             device_id=schedule.device_id,
             org_id=schedule.org_id,
             schedule_id=schedule.id,
+            request_id=request_id,
             details={
                 "status": status,
                 "name": schedule.name,

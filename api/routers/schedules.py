@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import Field, StrictBool
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.errors import request_id_of
 from hexa.api.schemas import Body, Name, iso
 from hexa.hub.access import Principal
 from hexa.hub.errors import NotFound, ValidationFailed
@@ -180,10 +181,10 @@ async def delete_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Re
 
 @router.post("/schedules/{schedule_id}/run")
 async def run_schedule(
-    schedule_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+    schedule_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
     """Run the schedule's action now (its timing is unchanged); answers with the outcome."""
     schedule = await _schedule(principal, schedule_id, "manage_schedules")
-    status = await hub.scheduler.execute(schedule)
+    status = await hub.scheduler.execute(schedule, request_id=request_id_of(request))
     refreshed = await Schedule.get(id=schedule.id)
     return {**view(refreshed), "result": status}
