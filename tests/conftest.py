@@ -115,6 +115,7 @@ class RunningHub:
     db_kind: str
     info: dict[str, Any] = field(default_factory=dict)
     thread: threading.Thread | None = None
+    proc: Any = None
 
     @property
     def api_base(self) -> str:
@@ -194,7 +195,56 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
     return hub
 
 
+def spawn_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
+    """A hub in its own process (`hexa serve`): for a second hub beside the shared one,
+    since one process holds one hub's database context."""
+    import re
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "HEXA_DATA_DIR": str(data_dir),
+        "HEXA_DATABASE_URL": db_url,
+        "HEXA_HTTP_PORT": "0",
+        "HEXA_MQTT_PORT": "0",
+        "HEXA_MQTT_WS_PORT": "off",
+        "HEXA_DEVICE_PROVISION_KEY": PROVISION_KEY,
+        "HEXA_JWT_SECRET": "test-jwt-secret-0123456789abcdef0123456789",
+        "HEXA_COMMAND_TIMEOUT_MS": str(COMMAND_TIMEOUT_MS),
+        "HEXA_LOG_LEVEL": "WARNING",
+        **{f"HEXA_{k.upper()}": v for k, v in overrides.items()},
+    }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "hub.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hexa.hub.cli", "serve"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    listen = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
+    found = wait_until(lambda: proc.poll() is not None or listen.search(log.read_text()), 60)
+    match = listen.search(log.read_text())
+    if not found or match is None:
+        proc.kill()
+        raise RuntimeError(f"hexa serve did not start:\n{log.read_text()}")
+    settings = load_settings(environ={k: v for k, v in env.items() if k.startswith("HEXA_")})
+    hub = RunningHub(
+        settings, f"http://127.0.0.1:{match.group(1)}", int(match.group(2)), db_url.split(":")[0]
+    )
+    hub.proc = proc
+    return hub
+
+
 def stop_hub(hub: RunningHub) -> None:
+    if hub.proc is not None:
+        hub.proc.terminate()
+        try:
+            hub.proc.wait(20)
+        except Exception:
+            hub.proc.kill()
+        return
     server = hub.info.get("server")
     if server is not None:
         server.request_exit()

@@ -20,7 +20,7 @@ from conftest import (
     new_database_url,
     provision,
     register,
-    start_hub,
+    spawn_hub,
     stop_hub,
     wait_until,
 )
@@ -99,7 +99,7 @@ def external(db_kind: str, tmp_path: Path) -> Iterator[tuple[Mosquitto, RunningH
     broker = Mosquitto(tmp_path)
     broker.start()
     url, drop = new_database_url(db_kind, tmp_path)
-    hub = start_hub(
+    hub = spawn_hub(
         url,
         tmp_path / "data",
         broker_url=f"mqtt://{HUB_USER}:{HUB_PASSWORD}@127.0.0.1:{broker.port}",

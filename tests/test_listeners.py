@@ -1,0 +1,147 @@
+"""The embedded broker's other listeners: MQTT over TLS and MQTT over WebSocket."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import ssl
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import (
+    RunningHub,
+    claim,
+    new_database_url,
+    provision,
+    register,
+    spawn_hub,
+    stop_hub,
+    wait_until,
+)
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hexa-test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def tls_hub(db_kind: str, tmp_path: Path) -> Iterator[tuple[RunningHub, Path, int, int]]:
+    cert, key = _self_signed(tmp_path)
+    tls_port, ws_port = _free_port(), _free_port()
+    url, drop = new_database_url(db_kind, tmp_path)
+    hub = spawn_hub(
+        url,
+        tmp_path / "data",
+        mqtt_tls_cert=str(cert),
+        mqtt_tls_key=str(key),
+        mqtt_tls_port=str(tls_port),
+        mqtt_ws_port=str(ws_port),
+    )
+    try:
+        yield hub, cert, tls_port, ws_port
+    finally:
+        stop_hub(hub)
+        drop()
+
+
+def _connect(port: int, uid: str, token: str, **options: Any) -> tuple[mqtt.Client, Any]:
+    """A paho device connection; returns it with the CONNACK reason code."""
+    done = threading.Event()
+    result: dict[str, Any] = {}
+    transport = options.pop("transport", "tcp")
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"l-{uuid.uuid4().hex[:8]}", transport=transport
+    )
+    if "ca" in options:
+        client.tls_set(ca_certs=str(options["ca"]), cert_reqs=ssl.CERT_REQUIRED)
+    client.username_pw_set(uid, token)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        result["rc"] = rc
+        if not rc.is_failure:
+            c.publish(f"hexa/{uid}/availability", "online", qos=1, retain=True)
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    assert done.wait(10), "no CONNACK"
+    return client, result["rc"]
+
+
+def test_device_over_tls_and_over_websocket(tls_hub: tuple[RunningHub, Path, int, int]) -> None:
+    """A device comes online over MQTT/TLS (verified certificate) and over MQTT/WebSocket."""
+    hub, cert, tls_port, ws_port = tls_hub
+    user = register(hub)
+    p = provision(hub)
+    assert p["mqtt"]["tls_port"] == tls_port
+    dev = claim(hub, user, p["claim_code"])
+    tls_client, rc = _connect(tls_port, p["device_uid"], p["device_token"], ca=cert)
+    assert not rc.is_failure
+    with hub.api(user.access_token) as c:
+        assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"], 5)
+    tls_client.disconnect()
+    tls_client.loop_stop()
+
+    q = provision(hub)
+    claim(hub, user, q["claim_code"])
+    ws_client, rc = _connect(ws_port, q["device_uid"], q["device_token"], transport="websockets")
+    assert not rc.is_failure
+    ws_client.disconnect()
+    ws_client.loop_stop()
+
+
+def test_bad_credentials_refused_on_every_listener(
+    tls_hub: tuple[RunningHub, Path, int, int],
+) -> None:
+    """Wrong tokens are refused over TLS and WebSocket too."""
+    hub, cert, tls_port, ws_port = tls_hub
+    p = provision(hub)
+    for port, options in ((tls_port, {"ca": cert}), (ws_port, {"transport": "websockets"})):
+        client, rc = _connect(port, p["device_uid"], "wrong-token", **options)
+        assert rc.is_failure
+        client.loop_stop()
