@@ -14,6 +14,7 @@ from amqtt.session import Session
 
 from hexa.broker import metrics
 from hexa.broker.gate import HUB_USERNAME, Gate
+from hexa.broker.local import LocalBus
 from hexa.broker.plugins import IDENTITY, HexaAclPlugin, HexaAuthPlugin
 from hexa.hub import topics
 from hexa.hub.config import Settings
@@ -342,6 +343,13 @@ class EmbeddedBroker:
             host = "127.0.0.1"
         assert self.port is not None
         return host, self.port, HUB_USERNAME, self.hub_password
+
+    def local_bus(self, client_id: str) -> LocalBus:
+        """The hub's bus, attached in-process (no socket, no MQTT encoding)."""
+        assert self._broker is not None
+        return LocalBus(
+            self._broker, client_id=client_id, presence_topic=topics.HUB_STATUS.format()
+        )
 
     def attach(self, hub: Any) -> None:
         """Close broker sessions when the hub revokes credentials."""

@@ -33,7 +33,7 @@ from tortoise.expressions import F
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.bus import Bus
+from hexa.hub.busapi import BusLike
 from hexa.hub.commands import Commands
 from hexa.hub.errors import BusUnavailable, NotFound, ValidationFailed
 from hexa.hub.security import utcnow
@@ -197,7 +197,9 @@ def default_rule(device: Device) -> dict[str, Any]:
 class Engine:
     """Evaluates enabled rules against device events and runs their actions."""
 
-    def __init__(self, commands: Commands, cache: DeviceCache, bus: Bus, audit: AuditLog) -> None:
+    def __init__(
+        self, commands: Commands, cache: DeviceCache, bus: BusLike, audit: AuditLog
+    ) -> None:
         self.commands = commands
         self.cache = cache
         self.bus = bus

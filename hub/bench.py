@@ -37,7 +37,8 @@ import httpx
 import psutil
 
 from hexa.hub import topics
-from hexa.hub.bus import BrokerAddress, Bus, Message
+from hexa.hub.bus import BrokerAddress, Bus
+from hexa.hub.busapi import Message
 from hexa.hub.sim import Credentials, SimDevice, provision
 
 KEY = "bench-provision-key-" + uuid.uuid4().hex

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -25,20 +24,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from hexa.hub import metrics, topics
+from hexa.hub.busapi import Handler, Message, topic_matches
 from hexa.hub.errors import BusUnavailable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    payload: bytes
-    retain: bool = False
-    qos: int = 1
-
-
-Handler = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -60,23 +49,6 @@ class BrokerAddress:
             password=unquote(parts.password) if parts.password else None,
             tls=tls,
         )
-
-
-def topic_matches(flt: str, topic: str) -> bool:
-    """MQTT filter matching (MQTT-4.7), including ``+`` and ``#``."""
-    fparts, tparts = flt.split("/"), topic.split("/")
-    for i, f in enumerate(fparts):
-        if f == "#":
-            return not (i == 0 and topic.startswith("$"))
-        if i >= len(tparts):
-            return False
-        if f == "+":
-            if i == 0 and tparts[0].startswith("$"):
-                return False
-            continue
-        if f != tparts[i]:
-            return False
-    return len(fparts) == len(tparts)
 
 
 def _nodelay(sock: Any) -> None:

@@ -278,7 +278,10 @@ async def serve(
                 stack.push_async_callback(broker.shutdown)
                 host, port, username, password = broker.hub_credentials()
                 address = BrokerAddress(host, port, username, password)
-            hub = Hub(settings, address, instance=instance)
+            bus = None
+            if broker is not None and settings.embedded_bus == "local":
+                bus = broker.local_bus(f"hexa-hub-{instance}")
+            hub = Hub(settings, address, instance=instance, bus=bus)
             if broker is not None:
                 broker.attach(hub)
                 hub.mqtt_port, hub.mqtt_tls_port = broker.port, broker.tls_port

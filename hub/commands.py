@@ -10,7 +10,7 @@ import asyncio
 import uuid
 
 from hexa.hub import metrics, topics
-from hexa.hub.bus import Bus, Message
+from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateLimited
 
 #: extra time granted beyond the relay service's own command timeout
@@ -20,7 +20,7 @@ MARGIN_S = 2.0
 class Commands:
     """Publishes intents and waits for their results."""
 
-    def __init__(self, bus: Bus, *, timeout_s: float) -> None:
+    def __init__(self, bus: BusLike, *, timeout_s: float) -> None:
         self.bus = bus
         self.timeout_s = timeout_s
         self._waiting: dict[str, asyncio.Future[topics.Result]] = {}

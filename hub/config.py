@@ -81,6 +81,13 @@ def _broker_url(name: str, raw: str) -> str | None:
     return raw
 
 
+def _embedded_bus(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value not in ("local", "tcp"):
+        raise SettingError(name, raw, "must be local or tcp")
+    return value
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -123,6 +130,7 @@ class Settings:
     mqtt_tls_cert: Path | None = None
     mqtt_tls_key: Path | None = None
     broker_url: str | None = None
+    embedded_bus: str = "local"
     public_host: str | None = None
     device_provision_key: str | None = None
     jwt_secret: str | None = None
@@ -183,6 +191,7 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_tls_cert": _optional_path,
     "mqtt_tls_key": _optional_path,
     "broker_url": _broker_url,
+    "embedded_bus": _embedded_bus,
     "public_host": _text,
     "device_provision_key": _secret,
     "jwt_secret": _secret,

@@ -12,7 +12,7 @@ from anyio.abc import TaskStatus
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.bus import Bus, Message
+from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.relay import RelayService
 from hexa.hub.state import DeviceCache, DeviceInfo
@@ -27,7 +27,9 @@ EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
 class Presence:
     """Keeps ``online``/``last_seen_at`` current and ingests reports and input events."""
 
-    def __init__(self, bus: Bus, cache: DeviceCache, relay: RelayService, audit: AuditLog) -> None:
+    def __init__(
+        self, bus: BusLike, cache: DeviceCache, relay: RelayService, audit: AuditLog
+    ) -> None:
         self.bus = bus
         self.audit = audit
         self.cache = cache

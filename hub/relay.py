@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.bus import Bus, Message
+from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import DeviceInput, RelayState
@@ -50,7 +50,9 @@ class _Pending:
 class RelayService:
     """Consumes intents and acks; publishes commands, states and results."""
 
-    def __init__(self, bus: Bus, cache: DeviceCache, audit: AuditLog, *, timeout_s: float) -> None:
+    def __init__(
+        self, bus: BusLike, cache: DeviceCache, audit: AuditLog, *, timeout_s: float
+    ) -> None:
         self.bus = bus
         self.audit = audit
         self.cache = cache

@@ -15,6 +15,7 @@ from hexa.hub.accounts import Accounts
 from hexa.hub.audit import AuditLog
 from hexa.hub.automations import Engine, default_rule
 from hexa.hub.bus import BrokerAddress, Bus
+from hexa.hub.busapi import BusLike
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
 from hexa.hub.devices import Registry
@@ -38,12 +39,21 @@ class Hub:
     :meth:`start` inside its task group, and serves the API over this object.
     """
 
-    def __init__(self, settings: Settings, bus_address: BrokerAddress, *, instance: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus_address: BrokerAddress,
+        *,
+        instance: str,
+        bus: BusLike | None = None,
+    ) -> None:
         self.settings = settings
         self.instance = instance
         self.accounts = Accounts(settings)
         self.cache = DeviceCache()
-        self.bus = Bus(bus_address, client_id=f"hexa-hub-{instance}")
+        self.broker_address = bus_address
+        #: an MQTT client unless the composition root attaches the hub in-process
+        self.bus: BusLike = bus or Bus(bus_address, client_id=f"hexa-hub-{instance}")
         self.audit = AuditLog()
         self.registry = Registry(self.audit)
         self.relay = RelayService(
@@ -139,7 +149,7 @@ class Hub:
         """Where devices connect: the embedded broker, or the external one."""
         s = self.settings
         if s.broker_url:
-            a = self.bus.address
+            a = self.broker_address
             return {
                 "host": s.public_host or a.host,
                 "port": None if a.tls else a.port,

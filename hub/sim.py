@@ -22,7 +22,8 @@ import anyio
 import httpx
 
 from hexa.hub import topics
-from hexa.hub.bus import BrokerAddress, Bus, Message
+from hexa.hub.bus import BrokerAddress, Bus
+from hexa.hub.busapi import Message
 
 log = logging.getLogger(__name__)
 

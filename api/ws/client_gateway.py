@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from hexa.hub import metrics, topics
 from hexa.hub.access import Principal, load_principal
-from hexa.hub.bus import Message
+from hexa.hub.busapi import Message
 from hexa.hub.errors import HubError, ValidationFailed
 from hexa.hub.security import decode_access_token
 

@@ -15,7 +15,7 @@ import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hexa.hub import metrics, topics
-from hexa.hub.bus import Message
+from hexa.hub.busapi import Message
 from hexa.hub.errors import BusUnavailable
 
 if TYPE_CHECKING:

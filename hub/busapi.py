@@ -1,0 +1,60 @@
+"""What every bus offers the hub: messages, handlers, filter matching, the interface.
+
+Two buses implement it: :class:`hexa.hub.bus.Bus` (an MQTT client, for any broker) and
+the in-process attachment to the embedded broker (``hexa.broker.local.LocalBus``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from anyio.abc import TaskStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool = False
+    qos: int = 1
+
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+def topic_matches(flt: str, topic: str) -> bool:
+    """MQTT filter matching (MQTT-4.7), including ``+`` and ``#``."""
+    fparts, tparts = flt.split("/"), topic.split("/")
+    for i, f in enumerate(fparts):
+        if f == "#":
+            return not (i == 0 and topic.startswith("$"))
+        if i >= len(tparts):
+            return False
+        if f == "+":
+            if i == 0 and tparts[0].startswith("$"):
+                return False
+            continue
+        if f != tparts[i]:
+            return False
+    return len(fparts) == len(tparts)
+
+
+class BusLike(Protocol):
+    """Publish, subscribe with handlers, presence; ``run`` keeps it connected."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def subscribe(self, flt: str, handler: Handler) -> None: ...
+
+    async def unsubscribe(self, flt: str, handler: Handler) -> None: ...
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None: ...
+
+    async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+    async def close(self) -> None: ...
