@@ -150,6 +150,8 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
         "HEXA_COMMAND_TIMEOUT_MS": str(COMMAND_TIMEOUT_MS),
         "HEXA_TRUST_PROXY": "true",
         "HEXA_LOG_LEVEL": "WARNING",
+        # the suite runs on the in-process bus; CI runs the bus-heavy files again over TCP
+        "HEXA_EMBEDDED_BUS": os.environ.get("HEXA_TEST_EMBEDDED_BUS", "local"),
     }
     env.update({f"HEXA_{k.upper()}": v for k, v in overrides.items()})
     settings = load_settings(environ=env)
