@@ -849,3 +849,33 @@ def test_exactly_once_across_two_instances(db_kind: str, tmp_path: Path) -> None
     for name in ("a", "b"):
         text = (tmp_path / f"{name}.log").read_text(errors="replace")
         assert "Traceback" not in text, text
+
+
+def test_crash_and_restart_fires_a_due_run_once(db_kind: str, tmp_path: Path) -> None:
+    """A hub killed (SIGKILL) while a run is due fires it once after restart, never again."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    env = serve_env(url, tmp_path / "data")
+    proc, h = serve(env, tmp_path / "first.log")
+    try:
+        user = register(h)
+        _, dev = claimed_device(h, user)
+        s = create(
+            h, user, dev["id"], cron="0 12 1 1 *", action={"type": "set_all_relays", "state": True}
+        )
+        proc.kill()
+        proc.wait(10)
+        set_next_execution(url, s["id"], datetime.now(UTC) - timedelta(seconds=5))
+        proc, h = serve(env, tmp_path / "second.log")
+        assert wait_until(lambda: get(h, user, s["id"])["execution_count"] == 1, 15)
+        stop(proc)  # a clean restart right after: the run is not repeated
+        proc, h = serve(env, tmp_path / "third.log")
+        with h.api(user.access_token) as c:
+            assert wait_until(lambda: c.get("/readyz").status_code in (200, 404), 5)
+        runs = audit(h, user, schedule_id=s["id"], action="schedule_run")
+        assert runs["total"] == 1, [(e["action"], e["details"]) for e in runs["items"]]
+        after = get(h, user, s["id"])
+        assert after["execution_count"] == 1 and after["last_result"] == "offline"
+        assert ts(after["next_execution"]) > datetime.now(UTC)
+    finally:
+        stop(proc)
+        drop()
