@@ -35,6 +35,11 @@ DEVICES_ONLINE = Gauge("hexa_devices_online", "Devices currently online")
 WS_SESSIONS = Gauge("hexa_ws_sessions", "Open WebSocket sessions", ["kind"])
 WS_DROPPED = Counter("hexa_ws_dropped_messages_total", "Messages dropped for slow WS clients")
 BUS_RECONNECTS = Counter("hexa_bus_reconnects_total", "Times the bus client reconnected")
+SCHEDULER_TICK = Histogram(
+    "hexa_scheduler_tick_seconds",
+    "Time to claim and start the due schedules of one tick",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+)
 SCHEDULE_RUNS = Counter("hexa_schedule_runs_total", "Schedule runs by outcome", ["status"])
 AUTOMATION_RUNS = Counter(
     "hexa_automation_runs_total", "Automation evaluations by outcome", ["outcome"]

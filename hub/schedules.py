@@ -116,7 +116,6 @@ class Scheduler:
         self.audit = audit
         self.tick_s = tick_s
         self.grace_s = grace_s
-        self.last_tick: dict[str, Any] = {}
         self._slots = anyio.Semaphore(MAX_CONCURRENT_RUNS)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -149,7 +148,7 @@ class Scheduler:
                     tg.start_soon(self._execute_in_slot, schedule, scheduled_for)
             if len(claimed) < CLAIM_BATCH:
                 break
-        self.last_tick = {"at": now, "fired": fired, "seconds": time.perf_counter() - began}
+        metrics.SCHEDULER_TICK.observe(time.perf_counter() - began)
         return fired
 
     async def _claim(self, now: datetime) -> list[tuple[Schedule, datetime, bool]]:

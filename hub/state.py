@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hexa.hub.security import utcnow
 from hexa.models import Device, DeviceInput, RelayState
@@ -29,7 +29,6 @@ class DeviceInfo:
     online: bool = False
     fw_version: str | None = None
     seen_written: float = 0.0
-    connections: set[str] = field(default_factory=set)
 
 
 class DeviceCache:
