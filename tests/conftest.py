@@ -197,7 +197,9 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
     return hub
 
 
-def spawn_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
+def spawn_hub(
+    db_url: str, data_dir: Path, *, log: Path | None = None, **overrides: str
+) -> RunningHub:
     """A hub in its own process (`hexa serve`): for a second hub beside the shared one,
     since one process holds one hub's database context."""
     import re
@@ -218,7 +220,7 @@ def spawn_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
         **{f"HEXA_{k.upper()}": v for k, v in overrides.items()},
     }
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir / "hub.log"
+    log = log or data_dir / "hub.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "hexa.hub.cli", "serve"],
         env=env,
@@ -241,11 +243,13 @@ def spawn_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
 
 def stop_hub(hub: RunningHub) -> None:
     if hub.proc is not None:
-        hub.proc.terminate()
-        try:
-            hub.proc.wait(20)
-        except Exception:
-            hub.proc.kill()
+        if hub.proc.poll() is None:
+            hub.proc.terminate()
+            try:
+                hub.proc.wait(20)
+            except Exception:
+                hub.proc.kill()
+                hub.proc.wait(5)
         return
     server = hub.info.get("server")
     if server is not None:

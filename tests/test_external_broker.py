@@ -158,13 +158,16 @@ def test_bus_reconnects_after_broker_restart(external: tuple[Mosquitto, RunningH
     assert wait_until(lambda: httpx.get(hub.base + "/readyz").status_code == 503, 10)
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
-    assert r.status_code == 503 and r.json()["code"] in ("bus_unavailable", "device_offline")
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] in ("bus_unavailable", "device_offline"), r.text
     broker.start()
-    assert wait_until(lambda: httpx.get(hub.base + "/readyz").status_code == 200, 15)
+    ready = wait_until(lambda: httpx.get(hub.base + "/readyz").status_code == 200, 15)
+    assert ready, httpx.get(hub.base + "/readyz").text
     m2 = wait_until(lambda: _connected(hub, dev), 10)
-    assert m2
+    assert m2, "the device could not log in to the restarted broker"
     with hub.api(user.access_token) as c:
-        assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"], 5)
+        online = wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"], 5)
+        assert online, c.get(f"/devices/{dev['id']}").text
         r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
         assert r.status_code == 200, r.text
     m2.close()

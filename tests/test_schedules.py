@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +20,6 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from conftest import (
-    PROVISION_KEY,
     RunningHub,
     User,
     claimed_device,
@@ -33,10 +27,10 @@ from conftest import (
     new_database_url,
     online_device,
     register,
+    spawn_hub,
+    stop_hub,
     wait_until,
 )
-
-from hexa.hub.config import load_settings
 
 FAR_CRON = "0 0 1 1 *"  # once a year: never due by itself during a test run
 READ_ONLY = ("next_execution", "last_execution", "execution_count", "failure_count", "last_result")
@@ -153,61 +147,12 @@ def closer() -> Iterator[Callable[[Any], Any]]:
             x.close()
 
 
-HEXA = [sys.executable, "-m", "hexa.hub.cli", "serve"]
-LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
-JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+def serve(url: str, data_dir: Path, log: Path) -> RunningHub:
+    """A `hexa serve` process of our own whose scheduler ticks every FAST_TICK_S.
 
-
-def serve_env(url: str, data_dir: Path) -> dict[str, str]:
-    """Settings of a `hexa serve` process for these tests (scheduler tick 0.5 s)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "HEXA_DATA_DIR": str(data_dir),
-        "HEXA_DATABASE_URL": url,
-        "HEXA_HTTP_HOST": "127.0.0.1",
-        "HEXA_HTTP_PORT": "0",
-        "HEXA_MQTT_HOST": "127.0.0.1",
-        "HEXA_MQTT_PORT": "0",
-        "HEXA_MQTT_WS_PORT": "off",
-        "HEXA_DEVICE_PROVISION_KEY": PROVISION_KEY,
-        "HEXA_JWT_SECRET": JWT_SECRET,
-        "HEXA_COMMAND_TIMEOUT_MS": "1500",
-        "HEXA_SCHEDULER_TICK_S": str(FAST_TICK_S),
-        "HEXA_LOG_LEVEL": "WARNING",
-    }
-
-
-def serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], RunningHub]:
-    """Start `hexa serve` (output to ``log``); return it and a handle once it listens.
-
-    A process of its own, not start_hub(): Tortoise allows one hub per test process and
-    the session's shared hub is already running there."""
-    out = log.open("wb")
-    proc = subprocess.Popen(HEXA, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-
-    def ports() -> tuple[int, int] | None:
-        m = LISTEN_RE.search(log.read_text(errors="replace"))
-        return (int(m.group(1)), int(m.group(2))) if m else None
-
-    wait_until(lambda: ports() or proc.poll() is not None, 60, 0.05)
-    found = ports()
-    if found is None:
-        stop(proc)
-        raise AssertionError(f"hexa serve did not start: {log.read_text(errors='replace')}")
-    settings = load_settings(environ=env)
-    kind = env["HEXA_DATABASE_URL"].split(":")[0]
-    return proc, RunningHub(settings, f"http://127.0.0.1:{found[0]}", found[1], kind)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    A process, not start_hub(): one test process holds one hub's database context and the
+    session's shared hub is already running there."""
+    return spawn_hub(url, data_dir, log=log, scheduler_tick_s=str(FAST_TICK_S))
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +160,11 @@ def fast_hub(db_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """A hub process of our own whose scheduler ticks every 0.5 s (grace: the default 60 s)."""
     tmp = tmp_path_factory.mktemp(f"sched-{db_kind}")
     url, drop = new_database_url(db_kind, tmp)
-    proc, h = serve(serve_env(url, tmp / "data"), tmp / "hub.log")
+    h = serve(url, tmp / "data", tmp / "hub.log")
     try:
         yield h
     finally:
-        stop(proc)
+        stop_hub(h)
         drop()
 
 
@@ -792,13 +737,10 @@ def test_exactly_once_across_two_instances(db_kind: str, tmp_path: Path) -> None
     if db_kind != "postgres":
         pytest.skip("several hub instances share a database only on PostgreSQL")
     url, drop = new_database_url("postgres", tmp_path)
-    procs: list[subprocess.Popen[bytes]] = []
+    hubs: list[RunningHub] = []
     try:
-        hubs = []
         for name in ("a", "b"):  # one after the other: the first one migrates
-            proc, h = serve(serve_env(url, tmp_path / name), tmp_path / f"{name}.log")
-            procs.append(proc)
-            hubs.append(h)
+            hubs.append(serve(url, tmp_path / name, tmp_path / f"{name}.log"))
         a, b = hubs
         user = register(a)
         devices = [claimed_device(a, user)[1] for _ in range(3)]
@@ -840,11 +782,11 @@ def test_exactly_once_across_two_instances(db_kind: str, tmp_path: Path) -> None
                 assert r.json()["total"] == 1 and r.json()["items"][0]["source"] == "schedule"
         per_instance = [schedule_runs_metric(h) for h in (a, b)]
         assert sum(per_instance) == 30, per_instance  # no process ran one twice
-        for p in procs:
-            assert p.poll() is None, "a hub process died"
+        for h in hubs:
+            assert h.proc.poll() is None, "a hub process died"
     finally:
-        for p in procs:
-            stop(p)
+        for h in hubs:
+            stop_hub(h)
         drop()
     for name in ("a", "b"):
         text = (tmp_path / f"{name}.log").read_text(errors="replace")
@@ -854,21 +796,21 @@ def test_exactly_once_across_two_instances(db_kind: str, tmp_path: Path) -> None
 def test_crash_and_restart_fires_a_due_run_once(db_kind: str, tmp_path: Path) -> None:
     """A hub killed (SIGKILL) while a run is due fires it once after restart, never again."""
     url, drop = new_database_url(db_kind, tmp_path)
-    env = serve_env(url, tmp_path / "data")
-    proc, h = serve(env, tmp_path / "first.log")
+    data = tmp_path / "data"
+    h = serve(url, data, tmp_path / "first.log")
     try:
         user = register(h)
         _, dev = claimed_device(h, user)
         s = create(
             h, user, dev["id"], cron="0 12 1 1 *", action={"type": "set_all_relays", "state": True}
         )
-        proc.kill()
-        proc.wait(10)
+        h.proc.kill()
+        h.proc.wait(10)
         set_next_execution(url, s["id"], datetime.now(UTC) - timedelta(seconds=5))
-        proc, h = serve(env, tmp_path / "second.log")
+        h = serve(url, data, tmp_path / "second.log")
         assert wait_until(lambda: get(h, user, s["id"])["execution_count"] == 1, 15)
-        stop(proc)  # a clean restart right after: the run is not repeated
-        proc, h = serve(env, tmp_path / "third.log")
+        stop_hub(h)  # a clean restart right after: the run is not repeated
+        h = serve(url, data, tmp_path / "third.log")
         with h.api(user.access_token) as c:
             assert wait_until(lambda: c.get("/readyz").status_code in (200, 404), 5)
         runs = audit(h, user, schedule_id=s["id"], action="schedule_run")
@@ -877,5 +819,5 @@ def test_crash_and_restart_fires_a_due_run_once(db_kind: str, tmp_path: Path) ->
         assert after["execution_count"] == 1 and after["last_result"] == "offline"
         assert ts(after["next_execution"]) > datetime.now(UTC)
     finally:
-        stop(proc)
+        stop_hub(h)
         drop()
