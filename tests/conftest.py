@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -535,6 +535,25 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             "CI sets HEXA_REQUIRE_POSTGRES=1 and fails instead of skipping.",
             red=True,
         )
+
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def track() -> Iterator[Callable[[T], T]]:
+    """Register clients (MQTT, WebSocket: anything with close()); all are closed after the
+    test, whatever its outcome, newest first."""
+    opened: list[Any] = []
+
+    def add(client: T) -> T:
+        opened.append(client)
+        return client
+
+    yield add
+    for client in reversed(opened):
+        with contextlib.suppress(Exception):  # best-effort cleanup
+            client.close()
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-import pytest
 from conftest import (
     MqttDevice,
     RunningHub,
@@ -102,21 +101,6 @@ class WsClient:
     def close(self) -> None:
         self.ws.close()
         self.thread.join(10)
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[[Any], Any]]:
-    """Closes every MQTT / WebSocket client a test opened, whatever the outcome."""
-    opened: list[Any] = []
-
-    def add(client: Any) -> Any:
-        opened.append(client)
-        return client
-
-    yield add
-    for client in reversed(opened):
-        with contextlib.suppress(Exception):  # best-effort cleanup
-            client.close()
 
 
 def device(

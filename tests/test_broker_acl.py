@@ -4,15 +4,13 @@ observer (an integration subscribed to ``hexa/#``) and by the hub's own state.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import pytest
 from conftest import (
     MqttClient,
     MqttDevice,
@@ -26,21 +24,6 @@ from conftest import (
 
 C = TypeVar("C", bound=MqttClient)
 NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[[C], C]]:
-    """Closes every MQTT client a test opened, whatever the outcome."""
-    opened: list[MqttClient] = []
-
-    def add(client: C) -> C:
-        opened.append(client)
-        return client
-
-    yield add
-    for client in opened:
-        with contextlib.suppress(Exception):  # best effort cleanup
-            client.close()
 
 
 def integration_token(hub: RunningHub, user: User) -> tuple[str, str]:

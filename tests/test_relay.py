@@ -5,12 +5,11 @@ resources, timeouts, offline devices, hostile device payloads, ordering and fair
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -30,21 +29,6 @@ from conftest import (
 C = TypeVar("C", bound=MqttClient)
 TIMEOUT_S = COMMAND_TIMEOUT_MS / 1000
 NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[[C], C]]:
-    """Closes every MQTT client a test opened, whatever the outcome."""
-    opened: list[MqttClient] = []
-
-    def add(client: C) -> C:
-        opened.append(client)
-        return client
-
-    yield add
-    for client in opened:
-        with contextlib.suppress(Exception):  # best effort cleanup
-            client.close()
 
 
 def device(

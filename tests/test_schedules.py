@@ -132,21 +132,6 @@ def set_next_execution(url: str, schedule_id: str, when: datetime, *, enable: bo
     sql(url, lite, pg, value, schedule_id)
 
 
-@pytest.fixture
-def closer() -> Iterator[Callable[[Any], Any]]:
-    """Register things with a close() method; they are closed at the end of the test."""
-    items: list[Any] = []
-
-    def add(x: Any) -> Any:
-        items.append(x)
-        return x
-
-    yield add
-    for x in reversed(items):
-        with contextlib.suppress(Exception):
-            x.close()
-
-
 def serve(url: str, data_dir: Path, log: Path) -> RunningHub:
     """A `hexa serve` process of our own whose scheduler ticks every FAST_TICK_S.
 
@@ -411,11 +396,11 @@ def test_manager_can_manage_schedules(hub: RunningHub) -> None:
 
 
 # --- run now ---------------------------------------------------------------------------------
-def test_run_now_switches_a_real_device(hub: RunningHub, closer: Callable[[Any], Any]) -> None:
+def test_run_now_switches_a_real_device(hub: RunningHub, track: Callable[[Any], Any]) -> None:
     """POST /schedules/{id}/run switches the relay of an online device and records applied."""
     user = register(hub)
     dev, m = online_device(hub, user)
-    closer(m)
+    track(m)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 1, "state": True})
     with hub.api(user.access_token) as c:
         r = c.post(f"/schedules/{s['id']}/run")
@@ -455,12 +440,12 @@ def test_run_now_offline_device_records_offline(hub: RunningHub) -> None:
 
 
 def test_every_run_is_audited_with_source_schedule(
-    hub: RunningHub, closer: Callable[[Any], Any]
+    hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """Each run appears once in GET /audit?schedule_id= with source schedule and its outcome."""
     user = register(hub)
     dev, m = online_device(hub, user)
-    closer(m)
+    track(m)
     _, offline = claimed_device(hub, user)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 2, "state": True})
     s_off = create(hub, user, offline["id"])
@@ -491,12 +476,12 @@ def test_every_run_is_audited_with_source_schedule(
 
 
 def test_run_now_is_idempotent_and_carries_the_request_id(
-    hub: RunningHub, closer: Callable[[Any], Any]
+    hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """A replayed run-now (same Idempotency-Key) does not run again; audit has the request id."""
     user = register(hub)
     dev, m = online_device(hub, user)
-    closer(m)
+    track(m)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 0, "state": True})
     rid = f"req-{uuid.uuid4().hex[:12]}"
     key = uuid.uuid4().hex
@@ -564,12 +549,12 @@ def test_schedule_disabled_by_device_removal_has_no_next_execution(
 
 # --- the scheduler loop ----------------------------------------------------------------------
 def test_due_schedule_fires_once_within_a_tick(
-    fast_hub: RunningHub, closer: Callable[[Any], Any]
+    fast_hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """A schedule made due fires within a tick, exactly once, and moves next_execution ahead."""
     user = register(fast_hub)
     dev, m = online_device(fast_hub, user)
-    closer(m)
+    track(m)
     s = create(fast_hub, user, dev["id"], cron="*/30 * * * *")
     due_at = datetime.now(UTC) - timedelta(seconds=2)
     set_next_execution(db_url(fast_hub), s["id"], due_at)
@@ -594,12 +579,12 @@ def test_due_schedule_fires_once_within_a_tick(
 
 
 def test_run_older_than_grace_is_recorded_missed(
-    fast_hub: RunningHub, closer: Callable[[Any], Any]
+    fast_hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """A due run older than the grace window (60 s) is recorded as missed and sends no command."""
     user = register(fast_hub)
     dev, m = online_device(fast_hub, user)
-    closer(m)
+    track(m)
     s = create(fast_hub, user, dev["id"], cron="*/30 * * * *")
     set_next_execution(db_url(fast_hub), s["id"], datetime.now(UTC) - timedelta(seconds=120))
     seen = wait_until(lambda: get(fast_hub, user, s["id"])["last_result"] == "missed", 10)
@@ -616,11 +601,11 @@ def test_run_older_than_grace_is_recorded_missed(
     assert len(entries) == 1 and entries[0]["details"]["status"] == "missed"
 
 
-def test_run_within_grace_fires_once(fast_hub: RunningHub, closer: Callable[[Any], Any]) -> None:
+def test_run_within_grace_fires_once(fast_hub: RunningHub, track: Callable[[Any], Any]) -> None:
     """A run missed by less than the grace window (e.g. a hub restart) still fires, once."""
     user = register(fast_hub)
     dev, m = online_device(fast_hub, user)
-    closer(m)
+    track(m)
     s = create(
         fast_hub,
         user,
@@ -639,13 +624,13 @@ def test_run_within_grace_fires_once(fast_hub: RunningHub, closer: Callable[[Any
 
 
 def test_loop_survives_a_schedule_whose_device_is_gone(
-    fast_hub: RunningHub, closer: Callable[[Any], Any]
+    fast_hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """A due schedule of a deleted device is disabled as device_removed; others still fire."""
     user = register(fast_hub)
     _, gone = claimed_device(fast_hub, user)
     dev, m = online_device(fast_hub, user)
-    closer(m)
+    track(m)
     orphan = create(fast_hub, user, gone["id"])
     live = create(fast_hub, user, dev["id"])
     with fast_hub.api(user.access_token) as c:
@@ -666,12 +651,12 @@ def test_loop_survives_a_schedule_whose_device_is_gone(
 
 
 def test_database_error_in_one_run_does_not_stop_the_loop(
-    fast_hub: RunningHub, closer: Callable[[Any], Any]
+    fast_hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
     """A database error while recording one run (injected by a trigger) leaves the loop running."""
     user = register(fast_hub)
     dev, m = online_device(fast_hub, user)
-    closer(m)
+    track(m)
     bad = create(
         fast_hub, user, dev["id"], action={"type": "set_relay", "relay_index": 2, "state": True}
     )

@@ -3,17 +3,15 @@ and ``/ws/client`` with live device state and relay commands, tenant-scoped."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-import pytest
 from conftest import (
     MqttClient,
     RunningHub,
@@ -124,21 +122,6 @@ def client_url(hub: RunningHub, token: str) -> str:
 
 
 P = TypeVar("P", bound=WsPeer)
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[[Any], Any]]:
-    """Closes every client (WebSocket or MQTT) a test opened, whatever the outcome."""
-    opened: list[Any] = []
-
-    def add(client: P) -> P:
-        opened.append(client)
-        return client
-
-    yield add
-    for client in opened:
-        with contextlib.suppress(Exception):  # best effort cleanup
-            client.close()
 
 
 def close_code_of(url: str) -> int | None:
