@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
+from hexa.hub.errors import ValidationFailed
 from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site, User
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
@@ -18,6 +19,14 @@ class Body(BaseModel):
     """Every request body rejects unknown fields."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def changes(self, *nullable: str) -> dict[str, Any]:
+        """The fields a PATCH sent; ``null`` is refused except for ``nullable`` fields."""
+        sent = self.model_dump(exclude_unset=True)
+        for key, value in sent.items():
+            if value is None and key not in nullable:
+                raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+        return sent
 
 
 class Credentials(Body):

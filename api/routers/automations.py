@@ -132,10 +132,7 @@ async def patch_automation(
     automation_id: uuid.UUID, body: AutomationPatch, principal: PrincipalDep, hub: HubDep
 ) -> dict[str, Any]:
     rule = await _automation(principal, automation_id, "manage_automations")
-    changes = body.model_dump(exclude_unset=True)
-    for key in changes:
-        if changes[key] is None:
-            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    changes = body.changes()
     trigger = changes.get("trigger", rule.trigger)
     if "trigger" in changes and await _org_of_trigger(principal, trigger) != rule.org_id:
         raise NotFound("device")

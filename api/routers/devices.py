@@ -20,7 +20,7 @@ from hexa.api.schemas import (
 )
 from hexa.hub import topics
 from hexa.hub.access import Principal
-from hexa.hub.errors import NotFound, Unauthorized, ValidationFailed
+from hexa.hub.errors import NotFound, Unauthorized
 from hexa.hub.security import same_secret
 from hexa.models import Device, DeviceInput, RelayState
 
@@ -117,9 +117,7 @@ async def get_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep)
 async def patch_device(
     device_id: uuid.UUID, body: DevicePatch, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
-    changes = body.model_dump(exclude_unset=True)
-    if "name" in changes and changes["name"] is None:
-        raise ValidationFailed("name cannot be null", details={"field": "name"})
+    changes = body.changes("site_id", "area_id", "relay_names")
     device = await hub.registry.update(
         principal, device_id, changes, request_id=request_id_of(request)
     )

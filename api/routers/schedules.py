@@ -151,10 +151,7 @@ async def patch_schedule(
     schedule_id: uuid.UUID, body: SchedulePatch, principal: PrincipalDep
 ) -> dict[str, Any]:
     schedule = await _schedule(principal, schedule_id, "manage_schedules")
-    changes = body.model_dump(exclude_unset=True)
-    for key in changes:
-        if changes[key] is None:
-            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    changes = body.changes()
     device_id = changes.get("device_id", schedule.device_id)
     device = await _device(principal, device_id)
     if device.org_id != schedule.org_id:

@@ -201,10 +201,7 @@ async def patch_site(
     site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep
 ) -> dict[str, Any]:
     site = await _site(principal, site_id, "manage_sites")
-    changes = body.model_dump(exclude_unset=True)
-    for key in ("name", "timezone", "metadata"):
-        if key in changes and changes[key] is None:
-            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    changes = body.changes("location")
     if changes:
         site.update_from_dict(changes)
         await site.save()
@@ -247,10 +244,7 @@ async def patch_area(
     area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep
 ) -> dict[str, Any]:
     area = await _area(principal, area_id, "manage_sites")
-    changes = body.model_dump(exclude_unset=True)
-    for key in ("name", "metadata"):
-        if key in changes and changes[key] is None:
-            raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+    changes = body.changes()
     if changes:
         area.update_from_dict(changes)
         await area.save()
