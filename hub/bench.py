@@ -338,19 +338,26 @@ async def _run(
             ],
         }
 
-        # 4. state reports/s ingested: local changes from every device, bounded in flight
+        # 4. state reports ingested: local changes from many devices at an offered rate
         before_reports = await _metric(http, "hexa_state_reports_total")
+        before_drops = await _metric(http, "hexa_device_flood_drops_total")
+        reporters = devices[: args.reporters]
+        every = len(reporters) / args.report_rate
         stop_at = time.monotonic() + args.report_seconds
         sent = 0
 
         async def reporter(d: SimDevice) -> None:
             nonlocal sent
-            while time.monotonic() < stop_at:
+            next_at = time.monotonic() + random.uniform(0, every)
+            while next_at < stop_at:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 await d.local_switch(random.randrange(3), random.random() < 0.5)
                 sent += 1
+                next_at += every
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(reporter(d) for d in devices[: args.reporters]))
+        await asyncio.gather(*(reporter(d) for d in reporters))
+        offered_s = time.perf_counter() - t0
         # let the hub drain what the broker accepted
         last, stable = -1.0, 0
         while stable < 3:
@@ -361,10 +368,14 @@ async def _run(
         ingest_s = time.perf_counter() - t0 - 1.5
         ingested = last - before_reports
         out["state_reports"] = {
+            "offered_per_s": round(sent / max(offered_s, 0.001), 1),
             "sent": sent,
             "ingested": int(ingested),
             "per_s": round(ingested / max(ingest_s, 0.001), 1),
-            "reporters": min(args.reporters, len(devices)),
+            "flood_dropped": int(
+                await _metric(http, "hexa_device_flood_drops_total") - before_drops
+            ),
+            "reporters": len(reporters),
         }
         final = usage.sample()
         out["hub"] = final[0]

@@ -1,29 +1,26 @@
-"""The bus: an MQTT connection (aiomqtt) with reconnect, presence and dispatch.
+"""The bus: an MQTT connection with reconnect, presence and dispatch.
 
 Handlers subscribe to topic filters; every message is dispatched to every matching
 handler in arrival order. Handlers must return quickly (they hand work to queues), so
 one slow consumer never stalls the connection. Subscriptions are replayed on every
 reconnect. A presence topic (for the hub ``hexa/hub/status``) is ``online`` while
 connected and ``offline`` as the connection's will. The hub has one Bus; the device
-simulator gives each simulated device its own.
+simulator gives each simulated device its own. The wire protocol is
+:mod:`hexa.hub.mqtt` (why not paho/aiomqtt: see there).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import aiomqtt
 import anyio
 from anyio.abc import TaskStatus
 
-from hexa.hub import metrics, topics
+from hexa.hub import metrics, mqtt, topics
 from hexa.hub.busapi import Handler, Message, topic_matches
 from hexa.hub.errors import BusUnavailable
 
@@ -51,15 +48,6 @@ class BrokerAddress:
         )
 
 
-def _nodelay(sock: Any) -> None:
-    # Neither paho nor aiomqtt sets TCP_NODELAY: without it every request/reply over
-    # MQTT waits 40 ms for the peer's delayed ACK (Nagle).
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
 class Bus:
     """One supervised MQTT client connection shared by every hub service."""
 
@@ -78,7 +66,8 @@ class Bus:
         self.keepalive = keepalive
         self.max_backoff_s = max_backoff_s
         self._handlers: list[tuple[str, Handler]] = []
-        self._client: aiomqtt.Client | None = None
+        self._routes: dict[str, list[tuple[str, Handler]]] = {}
+        self._conn: mqtt.MqttConnection | None = None
         self._connected = asyncio.Event()
 
     @property
@@ -89,127 +78,122 @@ class Bus:
         """Register a handler; it takes effect now if connected, and on every reconnect."""
         known = any(f == flt for f, _ in self._handlers)
         self._handlers.append((flt, handler))
-        client = self._client
-        if client is not None and self.connected and not known:
+        self._routes.clear()
+        conn = self._conn
+        if conn is not None and self.connected and not known:
             try:
-                await client.subscribe(flt, qos=1)
-            except aiomqtt.MqttError:
+                await conn.subscribe([flt])
+            except mqtt.MqttError:
                 log.warning("subscribe %s failed; it is replayed on reconnect", flt)
 
     async def unsubscribe(self, flt: str, handler: Handler) -> None:
         """Remove a handler; the broker subscription ends with the filter's last handler."""
         self._handlers = [(f, h) for f, h in self._handlers if (f, h) != (flt, handler)]
-        client = self._client
-        if client is not None and self.connected and all(f != flt for f, _ in self._handlers):
+        self._routes.clear()
+        conn = self._conn
+        if conn is not None and self.connected and all(f != flt for f, _ in self._handlers):
             try:
-                await client.unsubscribe(flt)
-            except aiomqtt.MqttError:
+                await conn.unsubscribe([flt])
+            except mqtt.MqttError:
                 log.warning("unsubscribe %s failed", flt)
 
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> None:
-        client = self._client
-        if client is None or not self.connected:
+        conn = self._conn
+        if conn is None or not self.connected:
             raise BusUnavailable("the message bus is not connected")
+        if isinstance(payload, str):
+            payload = payload.encode()
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
-        except aiomqtt.MqttError as exc:
+            await conn.publish(topic, payload, qos=qos, retain=retain)
+        except mqtt.MqttError as exc:
             raise BusUnavailable(f"publish failed: {exc}") from exc
 
-    def _make_client(self) -> aiomqtt.Client:
+    async def _connect(self) -> mqtt.MqttConnection:
         a = self.address
-        tls = ssl.create_default_context() if a.tls else None
-        client = aiomqtt.Client(
+        return await mqtt.connect(
             a.host,
             a.port,
+            client_id=self.client_id,
             username=a.username,
             password=a.password,
-            identifier=self.client_id,
             keepalive=self.keepalive,
-            clean_session=True,
-            tls_context=tls,
-            will=aiomqtt.Will(self.presence_topic, b"offline", qos=1, retain=True),
-            timeout=10,
+            will=mqtt.Will(self.presence_topic, b"offline", qos=1, retain=True),
+            ssl=ssl.create_default_context() if a.tls else None,
         )
-        client.pending_calls_threshold = 10_000
-        paho = client._client
-        original = paho.on_socket_open
-
-        def on_socket_open(c: Any, userdata: Any, sock: Any) -> None:
-            _nodelay(sock)
-            if original is not None:
-                original(c, userdata, sock)
-
-        paho.on_socket_open = on_socket_open
-        return client
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, and stay connected until cancelled; ready after the first connect."""
         backoff = 0.1
         started = False
         while True:
-            client = self._make_client()
             try:
-                async with client:
-                    self._client = client
-                    for flt in dict.fromkeys(f for f, _ in self._handlers):
-                        await client.subscribe(flt, qos=1)
-                    await client.publish(self.presence_topic, b"online", qos=1, retain=True)
-                    self._connected.set()
-                    backoff = 0.1
-                    log.debug(
-                        "bus %s connected to %s:%s",
-                        self.client_id,
-                        self.address.host,
-                        self.address.port,
-                    )
-                    if not started:
-                        started = True
-                        task_status.started()
-                    async for message in client.messages:
-                        await self._dispatch(message)
-            except aiomqtt.MqttError as exc:
-                self._connected.clear()
-                self._client = None
+                conn = await self._connect()
+            except mqtt.MqttError as exc:
+                log.warning("bus cannot connect to %s:%s: %s", *self._where(), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            try:
+                self._conn = conn
+                filters = list(dict.fromkeys(f for f, _ in self._handlers))
+                if filters:
+                    await conn.subscribe(filters)
+                await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
+                self._connected.set()
+                backoff = 0.1
+                log.debug("bus %s connected to %s:%s", self.client_id, *self._where())
                 if not started:
-                    log.warning("bus cannot connect yet: %s", exc)
-                else:
-                    metrics.BUS_RECONNECTS.inc()
-                    log.warning("bus connection lost: %s; reconnecting in %.1fs", exc, backoff)
+                    started = True
+                    task_status.started()
+                while True:
+                    for message in await conn.receive():
+                        await self._dispatch(message)
+            except mqtt.MqttError as exc:
+                self._connected.clear()
+                self._conn = None
+                metrics.BUS_RECONNECTS.inc()
+                log.warning("bus connection lost: %s; reconnecting in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
             finally:
                 self._connected.clear()
-                self._client = None
+                self._conn = None
+                if not conn.closed:
+                    with anyio.CancelScope(shield=True):
+                        await conn.disconnect()
+
+    def _where(self) -> tuple[str, int]:
+        return self.address.host, self.address.port
 
     async def close(self) -> None:
         """Publish ``offline`` on the presence topic (best effort); run() then ends on cancel."""
-        client = self._client
-        if client is not None and self.connected:
+        conn = self._conn
+        if conn is not None and self.connected:
             try:
-                await client.publish(self.presence_topic, b"offline", qos=1, retain=True, timeout=2)
-            except aiomqtt.MqttError:
+                await asyncio.wait_for(
+                    conn.publish(self.presence_topic, b"offline", qos=1, retain=True), 2
+                )
+            except (mqtt.MqttError, TimeoutError):
                 log.warning("could not publish offline on %s", self.presence_topic)
 
     def abort(self) -> None:
         """Drop the TCP connection without DISCONNECT (the will fires); run() reconnects."""
-        client = self._client
-        if client is not None:
-            sock = client._client.socket()
-            if isinstance(sock, socket.socket):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload
-        if not isinstance(payload, bytes):
-            payload = b"" if payload is None else str(payload).encode()
-        msg = Message(topic, payload, bool(message.retain), int(message.qos))
-        for flt, handler in self._handlers:
-            if topic_matches(flt, topic):
-                try:
-                    await handler(msg)
-                except Exception:
-                    log.exception("bus handler for %s failed on %s", flt, topic)
+    async def _dispatch(self, msg: Message) -> None:
+        topic = msg.topic
+        routes = self._routes.get(topic)
+        if routes is None:
+            routes = [(f, h) for f, h in self._handlers if topic_matches(f, topic)]
+            if len(self._routes) > 50_000:
+                self._routes.clear()
+            self._routes[topic] = routes
+        for flt, handler in routes:
+            try:
+                await handler(msg)
+            except Exception:
+                log.exception("bus handler for %s failed on %s", flt, topic)

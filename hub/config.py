@@ -88,6 +88,13 @@ def _embedded_bus(name: str, raw: str) -> str:
     return value
 
 
+def _event_loop(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value not in ("uvloop", "asyncio"):
+        raise SettingError(name, raw, "must be uvloop or asyncio")
+    return value
+
+
 def _log_level(name: str, raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -131,6 +138,7 @@ class Settings:
     mqtt_tls_key: Path | None = None
     broker_url: str | None = None
     embedded_bus: str = "local"
+    event_loop: str = "uvloop"
     public_host: str | None = None
     device_provision_key: str | None = None
     jwt_secret: str | None = None
@@ -192,6 +200,7 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_tls_key": _optional_path,
     "broker_url": _broker_url,
     "embedded_bus": _embedded_bus,
+    "event_loop": _event_loop,
     "public_host": _text,
     "device_provision_key": _secret,
     "jwt_secret": _secret,

@@ -28,6 +28,11 @@ BAD_PAYLOADS = Counter(
     "Undecodable payloads dropped at the bus edge, by topic kind",
     ["kind"],
 )
+FLOOD_DROPS = Counter(
+    "hexa_device_flood_drops_total",
+    "Device messages dropped because that device's queue was full, by topic kind",
+    ["kind"],
+)
 LATE_ACKS = Counter("hexa_late_acks_total", "Acks that arrived after their command timed out")
 STATE_REPORTS = Counter("hexa_state_reports_total", "Device state reports ingested")
 INPUT_EVENTS = Counter("hexa_input_events_total", "Device input events", ["event"])

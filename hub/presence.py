@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
@@ -23,6 +24,51 @@ log = logging.getLogger(__name__)
 #: (event name, device, data): "device_online", "device_offline", "input_event"
 EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
 
+#: messages of one device waiting to be handled; beyond this the device is flooding
+LANE_LIMIT = 256
+
+
+class _Lanes:
+    """One ordered lane per device: a device's messages are handled in arrival order,
+    different devices concurrently (so their database writes share commits), and a
+    device that floods fills only its own bounded lane."""
+
+    def __init__(self, limit: int = LANE_LIMIT) -> None:
+        self.limit = limit
+        self._lanes: dict[str, deque[Callable[[], Awaitable[None]]]] = {}
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def submit(self, uid: str, job: Callable[[], Awaitable[None]]) -> bool:
+        """Queue ``job`` on ``uid``'s lane; False when the lane is full (the job is dropped)."""
+        lane = self._lanes.get(uid)
+        if lane is None:
+            assert self._tg is not None, "lanes are not running"
+            lane = self._lanes[uid] = deque((job,))
+            self._tg.start_soon(self._drain, uid, lane, name=f"device-lane-{uid}")
+            return True
+        if len(lane) >= self.limit:
+            return False
+        lane.append(job)
+        return True
+
+    async def _drain(self, uid: str, lane: deque[Callable[[], Awaitable[None]]]) -> None:
+        try:
+            while lane:
+                try:
+                    await lane[0]()
+                except Exception:
+                    log.exception("handling a message of %s failed", uid)
+                lane.popleft()  # only now: a non-empty lane means "a worker is on it"
+        finally:
+            if self._lanes.get(uid) is lane:
+                del self._lanes[uid]
+
 
 class Presence:
     """Keeps ``online``/``last_seen_at`` current and ingests reports and input events."""
@@ -35,13 +81,36 @@ class Presence:
         self.cache = cache
         self.relay = relay
         self.listeners: list[EventListener] = []
+        self._lanes = _Lanes()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self.bus.subscribe(topics.AVAILABILITY.filter(), self._on_availability)
-        await self.bus.subscribe(topics.REPORT.filter(), self._on_report)
-        await self.bus.subscribe(topics.EVENT.filter(), self._on_event)
-        task_status.started()
-        await anyio.sleep_forever()
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._lanes.run)
+            for topic, handle in (
+                (topics.AVAILABILITY, self._on_availability),
+                (topics.REPORT, self._on_report),
+                (topics.EVENT, self._on_event),
+            ):
+                await self.bus.subscribe(topic.filter(), self._queued(topic, handle))
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def _queued(
+        self, topic: topics.Topic, handle: Callable[[str, Message], Awaitable[None]]
+    ) -> Callable[[Message], Awaitable[None]]:
+        """A bus handler that puts the message on its device's lane and returns at once."""
+        kind = topic.name
+
+        async def on_message(msg: Message) -> None:
+            params = topic.parse(msg.topic)
+            if params is None:
+                return
+            uid = params["uid"]
+            if not self._lanes.submit(uid, lambda: handle(uid, msg)):
+                metrics.FLOOD_DROPS.labels(kind).inc()
+                log.warning("dropped a %s message of %s: it floods its queue", kind, uid)
+
+        return on_message
 
     @staticmethod
     async def reset() -> None:
@@ -75,24 +144,17 @@ class Presence:
             )
         await self._emit(name, device, {})
 
-    async def _on_availability(self, msg: Message) -> None:
-        params = topics.AVAILABILITY.parse(msg.topic)
-        if params is None:
-            return
+    async def _on_availability(self, uid: str, msg: Message) -> None:
         try:
             online = topics.decode_availability(msg.payload)
         except topics.PayloadError:
             metrics.BAD_PAYLOADS.labels("availability").inc()
             return
-        device = await self.cache.get(params["uid"])
+        device = await self.cache.get(uid)
         if device is not None:
             await self.set_online(device, online)
 
-    async def _on_report(self, msg: Message) -> None:
-        params = topics.REPORT.parse(msg.topic)
-        if params is None:
-            return
-        uid = params["uid"]
+    async def _on_report(self, uid: str, msg: Message) -> None:
         try:
             report = topics.decode_report(msg.payload)
         except topics.PayloadError as exc:
@@ -132,11 +194,7 @@ class Presence:
                 details={"before": before, "relays": relays},
             )
 
-    async def _on_event(self, msg: Message) -> None:
-        params = topics.EVENT.parse(msg.topic)
-        if params is None:
-            return
-        uid = params["uid"]
+    async def _on_event(self, uid: str, msg: Message) -> None:
         try:
             event = topics.decode_event(msg.payload)
         except topics.PayloadError as exc:

@@ -22,8 +22,7 @@ from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.state import DeviceCache, DeviceInfo
-from hexa.models import DeviceInput, RelayState
+from hexa.hub.state import DeviceCache, DeviceInfo, StateWriter
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ class RelayService:
         self._timed_out: OrderedDict[str, _Pending] = OrderedDict()
         self._tg: TaskGroup | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._writer = StateWriter()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -267,19 +267,18 @@ class RelayService:
                 for i, (old, new) in enumerate(zip(device.relays, relays, strict=False))
                 if old != new
             ]
-            for index in changed:
-                await RelayState.filter(device_id=device.id, index=index).update(
-                    state=relays[index]
-                )
             changed_inputs: list[int] = []
             if inputs is not None and len(inputs) == device.input_count:
                 changed_inputs = [
                     i for i, (o, n) in enumerate(zip(device.inputs, inputs, strict=True)) if o != n
                 ]
-                for index in changed_inputs:
-                    await DeviceInput.filter(device_id=device.id, index=index).update(
-                        state=inputs[index]
-                    )
+            if changed or changed_inputs:
+                await self._writer.write(
+                    device.id,
+                    {i: relays[i] for i in changed},
+                    {i: inputs[i] for i in changed_inputs} if inputs is not None else {},
+                )
+            if inputs is not None and len(inputs) == device.input_count:
                 device.inputs = list(inputs)
             await self.cache.touch(device)
             device.relays = list(relays)
