@@ -82,7 +82,7 @@ class Bus:
         conn = self._conn
         if conn is not None and self.connected and not known:
             try:
-                await conn.subscribe([flt])
+                self._check_granted([flt], await conn.subscribe([flt]))
             except mqtt.MqttError:
                 log.warning("subscribe %s failed; it is replayed on reconnect", flt)
 
@@ -139,7 +139,7 @@ class Bus:
                 self._conn = conn
                 filters = list(dict.fromkeys(f for f, _ in self._handlers))
                 if filters:
-                    await conn.subscribe(filters)
+                    self._check_granted(filters, await conn.subscribe(filters))
                 await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
                 self._connected.set()
                 backoff = 0.1
@@ -163,6 +163,12 @@ class Bus:
                 if not conn.closed:
                     with anyio.CancelScope(shield=True):
                         await conn.disconnect()
+
+    @staticmethod
+    def _check_granted(filters: list[str], granted: list[int]) -> None:
+        for flt, code in zip(filters, granted, strict=False):
+            if code == 0x80:
+                log.error("the broker refused the subscription to %s (check its ACL)", flt)
 
     def _where(self) -> tuple[str, int]:
         return self.address.host, self.address.port

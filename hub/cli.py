@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -221,7 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
     _logging(settings.log_level)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
-            return runner.run(serve(settings))
+            return runner.run(serve(settings, tune_gc=True))
     except SettingError as exc:
         return _fail(str(exc))
     except _StartupError as exc:
@@ -240,12 +242,43 @@ def _loop_factory(settings: Settings) -> Any:
     return uvloop.new_event_loop
 
 
+#: how often the hub runs a full garbage collection itself (see _tune_gc)
+FULL_GC_EVERY_S = 600.0
+
+
+def _tune_gc() -> None:
+    """Keep garbage-collector pauses out of request latency.
+
+    Everything built during start (modules, the app, ORM metadata) is frozen out of
+    collections. Automatic full collections are switched off: with 1000 devices
+    connected the heap holds ~400 000 tracked objects and a full pass took 200-300 ms,
+    triggered whenever enough of them were new (devices connecting), i.e. during load.
+    Young collections still run as usual, and :func:`_full_gc` does a full one every
+    ten minutes, so cyclic garbage that outlived them is still reclaimed."""
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1_000_000_000)
+
+
+async def _full_gc() -> None:
+    while True:
+        await asyncio.sleep(FULL_GC_EVERY_S)
+        started = time.perf_counter()
+        found = gc.collect()
+        log.debug("full gc: %d unreachable, %.0f ms", found, (time.perf_counter() - started) * 1e3)
+
+
 class _StartupError(Exception):
     pass
 
 
 async def serve(
-    settings: Settings, *, ready: asyncio.Event | None = None, info: dict[str, Any] | None = None
+    settings: Settings,
+    *,
+    ready: asyncio.Event | None = None,
+    info: dict[str, Any] | None = None,
+    tune_gc: bool = False,
 ) -> int:
     """Run one hub until SIGINT/SIGTERM (or until ``info['server'].should_exit``)."""
     import uvicorn
@@ -338,6 +371,9 @@ async def serve(
                     ),
                     flush=True,
                 )
+                if tune_gc:
+                    _tune_gc()
+                    tg.start_soon(_full_gc)
                 if ready is not None:
                     ready.set()
                 await server.serve(sockets=[http_sock])

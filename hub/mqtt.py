@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import ssl as _ssl
 import struct
 from collections import deque
@@ -77,6 +78,8 @@ class Will:
 
 
 def _varint(n: int) -> bytes:
+    if not 0 <= n <= MAX_PACKET:
+        raise ValueError(f"MQTT packets carry at most {MAX_PACKET} bytes")
     out = bytearray()
     while True:
         n, digit = divmod(n, 128)
@@ -108,6 +111,8 @@ def encode_connect(
     flags = 0x02 if clean_session else 0
     payload = _str(client_id)
     if will is not None:
+        if will.qos not in (0, 1, 2):
+            raise ValueError("will QoS must be 0, 1 or 2")
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
         payload += _str(will.topic) + _str(will.payload)
     if username is not None:
@@ -121,8 +126,7 @@ def encode_connect(
 
 
 def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, packet_id: int) -> bytes:
-    t = topic.encode()
-    body = struct.pack("!H", len(t)) + t
+    body = _str(topic)
     if qos:
         body += struct.pack("!H", packet_id)
     body += payload
@@ -140,21 +144,26 @@ class MqttConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._next_id = 0
-        self._acks: dict[int, asyncio.Future[bytes]] = {}
+        self._acks: dict[int, tuple[int, asyncio.Future[bytes]]] = {}  # id → (ack type, …)
         self._connack: asyncio.Future[int] = self._loop.create_future()
         self._inbox: deque[Message] = deque()
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: MqttError | None = None
-        self._last_in = self._loop.time()
+        self._last_in = self._last_out = self._loop.time()
         self._ping: asyncio.TimerHandle | None = None
+        self._ping_sent = False
         self._qos2_in: set[int] = set()
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     # --- asyncio protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
         self._last_in = self._loop.time()
         buf = self._buf
         buf += data
@@ -185,11 +194,11 @@ class MqttConnection(asyncio.Protocol):
         reason = MqttError(f"connection lost: {exc}" if exc else "connection closed")
         self._fail(reason)
 
-    def pause_writing(self) -> None:  # writes are bounded by the callers' awaits
-        pass
+    def pause_writing(self) -> None:  # the socket buffer is full: publishers wait
+        self._writable.clear()
 
     def resume_writing(self) -> None:
-        pass
+        self._writable.set()
 
     # --- packets in ----------------------------------------------------------------------
     def _handle(self, first: int, body: bytes) -> None:
@@ -197,6 +206,8 @@ class MqttConnection(asyncio.Protocol):
         if kind == PUBLISH:
             qos = (first >> 1) & 0x03
             tlen = (body[0] << 8) | body[1]
+            if qos == 3 or 2 + tlen + (2 if qos else 0) > len(body):
+                raise MqttError("malformed PUBLISH (QoS 3 or topic beyond the packet)")
             try:
                 topic = body[2 : 2 + tlen].decode()
             except UnicodeDecodeError as exc:
@@ -218,21 +229,25 @@ class MqttConnection(asyncio.Protocol):
             waiter = self._inbox_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif kind in (PUBACK, SUBACK, UNSUBACK, PUBCOMP):
+        elif kind in (PUBACK, SUBACK, UNSUBACK):
             packet_id = (body[0] << 8) | body[1]
-            fut = self._acks.pop(packet_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(body[2:])
+            expected = self._acks.get(packet_id)
+            if expected is None:
+                return  # e.g. the PUBACK of a publish whose caller gave up: harmless
+            if expected[0] != kind:
+                raise MqttError(f"packet type 0x{kind:02x} answers packet id {packet_id}")
+            del self._acks[packet_id]
+            if not expected[1].done():
+                expected[1].set_result(body[2:])
         elif kind == PUBREL:
             self._qos2_in.discard((body[0] << 8) | body[1])
             self._write(bytes((PUBCOMP, 2, body[0], body[1])))
-        elif kind == PUBREC:  # only if we ever publish QoS 2: release it
-            self._write(bytes((PUBREL | 0x02, 2, body[0], body[1])))
         elif kind == CONNACK:
-            if not self._connack.done():
-                self._connack.set_result(body[1] if len(body) >= 2 else 255)
+            if self._connack.done() or len(body) != 2:
+                raise MqttError("unexpected or malformed CONNACK")
+            self._connack.set_result(body[1])
         elif kind == PINGRESP:
-            pass
+            self._ping_sent = False
         else:
             raise MqttError(f"unexpected packet type 0x{kind:02x} from the broker")
 
@@ -246,6 +261,9 @@ class MqttConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        if not out:
+            return
+        self._last_out = self._loop.time()
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
@@ -259,45 +277,57 @@ class MqttConnection(asyncio.Protocol):
 
     def _check(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise MqttError(str(self._error)) from self._error
 
-    def _expect(self) -> tuple[int, asyncio.Future[bytes]]:
+    def _expect(self, ack: int) -> tuple[int, asyncio.Future[bytes]]:
         packet_id = self._packet_id()
         fut: asyncio.Future[bytes] = self._loop.create_future()
-        self._acks[packet_id] = fut
+        self._acks[packet_id] = (ack, fut)
         return packet_id, fut
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
-        """Send a message; with QoS 1 return once the broker acknowledged it."""
+        """Send a message; with QoS 1 return once the broker acknowledged it. Waits
+        while the socket's send buffer is full."""
         self._check()
+        if not self._writable.is_set():
+            await self._writable.wait()
+            self._check()
         if qos == 0:
             self._write(encode_publish(topic, payload, 0, retain, 0))
             return
         if qos != 1:
             raise ValueError("the bus publishes with QoS 0 or 1")
-        packet_id, fut = self._expect()
+        packet_id, fut = self._expect(PUBACK)
         self._write(encode_publish(topic, payload, 1, retain, packet_id))
         await fut
 
     async def subscribe(self, filters: list[str], qos: int = 1) -> list[int]:
-        """Subscribe to filters in one packet; returns the granted QoS per filter."""
+        """Subscribe to filters in one packet; returns the granted QoS per filter
+        (0x80: refused)."""
+        if not filters or qos not in (0, 1, 2):
+            raise ValueError("subscribe needs at least one filter and a QoS of 0, 1 or 2")
         self._check()
-        packet_id, fut = self._expect()
+        packet_id, fut = self._expect(SUBACK)
         body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes((qos,)) for f in filters)
         self._write(_packet(SUBSCRIBE | 0x02, body))
         return list(await fut)
 
     async def unsubscribe(self, filters: list[str]) -> None:
+        if not filters:
+            raise ValueError("unsubscribe needs at least one filter")
         self._check()
-        packet_id, fut = self._expect()
+        packet_id, fut = self._expect(UNSUBACK)
         body = struct.pack("!H", packet_id) + b"".join(_str(f) for f in filters)
         self._write(_packet(UNSUBSCRIBE | 0x02, body))
         await fut
 
     async def receive(self) -> list[Message]:
-        """Every message received since the last call (waits for at least one)."""
+        """Every message received since the last call (waits for at least one). One
+        consumer only: the bus's dispatcher."""
+        if self._inbox_waiter is not None:
+            raise RuntimeError("receive() is already being awaited")
         while not self._inbox:
             self._check()
             waiter = self._inbox_waiter = self._loop.create_future()
@@ -315,8 +345,12 @@ class MqttConnection(asyncio.Protocol):
             self._write(bytes((DISCONNECT, 0)))
             self._flush()
             self._transport.close()
-            with contextlib.suppress(MqttError):
+            try:
                 await asyncio.wait_for(asyncio.shield(self._closed), 2)
+            except MqttError:
+                pass
+            except TimeoutError:  # the broker does not read any more: drop the socket
+                self._fail(MqttError("disconnect timed out"))
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT: the broker publishes the will."""
@@ -333,17 +367,26 @@ class MqttConnection(asyncio.Protocol):
 
     # --- lifecycle -----------------------------------------------------------------------
     def _keepalive_tick(self) -> None:
+        """PINGREQ when either direction has been quiet for most of the keepalive (the
+        broker drops a client silent for 1.5 x keepalive); give up on a broker that has
+        said nothing, not even PINGRESP, for 1.5 x keepalive."""
         if self._error is not None:
             return
-        if self._loop.time() - self._last_in > 1.5 * self.keepalive:
+        now, keepalive = self._loop.time(), self.keepalive
+        if now - self._last_in > 1.5 * keepalive:
             self._fail(MqttError("broker silent for 1.5 x keepalive"))
             return
-        self._write(bytes((PINGREQ, 0)))
-        self._ping = self._loop.call_later(self.keepalive / 2, self._keepalive_tick)
+        quiet = now - min(self._last_out, self._last_in)
+        if quiet >= 0.5 * keepalive and not self._ping_sent:
+            self._ping_sent = True
+            self._write(bytes((PINGREQ, 0)))
+        self._ping = self._loop.call_later(keepalive / 4, self._keepalive_tick)
 
     def _start_keepalive(self) -> None:
         if self.keepalive > 0:
-            self._ping = self._loop.call_later(self.keepalive / 2, self._keepalive_tick)
+            # spread the ticks of many clients that connected together
+            first = self.keepalive / 4 * random.uniform(0.5, 1.0)
+            self._ping = self._loop.call_later(first, self._keepalive_tick)
 
     def _fail(self, exc: MqttError) -> None:
         if self._error is not None:
@@ -353,7 +396,9 @@ class MqttConnection(asyncio.Protocol):
             self._ping.cancel()
         if self._transport is not None:
             self._transport.abort()
-        for fut in self._acks.values():
+        self._buf.clear()
+        self._writable.set()  # waiting publishers wake up and see the error
+        for _, fut in self._acks.values():
             if not fut.done():
                 fut.set_exception(exc)
         self._acks.clear()
