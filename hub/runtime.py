@@ -193,3 +193,8 @@ class Hub:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(3):
                 await self.bus.close()
+            with anyio.move_on_after(3):
+                try:
+                    await self.cache.flush_seen()
+                except Exception:
+                    log.warning("last_seen_at not written at shutdown", exc_info=True)

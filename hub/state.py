@@ -7,9 +7,11 @@ kept current by the relay service and presence, which are its only writers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tortoise import connections
@@ -19,6 +21,10 @@ from hexa.models import Device, DeviceInput, RelayState
 
 #: how often last_seen_at is written for a device that keeps talking
 LAST_SEEN_EVERY_S = 5.0
+#: last_seen_at updates wait this long to share one write with other devices'
+SEEN_FLUSH_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +46,8 @@ class DeviceCache:
 
     def __init__(self) -> None:
         self._by_uid: dict[str, DeviceInfo] = {}
+        self._seen: dict[uuid.UUID, datetime] = {}
+        self._seen_task: asyncio.Task[None] | None = None
 
     def peek(self, uid: str) -> DeviceInfo | None:
         return self._by_uid.get(uid)
@@ -67,16 +75,41 @@ class DeviceCache:
         return self._by_uid.setdefault(uid, info)
 
     async def touch(self, device: DeviceInfo, *, online: bool | None = None) -> None:
-        """Record ``last_seen_at`` (and ``online`` when given); at most every few seconds
-        per device unless presence changes, since every ack and report counts as seen."""
+        """Record ``last_seen_at`` (and ``online`` when given). Every ack and report
+        counts as seen, so that is written at most every few seconds per device, and for
+        many devices at once (:meth:`flush_seen`); a presence change is written now."""
         now = time.monotonic()
         if online is None and now - device.seen_written < LAST_SEEN_EVERY_S:
             return
         device.seen_written = now
-        if online is None:
-            await Device.filter(id=device.id).update(last_seen_at=utcnow())
-        else:
+        if online is not None:
+            self._seen.pop(device.id, None)
             await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
+            return
+        self._seen[device.id] = utcnow()
+        if self._seen_task is None or self._seen_task.done():
+            self._seen_task = asyncio.create_task(self._flush_later(), name="last-seen")
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(SEEN_FLUSH_S)
+        try:
+            await self.flush_seen()
+        except Exception:
+            log.warning("last_seen_at not written (retried with the next)", exc_info=True)
+
+    async def flush_seen(self) -> None:
+        """Write the pending ``last_seen_at`` values in one statement batch."""
+        if not self._seen:
+            return
+        pending, self._seen = self._seen, {}
+        client = connections.get("default")
+        sql = _UPDATE_SEEN if client.capabilities.dialect != "postgres" else _numbered(_UPDATE_SEEN)
+        try:
+            await client.execute_many(sql, [[at, str(did)] for did, at in pending.items()])
+        except Exception:
+            for did, at in pending.items():  # keep what newer touches did not replace
+                self._seen.setdefault(did, at)
+            raise
 
     async def touch_uid(self, uid: str) -> None:
         device = await self.get(uid)
@@ -153,6 +186,7 @@ class StateWriter:
 _UPDATE_RELAY = (
     'UPDATE "relay_states" SET "state"=?,"updated_at"=? WHERE "device_id"=? AND "index"=?'
 )
+_UPDATE_SEEN = 'UPDATE "devices" SET "last_seen_at"=? WHERE "id"=?'
 _UPDATE_INPUT = (
     'UPDATE "device_inputs" SET "state"=?,"updated_at"=? WHERE "device_id"=? AND "index"=?'
 )

@@ -496,3 +496,28 @@ def test_ack_from_wrong_device_ignored(hub: RunningHub, track: Any) -> None:
     sync_on(b, obs)
     assert state_of(hub, user, a_dev["id"])["relays"] == [False, False, False]
     assert state_of(hub, user, b_dev["id"])["relays"] == [False, False, False]
+
+
+def test_last_seen_advances_with_reports_and_is_written_in_batches(
+    hub: RunningHub, track: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that keeps talking (reports without changes) has its last_seen_at moved
+    forward: written later and for many devices at once, not on every message."""
+    from hexa.hub import state
+
+    monkeypatch.setattr(state, "LAST_SEEN_EVERY_S", 0.0)
+    monkeypatch.setattr(state, "SEEN_FLUSH_S", 0.05)
+    user = register(hub)
+    devices = [device(hub, user, track) for _ in range(3)]
+    first = {dev["id"]: state_of(hub, user, dev["id"])["last_seen_at"] for dev, _ in devices}
+    assert all(first.values())
+    time.sleep(0.01)
+    for _, m in devices:
+        m.report()
+
+    def advanced() -> bool:
+        return all(
+            state_of(hub, user, dev["id"])["last_seen_at"] > first[dev["id"]] for dev, _ in devices
+        )
+
+    assert wait_until(advanced, 5), "last_seen_at did not move after reports"
