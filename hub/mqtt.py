@@ -26,7 +26,7 @@ import ssl as _ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from hexa.hub.busapi import Message
 
@@ -398,14 +398,15 @@ class MqttConnection(asyncio.Protocol):
             self._transport.abort()
         self._buf.clear()
         self._writable.set()  # waiting publishers wake up and see the error
-        for _, fut in self._acks.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for _, ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(exc)
         self._acks.clear()
-        for fut in (self._connack, self._inbox_waiter):
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be waiting any more
+        waiters: tuple[asyncio.Future[Any] | None, ...] = (self._connack, self._inbox_waiter)
+        for waiter in waiters:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: nobody may be waiting any more
         if not self._closed.done():
             self._closed.set_exception(exc)
             self._closed.exception()
