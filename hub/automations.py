@@ -345,13 +345,10 @@ class Engine:
             if device is None or device.org_id != rule.org_id:
                 results.append({"action": action, "status": "device_removed"})
                 continue
-            index = action.get("relay_index") if action["type"] == "set_relay" else None
             try:
-                state = topics.intent_value(action["state"])
-                result = await self.commands.submit(
+                result = await self.commands.submit_action(
                     device.device_uid,
-                    index,
-                    state,
+                    action,
                     source="automation",
                     actor_type="automation",
                     actor_id=str(rule.id),

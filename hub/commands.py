@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from hexa.hub import metrics, topics
 from hexa.hub.busapi import BusLike, Message
@@ -76,6 +77,14 @@ class Commands:
             return topics.Result(intent_id=intent.intent_id, ok=False, status="timeout")
         finally:
             self._waiting.pop(intent.intent_id, None)
+
+    async def submit_action(
+        self, uid: str, action: dict[str, Any], **origin: str | None
+    ) -> topics.Result:
+        """Submit a stored action (of a schedule or an automation): ``set_relay`` with a
+        ``relay_index``, or ``set_all_relays``; ``state`` true, false or ``"toggle"``."""
+        index = action.get("relay_index") if action.get("type") == "set_relay" else None
+        return await self.submit(uid, index, topics.intent_value(action["state"]), **origin)  # type: ignore[arg-type]
 
     async def execute(
         self, uid: str, relay_index: int | None, state: topics.IntentValue, **kwargs: str | None

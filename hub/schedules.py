@@ -24,7 +24,7 @@ from croniter.croniter import CroniterError
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
-from hexa.hub import metrics, topics
+from hexa.hub import metrics
 from hexa.hub.audit import AuditLog
 from hexa.hub.commands import Commands
 from hexa.hub.errors import ValidationFailed
@@ -206,15 +206,11 @@ class Scheduler:
                 schedule, "device_removed", scheduled_for, executed=False, request_id=request_id
             )
             return "device_removed"
-        action = schedule.action
-        index = action.get("relay_index") if action.get("type") == "set_relay" else None
-        state = topics.intent_value(bool(action.get("state")))
         status: str
         try:
-            result = await self.commands.submit(
+            result = await self.commands.submit_action(
                 device.device_uid,
-                index,
-                state,
+                schedule.action,
                 source="schedule",
                 actor_type="schedule",
                 actor_id=str(schedule.id),
