@@ -55,20 +55,31 @@ class HexaBroker(Broker):  # type: ignore[misc]
         self.max_payload = max_payload
         self._filters_version = 0
         self._wildcards: tuple[int, list[str]] = (-1, [])
+        # amqtt logs repr(self._subscriptions) at DEBUG after every SUBSCRIBE, formatting
+        # every session of every filter even with DEBUG off: O(devices) per subscribe.
+        self._subscriptions = _Subscriptions(self.__dict__["_subscriptions"])
+        # filters per client id: amqtt calls _publish_retained_messages_for_subscription
+        # for every filter of every client on each CONNECT; most are not the client's.
+        self._filters_of: dict[str, set[str]] = {}
 
     # --- routing: amqtt scans every filter for every message (and formats a debug line
     # per miss); with one exact filter per device that is O(devices) per message. We look
     # up exact filters in the dict and scan only the wildcard ones.
     async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
         self._filters_version += 1
-        return int(await super().add_subscription(subscription, session))
+        granted = int(await super().add_subscription(subscription, session))
+        if granted != 0x80:
+            self._filters_of.setdefault(session.client_id, set()).add(subscription[0])
+        return granted
 
     def _del_subscription(self, a_filter: str, session: Any) -> int:
         self._filters_version += 1
+        self._filters_of.get(session.client_id, set()).discard(a_filter)
         return int(super()._del_subscription(a_filter, session))
 
     async def _del_all_subscriptions(self, session: Any) -> None:
         await super()._del_all_subscriptions(session)
+        self._filters_of.pop(session.client_id, None)
         self._filters_version += 1
 
     def _matching_filters(self, topic: str) -> list[str]:
@@ -220,13 +231,20 @@ class HexaBroker(Broker):  # type: ignore[misc]
         self, subscription: tuple[str, int], session: Any
     ) -> None:
         flt, _ = subscription
+        if flt not in self._filters_of.get(session.client_id, ()):
+            return
         mine = [q for s, q in self._subscriptions.get(flt, []) if s.client_id == session.client_id]
         handler = self._get_handler(session)
         if not mine or handler is None:
             return
         sub_qos = mine[0]
         sends = []
-        for topic, retained in list(self._retained_messages.items()):
+        if "+" in flt or "#" in flt:
+            candidates = list(self._retained_messages.items())
+        else:  # an exact filter (every device's own cmd topic): no scan of all retained
+            exact = self._retained_messages.get(flt)
+            candidates = [] if exact is None else [(flt, exact)]
+        for topic, retained in candidates:
             if self._matches(topic, flt) and await self._topic_filtering(
                 session, topic, Action.RECEIVE
             ):
@@ -274,6 +292,13 @@ class HexaBroker(Broker):  # type: ignore[misc]
         if server is None or server.instance is None:
             return None
         return int(server.instance.sockets[0].getsockname()[1])
+
+
+class _Subscriptions(dict[str, Any]):
+    """amqtt's filter → subscribers table, with a repr that does not walk it."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
 
 
 class EmbeddedBroker:

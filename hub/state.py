@@ -46,6 +46,7 @@ class DeviceCache:
 
     def __init__(self) -> None:
         self._by_uid: dict[str, DeviceInfo] = {}
+        self._online: set[str] = set()  # uids of cached devices that are online
         self._seen: dict[uuid.UUID, datetime] = {}
         self._seen_task: asyncio.Task[None] | None = None
 
@@ -72,7 +73,10 @@ class DeviceCache:
             online=device.online,
             fw_version=device.fw_version,
         )
-        return self._by_uid.setdefault(uid, info)
+        info = self._by_uid.setdefault(uid, info)
+        if info.online:
+            self._online.add(uid)
+        return info
 
     async def touch(self, device: DeviceInfo, *, online: bool | None = None) -> None:
         """Record ``last_seen_at`` (and ``online`` when given). Every ack and report
@@ -83,6 +87,7 @@ class DeviceCache:
             return
         device.seen_written = now
         if online is not None:
+            (self._online.add if online else self._online.discard)(device.uid)
             self._seen.pop(device.id, None)
             await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
             return
@@ -118,9 +123,10 @@ class DeviceCache:
 
     def forget(self, uid: str) -> None:
         self._by_uid.pop(uid, None)
+        self._online.discard(uid)
 
     def online_count(self) -> int:
-        return sum(1 for d in self._by_uid.values() if d.online)
+        return len(self._online)
 
 
 @dataclass
