@@ -28,6 +28,9 @@ EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
 LANE_LIMIT = 256
 
 
+Job = Callable[[], Awaitable[None]]
+
+
 class _Lanes:
     """One ordered lane per device: a device's messages are handled in arrival order,
     different devices concurrently (so their database writes share commits), and a
@@ -35,7 +38,8 @@ class _Lanes:
 
     def __init__(self, limit: int = LANE_LIMIT) -> None:
         self.limit = limit
-        self._lanes: dict[str, deque[Callable[[], Awaitable[None]]]] = {}
+        self._lanes: dict[str, deque[tuple[str, Job]]] = {}
+        self._flooding: set[str] = set()  # warned about once per full-lane episode
         self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -44,30 +48,39 @@ class _Lanes:
             task_status.started()
             await anyio.sleep_forever()
 
-    def submit(self, uid: str, job: Callable[[], Awaitable[None]]) -> bool:
-        """Queue ``job`` on ``uid``'s lane; False when the lane is full (the job is dropped)."""
+    def submit(self, uid: str, kind: str, job: Job, *, supersedes: bool = False) -> bool:
+        """Queue ``job`` on ``uid``'s lane. When the lane is full: with ``supersedes``
+        the job replaces the lane's last waiting job if that is of the same ``kind`` (a
+        newer snapshot makes the older one pointless), otherwise it is dropped. False
+        when something was dropped."""
         lane = self._lanes.get(uid)
         if lane is None:
             assert self._tg is not None, "lanes are not running"
-            lane = self._lanes[uid] = deque((job,))
+            lane = self._lanes[uid] = deque(((kind, job),))
             self._tg.start_soon(self._drain, uid, lane, name=f"device-lane-{uid}")
             return True
-        if len(lane) >= self.limit:
-            return False
-        lane.append(job)
-        return True
+        if len(lane) < self.limit:
+            lane.append((kind, job))
+            return True
+        if supersedes and len(lane) > 1 and lane[-1][0] == kind:
+            lane[-1] = (kind, job)  # lane[0] is running; the tail only waits
+        if uid not in self._flooding:
+            self._flooding.add(uid)
+            log.warning("%s floods: its queue is full, messages are being dropped", uid)
+        return False
 
-    async def _drain(self, uid: str, lane: deque[Callable[[], Awaitable[None]]]) -> None:
+    async def _drain(self, uid: str, lane: deque[tuple[str, Job]]) -> None:
         try:
             while lane:
                 try:
-                    await lane[0]()
+                    await lane[0][1]()
                 except Exception:
                     log.exception("handling a message of %s failed", uid)
                 lane.popleft()  # only now: a non-empty lane means "a worker is on it"
         finally:
             if self._lanes.get(uid) is lane:
                 del self._lanes[uid]
+            self._flooding.discard(uid)
 
 
 class Presence:
@@ -106,9 +119,11 @@ class Presence:
             if params is None:
                 return
             uid = params["uid"]
-            if not self._lanes.submit(uid, lambda: handle(uid, msg)):
+            # a report is a snapshot: under a flood the newest one replaces the waiting
+            # one, so the state the hub ends up with is the device's last word
+            snapshot = topic is topics.REPORT
+            if not self._lanes.submit(uid, kind, lambda: handle(uid, msg), supersedes=snapshot):
                 metrics.FLOOD_DROPS.labels(kind).inc()
-                log.warning("dropped a %s message of %s: it floods its queue", kind, uid)
 
         return on_message
 

@@ -521,3 +521,29 @@ def test_last_seen_advances_with_reports_and_is_written_in_batches(
         )
 
     assert wait_until(advanced, 5), "last_seen_at did not move after reports"
+
+
+def test_report_flood_does_not_starve_others_and_ends_on_the_last_report(
+    hub: RunningHub, track: Any
+) -> None:
+    """A device flooding state reports fills only its own queue: another device's REST
+    command still works, and the hub ends with the flooding device's last report."""
+    user = register(hub)
+    a_dev, a = device(hub, user, track)
+    b_dev, _ = device(hub, user, track)
+    n = 3000
+    for k in range(n):
+        relays = [bool(k & 1), bool(k & 2), bool(k & 4)]
+        a.c.publish(
+            f"hexa/{a.uid}/report",
+            json.dumps({"relays": relays, "inputs": [False] * 3}),
+            qos=0,
+        )
+    last = [bool((n - 1) & 1), bool((n - 1) & 2), bool((n - 1) & 4)]
+    with hub.api(user.access_token) as c:
+        r = c.post(f"/devices/{b_dev['id']}/relays/0", json={"state": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["relays"] == [True, False, False]
+    assert wait_until(lambda: state_of(hub, user, a_dev["id"])["relays"] == last, 30), (
+        f"the hub did not end on the last report {last}: {state_of(hub, user, a_dev['id'])}"
+    )
