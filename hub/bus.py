@@ -34,9 +34,10 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ca_file: str | None = None  # PEM file of the CA(s) to trust; None: the system's
 
     @classmethod
-    def from_url(cls, url: str) -> BrokerAddress:
+    def from_url(cls, url: str, *, ca_file: str | None = None) -> BrokerAddress:
         parts = urlsplit(url)
         tls = parts.scheme == "mqtts"
         return cls(
@@ -45,6 +46,7 @@ class BrokerAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             tls=tls,
+            ca_file=ca_file,
         )
 
 
@@ -120,7 +122,7 @@ class Bus:
             password=a.password,
             keepalive=self.keepalive,
             will=mqtt.Will(self.presence_topic, b"offline", qos=1, retain=True),
-            ssl=ssl.create_default_context() if a.tls else None,
+            ssl=ssl.create_default_context(cafile=a.ca_file) if a.tls else None,
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -314,7 +314,10 @@ async def serve(
             instance = secrets.token_hex(4)
             broker: EmbeddedBroker | None = None
             if settings.broker_url:
-                address = BrokerAddress.from_url(settings.broker_url)
+                ca = settings.broker_ca_file
+                address = BrokerAddress.from_url(
+                    settings.broker_url, ca_file=str(ca) if ca is not None else None
+                )
             else:
                 broker = EmbeddedBroker(settings)
                 try:

@@ -137,6 +137,7 @@ class Settings:
     mqtt_tls_cert: Path | None = None
     mqtt_tls_key: Path | None = None
     broker_url: str | None = None
+    broker_ca_file: Path | None = None
     embedded_bus: str = "local"
     event_loop: str = "uvloop"
     public_host: str | None = None
@@ -199,6 +200,7 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_tls_cert": _optional_path,
     "mqtt_tls_key": _optional_path,
     "broker_url": _broker_url,
+    "broker_ca_file": _optional_path,
     "embedded_bus": _embedded_bus,
     "event_loop": _event_loop,
     "public_host": _text,
@@ -256,7 +258,7 @@ def load_settings(
         raise SettingError("HEXA_MQTT_TLS_KEY", None, "required when HEXA_MQTT_TLS_CERT is set")
     if settings.mqtt_tls_key is not None and settings.mqtt_tls_cert is None:
         raise SettingError("HEXA_MQTT_TLS_CERT", None, "required when HEXA_MQTT_TLS_KEY is set")
-    for name in ("mqtt_tls_cert", "mqtt_tls_key"):
+    for name in ("mqtt_tls_cert", "mqtt_tls_key", "broker_ca_file"):
         path = getattr(settings, name)
         if path is not None and not path.is_file():
             raise SettingError(env_name(name), str(path), "file not found")

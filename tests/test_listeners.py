@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -12,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import (
     RunningHub,
     claim,
     new_database_url,
+    online_device,
     provision,
     register,
     spawn_hub,
@@ -28,6 +31,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from hexa.hub import mqtt as hexa_mqtt
+from hexa.hub.bus import BrokerAddress, Bus
+from hexa.hub.busapi import Message
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -145,3 +152,58 @@ def test_bad_credentials_refused_on_every_listener(
         client, rc = _connect(port, p["device_uid"], "wrong-token", **options)
         assert rc.is_failure
         client.loop_stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_hub_bus_client_over_tls_with_a_private_ca(
+    tls_hub: tuple[RunningHub, Path, int, int], track: Any
+) -> None:
+    """The hub's own MQTT client (what HEXA_BROKER_URL=mqtts://… uses) connects over TLS
+    when told which CA to trust (HEXA_BROKER_CA_FILE), publishes an intent and gets its
+    result; without that CA the certificate is refused."""
+    hub, cert, tls_port, _ = tls_hub
+    user = register(hub)
+    _, m = online_device(hub, user)
+    track(m)
+    name = f"tls-{uuid.uuid4().hex[:8]}"
+    with hub.api(user.access_token) as c:
+        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+
+    with pytest.raises(hexa_mqtt.MqttError, match="CERTIFICATE_VERIFY_FAILED"):
+        await hexa_mqtt.connect(
+            "127.0.0.1",
+            tls_port,
+            client_id=f"tls-{uuid.uuid4().hex[:8]}",
+            username=name,
+            password=token,
+            ssl=ssl.create_default_context(),
+        )
+
+    results: list[Message] = []
+    got = anyio.Event()
+
+    async def on_result(msg: Message) -> None:
+        results.append(msg)
+        got.set()
+
+    address = BrokerAddress("127.0.0.1", tls_port, name, token, tls=True, ca_file=str(cert))
+    bus = Bus(
+        address, client_id=f"tls-{uuid.uuid4().hex[:8]}", presence_topic="homeassistant/status"
+    )
+    await bus.subscribe(f"hexa/{m.uid}/result", on_result)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(bus.run)
+            await bus.publish(f"hexa/{m.uid}/relay/2/set", '{"state":"ON","intent_id":"tls-1"}')
+            await got.wait()
+        tg.cancel_scope.cancel()
+    result = json.loads(results[0].payload)
+    assert result["intent_id"] == "tls-1" and result["status"] == "applied", result
+    assert result["relays"] == [False, False, True]

@@ -40,6 +40,8 @@ def test_flags_override_environment(tmp_path: Path) -> None:
         ("HEXA_LOG_LEVEL", "LOUD", "HEXA_LOG_LEVEL"),
         ("HEXA_TRUST_PROXY", "maybe", "HEXA_TRUST_PROXY"),
         ("HEXA_MQTT_TLS_CERT", "/nonexistent.pem", "HEXA_MQTT_TLS"),
+        ("HEXA_BROKER_CA_FILE", "/nonexistent-ca.pem", "HEXA_BROKER_CA_FILE"),
+        ("HEXA_EVENT_LOOP", "trio", "HEXA_EVENT_LOOP"),
     ],
 )
 def test_bad_setting_names_itself(tmp_path: Path, name: str, value: str, needle: str) -> None:
