@@ -46,6 +46,13 @@ class _Pending:
     intent: topics.Intent
 
 
+def _changes(old: list[bool], new: list[bool] | None) -> dict[int, bool]:
+    """index → new value, for the entries of ``new`` that differ from ``old``."""
+    if new is None:
+        return {}
+    return {i: n for i, (o, n) in enumerate(zip(old, new, strict=False)) if o != n}
+
+
 class RelayService:
     """Consumes intents and acks; publishes commands, states and results."""
 
@@ -262,27 +269,17 @@ class RelayService:
     ) -> None:
         """Persist, cache and publish a new relay (and input) state of one device."""
         async with self.device_lock(device.uid):
-            changed = [
-                i
-                for i, (old, new) in enumerate(zip(device.relays, relays, strict=False))
-                if old != new
-            ]
-            changed_inputs: list[int] = []
-            if inputs is not None and len(inputs) == device.input_count:
-                changed_inputs = [
-                    i for i, (o, n) in enumerate(zip(device.inputs, inputs, strict=True)) if o != n
-                ]
+            if inputs is not None and len(inputs) != device.input_count:
+                inputs = None  # a report with the wrong number of inputs leaves them alone
+            changed = _changes(device.relays, relays)
+            changed_inputs = _changes(device.inputs, inputs)
             if changed or changed_inputs:
-                await self._writer.write(
-                    device.id,
-                    {i: relays[i] for i in changed},
-                    {i: inputs[i] for i in changed_inputs} if inputs is not None else {},
-                )
-            if inputs is not None and len(inputs) == device.input_count:
+                await self._writer.write(device.id, changed, changed_inputs)
+            if inputs is not None:
                 device.inputs = list(inputs)
             await self.cache.touch(device)
             device.relays = list(relays)
-        await self.publish_state(device, only=changed)
+        await self.publish_state(device, only=list(changed))
 
     async def publish_state(self, device: DeviceInfo, only: list[int] | None = None) -> None:
         """Retained per-relay and aggregate state (``only``: the relays that changed)."""

@@ -7,6 +7,7 @@ kept current by the relay service and presence, which are its only writers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -107,10 +108,8 @@ class DeviceCache:
         if not self._seen:
             return
         pending, self._seen = self._seen, {}
-        client = connections.get("default")
-        sql = _UPDATE_SEEN if client.capabilities.dialect != "postgres" else _numbered(_UPDATE_SEEN)
         try:
-            await client.execute_many(sql, [[at, str(did)] for did, at in pending.items()])
+            await _execute_rows(_UPDATE_SEEN, [[at, str(did)] for did, at in pending.items()])
         except Exception:
             for did, at in pending.items():  # keep what newer touches did not replace
                 self._seen.setdefault(did, at)
@@ -176,17 +175,9 @@ class StateWriter:
                 batch.done.set_result(None)
 
     async def _commit(self, batch: _Batch) -> None:
-        client = connections.get("default")
-        postgres = client.capabilities.dialect == "postgres"
         for sql, rows in ((_UPDATE_RELAY, batch.relays), (_UPDATE_INPUT, batch.inputs)):
-            if not rows:
-                continue
-            if postgres:
-                sql = _numbered(sql)
-            if len(rows) == 1:
-                await client.execute_query(sql, rows[0])
-            else:
-                await client.execute_many(sql, rows)
+            if rows:
+                await _execute_rows(sql, rows)
 
 
 _UPDATE_RELAY = (
@@ -198,6 +189,18 @@ _UPDATE_INPUT = (
 )
 
 
+async def _execute_rows(sql: str, rows: list[list[Any]]) -> None:
+    """Run one ``?``-parameterised statement for every row, in one transaction."""
+    client = connections.get("default")
+    if client.capabilities.dialect == "postgres":
+        sql = _numbered(sql)
+    if len(rows) == 1:
+        await client.execute_query(sql, rows[0])
+    else:
+        await client.execute_many(sql, rows)
+
+
+@functools.cache
 def _numbered(sql: str) -> str:
     """``?`` placeholders as PostgreSQL's ``$1, $2, …``."""
     parts = sql.split("?")

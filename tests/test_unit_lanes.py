@@ -4,7 +4,8 @@ queues, and newest-snapshot-wins when a device floods."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import pytest
@@ -31,6 +32,18 @@ def recorder(
     return job
 
 
+@contextlib.asynccontextmanager
+async def running(limit: int) -> AsyncIterator[_Lanes]:
+    """Lanes of ``limit`` messages, running until the block ends."""
+    lanes = _Lanes(limit=limit)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lanes.run)
+        try:
+            yield lanes
+        finally:
+            tg.cancel_scope.cancel()
+
+
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -38,13 +51,11 @@ async def settle() -> None:
 
 @pytest.mark.anyio
 async def test_one_device_in_order_devices_concurrently() -> None:
-    lanes = _Lanes(limit=10)
     done: list[str] = []
     gate = asyncio.Event()
     blocked = recorder(done, gate)
     free = recorder(done)
-    async with anyio.create_task_group() as tg:
-        await tg.start(lanes.run)
+    async with running(10) as lanes:
         assert lanes.submit("a", "report", blocked("a1"))
         assert lanes.submit("a", "event", free("a2"))
         assert lanes.submit("b", "report", free("b1"))
@@ -53,17 +64,14 @@ async def test_one_device_in_order_devices_concurrently() -> None:
         gate.set()
         await settle()
         assert done == ["b1", "a1", "a2"]
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
 async def test_full_lane_drops_new_messages_but_a_new_report_replaces_the_waiting_one() -> None:
-    lanes = _Lanes(limit=3)
     done: list[str] = []
     gate = asyncio.Event()
     blocked = recorder(done, gate)
-    async with anyio.create_task_group() as tg:
-        await tg.start(lanes.run)
+    async with running(3) as lanes:
         assert lanes.submit("a", "report", blocked("r1"))  # running
         assert lanes.submit("a", "event", blocked("e1"))
         assert lanes.submit("a", "report", blocked("r2"))  # the lane is now full
@@ -73,17 +81,14 @@ async def test_full_lane_drops_new_messages_but_a_new_report_replaces_the_waitin
         gate.set()
         await settle()
         assert done == ["r1", "e1", "r4"]
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
 async def test_a_report_never_replaces_another_kind_or_the_running_job() -> None:
-    lanes = _Lanes(limit=2)
     done: list[str] = []
     gate = asyncio.Event()
     blocked = recorder(done, gate)
-    async with anyio.create_task_group() as tg:
-        await tg.start(lanes.run)
+    async with running(2) as lanes:
         assert lanes.submit("a", "report", blocked("r1"))  # running
         assert lanes.submit("a", "event", blocked("e1"))  # waiting, full
         assert not lanes.submit("a", "report", blocked("r2"), supersedes=True)
@@ -94,21 +99,17 @@ async def test_a_report_never_replaces_another_kind_or_the_running_job() -> None
         assert lanes.submit("a", "report", blocked("r3"))
         await settle()
         assert done == ["r1", "e1", "r3"]
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
 async def test_a_failing_job_does_not_stop_its_lane() -> None:
-    lanes = _Lanes(limit=5)
     done: list[str] = []
 
     async def boom() -> None:
         raise RuntimeError("handler bug")
 
-    async with anyio.create_task_group() as tg:
-        await tg.start(lanes.run)
+    async with running(5) as lanes:
         assert lanes.submit("a", "report", boom)
         assert lanes.submit("a", "report", recorder(done)("after"))
         await settle()
         assert done == ["after"]
-        tg.cancel_scope.cancel()
