@@ -5,6 +5,7 @@ from hexa.models.automation import Automation, AutomationRun, Schedule
 from hexa.models.devices import Device, DeviceInput, RelayState
 from hexa.models.idempotency import IdempotencyRecord
 from hexa.models.integrations import IntegrationToken
+from hexa.models.invitations import Invitation
 from hexa.models.tenancy import Area, Membership, Organization, Site
 from hexa.models.users import RefreshToken, User
 
@@ -17,6 +18,7 @@ __all__ = [
     "DeviceInput",
     "IdempotencyRecord",
     "IntegrationToken",
+    "Invitation",
     "Membership",
     "Organization",
     "RefreshToken",

@@ -11,13 +11,17 @@ from hexa.models.base import TimestampedModel
 
 
 class IntegrationToken(TimestampedModel):
-    """A named token: the MQTT username is name, the password the token itself."""
+    """A named token: the MQTT username is name, the password the token itself.
+
+    Names are unique within an organization only; the broker tells tokens apart by the
+    token (its hash is unique and indexed), never by the name.
+    """
 
     org_id: uuid.UUID
     org: fields.ForeignKeyRelation[Any] = fields.ForeignKeyField(
         "models.Organization", related_name="integration_tokens", on_delete=fields.CASCADE
     )
-    name = fields.CharField(max_length=100, unique=True)
+    name = fields.CharField(max_length=100)
     token_hash = fields.CharField(max_length=64, unique=True)
     created_by: fields.ForeignKeyNullableRelation[Any] = fields.ForeignKeyField(
         "models.User", related_name="integration_tokens", null=True, on_delete=fields.SET_NULL
@@ -26,3 +30,4 @@ class IntegrationToken(TimestampedModel):
 
     class Meta:
         table = "integration_tokens"
+        unique_together = (("org", "name"),)
