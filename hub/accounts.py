@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,7 +11,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from hexa.hub.config import Settings
-from hexa.hub.errors import Conflict, Forbidden, RateLimited, Unauthorized, ValidationFailed
+from hexa.hub.errors import Conflict, Forbidden, Unauthorized, ValidationFailed
 from hexa.hub.security import (
     DUMMY_PASSWORD_HASH,
     hash_password,
@@ -23,6 +21,7 @@ from hexa.hub.security import (
     utcnow,
     verify_password,
 )
+from hexa.hub.throttle import LoginThrottle
 from hexa.models import Membership, Organization, RefreshToken, User
 
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
@@ -50,46 +49,6 @@ def check_password_policy(password: str) -> None:
             f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters",
             details={"field": "password"},
         )
-
-
-class LoginThrottle:
-    """Sliding-window failure counters per account and per client address (in memory)."""
-
-    def __init__(self, max_failures: int, window_s: int, per_address_factor: int = 4) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.max_address_failures = max_failures * per_address_factor
-        self._failures: dict[str, deque[float]] = {}
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(key, deque())
-        while q and q[0] <= now - self.window_s:
-            q.popleft()
-        return q
-
-    def check(self, email: str, address: str | None) -> None:
-        now = time.monotonic()
-        for key, limit in self._keys(email, address):
-            q = self._recent(key, now)
-            if len(q) >= limit:
-                retry = max(1, int(q[0] + self.window_s - now))
-                raise RateLimited("too many failed logins, try again later", retry_after_s=retry)
-
-    def failed(self, email: str, address: str | None) -> None:
-        now = time.monotonic()
-        for key, _limit in self._keys(email, address):
-            self._recent(key, now).append(now)
-        if len(self._failures) > 100_000:  # bound memory under a spray of random emails
-            self._failures = {k: q for k, q in self._failures.items() if self._recent(k, now)}
-
-    def succeeded(self, email: str) -> None:
-        self._failures.pop(f"account:{email}", None)
-
-    def _keys(self, email: str, address: str | None) -> list[tuple[str, int]]:
-        keys = [(f"account:{email}", self.max_failures)]
-        if address:
-            keys.append((f"address:{address}", self.max_address_failures))
-        return keys
 
 
 class Accounts:
@@ -124,15 +83,15 @@ class Accounts:
 
     async def login(self, email: str, password: str, address: str | None) -> TokenPair:
         email = email.strip().lower()
-        self.throttle.check(email, address)
-        user = await User.get_or_none(email=email)
-        ok = verify_password(user.password_hash if user else DUMMY_PASSWORD_HASH, password)
-        if user is None or not ok:
-            self.throttle.failed(email, address)
-            raise Unauthorized("invalid email or password")
-        if not user.is_active:
-            raise Forbidden("this account is disabled")
-        self.throttle.succeeded(email)
+        with self.throttle.attempt(email, address) as attempt:
+            user = await User.get_or_none(email=email)
+            ok = verify_password(user.password_hash if user else DUMMY_PASSWORD_HASH, password)
+            if user is None or not ok:
+                attempt.failed()
+                raise Unauthorized("invalid email or password")
+            if not user.is_active:
+                raise Forbidden("this account is disabled")
+            attempt.succeeded()
         return await self.issue(user)
 
     async def issue(self, user: User, family_id: uuid.UUID | None = None) -> TokenPair:
