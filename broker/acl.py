@@ -31,6 +31,14 @@ class Identity:
     kind: Kind
     name: str
     org_id: uuid.UUID | None = None
+    #: what tells identities of one kind apart (an integration token's id; names are
+    #: unique only within an organization); the name when None
+    id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Who owns a broker session: equal keys are the same identity."""
+        return f"{self.kind.value}:{self.id or self.name}"
 
 
 #: device uid → its organization (None: unclaimed), or raises KeyError if unknown

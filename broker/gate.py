@@ -45,9 +45,11 @@ class Gate:
                     self._orgs[username] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)
                     return Identity(Kind.DEVICE, username)
                 return None
-        token = await IntegrationToken.get_or_none(name=username)
-        if token is not None and hmac.compare_digest(token.token_hash, digest):
-            return Identity(Kind.INTEGRATION, username, org_id=token.org_id)
+        # Integration names are unique only within an organization: the token itself
+        # (its hash, indexed) says which integration this is; the name must match it.
+        token = await IntegrationToken.get_or_none(token_hash=digest)
+        if token is not None and hmac.compare_digest(token.name.encode(), username.encode()):
+            return Identity(Kind.INTEGRATION, username, org_id=token.org_id, id=str(token.id))
         return None
 
     async def load_org(self, uid: str | None) -> None:

@@ -36,6 +36,12 @@ class _Deliveries:
     ) -> None:
         await self.queue.put(Message(topic, bytes(data), bool(retain), int(qos or 0)))
 
+    async def deliver(
+        self, topic: str, data: bytes | bytearray, qos: int | None, sender: str | None
+    ) -> None:
+        """A routed publish, with the identity of the session that published it."""
+        await self.queue.put(Message(topic, bytes(data), False, int(qos or 0), sender))
+
     async def stop(self) -> None:
         return None
 

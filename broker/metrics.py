@@ -11,3 +11,22 @@ DROPPED = Counter(
     "Publishes the broker acknowledged but dropped (retained intents, oversized payloads)",
     ["reason"],
 )
+SESSIONS_REFUSED = Counter(
+    "hexa_mqtt_sessions_refused_total",
+    "CONNECTs refused after authentication (client id of another identity, session limit)",
+    ["reason"],
+)
+KEEPALIVE_TIMEOUTS = Counter(
+    "hexa_mqtt_keepalive_timeouts_total",
+    "Clients disconnected for silence beyond 1.5 x their keepalive",
+)
+SLOW_CONSUMERS = Counter(
+    "hexa_mqtt_slow_consumers_total",
+    "Clients disconnected because their deliveries backed up",
+)
+QUEUE_DROPS = Counter(
+    "hexa_mqtt_delivery_drops_total",
+    "Deliveries dropped: QoS 0 to a backed-up client, the oldest message of a full "
+    "offline queue, an unacknowledged QoS 1/2 message, a connection that closed",
+    ["reason"],
+)

@@ -12,6 +12,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from hexa.broker import acl, metrics
 from hexa.broker.gate import Gate
 from hexa.hub import topics
+from hexa.hub.logs import printable
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,10 @@ class HexaAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
         try:
             identity = await gate.identify(session.username, session.password)
         except Exception:
-            log.exception("broker authentication failed for %r", session.username)
+            log.exception("broker authentication failed for %s", printable(session.username))
             identity = None
-        if identity is None:
+        if identity is None:  # the broker logs the refusal, once
             metrics.AUTH.labels("unknown", "refused").inc()
-            log.info("refused MQTT login of %r from %s", session.username, session.remote_address)
             return False
         session.attributes[IDENTITY] = identity
         metrics.AUTH.labels(identity.kind.value, "ok").inc()
@@ -76,5 +76,11 @@ class HexaAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no ty
             allowed = acl.may_subscribe(identity, topic, gate.org_of)
         if not allowed:
             metrics.DENIED.labels(action.value if action else "unknown").inc()
-            log.info("denied %s %s for %s %r", action, topic, identity.kind.value, identity.name)
+            log.info(
+                "denied %s %s for %s %s",
+                action,
+                printable(topic),
+                identity.kind.value,
+                printable(identity.name),
+            )
         return allowed

@@ -4,55 +4,175 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsReader,
+    WebSocketsWriter,
+)
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import BrokerError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from hexa.broker import metrics
+from hexa.broker.acl import Identity, Kind
 from hexa.broker.gate import HUB_USERNAME, Gate
 from hexa.broker.local import LocalBus
 from hexa.broker.plugins import IDENTITY, HexaAclPlugin, HexaAuthPlugin
 from hexa.hub import topics
 from hexa.hub.config import Settings
+from hexa.hub.logs import printable
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
-PREAUTHENTICATED = "hexa.preauthenticated"
 #: intents are commands: never retained (contract §3, Hygiene)
 NO_RETAIN = tuple(t.filter() for t in topics.INTENT_TOPICS)
+#: a client id that ends in a device uid (``hx-7f3a9c21``, ``sim-hx-7f3a9c21``) is that
+#: device's alone
+_RESERVED = re.compile(r"(?:^|-)(hx-[0-9a-f]{8})$")
+#: bytes unsent to one client beyond which it counts as not keeping up
+MAX_UNSENT_BYTES = 1024 * 1024
+#: publishes accepted but not yet routed, all clients together: when full, publishers
+#: wait their turn (first come, first served), so one flooding client cannot starve the
+#: others nor grow memory without bound
+BROADCAST_QUEUE = 1024
+#: a client's publishes waiting to be routed: beyond HIGH its socket is not read until
+#: they are down to LOW (TCP back-pressure on a flooding client)
+INBOUND_HIGH, INBOUND_LOW = 64, 16
 
 
-def _transport_of(handler: Any) -> Any:
-    writer = handler.writer
-    if hasattr(writer, "_writer"):
-        return writer._writer.transport
-    if hasattr(writer, "_protocol"):
-        return writer._protocol.transport
-    return None
+@dataclass(frozen=True)
+class Limits:
+    """Per-client bounds of the embedded broker (settings ``HEXA_MQTT_*``)."""
+
+    sessions_per_identity: int = 16
+    queued_messages: int = 1000
+    session_expiry_s: int = 2 * 3600
+
+
+class _Watched(ReaderAdapter):  # type: ignore[misc]
+    """A connection's reader that notes when bytes last arrived (for keepalive)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.last = time.monotonic()
+
+    async def read(self, n: int = -1) -> bytes:
+        data: bytes = await self._inner.read(n)
+        self.last = time.monotonic()
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+@dataclass(eq=False)
+class _Link:
+    """One client connection: its transport, keepalive watch and delivery backlog."""
+
+    transport: Any
+    reader: _Watched
+    writer: Any
+    peer: str = "?"
+    outbound: int = 0
+    warned: bool = False
+    paused: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _timer: asyncio.TimerHandle | None = None
+
+    @property
+    def pausable(self) -> bool:
+        """Whether reading may be paused (websockets flow-controls its own transport)."""
+        return not isinstance(self.writer, WebSocketsWriter)
+
+    def backlogged(self, limit: int) -> bool:
+        return self.outbound >= limit or self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES
+
+    def watch(self, limit_s: float, client_id: str) -> None:
+        """Close the connection once nothing was received for ``limit_s``."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            idle = time.monotonic() - self.reader.last
+            if idle < limit_s or self.paused:  # not read while paused: not silent
+                self._timer = loop.call_later(limit_s - idle, check)
+                return
+            metrics.KEEPALIVE_TIMEOUTS.inc()
+            log.info("client %s silent for %.0f s: disconnected", printable(client_id), idle)
+            self.transport.abort()
+
+        self._timer = loop.call_later(limit_s, check)
+
+    def stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Handler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's broker-side protocol handler, tied to our connection record."""
+
+    link: _Link | None = None
+
+    async def handle_publish(self, publish_packet: Any) -> None:
+        await super().handle_publish(publish_packet)
+        link = self.link
+        if (
+            link is not None
+            and not link.paused
+            and link.pausable
+            and self.session is not None
+            and self.session.delivered_message_queue.qsize() >= INBOUND_HIGH
+        ):
+            link.paused = True
+            link.transport.pause_reading()
 
 
 class HexaBroker(Broker):  # type: ignore[misc]
     """amqtt with the fixes the hub relies on (each method extends, none copies, amqtt).
 
+    - nothing of a client is stored before its credentials are proven; a clean session
+      is gone when its connection ends, a persistent one expires and loses its oldest
+      queued messages beyond a bound;
+    - a client id belongs to one identity: a CONNECT with another identity's client id
+      is refused without disturbing that session, and ids ending in a device uid are
+      that device's; each identity has a session limit;
+    - keepalive is enforced (1.5 x, MQTT-3.1.2-24), and a device whose last connection
+      ends is published ``offline`` whether or not it set a will;
+    - a client that does not keep up with its deliveries is disconnected (QoS 0 is
+      dropped first), with one log line per incident;
     - every socket is closed when amqtt is done with it, and a client must CONNECT
       within 10 s (amqtt waits forever, and its shutdown hangs on such sockets);
     - retained intents and oversized payloads are dropped (acked, never delivered);
     - a last will goes through the same PUBLISH ACL as any publish;
-    - a CONNECT for a live client id of another identity is refused without disturbing
-      the live session (amqtt drops it before authenticating the newcomer);
     - retained messages are replayed only for the session's own subscriptions and only
       where delivery is allowed (amqtt replays every client's filters on CONNECT).
     """
 
-    def __init__(self, config: dict[str, Any], *, max_payload: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], *, max_payload: int, limits: Limits | None = None
+    ) -> None:
         super().__init__(config)
         self._transports: set[Any] = set()
         self.max_payload = max_payload
+        self.limits = limits or Limits()
+        self._broadcast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(BROADCAST_QUEUE)
+        #: client id → its live connection
+        self._links: dict[str, _Link] = {}
+        #: identity key → the client ids of its sessions (live or persisted)
+        self._owned: dict[str, set[str]] = {}
         self._filters_version = 0
         self._wildcards: tuple[int, list[str]] = (-1, [])
         # amqtt logs repr(self._subscriptions) at DEBUG after every SUBSCRIBE, formatting
@@ -100,97 +220,277 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 qos = broadcast.get("qos", sub_qos)
                 if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
                     continue
-                connected = target.transitions.state == "connected"
-                if not connected:
-                    # MQTT-3.1.2-4: a persistent session keeps QoS 1/2 messages while away
-                    if not target.clean_session and qos in (1, 2) and not target.is_anonymous:
+                cid = target.client_id
+                if target.transitions.state != "connected":
+                    # MQTT-3.1.2-4: a persistent session keeps QoS 1/2 messages while away,
+                    # as many as the queue limit (the oldest go first)
+                    if not target.clean_session and qos in (1, 2):
+                        queue = target.retained_messages
+                        if queue.qsize() >= self.limits.queued_messages:
+                            queue.get_nowait()
+                            metrics.QUEUE_DROPS.labels("offline").inc()
                         await self._retain_broadcast_message(broadcast, qos, target)
                     continue
                 handler = self._get_handler(target)
-                if handler is not None:
+                if handler is None:
+                    continue
+                link = self._links.get(cid)
+                if link is None:  # the hub's own in-process session: no connection
                     running_tasks.append(
                         asyncio.ensure_future(
-                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                            handler.deliver(topic, broadcast["data"], qos, _sender(broadcast))
                         )
                     )
-
-    async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
-        transport = writer.transport
-        self._transports.add(transport)
-        try:
-            await super().stream_connected(reader, writer, listener_name)
-        finally:
-            self._transports.discard(transport)
-            transport.abort()
-
-    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        transport = websocket.transport
-        self._transports.add(transport)
-        try:
-            await super().ws_connected(websocket, listener_name)
-        finally:
-            self._transports.discard(transport)
-            transport.abort()
-
-    async def _delete_session(self, client_id: str) -> None:
-        # amqtt deletes the live session of a client id as soon as a clean-session CONNECT
-        # for it arrives, before authenticating the newcomer: anybody could cut a device
-        # off. A live session is kept here; _handle_client_session decides.
-        entry = self._sessions.get(client_id)
-        if entry is not None and entry[0].transitions.is_connected():
-            return
-        await super()._delete_session(client_id)
-
-    async def _handle_client_session(
-        self,
-        reader: Any,
-        writer: Any,
-        client_session: Any,
-        handler: Any,
-        server: Any,
-        listener_name: str,
-    ) -> None:
-        live = self._sessions.get(client_session.client_id) if client_session.client_id else None
-        if live is not None and live[0].transitions.is_connected():
-            owner = live[0].attributes.get(IDENTITY)
-            ok = await self._authenticate(client_session, self.listeners_config[listener_name])
-            mine = client_session.attributes.get(IDENTITY)
-            if not ok or owner is None or mine is None or mine.name != owner.name:
-                if client_session is live[0]:  # a persistent session: amqtt overwrote it
-                    client_session.attributes[IDENTITY] = owner
-                    client_session.username = owner.name if owner else None
-                log.warning(
-                    "refused a CONNECT for the live client id %r of %r",
-                    client_session.client_id,
-                    owner.name if owner else None,
+                    continue
+                if link.backlogged(self.limits.queued_messages):
+                    if qos == 0:
+                        metrics.QUEUE_DROPS.labels("qos0").inc()
+                        continue
+                    self._slow_consumer(link, cid)
+                    continue
+                link.outbound += 1
+                running_tasks.append(
+                    asyncio.ensure_future(
+                        self._deliver(handler, link, cid, topic, broadcast["data"], qos)
+                    )
                 )
-                refused = Session()
-                refused.client_id = client_session.client_id
-                handler.attach(refused, reader, writer)
-                await handler.mqtt_connack_authorize(False)
-                await writer.close()
-                return
-            # The same identity reconnecting (e.g. over a half-open connection): let amqtt
-            # take the session over, with the deletion deferred above.
-            if client_session is not live[0]:
-                await super()._delete_session(client_session.client_id)
-            client_session.attributes[PREAUTHENTICATED] = True
-        await super()._handle_client_session(
-            reader, writer, client_session, handler, server, listener_name
+
+    async def _deliver(
+        self, handler: Any, link: _Link, cid: str, topic: str, data: bytes, qos: int
+    ) -> None:
+        """One delivery to a connected client; a failure is that client's, logged once."""
+        try:
+            await handler.mqtt_publish(topic, data, qos, retain=False)
+        except TimeoutError:  # amqtt waited 5 s for the PUBACK
+            metrics.QUEUE_DROPS.labels("unacknowledged").inc()
+            if not link.warned:
+                link.warned = True
+                log.warning(
+                    "client %s does not acknowledge deliveries (first on %s)",
+                    printable(cid),
+                    printable(topic),
+                )
+        except (AMQTTError, ProtocolHandlerError, OSError):
+            metrics.QUEUE_DROPS.labels("closed").inc()
+        finally:
+            link.outbound -= 1
+
+    def _slow_consumer(self, link: _Link, cid: str) -> None:
+        """Disconnect a client that does not keep up (its will is published)."""
+        if link.transport.is_closing():
+            return
+        metrics.SLOW_CONSUMERS.inc()
+        log.warning(
+            "disconnecting client %s: %d deliveries waiting, %d bytes unsent",
+            printable(cid),
+            link.outbound,
+            link.transport.get_write_buffer_size(),
+        )
+        link.transport.abort()
+
+    # --- connections: amqtt stores a session, marks it connected and only then checks the
+    # credentials, never removes a refused or clean session, lets anybody take over any
+    # client id and never enforces keepalive. We run the connection ourselves and call
+    # amqtt's protocol handler and message loop for the rest.
+    async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
+        await self._connection(
+            listener_name,
+            StreamReaderAdapter(reader),
+            StreamWriterAdapter(writer),
+            writer.transport,
         )
 
-    async def _authenticate(self, session: Any, listener: Any) -> bool:
-        if session.attributes.pop(PREAUTHENTICATED, False):
-            return True
-        return bool(await super()._authenticate(session, listener))
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        await self._connection(
+            listener_name,
+            WebSocketsReader(websocket),
+            WebSocketsWriter(websocket),
+            websocket.transport,
+        )
 
-    async def _initialize_client_session(self, *args: Any, **kwargs: Any) -> Any:
+    async def _connection(
+        self, listener_name: str, reader: Any, writer: Any, transport: Any
+    ) -> None:
+        server = self._servers[listener_name]
+        await server.acquire_connection()
+        self._transports.add(transport)
+        link = _Link(transport, _Watched(reader), writer)
         try:
-            return await asyncio.wait_for(
-                super()._initialize_client_session(*args, **kwargs), CONNECT_TIMEOUT_S
+            await self._serve(listener_name, link)
+        except (AMQTTError, MQTTError, NoDataError, ProtocolHandlerError, OSError) as exc:
+            log.info("MQTT connection from %s closed: %s", link.peer, printable(str(exc)))
+        finally:
+            self._transports.discard(transport)
+            transport.abort()
+            server.release_connection()
+            link.ended.set()
+
+    async def _serve(self, listener_name: str, link: _Link) -> None:
+        reader, writer = link.reader, link.writer
+        peer = writer.get_peer_info()
+        link.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            handler, incoming = await asyncio.wait_for(
+                _Handler.init_from_connect(reader, writer, self.plugins_manager),
+                CONNECT_TIMEOUT_S,
             )
         except TimeoutError as exc:
-            raise NoDataError("no CONNECT received in time") from exc
+            raise NoDataError(f"no CONNECT within {CONNECT_TIMEOUT_S:.0f} s") from exc
+        # Nothing of this client is stored until its credentials are proven.
+        authenticated = await self._authenticate(incoming, self.listeners_config[listener_name])
+        incoming.password = None  # not kept in memory
+        if not authenticated:
+            await self._refuse(link, incoming, NOT_AUTHORIZED, "not authorized")
+            return
+        identity: Identity = incoming.attributes[IDENTITY]
+        session, refusal = await self._admit(identity, incoming)
+        if session is None:
+            await self._refuse(link, incoming, IDENTIFIER_REJECTED, refusal)
+            return
+        cid = session.client_id
+        handler.link = link
+        session.transitions.connect()
+        handler.attach(session, reader, writer)
+        self._sessions[cid] = (session, handler)
+        self._links[cid] = link
+        self._owned.setdefault(identity.key, set()).add(cid)
+        try:
+            await handler.mqtt_connack_authorize(True)
+            # MQTT-3.1.2-24: silent for 1.5 x keepalive means gone (its will is published)
+            if session.keep_alive > 0:
+                link.watch(session.keep_alive * 1.5, cid)
+            await handler.start()
+            await self._publish_session_retained_messages(session)
+            for flt, qos in self._session_filters(session):
+                await self._publish_retained_messages_for_subscription((flt, qos), session)
+            await self._client_message_loop(session, handler)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._ended(session, handler, link, identity)
+
+    async def _admit(self, identity: Identity, incoming: Session) -> tuple[Session | None, str]:
+        """The session this CONNECT gets, or None and why it is refused.
+
+        A client id belongs to one identity: the identity of its live or persisted
+        session, and a client id that ends in a device uid is that device's alone."""
+        cid = incoming.client_id
+        reserved = _RESERVED.search(cid)
+        if reserved and identity.key != f"{Kind.DEVICE.value}:{reserved.group(1)}":
+            return None, "client id reserved for another device"
+        entry = self._sessions.get(cid)
+        if entry is not None:
+            old: Session = entry[0]
+            owner: Identity | None = old.attributes.get(IDENTITY)
+            if owner is None or owner.key != identity.key:
+                return None, "client id in use by another identity"
+            link = self._links.get(cid)
+            if link is not None:  # MQTT-3.1.4-2: the same client again takes the session over
+                log.info("client %s reconnected; closing its previous connection", printable(cid))
+                link.transport.abort()
+                with anyio.move_on_after(5):
+                    await link.ended.wait()
+            if self._sessions.get(cid, (None,))[0] is old:
+                if incoming.clean_session or old.clean_session:
+                    await self._cleanup_session(cid)
+                else:  # resume the persistent session with this connection's will and keepalive
+                    for name in (
+                        "will_flag",
+                        "will_message",
+                        "will_topic",
+                        "will_qos",
+                        "will_retain",
+                        "keep_alive",
+                        "username",
+                        "remote_address",
+                        "remote_port",
+                        "ssl_object",
+                    ):
+                        setattr(old, name, getattr(incoming, name))
+                    old.parent = 1
+                    return old, ""
+        owned = self._owned.get(identity.key, set())
+        if len(owned) >= self.limits.sessions_per_identity:
+            idle = sorted(
+                (c for c in owned if c not in self._links),
+                key=lambda c: self._sessions[c][0].last_disconnect_time or 0,
+            )
+            if not idle:
+                metrics.SESSIONS_REFUSED.labels("limit").inc()
+                return None, "too many sessions for this identity"
+            await self._cleanup_session(idle[0])  # the oldest persisted session makes room
+        incoming.parent = 0
+        return incoming, ""
+
+    async def _refuse(self, link: _Link, incoming: Session, code: int, why: str) -> None:
+        log.warning(
+            "refused MQTT CONNECT of client %s (user %s) from %s: %s",
+            printable(incoming.client_id),
+            printable(incoming.username),
+            link.peer,
+            why,
+        )
+        if code != NOT_AUTHORIZED:
+            metrics.SESSIONS_REFUSED.labels("client_id").inc()
+        await ConnackPacket.build(0, code).to_stream(link.writer)
+        await link.writer.drain()
+
+    async def _ended(self, session: Session, handler: Any, link: _Link, identity: Identity) -> None:
+        """A connection is over: forget a clean session, keep a persistent one (idle)."""
+        link.stop_watching()
+        cid = session.client_id
+        if session.transitions.is_connected():  # the loop ended without its disconnect path
+            link.transport.abort()
+            await self._stop_handler(handler)
+            session.transitions.disconnect()
+        if self._links.get(cid) is link:
+            del self._links[cid]
+        entry = self._sessions.get(cid)
+        if entry is not None and entry[0] is session:
+            if session.clean_session:
+                await self._cleanup_session(cid)
+            else:  # keep the session, not the connection's buffers (amqtt keeps both)
+                handler.detach()
+                self._sessions[cid] = (session, None)
+        # Presence: a device whose last connection ended is offline, will or not.
+        if identity.kind is Kind.DEVICE and not any(
+            c in self._links for c in self._owned.get(identity.key, ())
+        ):
+            topic = topics.AVAILABILITY.format(uid=identity.name)
+            offline = topics.encode_availability(False)
+            retained = self._retained_messages.get(topic)
+            if retained is None or bytes(retained.data) != offline:
+                await self.retain_message(None, topic, offline, 1)
+                await self._broadcast_message(None, topic, offline, 1)
+
+    def _session_filters(self, session: Session) -> list[tuple[str, int]]:
+        found = []
+        for flt in self._filters_of.get(session.client_id, ()):
+            for s, qos in self._subscriptions.get(flt, ()):
+                if s is session:
+                    found.append((flt, qos))
+        return found
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        await super()._cleanup_session(client_id)
+        self._filters_of.pop(client_id, None)
+        if entry is not None:
+            identity = entry[0].attributes.get(IDENTITY)
+            if identity is not None:
+                owned = self._owned.get(identity.key)
+                if owned is not None:
+                    owned.discard(client_id)
+                    if not owned:
+                        del self._owned[identity.key]
+
+    def session_counts(self) -> dict[str, int]:
+        """Sessions by state: ``connected`` (with a connection) and ``persisted`` (idle)."""
+        persisted = sum(
+            1
+            for cid, (session, _h) in self._sessions.items()
+            if cid not in self._links and session.transitions.state == "disconnected"
+        )
+        return {"connected": len(self._links), "persisted": persisted}
 
     def _refused(self, topic: str, data: bytes | bytearray | None, retain: bool) -> str | None:
         if data is not None and len(data) > self.max_payload:
@@ -211,11 +511,20 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 log.warning(
                     "dropped %s publish on %s from %s",
                     reason,
-                    message.topic,
-                    client_session.client_id,
+                    printable(message.topic),
+                    printable(client_session.client_id),
                 )
                 return True
-        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+        go_on = bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+        link = self._links.get(client_session.client_id)
+        if (
+            link is not None
+            and link.paused
+            and client_session.delivered_message_queue.qsize() <= INBOUND_LOW
+        ):
+            link.paused = False
+            link.transport.resume_reading()
+        return go_on
 
     async def _handle_disconnect(
         self, client_session: Any, handler: Any, disconnect_waiter: asyncio.Future[Any]
@@ -253,17 +562,19 @@ class HexaBroker(Broker):  # type: ignore[misc]
         if sends:
             await asyncio.gather(*sends, return_exceptions=True)
 
-    async def kick(self, *, username: str) -> int:
-        """Close every live session of ``username`` (its will, if any, is published)."""
+    async def kick(self, *, key: str) -> int:
+        """End every session of an identity (its credentials were revoked): live ones are
+        disconnected (their will is published), persisted ones are dropped."""
         closed = 0
-        for _cid, (session, handler) in list(self._sessions.items()):
-            if session.username != username or session.transitions.state != "connected":
-                continue
-            transport = _transport_of(handler)
-            if transport is not None:
-                transport.abort()
-            await handler.handle_connection_closed()
-            closed += 1
+        for cid in list(self._owned.get(key, ())):
+            link = self._links.get(cid)
+            if link is not None:
+                link.transport.abort()
+                with anyio.move_on_after(5):
+                    await link.ended.wait()
+                closed += 1
+            if cid in self._sessions:
+                await self._cleanup_session(cid)
         return closed
 
     async def shutdown(self) -> None:
@@ -292,6 +603,13 @@ class HexaBroker(Broker):  # type: ignore[misc]
         if server is None or server.instance is None:
             return None
         return int(server.instance.sockets[0].getsockname()[1])
+
+
+def _sender(broadcast: dict[str, Any]) -> str:
+    """Who published a message: an identity key, or ``broker`` for the broker's own."""
+    session = broadcast.get("session")
+    identity = None if session is None else session.attributes.get(IDENTITY)
+    return "broker" if identity is None else str(identity.key)
 
 
 class _Subscriptions(dict[str, Any]):
@@ -335,6 +653,8 @@ class EmbeddedBroker:
         gate = {"gate": self.gate}
         return {
             "listeners": listeners,
+            # amqtt's session monitor drops persistent sessions idle for this long
+            "session_expiry_interval": s.mqtt_session_expiry_s,
             # Our own plugin set replaces amqtt's defaults (loggers that hook every
             # packet, anonymous auth, $SYS), which cost up to 2x throughput.
             "plugins": {
@@ -344,7 +664,13 @@ class EmbeddedBroker:
         }
 
     async def start(self) -> None:
-        broker = HexaBroker(self._config(), max_payload=self.settings.max_mqtt_payload_bytes)
+        s = self.settings
+        limits = Limits(
+            sessions_per_identity=s.mqtt_max_sessions_per_identity,
+            queued_messages=s.mqtt_max_queued_messages,
+            session_expiry_s=s.mqtt_session_expiry_s,
+        )
+        broker = HexaBroker(self._config(), max_payload=s.max_mqtt_payload_bytes, limits=limits)
         names = {type(p).__name__ for p in broker.plugins_manager.plugins}
         if names != {HexaAuthPlugin.__name__, HexaAclPlugin.__name__}:
             raise RuntimeError(f"unexpected broker plugins: {sorted(names)}")
@@ -388,11 +714,14 @@ class EmbeddedBroker:
     async def close_device(self, uid: str) -> None:
         self.gate.forget(uid)
         if self._broker is not None:
-            await self._broker.kick(username=uid)
+            await self._broker.kick(key=Identity(Kind.DEVICE, uid).key)
 
-    async def close_integration(self, name: str) -> None:
+    async def close_integration(self, token_id: str) -> None:
         if self._broker is not None:
-            await self._broker.kick(username=name)
+            await self._broker.kick(key=Identity(Kind.INTEGRATION, "", id=token_id).key)
+
+    def session_counts(self) -> dict[str, int]:
+        return {} if self._broker is None else self._broker.session_counts()
 
     async def shutdown(self) -> None:
         if self._broker is not None:

@@ -19,6 +19,9 @@ class Message:
     payload: bytes
     retain: bool = False
     qos: int = 1
+    #: who published it, when the bus knows (the in-process bus to the embedded broker:
+    #: ``hub:…``, ``device:<uid>``, ``integration:<token id>``); None over MQTT
+    sender: str | None = None
 
 
 Handler = Callable[[Message], Awaitable[None]]

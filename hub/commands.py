@@ -21,9 +21,10 @@ MARGIN_S = 2.0
 class Commands:
     """Publishes intents and waits for their results."""
 
-    def __init__(self, bus: BusLike, *, timeout_s: float) -> None:
+    def __init__(self, bus: BusLike, *, timeout_s: float, seal_key: bytes) -> None:
         self.bus = bus
         self.timeout_s = timeout_s
+        self.seal_key = seal_key
         self._waiting: dict[str, asyncio.Future[topics.Result]] = {}
 
     async def start(self) -> None:
@@ -71,7 +72,8 @@ class Commands:
         future: asyncio.Future[topics.Result] = asyncio.get_running_loop().create_future()
         self._waiting[intent.intent_id] = future
         try:
-            await self.bus.publish(topic, topics.encode_intent(intent))
+            sealed = topics.seal_intent(intent, self.seal_key)
+            await self.bus.publish(topic, topics.encode_intent(sealed))
             return await asyncio.wait_for(future, self.timeout_s + MARGIN_S)
         except TimeoutError:
             return topics.Result(intent_id=intent.intent_id, ok=False, status="timeout")

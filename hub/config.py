@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import stat
@@ -10,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class SettingError(ValueError):
@@ -152,7 +155,12 @@ class Settings:
     refresh_token_ttl_s: int = 30 * 24 * 3600
     heartbeat_s: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    http_header_timeout_s: float = 10.0
+    http_keepalive_timeout_s: int = 5
     max_mqtt_payload_bytes: int = 64 * 1024
+    mqtt_session_expiry_s: int = 2 * 3600
+    mqtt_max_sessions_per_identity: int = 16
+    mqtt_max_queued_messages: int = 1000
     login_max_failures: int = 5
     login_window_s: int = 900
     idempotency_ttl_s: int = 24 * 3600
@@ -215,7 +223,12 @@ _PARSERS: dict[str, Parser] = {
     "refresh_token_ttl_s": _positive_int,
     "heartbeat_s": _positive_float,
     "max_body_bytes": _positive_int,
+    "http_header_timeout_s": _positive_float,
+    "http_keepalive_timeout_s": _positive_int,
     "max_mqtt_payload_bytes": _positive_int,
+    "mqtt_session_expiry_s": _positive_int,
+    "mqtt_max_sessions_per_identity": _positive_int,
+    "mqtt_max_queued_messages": _positive_int,
     "login_max_failures": _positive_int,
     "login_window_s": _positive_int,
     "idempotency_ttl_s": _positive_int,

@@ -21,10 +21,37 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: longest message written; the rest is cut (a 64 KB MQTT username is not a log line)
+MAX_MESSAGE = 2000
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """A client-supplied string fit for one log line: control characters escaped,
+    cut after ``limit`` characters."""
+    s = str(text)
+    if len(s) > limit:
+        s = f"{s[:limit]}...(+{len(s) - limit} chars)"
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+
+
+class OneLine(logging.Filter):
+    """Every record one line: no newline smuggled in through a topic, client id or
+    user name forges another entry, and no message floods the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message, MAX_MESSAGE)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(RedactSecrets())
+    handler.addFilter(OneLine())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

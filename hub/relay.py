@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED_PER_DEVICE = 32
 LATE_ACK_MEMORY = 1024
+#: sealed intent ids remembered, so that a replayed copy is not attributed again
+SEALS_REMEMBERED = 10_000
 
 
 @dataclass
@@ -57,7 +59,13 @@ class RelayService:
     """Consumes intents and acks; publishes commands, states and results."""
 
     def __init__(
-        self, bus: BusLike, cache: DeviceCache, audit: AuditLog, *, timeout_s: float
+        self,
+        bus: BusLike,
+        cache: DeviceCache,
+        audit: AuditLog,
+        *,
+        timeout_s: float,
+        seal_key: bytes,
     ) -> None:
         self.bus = bus
         self.audit = audit
@@ -69,6 +77,8 @@ class RelayService:
         self._tg: TaskGroup | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._writer = StateWriter()
+        self._seal_key = seal_key
+        self._seen_seals: OrderedDict[str, None] = OrderedDict()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -102,6 +112,7 @@ class RelayService:
             metrics.INTENTS_REFUSED.labels("malformed").inc()
             await self._result(uid, "", "rejected", error=f"malformed intent: {exc}")
             return
+        intent = self._attributed(intent, msg.sender)
         index = int(params["index"]) if "index" in params else None
         queue = self._queues.get(uid)
         if queue is None:
@@ -115,6 +126,28 @@ class RelayService:
             await self._result(
                 uid, intent.intent_id, "rejected", error="device busy: too many queued intents"
             )
+
+    def _attributed(self, intent: topics.Intent, sender: str | None) -> topics.Intent:
+        """Who asked and where come from the publisher, never from what it claims: only
+        the hub's own intents (its session in-process, else its seal) keep them."""
+        if sender is not None:
+            trusted = sender.startswith("hub:")
+        else:
+            trusted = topics.sealed_by(intent, self._seal_key) and self._first_seen(intent)
+        if trusted:
+            return intent
+        kind, _, ident = (sender or "").partition(":")
+        if kind == "integration":
+            return topics.unattributed(intent, actor_type="integration", actor_id=ident)
+        return topics.unattributed(intent, actor_type="mqtt_client", actor_id=None)
+
+    def _first_seen(self, intent: topics.Intent) -> bool:
+        if intent.intent_id in self._seen_seals:
+            return False
+        self._seen_seals[intent.intent_id] = None
+        if len(self._seen_seals) > SEALS_REMEMBERED:
+            self._seen_seals.popitem(last=False)
+        return True
 
     async def _worker(self, uid: str, queue: asyncio.Queue[_Job]) -> None:
         """Runs one device's intents in order; exits when idle."""

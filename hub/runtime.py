@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Starter = Callable[[], Awaitable[None]]
 Closer = Callable[[str], Awaitable[None]]
+#: a long-running service: ``async def run(*, task_status)``, started with ``tg.start``
+Service = Callable[..., Coroutine[Any, Any, None]]
 
 
 class Hub:
@@ -56,10 +58,11 @@ class Hub:
         self.bus: BusLike = bus or Bus(bus_address, client_id=f"hexa-hub-{instance}")
         self.audit = AuditLog()
         self.registry = Registry(self.audit)
+        seal = topics.seal_key(settings.jwt_secret or "")
         self.relay = RelayService(
-            self.bus, self.cache, self.audit, timeout_s=settings.command_timeout_s
+            self.bus, self.cache, self.audit, timeout_s=settings.command_timeout_s, seal_key=seal
         )
-        self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s)
+        self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s, seal_key=seal)
         self.presence = Presence(self.bus, self.cache, self.relay, self.audit)
         self.scheduler = Scheduler(
             self.commands,
@@ -71,6 +74,8 @@ class Hub:
         self.presence.listeners.append(self.automations.on_event)
         #: run once the bus is connected (the API's gateways subscribe here)
         self.starters: list[Starter] = []
+        #: started after the starters, in the hub's task group (the API's long-lived loops)
+        self.services: list[Service] = []
         #: close an integration's broker sessions by its MQTT username
         self.integration_closers: list[Closer] = []
         self.mqtt_port: int | None = None
@@ -100,6 +105,8 @@ class Hub:
         await tg.start(self.automations.run)
         for start in self.starters:
             await start()
+        for service in self.services:
+            await tg.start(service)
 
     async def _on_device_change(self, device: Device, what: str) -> None:
         self.cache.forget(device.device_uid)
@@ -184,9 +191,9 @@ class Hub:
         """Record that a device (bridged by the API) was heard from."""
         await self.cache.touch_uid(uid)
 
-    async def close_integration_sessions(self, name: str) -> None:
+    async def close_integration_sessions(self, token_id: str) -> None:
         for close in self.integration_closers:
-            await close(name)
+            await close(token_id)
 
     async def shutdown(self) -> None:
         """Publish the hub's ``offline`` while the bus is still up."""

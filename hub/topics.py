@@ -8,6 +8,8 @@ which raise :class:`PayloadError` for anything malformed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import uuid
@@ -213,6 +215,48 @@ class Intent(_Ours):
     actor_id: Annotated[str, Field(max_length=64)] | None = None
     automation_id: str | None = None
     schedule_id: str | None = None
+    #: the hub's HMAC over who and where (:func:`seal_intent`); set by the hub only
+    seal: Annotated[str, Field(max_length=64)] | None = None
+
+
+#: the fields of an intent that say who asked and where: the audit trusts them only when
+#: the hub itself published the intent
+ATTRIBUTION = ("source", "request_id", "actor_type", "actor_id", "automation_id", "schedule_id")
+
+
+def seal_key(secret: str) -> bytes:
+    """The intent-sealing key, derived from the hub's secret (the same on every instance)."""
+    return hmac.new(secret.encode(), b"hexa intent seal v1", hashlib.sha256).digest()
+
+
+def _seal_of(intent: Intent, key: bytes) -> str:
+    fields = [intent.intent_id, *(getattr(intent, name) or "" for name in ATTRIBUTION)]
+    return hmac.new(key, "\x1f".join(fields).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def seal_intent(intent: Intent, key: bytes) -> Intent:
+    """The intent with the hub's seal over its attribution fields."""
+    return intent.model_copy(update={"seal": _seal_of(intent, key)})
+
+
+def sealed_by(intent: Intent, key: bytes) -> bool:
+    """Whether the hub (holder of ``key``) sealed this intent's attribution."""
+    return intent.seal is not None and hmac.compare_digest(intent.seal, _seal_of(intent, key))
+
+
+def unattributed(intent: Intent, *, actor_type: str, actor_id: str | None) -> Intent:
+    """The intent with who and where replaced by what the broker knows of its publisher."""
+    return intent.model_copy(
+        update={
+            "source": "mqtt",
+            "request_id": None,
+            "actor_type": actor_type,
+            "actor_id": actor_id,
+            "automation_id": None,
+            "schedule_id": None,
+            "seal": None,
+        }
+    )
 
 
 ResultStatus = Literal["applied", "timeout", "offline", "rejected"]
@@ -240,6 +284,8 @@ def _json(payload: bytes) -> Any:
         return json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise PayloadError(f"not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError("JSON nested too deeply") from None
 
 
 def _model(cls: type[M], payload: bytes) -> M:

@@ -66,5 +66,5 @@ async def delete_token(token_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
         raise NotFound("integration token")
     principal.require(row.org_id, "manage_integrations", kind="integration token")
     await row.delete()
-    await hub.close_integration_sessions(row.name)
+    await hub.close_integration_sessions(str(row.id))
     return Response(status_code=204)
