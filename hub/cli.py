@@ -27,14 +27,15 @@ from hexa.hub.config import SettingError, Settings, load_settings, prepare_stora
 log = logging.getLogger("hexa")
 
 
-def _settings_from(args: argparse.Namespace) -> Settings:
+def _settings_from(args: argparse.Namespace, *, prepare: bool = True) -> Settings:
     overrides = {
         name: str(value)
         for name, value in vars(args).items()
         if name in _FLAG_SETTINGS and value is not None
     }
     settings = load_settings(overrides)
-    prepare_storage(settings)
+    if prepare:
+        prepare_storage(settings)
     return settings
 
 
@@ -219,8 +220,9 @@ def _bind(host: str, port: int, setting: str) -> socket.socket:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _settings_from(args)
+    settings = _settings_from(args, prepare=False)  # serve() prepares it, logging set up
     _logging(settings.log_level)
+    _raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
             return runner.run(serve(settings, tune_gc=True))
@@ -240,6 +242,35 @@ def _loop_factory(settings: Settings) -> Any:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+#: the soft open-file limit asked for when the hard limit is unlimited
+MAX_OPEN_FILES = 1 << 20
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft open-file limit (RLIMIT_NOFILE) to the hard one.
+
+    Every HTTP, WebSocket and MQTT connection is an open file, and service managers and
+    shells often start processes with a soft limit of 1024 or less: at that limit the hub
+    can accept no connection at all, REST and MQTT alike."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "open-file limit stays at %d (could not raise it to %d: %s)", soft, target, exc
+            )
+            return
+        log.info("open-file limit raised from %d to %d", soft, target)
+    else:
+        log.info("open-file limit: %d", soft)
 
 
 #: how often the hub runs a full garbage collection itself (see _tune_gc)
@@ -284,6 +315,7 @@ async def serve(
     import uvicorn
 
     from hexa.api.app import create_app
+    from hexa.api.http_protocol import http_protocol
     from hexa.broker.server import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.bus import BrokerAddress
@@ -350,6 +382,11 @@ async def serve(
                 ws_ping_timeout=settings.heartbeat_s * 2,
                 ws_max_size=1024 * 1024,
                 timeout_graceful_shutdown=5,
+                # h11 with a request-head deadline (slow clients); never httptools
+                http=http_protocol(settings.http_header_timeout_s),
+                timeout_keep_alive=settings.http_keepalive_timeout_s,
+                # No limit_concurrency: uvicorn counts open connections, idle ones too, and
+                # answers 503 beyond it, so slow clients would lock out everyone else.
             )
             server = _Server(config)
             if info is not None:

@@ -198,10 +198,16 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
 
 
 def spawn_hub(
-    db_url: str, data_dir: Path, *, log: Path | None = None, **overrides: str
+    db_url: str,
+    data_dir: Path,
+    *,
+    log: Path | None = None,
+    open_files: int | None = None,
+    **overrides: str,
 ) -> RunningHub:
     """A hub in its own process (`hexa serve`): for a second hub beside the shared one,
-    since one process holds one hub's database context."""
+    since one process holds one hub's database context. ``open_files`` starts it with that
+    soft RLIMIT_NOFILE, as a service manager might."""
     import re
     import subprocess
     import sys
@@ -221,11 +227,20 @@ def spawn_hub(
     }
     data_dir.mkdir(parents=True, exist_ok=True)
     log = log or data_dir / "hub.log"
+
+    def limit_open_files() -> None:
+        import resource
+
+        if open_files is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "hexa.hub.cli", "serve"],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
+        preexec_fn=limit_open_files if open_files is not None else None,
     )
     listen = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
     found = wait_until(lambda: proc.poll() is not None or listen.search(log.read_text()), 60)
