@@ -8,6 +8,7 @@ caller is not a member of does not exist for them (NotFound, never Forbidden).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -41,6 +42,25 @@ PERMISSIONS: dict[str, Role] = {
     "manage_integrations": Role.admin,
     "delete_org": Role.owner,
 }
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What a user may see and do: platform admin or not, and a role per organization."""
+
+    platform_admin: bool
+    roles: Mapping[uuid.UUID, Role]
+
+    def covers(self, other: Grants) -> bool:
+        """True when these grants allow everything ``other`` allows."""
+        if self.platform_admin:
+            return True
+        if other.platform_admin:
+            return False
+        return all(
+            (mine := self.roles.get(org)) is not None and mine >= role
+            for org, role in other.roles.items()
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,10 @@ class Principal:
                 details={"required_role": needed.name, "role": role.name},
             )
 
+    @property
+    def grants(self) -> Grants:
+        return Grants(self.is_platform_admin, dict(self.roles))
+
     def visible_org_ids(self) -> list[uuid.UUID] | None:
         """The organizations this principal sees, or None for all (platform admin)."""
         return None if self.is_platform_admin else list(self.roles)
@@ -92,3 +116,36 @@ async def load_principal(user_id: uuid.UUID) -> Principal:
         raise Unauthorized("user is unknown or disabled")
     memberships = await Membership.filter(user_id=user.id, org__deleted_at__isnull=True).all()
     return Principal(user=user, roles={m.org_id: Role.parse(m.role) for m in memberships})
+
+
+#: ids per query in :func:`load_grants` (below SQLite's and PostgreSQL's parameter limits)
+GRANTS_BATCH = 500
+
+
+async def load_grants(user_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, Grants]:
+    """The grants of the active users among ``user_ids``, one query per ``GRANTS_BATCH`` ids.
+
+    Disabled and deleted users are absent from the answer; memberships of deleted
+    organizations grant nothing.
+    """
+    ids = list(user_ids)
+    admin: dict[uuid.UUID, bool] = {}
+    roles: dict[uuid.UUID, dict[uuid.UUID, Role]] = {}
+    for start in range(0, len(ids), GRANTS_BATCH):
+        rows = await User.filter(id__in=ids[start : start + GRANTS_BATCH]).values(
+            "id",
+            "is_active",
+            "role",
+            "memberships__org_id",
+            "memberships__role",
+            "memberships__org__deleted_at",
+        )
+        for row in rows:  # one row per membership (a LEFT JOIN: one with NULLs for none)
+            if not row["is_active"]:
+                continue
+            admin[row["id"]] = row["role"] == "admin"
+            mine = roles.setdefault(row["id"], {})
+            org_id = row["memberships__org_id"]
+            if org_id is not None and row["memberships__org__deleted_at"] is None:
+                mine[org_id] = Role.parse(row["memberships__role"])
+    return {user_id: Grants(admin[user_id], roles[user_id]) for user_id in admin}
