@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from hexa.api import errors
 from hexa.api.middleware import HttpMetrics, Idempotency, RequestContext
@@ -20,6 +20,7 @@ from hexa.api.routers import (
     tenancy,
 )
 from hexa.api.ws import client_gateway, device_gateway
+from hexa.api.schemas import refuse_nul_in_query
 from hexa.hub import __version__
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def create_app(hub: Hub) -> FastAPI:
     hub.starters.append(app.state.device_sessions.start)
     hub.starters.append(app.state.client_sessions.start)
     errors.install(app)
-    v1 = APIRouter(prefix="/api/v1")
+    v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
     app.include_router(v1)

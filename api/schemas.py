@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from fastapi import Request
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from hexa.hub.errors import ValidationFailed
 from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site, User
@@ -16,7 +28,8 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class Body(BaseModel):
-    """Every request body rejects unknown fields."""
+    """Every request body rejects unknown fields, NUL characters in any string and
+    free-form JSON nested deeper than ``MAX_JSON_DEPTH``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,12 +37,68 @@ class Body(BaseModel):
         """The fields a PATCH sent; ``null`` is refused except for ``nullable`` fields."""
         sent = self.model_dump(exclude_unset=True)
         for key, value in sent.items():
+#: free-form JSON in a request nests at most this deep (deeper structures exhaust the
+#: recursion of JSON encoders and of PostgreSQL's jsonb parser)
+MAX_JSON_DEPTH = 32
+#: ``metadata`` objects are at most this large, encoded as JSON
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def check_json_value(value: Any, field: str) -> None:
+    """Refuse what no store keeps faithfully: NUL characters in strings or keys (PostgreSQL
+    refuses them), NaN and infinities (not JSON), nesting deeper than ``MAX_JSON_DEPTH``."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise PydanticCustomError(
+                    "nul_character",
+                    "{field}: strings cannot contain NUL characters",
+                    {"field": field},
+                )
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise PydanticCustomError(
+                    "finite_number", "{field}: numbers must be finite", {"field": field}
+                )
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise PydanticCustomError(
+                    "too_deep",
+                    "{field}: nested deeper than {limit} levels",
+                    {"field": field, "limit": MAX_JSON_DEPTH},
+                )
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+
+
+def refuse_nul_in_query(request: Request) -> None:
+    """Query strings are checked like bodies: a NUL character answers 400."""
+    for key, value in request.query_params.multi_items():
+        if "\x00" in key or "\x00" in value:
+            raise ValidationFailed(
+                f"query parameter {key.replace(chr(0), '')[:64]!r} contains a NUL character",
+                details={"field": key[:64], "in": "query"},
+            )
+
             if value is None and key not in nullable:
                 raise ValidationFailed(f"{key} cannot be null", details={"field": key})
         return sent
 
 
 class Credentials(Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_hostile_json(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                check_json_value(value, str(key).replace("\x00", "")[:64])
+        return data
+
     email: Annotated[str, Field(min_length=3, max_length=254)]
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -67,7 +136,14 @@ def _check_tz(value: str | None) -> str | None:
     return value
 
 
-Metadata = Annotated[dict[str, Any], Field(max_length=100)]
+def _metadata_size(value: dict[str, Any]) -> dict[str, Any]:
+    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+Metadata = Annotated[dict[str, Any], Field(max_length=100), AfterValidator(_metadata_size)]
 
 
 class SiteCreate(Body):

@@ -173,6 +173,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
         self._links: dict[str, _Link] = {}
         #: identity key → the client ids of its sessions (live or persisted)
         self._owned: dict[str, set[str]] = {}
+        self._owned_total = 0
+        self._count_sessions()
         self._filters_version = 0
         self._wildcards: tuple[int, list[str]] = (-1, [])
         # amqtt logs repr(self._subscriptions) at DEBUG after every SUBSCRIBE, formatting
@@ -353,7 +355,11 @@ class HexaBroker(Broker):  # type: ignore[misc]
         handler.attach(session, reader, writer)
         self._sessions[cid] = (session, handler)
         self._links[cid] = link
-        self._owned.setdefault(identity.key, set()).add(cid)
+        owned = self._owned.setdefault(identity.key, set())
+        if cid not in owned:
+            owned.add(cid)
+            self._owned_total += 1
+        self._count_sessions()
         try:
             await handler.mqtt_connack_authorize(True)
             # MQTT-3.1.2-24: silent for 1.5 x keepalive means gone (its will is published)
@@ -422,7 +428,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
         return incoming, ""
 
     async def _refuse(self, link: _Link, incoming: Session, code: int, why: str) -> None:
-        log.warning(
+        log.log(
+            logging.INFO if code == NOT_AUTHORIZED else logging.WARNING,
             "refused MQTT CONNECT of client %s (user %s) from %s: %s",
             printable(incoming.client_id),
             printable(incoming.username),
@@ -461,6 +468,11 @@ class HexaBroker(Broker):  # type: ignore[misc]
             if retained is None or bytes(retained.data) != offline:
                 await self.retain_message(None, topic, offline, 1)
                 await self._broadcast_message(None, topic, offline, 1)
+        self._count_sessions()
+
+    def _count_sessions(self) -> None:
+        for state, n in self.session_counts().items():
+            metrics.SESSIONS.labels(state).set(n)
 
     def _session_filters(self, session: Session) -> list[tuple[str, int]]:
         found = []
@@ -478,19 +490,17 @@ class HexaBroker(Broker):  # type: ignore[misc]
             identity = entry[0].attributes.get(IDENTITY)
             if identity is not None:
                 owned = self._owned.get(identity.key)
-                if owned is not None:
+                if owned is not None and client_id in owned:
                     owned.discard(client_id)
+                    self._owned_total -= 1
                     if not owned:
                         del self._owned[identity.key]
+        self._count_sessions()
 
     def session_counts(self) -> dict[str, int]:
-        """Sessions by state: ``connected`` (with a connection) and ``persisted`` (idle)."""
-        persisted = sum(
-            1
-            for cid, (session, _h) in self._sessions.items()
-            if cid not in self._links and session.transitions.state == "disconnected"
-        )
-        return {"connected": len(self._links), "persisted": persisted}
+        """Client sessions by state: ``connected`` and ``persisted`` (client away)."""
+        connected = len(self._links)
+        return {"connected": connected, "persisted": self._owned_total - connected}
 
     def _refused(self, topic: str, data: bytes | bytearray | None, retain: bool) -> str | None:
         if data is not None and len(data) > self.max_payload:

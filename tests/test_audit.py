@@ -66,7 +66,8 @@ def test_filters_and_tenancy(hub: RunningHub) -> None:
 
 
 def test_mqtt_intent_and_device_report_are_audited(hub: RunningHub) -> None:
-    """An integration's intent keeps its source; a local change at the device is source device."""
+    """An integration's intent is audited as its own (source mqtt, actor the token), whatever
+    attribution its JSON claims; a local change at the device is source device."""
     user = register(hub)
     dev, m = online_device(hub, user)
     with hub.api(user.access_token) as c:
@@ -76,18 +77,31 @@ def test_mqtt_intent_and_device_report_are_audited(hub: RunningHub) -> None:
         ).json()
     integ = MqttClient(hub, it["name"], it["token"])
     assert integ.ok() and integ.subscribe(f"hexa/{m.uid}/result")
-    integ.publish(
-        f"hexa/{m.uid}/relay/0/set",
-        json.dumps({"state": "ON", "source": "home_assistant", "intent_id": "ha-1"}),
-    )
+    forged = {
+        "state": "ON",
+        "intent_id": "ha-1",
+        "source": "schedule",
+        "actor_type": "user",
+        "actor_id": user.id,
+        "schedule_id": str(uuid.uuid4()),
+        "automation_id": str(uuid.uuid4()),
+        "request_id": "someone-elses-request",
+        "seal": "0" * 32,
+    }
+    integ.publish(f"hexa/{m.uid}/relay/0/set", json.dumps(forged))
     assert integ.wait_for(lambda t, p, r: b'"ha-1"' in p)
     entries = wait_until(
-        lambda: audit(hub, user.access_token, source="home_assistant", device_id=dev["id"])[
-            "items"
-        ],
-        5,
+        lambda: audit(hub, user.access_token, source="mqtt", device_id=dev["id"])["items"], 5
     )
     assert entries and entries[0]["details"]["intent_id"] == "ha-1"
+    entry = entries[0]
+    assert entry["actor_type"] == "integration" or hub.settings.embedded_bus == "tcp", entry
+    if entry["actor_type"] == "integration":
+        assert entry["actor_id"] == it["id"], entry
+    assert entry["actor_id"] != user.id
+    assert entry["schedule_id"] is None and entry["automation_id"] is None, entry
+    assert entry["request_id"] != "someone-elses-request", entry
+    assert audit(hub, user.access_token, source="schedule", device_id=dev["id"])["total"] == 0
     m.relays = [True, True, False]
     m.report()
     reports = wait_until(

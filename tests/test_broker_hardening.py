@@ -1,0 +1,522 @@
+"""The embedded broker under attack and misuse: refused and clean connection floods leave
+nothing behind, client ids belong to one identity, keepalive is enforced, a device whose
+connection ends is offline, a stalled subscriber cannot make the broker buffer without
+bound, and hostile strings never reach the log as more than one escaped line.
+
+Raw sockets stand in for attackers and broken clients (they do what no library would);
+paho stands in for well-behaved devices and integrations."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import (
+    MqttClient,
+    MqttDevice,
+    RunningHub,
+    User,
+    claimed_device,
+    new_database_url,
+    online_device,
+    register,
+    spawn_hub,
+    stop_hub,
+    wait_until,
+)
+
+NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
+
+
+# --- a raw MQTT 3.1.1 client: bytes built here, independent of every library -------------
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + _varint(len(body)) + body
+
+
+def connect_packet(
+    client_id: str,
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    keepalive: int = 30,
+    clean: bool = True,
+    will: tuple[str, bytes, bool] | None = None,
+) -> bytes:
+    flags = 0x02 if clean else 0
+    payload = _str(client_id)
+    if will is not None:
+        flags |= 0x04 | 0x08 | (0x20 if will[2] else 0)  # will, QoS 1, retain
+        payload += _str(will[0]) + _str(will[1])
+    if username is not None:
+        flags |= 0x80
+        payload += _str(username)
+    if password is not None:
+        flags |= 0x40
+        payload += _str(password)
+    return _packet(0x10, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload)
+
+
+class Raw:
+    """One MQTT connection over a plain socket."""
+
+    def __init__(self, hub: RunningHub, *, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", hub.mqtt_port))
+        self.buf = b""
+        self.packet_id = 0
+
+    def connect(self, client_id: str, username: str | None, password: str | None, **kw: Any) -> int:
+        """Send CONNECT; the CONNACK return code (-1 when the broker just closed)."""
+        self.sock.sendall(connect_packet(client_id, username, password, **kw))
+        packet = self.read_packet()
+        if packet is None:
+            return -1
+        kind, body = packet
+        assert kind >> 4 == 2, kind
+        return body[1]
+
+    def read_packet(self, timeout: float = 10) -> tuple[int, bytes] | None:
+        self.sock.settimeout(timeout)
+        while True:
+            if len(self.buf) >= 2:
+                length, mult, i = 0, 1, 1
+                while i < len(self.buf):
+                    length += (self.buf[i] & 0x7F) * mult
+                    mult *= 128
+                    i += 1
+                    if not self.buf[i - 1] & 0x80:
+                        break
+                else:
+                    i = -1
+                if i > 0 and len(self.buf) >= i + length:
+                    kind, body = self.buf[0], self.buf[i : i + length]
+                    self.buf = self.buf[i + length :]
+                    return kind, body
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def subscribe(self, flt: str, qos: int = 1) -> int:
+        self.packet_id += 1
+        self.sock.sendall(
+            _packet(0x82, struct.pack("!H", self.packet_id) + _str(flt) + bytes([qos]))
+        )
+        while True:
+            packet = self.read_packet()
+            assert packet is not None, "no SUBACK"
+            if packet[0] >> 4 == 9:
+                return packet[1][2]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        header = _str(topic)
+        if qos:
+            self.packet_id += 1
+            header += struct.pack("!H", self.packet_id)
+        self.sock.sendall(_packet(0x30 | (qos << 1), header + payload))
+
+    def disconnect(self) -> None:
+        self.sock.sendall(b"\xe0\x00")
+        self.close()
+
+    def closed_by_peer(self, timeout: float) -> bool:
+        """Whether the broker closes the connection within ``timeout`` (reads are drained)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except TimeoutError:
+                continue
+            except OSError:
+                return True
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@pytest.fixture
+def raws() -> Iterator[Callable[[Raw], Raw]]:
+    opened: list[Raw] = []
+
+    def add(r: Raw) -> Raw:
+        opened.append(r)
+        return r
+
+    yield add
+    for r in opened:
+        r.close()
+
+
+def integration(hub: RunningHub, user: User) -> dict[str, Any]:
+    with hub.api(user.access_token) as c:
+        r = c.post(
+            "/integrations/tokens",
+            json={"name": f"int-{uuid.uuid4().hex[:10]}", "org_id": user.org_id},
+        )
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def sessions(hub: RunningHub) -> dict[str, float]:
+    """The broker's session gauge from ``/metrics``."""
+    text = httpx.get(hub.base + "/metrics", timeout=10).text
+    found = re.findall(r'^hexa_mqtt_sessions\{state="(\w+)"\} ([\d.e+]+)$', text, re.M)
+    return {state: float(n) for state, n in found}
+
+
+def command(hub: RunningHub, user: User, device_id: str, state: bool = True) -> httpx.Response:
+    with hub.api(user.access_token) as c:
+        return c.post(f"/devices/{device_id}/relays/0", json={"state": state})
+
+
+def online(hub: RunningHub, user: User, device_id: str) -> bool:
+    with hub.api(user.access_token) as c:
+        return bool(c.get(f"/devices/{device_id}").json()["online"])
+
+
+class Captured(logging.Handler):
+    """Log records of the in-process hub's broker, for one test."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.loggers = [logging.getLogger(n) for n in names]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> Captured:
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.addHandler(self)
+            if lg.name != "root":
+                lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.removeHandler(self)
+            lg.setLevel(level)
+
+    def mentioning(self, text: str) -> list[str]:
+        return [r.getMessage() for r in self.records if text in r.getMessage()]
+
+
+# --- 1, 2: refused and clean connections leave nothing ------------------------------------
+def test_refused_and_clean_connects_leave_no_session(hub: RunningHub, raws: Any) -> None:
+    """Refused CONNECTs store nothing and clean sessions are gone when they end."""
+    user = register(hub)
+    it = integration(hub, user)
+    before = sessions(hub)
+    for i in range(200):
+        r = raws(Raw(hub))
+        assert r.connect(f"nobody-{uuid.uuid4().hex}", "nobody", "wrong") == 5, i
+        r.close()
+    for i in range(200):
+        r = raws(Raw(hub))
+        assert r.connect(f"clean-{uuid.uuid4().hex}", it["name"], it["token"]) == 0, i
+        r.disconnect()
+    settled = wait_until(lambda: all(n <= before[state] for state, n in sessions(hub).items()), 5)
+    assert settled, (before, sessions(hub))
+
+
+def test_refused_connect_does_not_lock_the_client_id(hub: RunningHub, raws: Any) -> None:
+    """A refused CONNECT under a device's client id does not keep the device out."""
+    user = register(hub)
+    p, dev = claimed_device(hub, user)
+    uid = p["device_uid"]
+    squatter = raws(Raw(hub))
+    assert squatter.connect(f"sim-{uid}", uid, "not-the-token") == 5
+    squatter.close()
+    m = MqttDevice(hub, uid, p["device_token"], client_id=f"sim-{uid}")
+    try:
+        assert m.ok(), m.rc
+        assert wait_until(lambda: online(hub, user, dev["id"]), 5)
+        r = command(hub, user, dev["id"])
+        assert r.status_code == 200, r.text
+    finally:
+        m.close()
+
+
+@pytest.mark.timeout(300)
+def test_memory_flat_under_connect_floods(tmp_path: Path, db_kind: str) -> None:
+    """10 000 refused and 10 000 clean connect/disconnect cycles do not grow the hub."""
+    import psutil
+
+    url, drop = new_database_url(db_kind, tmp_path)
+    h = spawn_hub(url, tmp_path / "data")
+    try:
+        user = register(h)
+        it = integration(h, user)
+        proc = psutil.Process(h.proc.pid)
+
+        def cycles(n: int) -> None:
+            for _ in range(n):
+                r = Raw(h)
+                try:
+                    assert r.connect(f"x-{uuid.uuid4().hex}", "nobody", "wrong") == 5
+                finally:
+                    r.close()
+                r = Raw(h)
+                try:
+                    assert r.connect(f"c-{uuid.uuid4().hex}", it["name"], it["token"]) == 0
+                    r.disconnect()
+                finally:
+                    r.close()
+
+        cycles(1000)  # warm-up: caches, allocator arenas
+        base = proc.memory_info().rss
+        cycles(10_000)
+        assert wait_until(lambda: sessions(h).get("connected") == 0, 10), sessions(h)
+        grown = proc.memory_info().rss - base
+        # amqtt kept ~35 KB per refused and ~27 KB per clean client id: 620 MB here
+        assert grown < 40 * 1024 * 1024, f"hub grew by {grown / 1e6:.1f} MB"
+        assert sessions(h) == {"connected": 0.0, "persisted": 0.0}, sessions(h)
+    finally:
+        stop_hub(h)
+        drop()
+
+
+# --- 3: client ids belong to one identity --------------------------------------------------
+def test_persistent_session_queue_never_crosses_identities(hub: RunningHub, raws: Any) -> None:
+    """Another org's client reusing a persistent client id is refused and gets nothing of its
+    queue; the owner reconnects and gets its queued messages."""
+    owner, stranger = register(hub), register(hub)
+    mine, theirs = integration(hub, owner), integration(hub, stranger)
+    _dev, m = online_device(hub, owner)
+    cid = f"persist-{uuid.uuid4().hex[:8]}"
+    a = raws(Raw(hub))
+    assert a.connect(cid, mine["name"], mine["token"], clean=False) == 0
+    assert a.subscribe(f"hexa/{m.uid}/report", 1) == 1
+    a.close()  # away: the session keeps QoS 1 messages for it
+    try:
+        m.report()
+        thief = raws(Raw(hub))
+        assert thief.connect(cid, theirs["name"], theirs["token"], clean=False) == 2
+        assert thief.read_packet(NEGATIVE_WAIT_S) is None
+        back = raws(Raw(hub))
+        assert back.connect(cid, mine["name"], mine["token"], clean=False) == 0
+        packet = back.read_packet(5)
+        assert packet is not None and packet[0] >> 4 == 3, packet
+        assert f"hexa/{m.uid}/report".encode() in packet[1]
+    finally:
+        m.close()
+
+
+def test_live_session_is_not_taken_over_by_another_device(hub: RunningHub, raws: Any) -> None:
+    """A device reusing another device's live (non-reserved) client id is refused; the owner
+    keeps working."""
+    user = register(hub)
+    dev, m = online_device(hub, user, client_id=f"shared-{uuid.uuid4().hex[:8]}")
+    try:
+        other, _ = claimed_device(hub, user)
+        thief = raws(Raw(hub))
+        assert (
+            thief.connect(m.c._client_id.decode(), other["device_uid"], other["device_token"]) == 2
+        )
+        assert command(hub, user, dev["id"]).status_code == 200
+        assert not m.disconnected.is_set()
+    finally:
+        m.close()
+
+
+def test_client_ids_naming_a_device_are_reserved(hub: RunningHub, raws: Any) -> None:
+    """Only a device may use a client id that ends in its uid, even while it is offline."""
+    user = register(hub)
+    p, _dev = claimed_device(hub, user)
+    other, _ = claimed_device(hub, user)
+    it = integration(hub, user)
+    uid = p["device_uid"]
+    for who in ((it["name"], it["token"]), (other["device_uid"], other["device_token"])):
+        for cid in (uid, f"sim-{uid}", f"dev-{uid}"):
+            r = raws(Raw(hub))
+            assert r.connect(cid, *who) == 2, (who[0], cid)
+            r.close()
+    m = MqttDevice(hub, uid, p["device_token"], client_id=f"sim-{uid}")
+    try:
+        assert m.ok(), m.rc
+    finally:
+        m.close()
+
+
+def test_sessions_per_identity_are_limited(hub: RunningHub, raws: Any) -> None:
+    """An identity holds at most HEXA_MQTT_MAX_SESSIONS_PER_IDENTITY sessions at once."""
+    user = register(hub)
+    it = integration(hub, user)
+    limit = hub.settings.mqtt_max_sessions_per_identity
+    live = [raws(Raw(hub)) for _ in range(limit)]
+    for i, r in enumerate(live):
+        assert r.connect(f"many-{i}-{uuid.uuid4().hex[:6]}", it["name"], it["token"]) == 0
+    extra = raws(Raw(hub))
+    assert extra.connect(f"many-x-{uuid.uuid4().hex[:6]}", it["name"], it["token"]) == 2
+    live[0].disconnect()
+    wait_until(lambda: False, NEGATIVE_WAIT_S)
+    again = raws(Raw(hub))
+    assert again.connect(f"many-y-{uuid.uuid4().hex[:6]}", it["name"], it["token"]) == 0
+
+
+# --- 4: keepalive and presence -------------------------------------------------------------
+def test_silent_device_is_dropped_and_its_will_published(hub: RunningHub, raws: Any) -> None:
+    """A device silent for 1.5 x keepalive is disconnected, its will published and commands
+    to it answered 503 at once."""
+    user = register(hub)
+    p, dev = claimed_device(hub, user)
+    uid = p["device_uid"]
+    r = raws(Raw(hub))
+    will = (f"hexa/{uid}/availability", b"offline", True)
+    assert r.connect(f"dev-{uid}", uid, p["device_token"], keepalive=1, will=will) == 0
+    r.publish(f"hexa/{uid}/availability", b"online", qos=0)
+    assert wait_until(lambda: online(hub, user, dev["id"]), 5)
+    assert r.closed_by_peer(8), "the broker kept a silent client"
+    assert wait_until(lambda: not online(hub, user, dev["id"]), 5)
+    res = command(hub, user, dev["id"])
+    assert res.status_code == 503 and res.json()["code"] == "device_offline", res.text
+
+
+def test_device_without_will_is_offline_after_disconnect(hub: RunningHub, raws: Any) -> None:
+    """A device that set no will, or left with DISCONNECT, is offline once its session ends."""
+    user = register(hub)
+    for how in ("disconnect", "drop"):
+        p, dev = claimed_device(hub, user)
+        uid = p["device_uid"]
+        r = raws(Raw(hub))
+        assert r.connect(f"dev-{uid}", uid, p["device_token"]) == 0
+        r.publish(f"hexa/{uid}/availability", b"online", qos=0)
+        assert wait_until(lambda d=dev: online(hub, user, d["id"]), 5), how
+        if how == "disconnect":
+            r.disconnect()
+        else:
+            r.close()
+        assert wait_until(lambda d=dev: not online(hub, user, d["id"]), 5), how
+        assert command(hub, user, dev["id"]).status_code == 503, how
+
+
+def test_silence_within_keepalive_keeps_the_session(hub: RunningHub, raws: Any) -> None:
+    """A client that pings within its keepalive stays connected."""
+    user = register(hub)
+    it = integration(hub, user)
+    r = raws(Raw(hub))
+    assert r.connect(f"ping-{uuid.uuid4().hex[:8]}", it["name"], it["token"], keepalive=1) == 0
+    for _ in range(6):
+        time.sleep(0.5)
+        r.sock.sendall(b"\xc0\x00")  # PINGREQ
+        packet = r.read_packet(2)
+        assert packet is not None and packet[0] >> 4 == 13, packet
+
+
+# --- 6: a stalled subscriber ------------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_stalled_subscriber_is_disconnected_and_others_unaffected(
+    hub: RunningHub, raws: Any
+) -> None:
+    """A QoS 1 subscriber that neither reads nor acks is disconnected after a bounded backlog,
+    with one log line, and other devices' commands keep working."""
+    user = register(hub)
+    it = integration(hub, user)
+    _dev, m = online_device(hub, user)
+    other_dev, other = online_device(hub, user)
+    cid = f"stall-{uuid.uuid4().hex[:8]}"
+    stalled = raws(Raw(hub, rcvbuf=4096))
+    assert stalled.connect(cid, it["name"], it["token"], keepalive=0) == 0
+    assert stalled.subscribe(f"hexa/{m.uid}/#", 1) == 1
+    limit = hub.settings.mqtt_max_queued_messages
+    try:
+        with Captured("hexa.broker", "amqtt") as logs:
+            payload = json.dumps({"relays": [False] * 3, "inputs": [False] * 3, "pad": "x" * 200})
+            for _ in range(limit + 200):
+                m.c.publish(f"hexa/{m.uid}/report", payload, qos=0)
+            assert stalled.closed_by_peer(30), "the stalled subscriber was never disconnected"
+            r = command(hub, user, other_dev["id"])
+            assert r.status_code == 200, r.text
+        lines = logs.mentioning(cid)
+        assert 1 <= len(lines) <= 2, lines
+        assert not [r for r in logs.records if r.exc_info], "a traceback was logged"
+    finally:
+        m.close()
+        other.close()
+
+
+def test_hostile_username_and_topic_are_logged_as_one_escaped_line(
+    tmp_path: Path, db_kind: str
+) -> None:
+    """In the log of `hexa serve`, newlines in a user name or topic never make a second line,
+    a 64 KB user name is cut, and a refused login is logged once."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    log = tmp_path / "hub.log"
+    h = spawn_hub(url, tmp_path / "data", log=log, log_level="INFO")
+    marker = uuid.uuid4().hex
+    try:
+        user = register(h)
+        it = integration(h, user)
+        r = Raw(h)
+        huge = f"{marker}\nFORGED ERROR line\r\n" + "u" * 65000
+        assert r.connect(f"h-{marker}", huge, "wrong") == 5
+        r.close()
+        ok = Raw(h)
+        assert ok.connect(f"t-{marker}", it["name"], it["token"]) == 0
+        ok.publish(f"hexa/{marker}\nFORGED/relay/0/set", b"ON", qos=0)
+        ok.publish(f"evil/{marker}\n2026-01-01 FORGED", b"x", qos=0)
+        assert wait_until(lambda: log.read_text().count(marker) >= 3, 10), log.read_text()
+        ok.close()
+    finally:
+        stop_hub(h)
+        drop()
+    lines = log.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("FORGED")], "a forged line"
+    assert not [line for line in lines if "FORGED" in line and marker not in line]
+    assert len([line for line in lines if "FORGED ERROR" in line]) == 1, "logged twice"
+    assert max(len(line) for line in lines) < 2200
+
+
+def test_deeply_nested_intent_is_rejected_without_traceback(hub: RunningHub) -> None:
+    """An intent nested 20 000 levels deep gets a ``rejected`` result, not a traceback."""
+    user = register(hub)
+    dev, m = online_device(hub, user)
+    it = integration(hub, user)
+    integ = MqttClient(hub, it["name"], it["token"])
+    try:
+        assert integ.ok() and integ.subscribe(f"hexa/{m.uid}/result")
+        with Captured("hexa", "") as logs:
+            integ.publish(f"hexa/{m.uid}/relay/0/set", "[" * 20000 + "]" * 20000)
+            found = integ.wait_for(lambda t, p, r: b'"rejected"' in p, 5)
+        assert found, "no result for the nested intent"
+        assert not [r for r in logs.records if r.exc_info], "a traceback was logged"
+        assert command(hub, user, dev["id"]).status_code == 200
+    finally:
+        integ.close()
+        m.close()
