@@ -47,6 +47,18 @@ class OneLine(logging.Filter):
         return True
 
 
+class PeerFaults(logging.Filter):
+    """uvicorn logs a WebSocket text frame that is not UTF-8 as an exception, traceback and
+    all, though the fault is the peer's and the socket is closed with 1007 (invalid payload):
+    keep one warning line, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
@@ -63,3 +75,4 @@ def configure(level: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    logging.getLogger("uvicorn.error").filters[:] = [PeerFaults()]

@@ -17,6 +17,7 @@ import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
+from hexa.api.ws import messages
 from hexa.hub import metrics, topics
 from hexa.hub.access import Principal, load_principal
 from hexa.hub.busapi import Message
@@ -181,20 +182,13 @@ async def _receiver(client: _Client, hub: Hub, tg: anyio.abc.TaskGroup) -> None:
             return
         if raw["type"] == "websocket.disconnect":
             return
-        text = raw.get("text")
-        data = text.encode() if text is not None else (raw.get("bytes") or b"")
-        if len(data) > MAX_MESSAGE_BYTES:
-            client.push(
-                {"type": "error", "error": f"message larger than {MAX_MESSAGE_BYTES} bytes"}
-            )
-            continue
         try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            client.push({"type": "error", "error": "not UTF-8 JSON"})
-            continue
-        if not isinstance(doc, dict):
-            client.push({"type": "error", "error": "expected a JSON object"})
+            doc = messages.decode(
+                raw.get("text") or raw.get("bytes") or b"", max_bytes=MAX_MESSAGE_BYTES
+            )
+        except messages.BadMessage as exc:
+            metrics.BAD_PAYLOADS.labels("ws_client").inc()
+            client.push({"type": "error", "error": exc.reason})
             continue
         kind = doc.get("type")
         request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from hexa.api.ws import messages
 from hexa.hub import metrics, topics
 from hexa.hub.busapi import Message
 from hexa.hub.errors import BusUnavailable
@@ -129,22 +130,15 @@ async def _receive(ws: WebSocket, hub: Hub, uid: str) -> None:
             return
         if raw["type"] == "websocket.disconnect":
             return
-        data = raw.get("text")
-        if data is None:
-            data_bytes = raw.get("bytes") or b""
-        else:
-            data_bytes = data.encode()
-        if len(data_bytes) > MAX_MESSAGE_BYTES:
-            metrics.BAD_PAYLOADS.labels("ws_device").inc()
-            await _send_error(ws, f"message larger than {MAX_MESSAGE_BYTES} bytes")
-            continue
         try:
-            doc: Any = json.loads(data_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            doc = messages.decode(
+                raw.get("text") or raw.get("bytes") or b"", max_bytes=MAX_MESSAGE_BYTES
+            )
+        except messages.BadMessage as exc:
             metrics.BAD_PAYLOADS.labels("ws_device").inc()
-            await _send_error(ws, "not UTF-8 JSON")
+            await _send_error(ws, exc.reason)
             continue
-        if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
+        if not isinstance(doc.get("type"), str):
             metrics.BAD_PAYLOADS.labels("ws_device").inc()
             await _send_error(ws, "expected a JSON object with a type")
             continue
