@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
+import conftest
 from conftest import (
     MqttClient,
     RunningHub,
@@ -122,6 +123,18 @@ def client_url(hub: RunningHub, token: str) -> str:
 
 
 P = TypeVar("P", bound=WsPeer)
+
+
+def add_member(hub: RunningHub, by: User, who: User, role: str) -> None:
+    """Make ``who`` a member of ``by``'s organization: the shared helper when there is one
+    (invite and accept), else a direct add."""
+    shared: Callable[..., Any] | None = getattr(conftest, "add_member", None)
+    if shared is not None:
+        shared(hub, by, who, role)
+        return
+    with hub.api(by.access_token) as c:
+        r = c.post(f"/orgs/{by.org_id}/members", json={"email": who.email, "role": role})
+    assert r.status_code == 201, r.text
 
 
 def close_code_of(url: str) -> int | None:
@@ -427,9 +440,7 @@ def test_client_bad_messages(hub: RunningHub, track: Any) -> None:
 def test_viewer_set_relay_refused(hub: RunningHub, track: Any) -> None:
     """A viewer-role member sees the org's device, but its set_relay gets ok false."""
     owner, viewer = register(hub), register(hub)
-    with hub.api(owner.access_token) as c:
-        r = c.post(f"/orgs/{owner.org_id}/members", json={"email": viewer.email, "role": "viewer"})
-        assert r.status_code == 201, r.text
+    add_member(hub, owner, viewer, "viewer")
     dev, m = online_device(hub, owner)
     track(m)
     v = ws_client(hub, viewer, track)
