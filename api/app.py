@@ -19,8 +19,8 @@ from hexa.api.routers import (
     schedules,
     tenancy,
 )
-from hexa.api.ws import client_gateway, device_gateway
 from hexa.api.schemas import refuse_nul_in_query
+from hexa.api.ws import client_gateway, device_gateway
 from hexa.hub import __version__
 
 if TYPE_CHECKING:

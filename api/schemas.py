@@ -26,17 +26,6 @@ from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Sit
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
-
-class Body(BaseModel):
-    """Every request body rejects unknown fields, NUL characters in any string and
-    free-form JSON nested deeper than ``MAX_JSON_DEPTH``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    def changes(self, *nullable: str) -> dict[str, Any]:
-        """The fields a PATCH sent; ``null`` is refused except for ``nullable`` fields."""
-        sent = self.model_dump(exclude_unset=True)
-        for key, value in sent.items():
 #: free-form JSON in a request nests at most this deep (deeper structures exhaust the
 #: recursion of JSON encoders and of PostgreSQL's jsonb parser)
 MAX_JSON_DEPTH = 32
@@ -85,12 +74,13 @@ def refuse_nul_in_query(request: Request) -> None:
                 details={"field": key[:64], "in": "query"},
             )
 
-            if value is None and key not in nullable:
-                raise ValidationFailed(f"{key} cannot be null", details={"field": key})
-        return sent
 
+class Body(BaseModel):
+    """Every request body rejects unknown fields, NUL characters in any string and
+    free-form JSON nested deeper than ``MAX_JSON_DEPTH``."""
 
-class Credentials(Body):
+    model_config = ConfigDict(extra="forbid")
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_hostile_json(cls, data: Any) -> Any:
@@ -99,6 +89,16 @@ class Credentials(Body):
                 check_json_value(value, str(key).replace("\x00", "")[:64])
         return data
 
+    def changes(self, *nullable: str) -> dict[str, Any]:
+        """The fields a PATCH sent; ``null`` is refused except for ``nullable`` fields."""
+        sent = self.model_dump(exclude_unset=True)
+        for key, value in sent.items():
+            if value is None and key not in nullable:
+                raise ValidationFailed(f"{key} cannot be null", details={"field": key})
+        return sent
+
+
+class Credentials(Body):
     email: Annotated[str, Field(min_length=3, max_length=254)]
     password: Annotated[str, Field(min_length=1, max_length=256)]
 
