@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
 import time
 import uuid
 from datetime import timedelta
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tortoise.exceptions import IntegrityError
+from tortoise.expressions import Q
 
 from hexa.api.errors import error_body
 from hexa.hub import metrics
 from hexa.hub.security import decode_access_token, utcnow
-from hexa.models import IdempotencyRecord
+from hexa.models import IdempotencyRecord, User
 
 log = logging.getLogger(__name__)
 
@@ -166,26 +174,124 @@ class HttpMetrics:
             )
 
 
+#: Routes that hand out fresh credentials in exchange for credentials: their answers are
+#: never stored, so a replay can never hand out a token pair from storage (a retried login
+#: logs in again; a retried refresh presents a spent refresh token and is refused).
+NEVER_STORED = frozenset({"/api/v1/auth/login", "/api/v1/auth/refresh"})
+_SEALED = "v1:"
+
+
+class ResponseSealer:
+    """Encrypts stored answers (AES-256-GCM) and hashes keys and callers (HMAC-SHA256).
+
+    Both keys are derived with HKDF from the hub's JWT secret, which is kept outside the
+    database (``secrets.json`` in the data directory, or the environment): a copy of the
+    database alone reveals no stored token, claim code or Idempotency-Key.
+    """
+
+    def __init__(self, secret: str) -> None:
+        material = HKDF(
+            algorithm=hashes.SHA256(), length=64, salt=None, info=b"hexa idempotency store v1"
+        ).derive(secret.encode())
+        self._aead = AESGCM(material[:32])
+        self._mac_key = material[32:]
+
+    def digest(self, *parts: bytes) -> str:
+        """A keyed hash of ``parts`` (length-prefixed, so no two lists collide)."""
+        mac = hmac.new(self._mac_key, digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(len(part).to_bytes(8, "big"))
+            mac.update(part)
+        return mac.hexdigest()
+
+    def seal(self, payload: dict[str, Any], aad: bytes) -> str:
+        nonce = os.urandom(12)
+        sealed = self._aead.encrypt(nonce, json.dumps(payload).encode(), aad)
+        return _SEALED + base64.b64encode(nonce + sealed).decode()
+
+    def open(self, text: str | None, aad: bytes) -> dict[str, Any] | None:
+        """The payload, or None when it was not sealed by this key for this record."""
+        if not text or not text.startswith(_SEALED):
+            return None
+        try:
+            raw = base64.b64decode(text.removeprefix(_SEALED), validate=True)
+            payload = json.loads(self._aead.decrypt(raw[:12], raw[12:], aad))
+        except (ValueError, InvalidTag):
+            return None
+        return payload if isinstance(payload, dict) else None
+
+
+async def purge_idempotency_records() -> int:
+    """Delete expired records and answers stored unencrypted by an older hub."""
+    return await IdempotencyRecord.filter(
+        Q(expires_at__lte=utcnow())
+        | Q(status_code__isnull=False) & ~Q(response_body__startswith=_SEALED)
+    ).delete()
+
+
+def _replaying(body: bytes) -> Receive:
+    """A receive() that hands the already-read body to the app once."""
+    delivered = False
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if delivered:
+            await asyncio.Event().wait()  # nothing more will come: wait to be cancelled
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _issued_to(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
+    """The user a successful token-issuing answer (``{"user": {"id": ...}, ...}``) belongs to."""
+    if status >= 300 or (b"content-type", b"application/json") not in headers:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    user = parsed.get("user") if isinstance(parsed, dict) else None
+    uid = user.get("id") if isinstance(user, dict) else None
+    return uid if isinstance(uid, str) else None
+
+
 class Idempotency:
-    """``Idempotency-Key`` on mutating requests: store the response, replay it on retry."""
+    """``Idempotency-Key`` on mutating requests: store the response, replay it on retry.
+
+    Records are scoped to the caller: the user of a valid access token, or for anonymous
+    requests a keyed hash of everything presented (credential headers, method, path and
+    body), so only a caller who can send the very same request gets its answer. Answers are
+    stored encrypted, keys and request hashes as HMACs; a replay of an answer that belongs
+    to a user is refused once that user is disabled.
+    """
 
     def __init__(self, app: ASGIApp, *, ttl_s: int, jwt_secret: str, wait_s: float) -> None:
         self.app = app
         self.ttl_s = ttl_s
         self.jwt_secret = jwt_secret
         self.wait_s = wait_s
+        self.sealer = ResponseSealer(jwt_secret)
 
-    def _scope_of(self, scope: Scope) -> str:
-        auth = _header(scope, b"authorization") or ""
-        if auth.lower().startswith("bearer "):
+    def _caller(self, scope: Scope, body: bytes) -> tuple[str, str | None] | None:
+        """(record scope, user id) of the caller; None for a bearer token that does not
+        verify (the route answers 401 itself, and nothing is stored)."""
+        auth = _header(scope, b"authorization")
+        if auth is not None and auth.lower().startswith("bearer "):
             try:
-                return f"user:{decode_access_token(self.jwt_secret, auth[7:].strip()).user_id}"
-            except Exception:  # noqa: BLE001 - the route will answer 401 on its own
-                return "anon"
-        key = _header(scope, b"x-provision-key")
-        if key:
-            return "pk:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-        return "anon"
+                user_id = str(decode_access_token(self.jwt_secret, auth[7:].strip()).user_id)
+            except Exception:  # noqa: BLE001 - any undecodable token: the route refuses it
+                return None
+            return f"user:{user_id}", user_id
+        presented = [
+            (_header(scope, b"x-provision-key") or "").encode(),
+            (auth or "").encode(),
+            scope["method"].encode(),
+            scope["path"].encode(),
+            scope["query_string"],
+            body,
+        ]
+        return "anon:" + self.sealer.digest(b"anon", *presented), None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = _header(scope, b"idempotency-key") if scope["type"] == "http" else None
@@ -202,6 +308,9 @@ class Idempotency:
                 request_id,
             )
             return
+        if scope["path"].rstrip("/") in NEVER_STORED:
+            await self.app(scope, receive, send)
+            return
 
         body = b""
         while True:
@@ -209,40 +318,62 @@ class Idempotency:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        digest = hashlib.sha256(
-            b"\0".join(
-                [scope["method"].encode(), scope["path"].encode(), scope["query_string"], body]
-            )
-        ).hexdigest()
-        owner = self._scope_of(scope)
+        caller = self._caller(scope, body)
+        if caller is None:
+            await self.app(scope, _replaying(body), send)
+            return
+        owner, user_id = caller
+        key_hash = self.sealer.digest(b"key", key.encode())
+        digest = self.sealer.digest(
+            b"request",
+            scope["method"].encode(),
+            scope["path"].encode(),
+            scope["query_string"],
+            body,
+        )
 
-        record = await self._claim(owner, key, scope, digest)
-        if record is None:  # we own the key: run the request and store its answer
-            await self._run_and_store(scope, body, send, owner, key)
-            return
-        if record.request_hash != digest:
-            await send_error(
-                send,
-                409,
-                "idempotency_conflict",
-                "this Idempotency-Key was used with a different request",
-                request_id,
-            )
-            return
-        stored = await self._wait_done(record)
-        if stored is None:
-            await send_error(
-                send,
-                409,
-                "idempotency_conflict",
-                "a request with this Idempotency-Key is still in progress",
-                request_id,
-            )
-            return
-        await self._replay(stored, send, request_id)
+        for _ in range(2):
+            record = await self._claim(owner, key_hash, scope, digest)
+            if record is None:  # we own the key: run the request and store its answer
+                await self._run_and_store(scope, body, send, owner, key_hash, user_id)
+                return
+            if record.request_hash != digest:
+                await send_error(
+                    send,
+                    409,
+                    "idempotency_conflict",
+                    "this Idempotency-Key was used with a different request",
+                    request_id,
+                )
+                return
+            stored = await self._wait_done(record)
+            if stored is None:
+                await send_error(
+                    send,
+                    409,
+                    "idempotency_conflict",
+                    "a request with this Idempotency-Key is still in progress",
+                    request_id,
+                )
+                return
+            assert stored.status_code is not None
+            payload = self.sealer.open(stored.response_body, _aad(stored, stored.status_code))
+            if payload is not None:
+                await self._replay(stored.status_code, payload, send, request_id)
+                return
+            # Sealed under another secret (HEXA_JWT_SECRET changed): unusable, so forget it.
+            log.warning("dropping a stored idempotent answer that cannot be decrypted")
+            await IdempotencyRecord.filter(id=stored.id).delete()
+        await send_error(
+            send,
+            409,
+            "idempotency_conflict",
+            "a request with this Idempotency-Key is still in progress",
+            request_id,
+        )
 
     async def _claim(
-        self, owner: str, key: str, scope: Scope, digest: str
+        self, owner: str, key_hash: str, scope: Scope, digest: str
     ) -> IdempotencyRecord | None:
         """Insert a pending record (None: it is ours) or return the existing one."""
         for _ in range(3):
@@ -250,7 +381,7 @@ class Idempotency:
             try:
                 await IdempotencyRecord.create(
                     scope=owner,
-                    key=key,
+                    key=key_hash,
                     method=scope["method"],
                     path=scope["path"][:1000],
                     request_hash=digest,
@@ -258,7 +389,7 @@ class Idempotency:
                 )
                 return None
             except IntegrityError:
-                existing = await IdempotencyRecord.get_or_none(scope=owner, key=key)
+                existing = await IdempotencyRecord.get_or_none(scope=owner, key=key_hash)
                 if existing is None:
                     continue
                 if existing.expires_at <= now:
@@ -280,19 +411,11 @@ class Idempotency:
             await asyncio.sleep(0.05)
 
     async def _run_and_store(
-        self, scope: Scope, body: bytes, send: Send, owner: str, key: str
+        self, scope: Scope, body: bytes, send: Send, owner: str, key_hash: str, user_id: str | None
     ) -> None:
         status = 500
         headers: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
-        delivered = False
-
-        async def replay_receive() -> Message:
-            nonlocal delivered
-            if delivered:
-                await asyncio.Event().wait()  # nothing more will come: wait to be cancelled
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
         async def capture(message: Message) -> None:
             nonlocal status, headers
@@ -303,31 +426,52 @@ class Idempotency:
                 chunks.append(message.get("body", b""))
             await send(message)
 
+        mine = IdempotencyRecord.filter(scope=owner, key=key_hash)
         try:
-            await self.app(scope, replay_receive, capture)
+            await self.app(scope, _replaying(body), capture)
         except BaseException:
-            await IdempotencyRecord.filter(scope=owner, key=key).delete()
+            await mine.delete()
             raise
         if status >= 500:
             # A failure of ours is not an answer: release the key so a retry can run.
-            await IdempotencyRecord.filter(scope=owner, key=key).delete()
+            await mine.delete()
             return
+        answer = b"".join(chunks)
         keep = {b"content-type", b"location", b"retry-after"}
-        await IdempotencyRecord.filter(scope=owner, key=key).update(
+        payload = {
+            "body": base64.b64encode(answer).decode(),
+            "headers": [
+                [k.decode("latin-1"), v.decode("latin-1")] for k, v in headers if k in keep
+            ],
+            "user": user_id or _issued_to(status, headers, answer),
+        }
+        record = await mine.first()
+        if record is None:
+            return
+        await mine.update(
             status_code=status,
-            response_body=b"".join(chunks).decode("utf-8", errors="replace"),
-            response_headers={k.decode(): v.decode() for k, v in headers if k in keep},
+            response_body=self.sealer.seal(payload, _aad(record, status)),
+            response_headers={},
         )
 
-    async def _replay(self, record: IdempotencyRecord, send: Send, request_id: str | None) -> None:
-        body = (record.response_body or "").encode()
-        headers = [(k.encode(), v.encode()) for k, v in (record.response_headers or {}).items()]
+    async def _replay(
+        self, status: int, payload: dict[str, Any], send: Send, request_id: str | None
+    ) -> None:
+        user = payload.get("user")
+        if user is not None and not await User.filter(id=user, is_active=True).exists():
+            # The answer belongs to an account disabled (or deleted) since: not replayed.
+            await send_error(send, 401, "unauthorized", "user is unknown or disabled", request_id)
+            return
+        body = base64.b64decode(payload["body"])
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in payload["headers"]]
         headers += [
             (b"content-length", str(len(body)).encode()),
             (b"idempotency-replayed", b"true"),
         ]
-        assert record.status_code is not None
-        await send(
-            {"type": "http.response.start", "status": record.status_code, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _aad(record: IdempotencyRecord, status: int) -> bytes:
+    """What a sealed answer is bound to: a copied ciphertext fails under another record."""
+    return "\0".join([record.scope, record.key, record.method, record.path, str(status)]).encode()

@@ -316,6 +316,7 @@ async def serve(
 
     from hexa.api.app import create_app
     from hexa.api.http_protocol import http_protocol
+    from hexa.api.middleware import purge_idempotency_records
     from hexa.broker.server import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.bus import BrokerAddress
@@ -343,6 +344,7 @@ async def serve(
             raise _StartupError(f"cannot reach the database (HEXA_DATABASE_URL): {exc}") from None
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(db.database(url))
+            await purge_idempotency_records()
             instance = secrets.token_hex(4)
             broker: EmbeddedBroker | None = None
             if settings.broker_url:

@@ -287,12 +287,7 @@ def _with_stored_secrets(settings: Settings) -> Settings:
     missing = [name for name in _GENERATED if getattr(settings, name) is None]
     if not missing:
         return settings
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingError(
-            "HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)
-        ) from None
+    _make_data_dir(settings.data_dir)
     path = settings.data_dir / "secrets.json"
     stored: dict[str, str] = {}
     if path.exists():
@@ -309,8 +304,10 @@ def _with_stored_secrets(settings: Settings) -> Settings:
             generated.append(name)
     if generated:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stored, indent=2))
-        tmp.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        tmp.unlink(missing_ok=True)
+        # created 0600, so the secrets are never readable by others, not even for a moment
+        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as f:
+            f.write(json.dumps(stored, indent=2))
         tmp.replace(path)
     return replace(
         settings,
@@ -319,18 +316,29 @@ def _with_stored_secrets(settings: Settings) -> Settings:
     )
 
 
+def _make_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700, or tighten an existing one (logged)."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+        if mode & 0o077:
+            data_dir.chmod(0o700)
+            log.warning("data directory %s was mode %04o: tightened to 0700", data_dir, mode)
+        secrets_file = data_dir / "secrets.json"
+        if secrets_file.is_file() and stat.S_IMODE(secrets_file.stat().st_mode) & 0o077:
+            secrets_file.chmod(0o600)
+            log.warning("%s was readable by others: tightened to 0600", secrets_file)
+    except OSError as exc:
+        raise SettingError("HEXA_DATA_DIR", str(data_dir), exc.strerror or str(exc)) from None
+
+
 def prepare_storage(settings: Settings) -> None:
-    """Create the data directory and check that a SQLite database can be created.
+    """Create the data directory (0700) and check that a SQLite database can be created.
 
     Raises :class:`SettingError` naming the setting when not (SQLite would otherwise
     fail deep inside the driver, or hang).
     """
-    try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingError(
-            "HEXA_DATA_DIR", str(settings.data_dir), exc.strerror or str(exc)
-        ) from None
+    _make_data_dir(settings.data_dir)
     url = settings.resolved_database_url
     if url.startswith("sqlite://") and ":memory:" not in url:
         path = Path(url.removeprefix("sqlite://").split("?", 1)[0])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +28,27 @@ def _tuned(database_url: str) -> str:
     return database_url
 
 
+def restrict_sqlite_file(database_url: str) -> None:
+    """Make a SQLite database file (and its journals) readable by the hub's user only.
+
+    A missing file is created empty with mode 0600 before SQLite opens it; SQLite gives its
+    ``-wal``/``-shm``/``-journal`` files the database file's mode. Files left looser by an
+    older hub are tightened, and that is logged.
+    """
+    if not database_url.startswith("sqlite://") or ":memory:" in database_url:
+        return
+    path = database_url.removeprefix("sqlite://").split("?", 1)[0]
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, 0o600)
+            log.warning("database file %s was mode %04o: tightened to 0600", name, mode)
+
+
 def tortoise_config(database_url: str) -> dict[str, Any]:
     """The Tortoise configuration for one database URL."""
     return {
@@ -45,6 +68,7 @@ def tortoise_config(database_url: str) -> dict[str, Any]:
 async def migrate_up(database_url: str) -> list[str]:
     """Apply every pending migration; returns the names applied."""
     applied: list[str] = []
+    restrict_sqlite_file(database_url)
 
     def progress(event: str, _app: str, name: str) -> None:
         if event == "apply_done":
@@ -60,6 +84,7 @@ async def migrate_up(database_url: str) -> list[str]:
 
 async def applied_migrations(database_url: str) -> list[str]:
     """Names of the applied migrations, oldest first."""
+    restrict_sqlite_file(database_url)
     await Tortoise.init(config=tortoise_config(database_url), init_connections=False)
     try:
         connection = connections.get("default")
@@ -98,6 +123,7 @@ async def migrate_down(database_url: str, steps: int) -> list[str]:
 @asynccontextmanager
 async def database(database_url: str) -> AsyncIterator[None]:
     """Open the ORM for the hub's lifetime (migrations must already be applied)."""
+    restrict_sqlite_file(database_url)
     await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=True)
     try:
         yield

@@ -9,7 +9,13 @@ from tortoise.models import Model
 
 
 class IdempotencyRecord(Model):
-    """One key in one scope (the caller), with a null status_code while in flight."""
+    """One key in one scope (the caller), with a null status_code while in flight.
+
+    Nothing here is readable without the hub's secret: ``key`` and ``request_hash`` are
+    HMACs, an anonymous caller's ``scope`` too, and ``response_body`` holds the whole answer
+    (body and kept headers) encrypted; ``response_headers`` stays empty (older hubs stored
+    plaintext there).
+    """
 
     id = fields.UUIDField(primary_key=True, default=uuid.uuid4)
     scope = fields.CharField(max_length=80)

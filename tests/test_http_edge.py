@@ -1,11 +1,14 @@
-"""The HTTP edge under attack: slow clients."""
+"""The HTTP edge under attack: slow clients, secrets at rest, Idempotency-Key abuse."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
 import socket
+import sqlite3
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +20,14 @@ from conftest import (
     PROVISION_KEY,
     MqttDevice,
     RunningHub,
+    admin_token,
+    error_shape_ok,
     new_database_url,
     provision,
+    register,
     spawn_hub,
     stop_hub,
+    unique_email,
     wait_until,
 )
 
@@ -160,3 +167,178 @@ def test_slow_and_idle_connections_are_closed_by_the_hub(
         trickle.close()
     r = httpx.get(hub.base + "/healthz", timeout=15)
     assert r.status_code == 200, r.text
+
+
+# --- secrets at rest ---------------------------------------------------------------------
+def _idempotency_rows(hub: RunningHub) -> list[tuple[Any, ...]]:
+    """Every row of the idempotency table, read directly from the database."""
+    url = hub.settings.resolved_database_url
+    if url.startswith("sqlite://"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as db:
+            return db.execute("SELECT * FROM idempotency_records").fetchall()
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        import asyncpg
+
+        conn = await asyncpg.connect(url.replace("postgres://", "postgresql://", 1))
+        try:
+            return [tuple(r) for r in await conn.fetch("SELECT * FROM idempotency_records")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def test_idempotency_store_holds_no_secret(hub: RunningHub) -> None:
+    """Stored idempotent answers (device token, claim code, refresh token) and the keys
+    themselves appear in no column of the table, and the replay still returns the answer."""
+    key, reg_key = f"pk-{uuid.uuid4().hex}", f"reg-{uuid.uuid4().hex}"
+    body = {"model": "hexa-mini-switch-v1", "serial": uuid.uuid4().hex[:8]}
+    password = f"Pw-{uuid.uuid4().hex}"
+    with hub.api(**{"X-Provision-Key": PROVISION_KEY, "Idempotency-Key": key}) as c:
+        first = c.post("/provision/register", json=body)
+        again = c.post("/provision/register", json=body)
+    with hub.api(**{"Idempotency-Key": reg_key}) as c:
+        reg = c.post("/auth/register", json={"email": unique_email(), "password": password})
+    assert first.status_code == 201 and reg.status_code == 201, (first.text, reg.text)
+    assert again.headers.get("idempotency-replayed") == "true"
+    assert again.json() == first.json()
+    dump = repr(_idempotency_rows(hub))
+    secrets = [
+        first.json()["device_token"],
+        first.json()["claim_code"],
+        first.json()["claim_code"].replace("-", ""),
+        reg.json()["refresh_token"],
+        reg.json()["access_token"],
+        key,
+        reg_key,
+        password,
+        PROVISION_KEY,
+    ]
+    for secret in secrets:
+        assert secret not in dump, "a secret is stored in plaintext"
+
+
+def test_data_dir_and_its_files_are_private(tmp_path: Path, spawned: list[RunningHub]) -> None:
+    """The hub tightens a 0755 data directory to 0700 and a 0644 database to 0600 (and says
+    so); every file it writes there (secrets, SQLite database and journals) is 0600."""
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)
+    db = data / "hexa.db"
+    db.touch()
+    db.chmod(0o644)
+    log = tmp_path / "hub.log"
+    hub = spawn_hub(f"sqlite://{db}", data, log=log, jwt_secret="", device_provision_key="")
+    spawned.append(hub)
+    with hub.api(**{"Idempotency-Key": uuid.uuid4().hex}) as c:
+        r = c.post("/auth/register", json={"email": unique_email(), "password": "S3cure-pass!"})
+    assert r.status_code == 201, r.text
+    names = {p.name for p in data.iterdir()}
+    assert {"hexa.db", "hexa.db-wal", "hexa.db-shm", "secrets.json"} <= names, names
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for path in data.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    text = log.read_text()
+    assert "tightened to 0700" in text and "tightened to 0600" in text
+
+
+def test_new_data_dir_is_created_private(tmp_path: Path) -> None:
+    """A data directory the hub creates is 0700, and its generated secrets file 0600."""
+    from hexa.hub.config import load_settings, prepare_storage
+
+    data = tmp_path / "fresh" / "data"
+    settings = load_settings(environ={"HEXA_DATA_DIR": str(data)})
+    prepare_storage(settings)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "secrets.json").stat().st_mode) == 0o600
+
+
+# --- Idempotency-Key edge cases ----------------------------------------------------------
+def _error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    assert error_shape_ok(r.json()) and r.json()["code"] == code, r.text
+
+
+def test_anonymous_callers_do_not_share_idempotency_keys(hub: RunningHub) -> None:
+    """Two anonymous callers using the same Idempotency-Key each get their own answer: no
+    replay of the other's tokens, and no 409 that lets one block the other's key."""
+    key = f"shared-{uuid.uuid4().hex}"
+    answers = []
+    for _ in range(2):
+        with hub.api(**{"Idempotency-Key": key}) as c:
+            answers.append(
+                c.post("/auth/register", json={"email": unique_email(), "password": "S3cure-pw!"})
+            )
+    for _ in range(2):
+        with hub.api(**{"Idempotency-Key": key, "X-Provision-Key": PROVISION_KEY}) as c:
+            body = {"model": "hexa-mini-switch-v1", "serial": uuid.uuid4().hex[:8]}
+            answers.append(c.post("/provision/register", json=body))
+    for r in answers:
+        assert r.status_code == 201, r.text
+        assert r.headers.get("idempotency-replayed") is None
+    assert answers[0].json()["user"]["id"] != answers[1].json()["user"]["id"]
+    assert answers[2].json()["device_token"] != answers[3].json()["device_token"]
+
+
+def test_anonymous_replay_needs_the_same_credentials(hub: RunningHub) -> None:
+    """A stored provisioning answer is not replayed to a caller presenting another provision
+    key with the same Idempotency-Key and body: that caller gets its own 401."""
+    key = uuid.uuid4().hex
+    body = {"model": "hexa-mini-switch-v1", "serial": uuid.uuid4().hex[:8]}
+    with hub.api(**{"Idempotency-Key": key, "X-Provision-Key": PROVISION_KEY}) as c:
+        assert c.post("/provision/register", json=body).status_code == 201
+    with hub.api(**{"Idempotency-Key": key, "X-Provision-Key": "wrong-key-0123456789"}) as c:
+        _error(c.post("/provision/register", json=body), 401, "unauthorized")
+
+
+def _disable(hub: RunningHub, user_id: str) -> None:
+    with hub.api(admin_token(hub)) as c:
+        r = c.patch(f"/admin/users/{user_id}", json={"is_active": False})
+    assert r.status_code == 200, r.text
+
+
+def test_stored_answer_not_replayed_to_a_disabled_user(hub: RunningHub) -> None:
+    """Once a user is disabled, neither their stored 201 (token still unexpired) nor their
+    stored registration answer (with its tokens) is replayed: 401 instead."""
+    key, reg_key = uuid.uuid4().hex, uuid.uuid4().hex
+    email, password = unique_email(), "S3cure-pass-word!"
+    with hub.api(**{"Idempotency-Key": reg_key}) as c:
+        reg = c.post("/auth/register", json={"email": email, "password": password})
+    assert reg.status_code == 201, reg.text
+    user = register(hub)
+    with hub.api(user.access_token, **{"Idempotency-Key": key}) as c:
+        assert c.post("/orgs", json={"name": "Before"}).status_code == 201
+    _disable(hub, user.id)
+    _disable(hub, reg.json()["user"]["id"])
+    with hub.api(user.access_token, **{"Idempotency-Key": key}) as c:
+        _error(c.post("/orgs", json={"name": "Before"}), 401, "unauthorized")
+    with hub.api(**{"Idempotency-Key": reg_key}) as c:
+        _error(
+            c.post("/auth/register", json={"email": email, "password": password}),
+            401,
+            "unauthorized",
+        )
+
+
+def test_logins_and_refreshes_are_never_replayed(hub: RunningHub) -> None:
+    """POST /auth/login and /auth/refresh with an Idempotency-Key are executed every time:
+    a repeated login gets a fresh pair, never one from storage; a repeated refresh is refused."""
+    user = register(hub)
+    key = uuid.uuid4().hex
+    creds = {"email": user.email, "password": user.password}
+    with hub.api(**{"Idempotency-Key": key}) as c:
+        wrong = c.post("/auth/login", json={**creds, "password": "not-the-password"})
+        first = c.post("/auth/login", json=creds)
+        second = c.post("/auth/login", json=creds)
+    _error(wrong, 401, "unauthorized")
+    for r in (first, second):
+        assert r.status_code == 200, r.text
+        assert r.headers.get("idempotency-replayed") is None
+    assert first.json()["refresh_token"] != second.json()["refresh_token"]
+    refresh = {"refresh_token": second.json()["refresh_token"]}
+    with hub.api(**{"Idempotency-Key": key}) as c:
+        assert c.post("/auth/refresh", json=refresh).status_code == 200
+        repeated = c.post("/auth/refresh", json=refresh)
+    _error(repeated, 401, "unauthorized")
+    assert repeated.headers.get("idempotency-replayed") is None
