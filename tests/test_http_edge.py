@@ -342,3 +342,24 @@ def test_logins_and_refreshes_are_never_replayed(hub: RunningHub) -> None:
         repeated = c.post("/auth/refresh", json=refresh)
     _error(repeated, 401, "unauthorized")
     assert repeated.headers.get("idempotency-replayed") is None
+
+
+def test_plaintext_answers_of_an_older_hub_are_purged_at_start(
+    tmp_path: Path, spawned: list[RunningHub]
+) -> None:
+    """Answers an older hub stored in plaintext are deleted when the hub starts."""
+    db = tmp_path / "hexa.db"
+    hub = spawn_hub(f"sqlite://{db}", tmp_path / "data", log=tmp_path / "hub.log")
+    stop_hub(hub)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "INSERT INTO idempotency_records (id, scope, key, method, path, request_hash,"
+            " status_code, response_body, response_headers, created_at, expires_at)"
+            " VALUES (?, 'anon', 'k', 'POST', '/api/v1/provision/register', 'h', 201,"
+            " '{\"device_token\": \"plain-token\"}', '{}', '2026-01-01', '2999-01-01')",
+            (str(uuid.uuid4()),),
+        )
+    spawned.append(spawn_hub(f"sqlite://{db}", tmp_path / "data", log=tmp_path / "hub2.log"))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT response_body FROM idempotency_records").fetchall()
+    assert not any("plain-token" in str(r) for r in rows)
