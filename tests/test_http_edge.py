@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -30,6 +31,7 @@ from conftest import (
     unique_email,
     wait_until,
 )
+from websockets.sync.client import connect
 
 PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # the blank line never comes
 SLOW_CLIENTS = 2000
@@ -131,7 +133,8 @@ def test_slow_and_idle_connections_are_closed_by_the_hub(
     tmp_path: Path, spawned: list[RunningHub]
 ) -> None:
     """Connections whose request head is incomplete after the header timeout get a 408 and are
-    closed, including one that trickles a byte at a time; an idle kept-alive one is closed too."""
+    closed, including one that trickles a byte at a time; an idle kept-alive one is closed too;
+    an open WebSocket is not."""
     url, _ = new_database_url("sqlite", tmp_path)
     hub = spawn_hub(
         url,
@@ -142,8 +145,14 @@ def test_slow_and_idle_connections_are_closed_by_the_hub(
     )
     spawned.append(hub)
     port = _http_port(hub)
+    user = register(hub)
     kept_alive = socket.create_connection(("127.0.0.1", port), timeout=10)
     trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    ws = connect(
+        f"{hub.ws_base}/ws/client?{urlencode({'token': user.access_token})}",
+        open_timeout=10,
+        proxy=None,
+    )
     try:
         kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert kept_alive.recv(4096).startswith(b"HTTP/1.1 200")
@@ -162,9 +171,11 @@ def test_slow_and_idle_connections_are_closed_by_the_hub(
             assert wait_until(all_closed, 60, step=0.2), "slow connections left open"
             assert all(seen.startswith(b"HTTP/1.1 408") for seen in answers)
         assert wait_until(lambda: _closed_by_hub(kept_alive, bytearray()), 30)
+        ws.ping().wait(10)  # a WebSocket is past its head: the timeout does not apply
     finally:
         kept_alive.close()
         trickle.close()
+        ws.close()
     r = httpx.get(hub.base + "/healthz", timeout=15)
     assert r.status_code == 200, r.text
 
