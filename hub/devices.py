@@ -29,6 +29,11 @@ def new_device_uid() -> str:
     return f"hx-{secrets.token_hex(4)}"
 
 
+#: the token hash of a released device: no token matches it until a new owner claims the
+#: device and is given a fresh token (see :meth:`Registry.release`)
+RELEASED = "released:"
+
+
 def new_claim_code() -> str:
     raw = "".join(secrets.choice(_CLAIM_ALPHABET) for _ in range(12))
     return "-".join(raw[i : i + 4] for i in range(0, 12, 4))
@@ -126,7 +131,9 @@ class Registry:
         name: str | None,
         *,
         request_id: str | None = None,
-    ) -> Device:
+    ) -> tuple[Device, str | None]:
+        """Claim a device by its code: (the device, a new token when it was released before
+        and needs one installed, else None)."""
         if org_id is None:
             org_id = await self._default_org(principal, site_id)
         principal.require(org_id, "manage_devices")
@@ -150,10 +157,14 @@ class Registry:
             )
             if not claimed:
                 raise Conflict("this device is already claimed")
+            token = None
+            if device.token_hash.startswith(RELEASED):  # released before: a fresh token
+                token = new_token("hxd_")
+                await Device.filter(id=device.id).update(token_hash=token_hash(token))
         device = await Device.get(id=device.id)
         await self._notify(device, "claimed")
         await self._audit(principal, "device_claimed", device, org_id, request_id)
-        return device
+        return device, token
 
     async def _default_org(self, principal: Principal, site_id: uuid.UUID | None) -> uuid.UUID:
         if site_id is not None:
@@ -247,9 +258,16 @@ class Registry:
     ) -> Device:
         device = await self.get_for(principal, device_id, "manage_devices")
         org_id = device.org_id
-        # The claim code printed on the device stays valid: whoever holds it may claim again.
+        # A release hands the device over: its token dies now (whoever learnt it while the
+        # device was this organization's is locked out), and the next owner, who claims it
+        # with the code printed on it, is given a fresh token to install. The claim code
+        # stays valid.
         await Device.filter(id=device.id).update(
-            org_id=None, site_id=None, area_id=None, claimed_at=None
+            org_id=None,
+            site_id=None,
+            area_id=None,
+            claimed_at=None,
+            token_hash=RELEASED + secrets.token_hex(24),
         )
         device = await Device.get(id=device.id)
         await self._notify(device, "released")

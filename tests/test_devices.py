@@ -15,6 +15,7 @@ from conftest import (
     MqttDevice,
     RunningHub,
     User,
+    add_member,
     claim,
     claimed_device,
     error_shape_ok,
@@ -90,9 +91,7 @@ def _area(hub: RunningHub, user: User, site_id: str) -> dict[str, Any]:
 
 
 def _add_member(hub: RunningHub, owner: User, member: User, role: str) -> None:
-    with hub.api(owner.access_token) as c:
-        r = c.post(f"/orgs/{owner.org_id}/members", json={"email": member.email, "role": role})
-    assert r.status_code == 201, r.text
+    add_member(hub, owner, member, role)
 
 
 # --- provisioning ------------------------------------------------------------------------
@@ -437,6 +436,43 @@ def test_release_then_claim_by_another_user(hub: RunningHub) -> None:
         _assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
     with hub.api(newcomer.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").json()["org_id"] == newcomer.org_id
+
+
+def test_release_kills_the_token_and_the_next_owner_gets_a_new_one(hub: RunningHub) -> None:
+    """Whoever knew a device's token while it was one org's cannot use it after a release:
+    the organization that claims it next is given a fresh token, shown once."""
+    owner, newcomer = register(hub), register(hub)
+    prov, dev = claimed_device(hub, owner)
+    m = MqttDevice(hub, prov["device_uid"], prov["device_token"])
+    assert m.ok(), m.rc
+    with hub.api(owner.access_token) as c:
+        known = c.post(f"/devices/{dev['id']}/token/rotate").json()["device_token"]
+    assert wait_until(lambda: m.disconnected.is_set(), 5)
+    m.close()
+    with hub.api(owner.access_token) as c:
+        assert c.post(f"/devices/{dev['id']}/release").status_code == 200
+    stale = MqttClient(hub, m.uid, known)
+    assert stale.refused(), "the old owner's token still works after the release"
+    stale.close()
+    p = provision(hub)  # a device never released keeps its provisioned token on claim
+    first = claim(hub, newcomer, p["claim_code"])
+    assert "device_token" not in first
+    with hub.api(newcomer.access_token) as c:
+        r = c.post("/devices/claim", json={"claim_code": prov["claim_code"]})
+    assert r.status_code == 200, r.text
+    fresh = r.json()["device_token"]
+    assert fresh != known
+    again = MqttDevice(hub, m.uid, fresh)
+    try:
+        assert again.ok(), again.rc
+    finally:
+        again.close()
+    stale = MqttClient(hub, m.uid, known)
+    assert stale.refused()
+    stale.close()
+    with hub.api(newcomer.access_token) as c:
+        body = c.get(f"/devices/{dev['id']}").json()
+    assert "device_token" not in body
 
 
 def test_release_needs_admin_role(hub: RunningHub) -> None:

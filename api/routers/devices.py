@@ -64,7 +64,7 @@ async def provision(
 async def claim(
     body: ClaimBody, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> dict[str, Any]:
-    device = await hub.registry.claim(
+    device, token = await hub.registry.claim(
         principal,
         body.claim_code,
         body.org_id,
@@ -73,7 +73,10 @@ async def claim(
         body.name,
         request_id=request_id_of(request),
     )
-    return await _full_view(device)
+    view = await _full_view(device)
+    if token is not None:  # released before: the token to install on it, shown once
+        view["device_token"] = token
+    return view
 
 
 @router.get("/devices")
