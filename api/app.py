@@ -16,6 +16,7 @@ from hexa.api.routers import (
     devices,
     health,
     integrations,
+    invitations,
     schedules,
     tenancy,
 )
@@ -44,6 +45,7 @@ def create_app(hub: Hub) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
+    v1.include_router(invitations.router)
     app.include_router(v1)
     app.include_router(health.router)
     app.include_router(device_gateway.router)

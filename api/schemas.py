@@ -22,7 +22,17 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from hexa.hub.errors import ValidationFailed
-from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site, User
+from hexa.hub.security import utcnow
+from hexa.models import (
+    Area,
+    Device,
+    DeviceInput,
+    Invitation,
+    Organization,
+    RelayState,
+    Site,
+    User,
+)
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -220,6 +230,23 @@ def iso(value: datetime | None) -> str | None:
 
 def org_view(org: Organization) -> dict[str, Any]:
     return {"id": str(org.id), "name": org.name, "created_at": iso(org.created_at)}
+
+
+def invitation_view(invitation: Invitation) -> dict[str, Any]:
+    """An invitation (its ``org`` fetched); a pending one past ``expires_at`` reads expired."""
+    status = invitation.status
+    if status == "pending" and invitation.expires_at <= utcnow():
+        status = "expired"
+    return {
+        "id": str(invitation.id),
+        "org_id": str(invitation.org_id),
+        "org_name": invitation.org.name,
+        "email": invitation.email,
+        "role": invitation.role,
+        "status": status,
+        "expires_at": iso(invitation.expires_at),
+        "created_at": iso(invitation.created_at),
+    }
 
 
 def site_view(site: Site) -> dict[str, Any]:

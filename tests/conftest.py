@@ -339,6 +339,25 @@ def claim(hub: RunningHub, user: User, claim_code: str, **extra: Any) -> dict[st
     return dict(r.json())
 
 
+def add_member(
+    hub: RunningHub, by: User, who: User, role: str, org_id: str | None = None
+) -> dict[str, Any]:
+    """Make ``who`` a member of ``by``'s organization (or ``org_id``) with ``role``, the way
+    users do: a member's role is changed at once, anyone else is invited and accepts.
+    Returns the member as ``GET /orgs/{id}/members`` lists them."""
+    org_id = org_id or by.org_id
+    with hub.api(by.access_token) as c:
+        r = c.post(f"/orgs/{org_id}/members", json={"email": who.email, "role": role})
+    assert r.status_code in (200, 201), r.text
+    if r.status_code == 201:
+        with hub.api(who.access_token) as c:
+            accepted = c.post(f"/invitations/{r.json()['id']}/accept")
+        assert accepted.status_code == 200, accepted.text
+    with hub.api(by.access_token) as c:
+        page = c.get(f"/orgs/{org_id}/members", params={"limit": 100}).json()
+    return next(dict(m) for m in page["items"] if m["user_id"] == who.id)
+
+
 def claimed_device(hub: RunningHub, user: User) -> tuple[dict[str, Any], dict[str, Any]]:
     """(provisioning answer, device resource) for a new device claimed by ``user``."""
     p = provision(hub)

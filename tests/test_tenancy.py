@@ -3,7 +3,9 @@ areas, soft deletion, tenant isolation (404, never 403) and platform admins."""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -12,6 +14,7 @@ from conftest import (
     MqttDevice,
     RunningHub,
     User,
+    add_member,
     admin_token,
     claim,
     error_shape_ok,
@@ -52,13 +55,6 @@ def new_site(hub: RunningHub, user: User, org_id: str, **body: Any) -> dict[str,
 def new_area(hub: RunningHub, user: User, site_id: str, **body: Any) -> dict[str, Any]:
     with hub.api(user.access_token) as c:
         return dict(ok(c.post(f"/sites/{site_id}/areas", json={"name": "Kitchen", **body}), 201))
-
-
-def add_member(hub: RunningHub, by: User, org_id: str, who: User, role: str) -> dict[str, Any]:
-    with hub.api(by.access_token) as c:
-        return dict(
-            ok(c.post(f"/orgs/{org_id}/members", json={"email": who.email, "role": role}), 201)
-        )
 
 
 def me(hub: RunningHub, user: User) -> dict[str, Any]:
@@ -305,10 +301,11 @@ def test_platform_admin_sees_every_org(hub: RunningHub) -> None:
 
 # --- members and roles -------------------------------------------------------------------
 def test_add_member_by_email_and_list(hub: RunningHub) -> None:
-    """An owner adds a user by email with a role; the member sees the org with that role."""
+    """An owner invites a user by email with a role; once they accept, the member sees the
+    org with that role."""
     owner, member = register(hub), register(hub)
     org = new_org(hub, owner)
-    m = add_member(hub, owner, org["id"], member, "operator")
+    m = add_member(hub, owner, member, "operator", org["id"])
     assert m["role"] == "operator" and m["email"] == member.email and m["user_id"] == member.id
     with hub.api(owner.access_token) as c:
         page = ok(c.get(f"/orgs/{org['id']}/members"))
@@ -325,25 +322,24 @@ def test_add_member_by_email_and_list(hub: RunningHub) -> None:
 
 
 def test_add_member_validation(hub: RunningHub) -> None:
-    """Adding a member: unknown email 404, bad role 400, unknown fields 400."""
+    """Adding a member: malformed email, bad role, unknown fields, both or neither of email
+    and user_id answer 400 validation_error, and nothing is created."""
     owner, member = register(hub), register(hub)
     org = new_org(hub, owner)
     with hub.api(owner.access_token) as c:
         path = f"/orgs/{org['id']}/members"
-        assert_error(
-            c.post(path, json={"email": "nobody-" + member.email, "role": "viewer"}),
-            404,
-            "not_found",
-        )
-        assert_error(
-            c.post(path, json={"email": member.email, "role": "god"}), 400, "validation_error"
-        )
-        assert_error(
-            c.post(path, json={"email": member.email, "role": "viewer", "x": 1}),
-            400,
-            "validation_error",
-        )
+        for body in (
+            {"email": "not-an-address", "role": "viewer"},
+            {"email": member.email, "role": "god"},
+            {"email": member.email, "role": "viewer", "x": 1},
+            {"email": member.email, "user_id": member.id, "role": "viewer"},
+            {"role": "viewer"},
+        ):
+            assert_error(c.post(path, json=body), 400, "validation_error")
+        # a user id names an existing member only: invitations go to an email address
+        assert_error(c.post(path, json={"user_id": member.id, "role": "viewer"}), 404, "not_found")
         assert ok(c.get(path))["total"] == 1
+        assert ok(c.get(f"/orgs/{org['id']}/invitations"))["total"] == 0
 
 
 def _role_client_setup(hub: RunningHub, role: str) -> dict[str, Any]:
@@ -358,9 +354,9 @@ def _role_client_setup(hub: RunningHub, role: str) -> dict[str, Any]:
     with hub.api(owner.access_token) as c:
         assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json().get("online"), 5)
     if role != "owner":
-        add_member(hub, owner, org["id"], member, role)
+        add_member(hub, owner, member, role, org["id"])
     else:
-        add_member(hub, owner, org["id"], member, "owner")
+        add_member(hub, owner, member, "owner", org["id"])
     return {
         "owner": owner,
         "member": member,
@@ -441,8 +437,12 @@ def test_role_matrix(hub: RunningHub, role: str) -> None:
         assert ok(c.get(f"/orgs/{org_id}"))["id"] == org_id
         sites = ok(c.get(f"/orgs/{org_id}/sites"))["total"]
         assert sites == (2 if rank >= RANK["manager"] else 1)
-        members = ok(c.get(f"/orgs/{org_id}/members"))["total"]
-        assert members == (3 if rank >= RANK["admin"] else 2)
+        # an admin's POST /members invited the third user; they are not a member before accepting
+        assert ok(c.get(f"/orgs/{org_id}/members"))["total"] == 2
+        pending = ok(c.get(f"/orgs/{org_id}/invitations", params={"status": "pending"}))["items"]
+        assert [(i["email"], i["status"]) for i in pending] == (
+            [(s["third"].email, "pending")] if rank >= RANK["admin"] else []
+        )
         d = c.get(f"/devices/{dev_id}")
         if rank >= RANK["admin"]:
             assert_error(d, 404, "not_found")  # released: it left the org
@@ -457,21 +457,24 @@ def test_member_cannot_grant_role_above_own(hub: RunningHub) -> None:
     """An admin may grant up to admin but not owner, nor demote or remove an owner."""
     owner, adm, newbie, other = register(hub), register(hub), register(hub), register(hub)
     org = new_org(hub, owner)
-    add_member(hub, owner, org["id"], adm, "admin")
+    add_member(hub, owner, adm, "admin", org["id"])
     with hub.api(adm.access_token) as c:
         path = f"/orgs/{org['id']}/members"
         body = assert_error(
             c.post(path, json={"email": newbie.email, "role": "owner"}), 403, "forbidden"
         )
         assert "owner" in body["message"]
-        m = ok(c.post(path, json={"email": newbie.email, "role": "admin"}), 201)
-        assert m["role"] == "admin"
+        invited = ok(c.post(path, json={"email": newbie.email, "role": "admin"}), 201)
+        assert (invited["role"], invited["status"]) == ("admin", "pending")
         # changing an existing owner's role or removing them is also above an admin
         assert_error(c.post(path, json={"email": owner.email, "role": "viewer"}), 403, "forbidden")
         assert_error(c.delete(f"{path}/{owner.id}"), 403, "forbidden")
         # self-promotion is refused too
         assert_error(c.post(path, json={"email": adm.email, "role": "owner"}), 403, "forbidden")
-        ok(c.post(path, json={"email": other.email, "role": "operator"}), 201)
+        invited_too = ok(c.post(path, json={"email": other.email, "role": "operator"}), 201)
+    for user, invitation in ((newbie, invited), (other, invited_too)):
+        with hub.api(user.access_token) as c:
+            ok(c.post(f"/invitations/{invitation['id']}/accept"))
     with hub.api(owner.access_token) as c:
         roles = {m["email"]: m["role"] for m in ok(c.get(f"/orgs/{org['id']}/members"))["items"]}
     assert roles == {
@@ -486,7 +489,7 @@ def test_manager_cannot_add_members(hub: RunningHub) -> None:
     """A manager cannot add members at all (members need admin): 403 and nothing changes."""
     owner, mgr, newbie = register(hub), register(hub), register(hub)
     org = new_org(hub, owner)
-    add_member(hub, owner, org["id"], mgr, "manager")
+    add_member(hub, owner, mgr, "manager", org["id"])
     with hub.api(mgr.access_token) as c:
         r = c.post(f"/orgs/{org['id']}/members", json={"email": newbie.email, "role": "viewer"})
         assert_error(r, 403, "forbidden")
@@ -498,8 +501,8 @@ def test_owner_changes_and_removes_members(hub: RunningHub) -> None:
     owner, member = register(hub), register(hub)
     org = new_org(hub, owner)
     site = new_site(hub, owner, org["id"])
-    add_member(hub, owner, org["id"], member, "viewer")
-    assert add_member(hub, owner, org["id"], member, "manager")["role"] == "manager"
+    add_member(hub, owner, member, "viewer", org["id"])
+    assert add_member(hub, owner, member, "manager", org["id"])["role"] == "manager"
     with hub.api(owner.access_token) as c:
         page = ok(c.get(f"/orgs/{org['id']}/members"))
         assert page["total"] == 2
@@ -516,7 +519,7 @@ def test_member_can_leave_org(hub: RunningHub) -> None:
     """Any member (even a viewer) may remove themselves from an organization."""
     owner, viewer = register(hub), register(hub)
     org = new_org(hub, owner)
-    add_member(hub, owner, org["id"], viewer, "viewer")
+    add_member(hub, owner, viewer, "viewer", org["id"])
     with hub.api(viewer.access_token) as c:
         assert_error(c.delete(f"/orgs/{org['id']}/members/{owner.id}"), 403, "forbidden")
         r = c.delete(f"/orgs/{org['id']}/members/{viewer.id}")
@@ -534,7 +537,7 @@ def test_last_owner_cannot_be_removed(hub: RunningHub) -> None:
         assert_error(c.delete(path, params={"user_id": first.id}), 409, "conflict")
     with hub.api(admin_token(hub)) as c:  # not even a platform admin may orphan it
         assert_error(c.delete(f"{path}/{first.id}"), 409, "conflict")
-    add_member(hub, first, org["id"], second, "owner")
+    add_member(hub, first, second, "owner", org["id"])
     with hub.api(first.access_token) as c:
         r = c.delete(f"{path}/{first.id}")
         assert r.status_code == 204, r.text
@@ -556,6 +559,77 @@ def test_last_owner_cannot_be_demoted(hub: RunningHub) -> None:
         assert_error(r, 409, "conflict")
         roles = [m["role"] for m in ok(c.get(f"/orgs/{org['id']}/members"))["items"]]
     assert roles == ["owner"]
+
+
+def _race(calls: list[tuple[str, str, str, dict[str, Any] | None]], hub: RunningHub) -> list[int]:
+    """Send (token, method, path, body) requests all at once, one thread each; the statuses."""
+    gate = threading.Barrier(len(calls))
+
+    def send(token: str, method: str, path: str, body: dict[str, Any] | None) -> int:
+        with hub.api(token) as c:
+            gate.wait(30)
+            return c.request(method, path, json=body).status_code
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: send(*call), calls))
+
+
+@pytest.mark.parametrize("how", ["leave", "demote_each_other", "demote_self"])
+def test_concurrent_owner_changes_keep_an_owner(hub: RunningHub, how: str) -> None:
+    """Two owners leaving or demoting at the same moment, in many organizations at once and
+    for several rounds: every organization keeps exactly one owner; the refused request
+    gets 409 (or 403 when its sender had already been demoted)."""
+    first, second = register(hub), register(hub)
+    orgs = 8
+    for _ in range(3):
+        ids = [new_org(hub, first, f"Race {i}")["id"] for i in range(orgs)]
+        for org_id in ids:
+            add_member(hub, first, second, "owner", org_id)
+        calls: list[tuple[str, str, str, dict[str, Any] | None]] = []
+        for org_id in ids:
+            path = f"/orgs/{org_id}/members"
+            for me_, them in ((first, second), (second, first)):
+                if how == "leave":
+                    calls.append((me_.access_token, "DELETE", f"{path}/{me_.id}", None))
+                else:
+                    target = them if how == "demote_each_other" else me_
+                    body = {"email": target.email, "role": "viewer"}
+                    calls.append((me_.access_token, "POST", path, body))
+        statuses = _race(calls, hub)
+        with hub.api(admin_token(hub)) as c:
+            for n, org_id in enumerate(ids):
+                members = ok(c.get(f"/orgs/{org_id}/members"))["items"]
+                owners = [m["email"] for m in members if m["role"] == "owner"]
+                assert len(owners) == 1, (how, org_id, members)
+                done, refused = sorted(statuses[2 * n : 2 * n + 2])
+                assert done == (204 if how == "leave" else 200), (how, statuses)
+                # 409: refused under the organization's lock. When demoting each other, a
+                # request that began after the other demotion landed is refused earlier,
+                # with 403: its sender is no owner (nor admin) any more.
+                assert refused == 409 or (how == "demote_each_other" and refused == 403), (
+                    how,
+                    statuses,
+                )
+
+
+# --- integration token names ---------------------------------------------------------------
+def test_integration_token_names_are_per_organization(hub: RunningHub) -> None:
+    """Two tenants may both name a token "home-assistant" (201 each, distinct tokens); the
+    same name twice in one organization is 409, and neither tenant sees the other's."""
+    alice, bob = register(hub), register(hub)
+    name = f"ha-{uuid.uuid4().hex[:8]}"
+    created = {}
+    for user in (alice, bob):
+        with hub.api(user.access_token) as c:
+            body = {"name": name, "org_id": user.org_id}
+            created[user.id] = ok(c.post("/integrations/tokens", json=body), 201)
+            assert_error(c.post("/integrations/tokens", json=body), 409, "conflict")
+    assert created[alice.id]["token"] != created[bob.id]["token"]
+    assert created[alice.id]["id"] != created[bob.id]["id"]
+    for user, other in ((alice, bob), (bob, alice)):
+        with hub.api(user.access_token) as c:
+            ids = {t["id"] for t in ok(c.get("/integrations/tokens"))["items"]}
+        assert created[user.id]["id"] in ids and created[other.id]["id"] not in ids
 
 
 # --- sites -------------------------------------------------------------------------------
@@ -728,7 +802,7 @@ def test_delete_org_removes_its_sites_and_areas(hub: RunningHub) -> None:
     org = new_org(hub, owner)
     site = new_site(hub, owner, org["id"])
     area = new_area(hub, owner, site["id"])
-    add_member(hub, owner, org["id"], member, "admin")
+    add_member(hub, owner, member, "admin", org["id"])
     with hub.api(owner.access_token) as c:
         r = c.delete(f"/orgs/{org['id']}")
         assert r.status_code == 204, r.text
@@ -751,7 +825,7 @@ def test_non_owner_cannot_delete_org_but_owner_can(hub: RunningHub) -> None:
     """Deleting an organization needs owner: an admin member gets 403, the org survives."""
     owner, adm = register(hub), register(hub)
     org = new_org(hub, owner)
-    add_member(hub, owner, org["id"], adm, "admin")
+    add_member(hub, owner, adm, "admin", org["id"])
     with hub.api(adm.access_token) as c:
         body = assert_error(c.delete(f"/orgs/{org['id']}"), 403, "forbidden")
         assert body["details"]["required_role"] == "owner"

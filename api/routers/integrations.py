@@ -42,7 +42,11 @@ async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> dict
             created_by_id=principal.id,
         )
     except IntegrityError:
-        raise Conflict("an integration token with this name already exists") from None
+        # (org_id, name) is unique: names are per organization, so this tells nothing of others
+        raise Conflict(
+            "this organization already has an integration token with this name",
+            details={"field": "name"},
+        ) from None
     return {**_view(row), "token": token}
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Response
-from tortoise.exceptions import IntegrityError
+from fastapi import APIRouter, Request, Response
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
-from hexa.api.deps import PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AreaCreate,
     AreaPatch,
@@ -19,14 +20,20 @@ from hexa.api.schemas import (
     SiteCreate,
     SitePatch,
     area_view,
+    invitation_view,
     iso,
     org_view,
     site_view,
 )
-from hexa.hub.access import Principal, Role
+from hexa.hub.access import PERMISSIONS, Principal, Role
+from hexa.hub.accounts import normalize_email
 from hexa.hub.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from hexa.hub.security import utcnow
-from hexa.models import Area, Device, Membership, Organization, Site, User
+from hexa.models import Area, Device, Invitation, Membership, Organization, Site
+from hexa.models.invitations import INVITATION_TTL
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
 
 router = APIRouter(tags=["tenancy"])
 
@@ -116,54 +123,179 @@ async def list_members(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep
 
 
 @router.post("/orgs/{org_id}/members", status_code=201)
-async def add_member(org_id: uuid.UUID, body: MemberAdd, principal: PrincipalDep) -> dict[str, Any]:
+async def add_member(
+    org_id: uuid.UUID,
+    body: MemberAdd,
+    principal: PrincipalDep,
+    hub: HubDep,
+    request: Request,
+    response: Response,
+) -> dict[str, Any]:
+    """Change an existing member's role (200), or invite the email (201).
+
+    The answer to an invitation is the same whether or not the email has an account:
+    accounts are looked at only through this organization's memberships, so neither the
+    body nor the timing tells whether a stranger's email is registered.
+    """
     org = await _org(principal, org_id, "manage_members")
     if (body.email is None) == (body.user_id is None):
         raise ValidationFailed("give exactly one of email or user_id", details={"field": "email"})
     _check_can_grant(principal, org.id, Role.parse(body.role))
-    user = (
-        await User.get_or_none(email=body.email.strip().lower())
-        if body.email is not None
-        else await User.get_or_none(id=body.user_id)
-    )
-    if user is None:
-        raise NotFound("user")
-    existing = await Membership.get_or_none(org_id=org.id, user_id=user.id)
+    email = normalize_email(body.email) if body.email is not None else None
+    members = Membership.filter(org_id=org.id)
+    existing = await (
+        members.filter(user__email=email)
+        if email is not None
+        else members.filter(user_id=body.user_id)
+    ).first()
     if existing is not None:
         _check_can_grant(principal, org.id, Role.parse(existing.role))
-        if existing.role == "owner" and body.role != "owner":
-            await _keep_an_owner(org.id)
-        existing.role = body.role
-        await existing.save()
-        membership = existing
-    else:
-        try:
-            membership = await Membership.create(org=org, user=user, role=body.role)
-        except IntegrityError:
-            raise Conflict("already a member") from None
-    await membership.fetch_related("user")
-    return _member_view(membership)
+        old_role, membership = await _change_role(principal, org.id, existing.user_id, body.role)
+        await _audit(
+            hub,
+            request,
+            principal,
+            "member.role_changed",
+            org.id,
+            user_id=str(membership.user_id),
+            role=membership.role,
+            previous_role=old_role,
+        )
+        response.status_code = 200
+        await membership.fetch_related("user")
+        return _member_view(membership)
+    if email is None:  # user ids only name existing members: invitations go to an email
+        raise NotFound("member")
+    invitation = await _invite(principal, org, email, body.role)
+    await _audit(
+        hub,
+        request,
+        principal,
+        "member.invited",
+        org.id,
+        invitation_id=str(invitation.id),
+        email=email,
+        role=body.role,
+    )
+    return invitation_view(invitation)
+
+
+async def _invite(principal: Principal, org: Organization, email: str, role: str) -> Invitation:
+    """A pending invitation of ``email``; one still pending is renewed instead of doubled."""
+    now = utcnow()
+    async with in_transaction() as conn:
+        await _lock_org(conn, org.id)
+        invitation = await (
+            Invitation.filter(org_id=org.id, email=email, status="pending", expires_at__gt=now)
+            .using_db(conn)
+            .first()
+        )
+        if invitation is None:
+            invitation = await Invitation.create(
+                org=org,
+                email=email,
+                role=role,
+                expires_at=now + INVITATION_TTL,
+                invited_by_id=principal.id,
+                using_db=conn,
+            )
+        else:
+            invitation.role, invitation.expires_at = role, now + INVITATION_TTL
+            invitation.invited_by_id = principal.id
+            await invitation.save(using_db=conn)
+    invitation.org = org
+    return invitation
+
+
+async def _change_role(
+    principal: Principal, org_id: uuid.UUID, user_id: uuid.UUID, role: str
+) -> tuple[str, Membership]:
+    """Set a member's role under the organization's lock; returns the old role too."""
+    async with in_transaction() as conn:
+        await _lock_org(conn, org_id)
+        membership = await Membership.get_or_none(org_id=org_id, user_id=user_id, using_db=conn)
+        if membership is None:
+            raise NotFound("member")
+        old_role = membership.role
+        if old_role == "owner" and role != "owner":
+            await _keep_an_owner(conn, org_id)
+        _check_authority(await _current_role(conn, principal, org_id), Role.parse(old_role))
+        membership.role = role
+        await membership.save(using_db=conn, update_fields=["role"])
+    return old_role, membership
 
 
 @router.delete("/orgs/{org_id}/members/{user_id}", status_code=204)
-async def remove_member(org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep) -> Response:
+async def remove_member(
+    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> Response:
     org = await _org(principal, org_id, "read")
     membership = await Membership.get_or_none(org_id=org.id, user_id=user_id)
     if membership is None:
         raise NotFound("member")
-    if user_id != principal.id:  # leaving an organization needs no role
+    leaving = user_id == principal.id  # leaving an organization needs no role
+    if not leaving:
         principal.require(org.id, "manage_members")
         _check_can_grant(principal, org.id, Role.parse(membership.role))
-    if membership.role == "owner":
-        await _keep_an_owner(org.id)
-    await membership.delete()
+    async with in_transaction() as conn:
+        await _lock_org(conn, org.id)
+        membership = await Membership.get_or_none(org_id=org.id, user_id=user_id, using_db=conn)
+        if membership is None:
+            raise NotFound("member")
+        if membership.role == "owner":
+            await _keep_an_owner(conn, org.id)
+        if not leaving:
+            _check_authority(
+                await _current_role(conn, principal, org.id), Role.parse(membership.role)
+            )
+        await membership.delete(using_db=conn)
+    await _audit(
+        hub,
+        request,
+        principal,
+        "member.removed",
+        org.id,
+        user_id=str(user_id),
+        role=membership.role,
+    )
     return Response(status_code=204)
 
 
-async def _keep_an_owner(org_id: uuid.UUID) -> None:
-    """Refuse to remove or demote the last owner."""
-    if await Membership.filter(org_id=org_id, role="owner").count() <= 1:
+async def _lock_org(conn: BaseDBAsyncClient, org_id: uuid.UUID) -> None:
+    """Serialize membership changes of one organization until the transaction ends.
+
+    PostgreSQL: a row lock on the organization (``SELECT ... FOR UPDATE``), so a second
+    transaction counts owners only after the first committed. SQLite: the hub's one
+    connection runs one transaction at a time, and SQLite transactions are serializable.
+    """
+    await Organization.filter(id=org_id).select_for_update().using_db(conn).first()
+
+
+async def _keep_an_owner(conn: BaseDBAsyncClient, org_id: uuid.UUID) -> None:
+    """Refuse to remove or demote the last owner (call under :func:`_lock_org`)."""
+    if await Membership.filter(org_id=org_id, role="owner").using_db(conn).count() <= 1:
         raise Conflict("an organization keeps at least one owner")
+
+
+async def _current_role(conn: BaseDBAsyncClient, principal: Principal, org_id: uuid.UUID) -> Role:
+    """The caller's role as it is now, not as it was when the request began."""
+    if principal.is_platform_admin:
+        return Role.owner
+    mine = await Membership.get_or_none(org_id=org_id, user_id=principal.id, using_db=conn)
+    if mine is None:
+        raise NotFound("organization")
+    return Role.parse(mine.role)
+
+
+def _check_authority(mine: Role, role: Role) -> None:
+    """Managing members needs admin, and a member whose role is above one's own is out of reach."""
+    if mine < PERMISSIONS["manage_members"]:
+        raise Forbidden(
+            "manage members needs the admin role",
+            details={"required_role": "admin", "role": mine.name},
+        )
+    if role > mine:
+        raise Forbidden(f"granting {role.name} needs the {role.name} role")
 
 
 def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> None:
@@ -173,6 +305,25 @@ def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> Non
     mine = principal.role_in(org_id)
     if mine is None or role > mine:
         raise Forbidden(f"granting {role.name} needs the {role.name} role")
+
+
+async def _audit(
+    hub: Hub,
+    request: Request,
+    principal: Principal,
+    action: str,
+    org_id: uuid.UUID,
+    **details: Any,
+) -> None:
+    await hub.audit.record(
+        action=action,
+        source="api",
+        actor_type="user",
+        actor_id=str(principal.id),
+        org_id=org_id,
+        details=details,
+        request_id=request_id_of(request),
+    )
 
 
 # --- sites -----------------------------------------------------------------------------
@@ -262,7 +413,7 @@ async def delete_area(area_id: uuid.UUID, principal: PrincipalDep) -> Response:
 
 @router.delete("/orgs/{org_id}/members", status_code=204)
 async def remove_member_by_query(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep
+    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> Response:
     """``DELETE /orgs/{id}/members?user_id=`` — the same as the path form."""
-    return await remove_member(org_id, user_id, principal)
+    return await remove_member(org_id, user_id, principal, hub, request)

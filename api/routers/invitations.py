@@ -1,0 +1,172 @@
+"""``/invitations`` and ``/orgs/{id}/invitations``: joining an organization by invitation.
+
+An invitation is addressed to a normalized email. The signed-in user whose email it is
+sees it, accepts or declines it; anyone else gets 404, as for an unknown id. Admins of the
+organization list and revoke them. A pending invitation past ``expires_at`` is expired.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.errors import request_id_of
+from hexa.api.schemas import invitation_view
+from hexa.hub.access import Principal, Role
+from hexa.hub.errors import Conflict, Forbidden, NotFound
+from hexa.hub.security import utcnow
+from hexa.models import Invitation, Membership, Organization
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
+
+router = APIRouter(tags=["invitations"])
+
+Status = Literal["pending", "accepted", "declined", "revoked", "expired"]
+
+
+@router.get("/invitations")
+async def my_invitations(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+    """The caller's own pending invitations, matched by their email."""
+    query = Invitation.filter(
+        email=principal.user.email,
+        status="pending",
+        expires_at__gt=utcnow(),
+        org__deleted_at__isnull=True,
+    ).prefetch_related("org")
+    return await page.of(query, invitation_view)
+
+
+@router.get("/orgs/{org_id}/invitations")
+async def org_invitations(
+    org_id: uuid.UUID, principal: PrincipalDep, page: PageDep, status: Status | None = None
+) -> dict[str, Any]:
+    """An organization's invitations (admin+), optionally of one status."""
+    if not await Organization.filter(id=org_id, deleted_at=None).exists():
+        raise NotFound("organization")
+    principal.require(org_id, "manage_members")
+    query = Invitation.filter(org_id=org_id)
+    now = utcnow()
+    if status == "expired":
+        query = query.filter(status="pending", expires_at__lte=now)
+    elif status == "pending":
+        query = query.filter(status="pending", expires_at__gt=now)
+    elif status is not None:
+        query = query.filter(status=status)
+    return await page.of(query.prefetch_related("org"), invitation_view)
+
+
+@router.post("/invitations/{invitation_id}/accept")
+async def accept(
+    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> dict[str, Any]:
+    """Join the organization with the invitation's role; the invitation becomes accepted."""
+    invitation = await _addressed_to(principal, invitation_id)
+    try:
+        async with in_transaction() as conn:
+            await _respond(invitation, "accepted", conn)
+            if (
+                await Membership.filter(org_id=invitation.org_id, user_id=principal.id)
+                .using_db(conn)
+                .exists()
+            ):
+                raise Conflict("already a member of this organization")
+            await Membership.create(
+                org_id=invitation.org_id,
+                user_id=principal.id,
+                role=invitation.role,
+                using_db=conn,
+            )
+    except IntegrityError:  # joined through a concurrent request
+        raise Conflict("already a member of this organization") from None
+    await _audit(hub, request, principal, "invitation.accepted", invitation)
+    return invitation_view(invitation)
+
+
+@router.post("/invitations/{invitation_id}/decline")
+async def decline(
+    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> dict[str, Any]:
+    """Turn the invitation down; it cannot be accepted afterwards."""
+    invitation = await _addressed_to(principal, invitation_id)
+    async with in_transaction() as conn:
+        await _respond(invitation, "declined", conn)
+    await _audit(hub, request, principal, "invitation.declined", invitation)
+    return invitation_view(invitation)
+
+
+@router.delete("/invitations/{invitation_id}", status_code=204)
+async def revoke(
+    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> Response:
+    """Withdraw a pending (or expired) invitation (admin+ of its organization)."""
+    invitation = await Invitation.get_or_none(
+        id=invitation_id, org__deleted_at__isnull=True
+    ).prefetch_related("org")
+    if invitation is None or not principal.can_see(invitation.org_id):
+        raise NotFound("invitation")
+    principal.require(invitation.org_id, "manage_members", kind="invitation")
+    role = Role.parse(invitation.role)
+    mine = principal.role_in(invitation.org_id)
+    if not principal.is_platform_admin and (mine is None or role > mine):
+        raise Forbidden(f"revoking an invitation as {role.name} needs the {role.name} role")
+    async with in_transaction() as conn:
+        await _respond(invitation, "revoked", conn, expired_ok=True)
+    await _audit(hub, request, principal, "invitation.revoked", invitation)
+    return Response(status_code=204)
+
+
+async def _addressed_to(principal: Principal, invitation_id: uuid.UUID) -> Invitation:
+    """The invitation if it is addressed to the caller's email, else NotFound."""
+    invitation = await Invitation.get_or_none(
+        id=invitation_id, email=principal.user.email, org__deleted_at__isnull=True
+    ).prefetch_related("org")
+    if invitation is None:
+        raise NotFound("invitation")
+    return invitation
+
+
+async def _respond(
+    invitation: Invitation, status: str, conn: Any, expired_ok: bool = False
+) -> None:
+    """Move a pending invitation to ``status`` in one conditional UPDATE.
+
+    The WHERE clause is the check: of two concurrent answers exactly one changes the row,
+    the other gets 409 with the status it found.
+    """
+    now = utcnow()
+    pending = Invitation.filter(id=invitation.id, status="pending")
+    if not expired_ok:
+        pending = pending.filter(expires_at__gt=now)
+    changed = await pending.using_db(conn).update(status=status, responded_at=now, updated_at=now)
+    if changed:
+        invitation.status, invitation.responded_at, invitation.updated_at = status, now, now
+        return
+    current = await Invitation.get(id=invitation.id, using_db=conn)
+    found = current.status
+    if found == "pending":
+        found = "expired"
+    raise Conflict(f"this invitation is {found}", details={"status": found})
+
+
+async def _audit(
+    hub: Hub, request: Request, principal: Principal, action: str, invitation: Invitation
+) -> None:
+    await hub.audit.record(
+        action=action,
+        source="api",
+        actor_type="user",
+        actor_id=str(principal.id),
+        org_id=invitation.org_id,
+        details={
+            "invitation_id": str(invitation.id),
+            "email": invitation.email,
+            "role": invitation.role,
+        },
+        request_id=request_id_of(request),
+    )
