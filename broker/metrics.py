@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 AUTH = Counter("hexa_mqtt_auth_total", "Broker authentication attempts", ["kind", "result"])
 DENIED = Counter("hexa_mqtt_acl_denied_total", "Broker ACL denials", ["action"])
@@ -29,4 +29,9 @@ QUEUE_DROPS = Counter(
     "Deliveries dropped: QoS 0 to a backed-up client, the oldest message of a full "
     "offline queue, an unacknowledged QoS 1/2 message, a connection that closed",
     ["reason"],
+)
+SESSIONS = Gauge(
+    "hexa_mqtt_sessions",
+    "Broker sessions: connected, or persisted while their client is away",
+    ["state"],
 )

@@ -24,6 +24,7 @@ from conftest import (
     MqttDevice,
     RunningHub,
     User,
+    add_member,
     claimed_device,
     error_shape_ok,
     online_device,
@@ -112,12 +113,6 @@ def device(
 
 
 # --- REST helpers --------------------------------------------------------------------------
-def add_member(hub: RunningHub, owner: User, who: User, role: str) -> None:
-    with hub.api(owner.access_token) as c:
-        r = c.post(f"/orgs/{owner.org_id}/members", json={"email": who.email, "role": role})
-    assert r.status_code == 201, r.text
-
-
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
     assert r.status_code == status, r.text
     b = r.json()

@@ -22,6 +22,7 @@ import pytest
 from conftest import (
     RunningHub,
     User,
+    add_member,
     claimed_device,
     error_shape_ok,
     new_database_url,
@@ -76,12 +77,6 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert r.status_code == status, r.text
     b = r.json()
     assert error_shape_ok(b) and b["code"] == code, b
-
-
-def add_member(hub: RunningHub, owner: User, who: User, role: str) -> None:
-    with hub.api(owner.access_token) as c:
-        r = c.post(f"/orgs/{owner.org_id}/members", json={"email": who.email, "role": role})
-    assert r.status_code == 201, r.text
 
 
 def ts(value: str | None) -> datetime:
