@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from hexa.api import errors
 from hexa.api.middleware import HttpMetrics, Idempotency, RequestContext
@@ -28,6 +29,77 @@ if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
 
 
+#: every error answer has this shape (api/errors.py)
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["code", "message", "details", "request_id"],
+    "properties": {
+        "code": {"type": "string"},
+        "message": {"type": "string"},
+        "details": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "request_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+}
+
+#: error status → what it means; which operations answer which is in ``_error_statuses``
+ERRORS: dict[str, str] = {
+    "400": "validation_error: a parameter or the body is invalid",
+    "401": "unauthorized: credentials are missing, expired or wrong",
+    "403": "forbidden: the role is too low; https_required without HTTPS",
+    "404": "not_found: no such route or object (another tenant's objects included)",
+    "409": "conflict: a duplicate, or an Idempotency-Key reused with another request",
+    "413": "payload_too_large: the body exceeds HEXA_MAX_BODY_BYTES",
+    "422": "command_rejected: the device refused the command",
+    "429": "rate_limited: wait for Retry-After seconds",
+    "503": "device_offline or bus_unavailable (readyz: not ready)",
+    "504": "device_timeout: the device did not acknowledge in time",
+}
+
+
+def _error_statuses(path: str, method: str) -> list[str]:
+    if not path.startswith("/api/v1/"):
+        return ["403", "503"] if path == "/readyz" else ["403"]
+    statuses = ["400", "401", "403", "404"]
+    if method in ("post", "put", "patch", "delete"):
+        statuses += ["409", "413"]
+    if path.endswith("/auth/login") or "/relays" in path or path.endswith("/run"):
+        statuses.append("429")
+    if "/relays" in path or path.endswith("/run"):
+        statuses += ["422", "503", "504"]
+    return statuses
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's generated document, with the error answers this API really gives: 400
+    ``validation_error`` instead of FastAPI's 422, and every error with the error schema."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = ERROR_SCHEMA
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, item in doc.get("paths", {}).items():
+        for method, operation in item.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in _error_statuses(path, method):
+                answer: dict[str, Any] = {"description": ERRORS[status], "content": ref}
+                if status == "429":
+                    answer["headers"] = {
+                        "Retry-After": {"schema": {"type": "integer", "minimum": 1}}
+                    }
+                responses.setdefault(status, answer)
+    # Prometheus' text format, not JSON
+    metrics = doc.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics is not None:
+        text = {"text/plain": {"schema": {"type": "string"}}}
+        metrics["responses"]["200"]["content"] = text
+    app.openapi_schema = doc
+    return doc
+
+
 def create_app(hub: Hub) -> FastAPI:
     app = FastAPI(
         title="Hexa Hub",
@@ -42,6 +114,7 @@ def create_app(hub: Hub) -> FastAPI:
     hub.starters.append(app.state.device_sessions.start)
     hub.starters.append(app.state.client_sessions.start)
     errors.install(app)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
