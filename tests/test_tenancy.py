@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import (
+    MqttClient,
     MqttDevice,
     RunningHub,
     User,
@@ -18,6 +19,7 @@ from conftest import (
     admin_token,
     claim,
     error_shape_ok,
+    online_device,
     provision,
     register,
     wait_until,
@@ -630,6 +632,31 @@ def test_integration_token_names_are_per_organization(hub: RunningHub) -> None:
         with hub.api(user.access_token) as c:
             ids = {t["id"] for t in ok(c.get("/integrations/tokens"))["items"]}
         assert created[user.id]["id"] in ids and created[other.id]["id"] not in ids
+
+
+def test_same_named_integration_tokens_stay_in_their_organizations(
+    hub: RunningHub, track: Any
+) -> None:
+    """Two tenants' integrations with the same MQTT username both log in, each seeing only
+    its own organization's devices: the broker tells them apart by the token."""
+    name = f"ha-{uuid.uuid4().hex[:8]}"
+    tenants = []
+    for _ in range(2):
+        user = register(hub)
+        dev, device = online_device(hub, user)
+        track(device)
+        with hub.api(user.access_token) as c:
+            body = {"name": name, "org_id": user.org_id}
+            token = ok(c.post("/integrations/tokens", json=body), 201)["token"]
+        tenants.append((dev["device_uid"], token))
+    assert track(MqttClient(hub, name, "hxi_not-a-token")).refused()
+    for n, (uid, token) in enumerate(tenants):
+        other_uid = tenants[1 - n][0]
+        client = track(MqttClient(hub, name, token))
+        assert client.ok(), client.rc
+        assert client.subscribe("hexa/+/availability")
+        assert client.wait_for(lambda t, p, r, uid=uid: t == f"hexa/{uid}/availability", 5)
+        assert not client.messages(lambda t, p, r, o=other_uid: t.startswith(f"hexa/{o}/"))
 
 
 # --- sites -------------------------------------------------------------------------------
