@@ -246,6 +246,33 @@ def test_role_ceiling_applies_to_invitations(hub: RunningHub) -> None:
     assert sorted(i["role"] for i in pending["items"]) == ["admin", "owner"]
 
 
+def test_invitations_shrink_with_their_sender(hub: RunningHub) -> None:
+    """An admin's pending invitations above their new role are revoked when they are
+    demoted, and all of them when they leave: accepting one is then 409 revoked."""
+    owner, adm = register(hub), register(hub)
+    invitees = [register(hub) for _ in range(3)]
+    org_id = new_org(hub, owner)
+    add_member(hub, owner, adm, "admin", org_id)
+    high = invite(hub, adm, org_id, invitees[0].email, "admin")
+    low = invite(hub, adm, org_id, invitees[1].email, "viewer")
+    by_owner = invite(hub, owner, org_id, invitees[2].email, "admin")
+    add_member(hub, owner, adm, "manager", org_id)  # demoted below admin
+    with hub.api(owner.access_token) as c:
+        listed = ok(c.get(f"/orgs/{org_id}/invitations"))["items"]
+    assert {i["id"]: i["status"] for i in listed if i["email"] != adm.email} == {
+        high["id"]: "revoked",
+        low["id"]: "pending",
+        by_owner["id"]: "pending",
+    }
+    with hub.api(invitees[0].access_token) as c:
+        body = assert_error(c.post(f"/invitations/{high['id']}/accept"), 409, "conflict")
+        assert body["details"] == {"status": "revoked"}
+    with hub.api(adm.access_token) as c:
+        assert c.delete(f"/orgs/{org_id}/members/{adm.id}").status_code == 204
+    assert mine(hub, invitees[1]) == []
+    assert [i["id"] for i in mine(hub, invitees[2])] == [by_owner["id"]]
+
+
 def test_other_tenants_invitations_are_404(hub: RunningHub) -> None:
     """Someone else's invitation is 404 to accept, decline, revoke or list, exactly like an
     unknown id, and nothing changes."""

@@ -222,6 +222,7 @@ async def _change_role(
         _check_authority(await _current_role(conn, principal, org_id), Role.parse(old_role))
         membership.role = role
         await membership.save(using_db=conn, update_fields=["role"])
+        await _revoke_invitations_by(conn, org_id, user_id, above=Role.parse(role))
     return old_role, membership
 
 
@@ -249,6 +250,7 @@ async def remove_member(
                 await _current_role(conn, principal, org.id), Role.parse(membership.role)
             )
         await membership.delete(using_db=conn)
+        await _revoke_invitations_by(conn, org_id=org.id, user_id=user_id, above=None)
     await _audit(
         hub,
         request,
@@ -269,6 +271,20 @@ async def _lock_org(conn: BaseDBAsyncClient, org_id: uuid.UUID) -> None:
     connection runs one transaction at a time, and SQLite transactions are serializable.
     """
     await Organization.filter(id=org_id).select_for_update().using_db(conn).first()
+
+
+async def _revoke_invitations_by(
+    conn: BaseDBAsyncClient, org_id: uuid.UUID, user_id: uuid.UUID, above: Role | None
+) -> None:
+    """Revoke what a member invited beyond their new role (everything, once they left):
+    an invitation never grants more than its sender could grant today."""
+    roles = [r.name for r in Role if above is None or r > above]
+    now = utcnow()
+    await (
+        Invitation.filter(org_id=org_id, invited_by_id=user_id, status="pending", role__in=roles)
+        .using_db(conn)
+        .update(status="revoked", responded_at=now, updated_at=now)
+    )
 
 
 async def _keep_an_owner(conn: BaseDBAsyncClient, org_id: uuid.UUID) -> None:
