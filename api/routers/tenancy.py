@@ -122,7 +122,17 @@ async def list_members(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep
     return await page.of(Membership.filter(org_id=org.id).prefetch_related("user"), _member_view)
 
 
-@router.post("/orgs/{org_id}/members", status_code=201)
+@router.post(
+    "/orgs/{org_id}/members",
+    status_code=201,
+    responses={
+        200: {
+            "description": "the email or user_id is a member's: their role was changed",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        201: {"description": "an invitation was created (or a pending one renewed)"},
+    },
+)
 async def add_member(
     org_id: uuid.UUID,
     body: MemberAdd,
