@@ -312,6 +312,30 @@ def test_memory_flat_under_connect_floods(tmp_path: Path, db_kind: str) -> None:
         drop()
 
 
+def test_persistent_sessions_expire(tmp_path: Path, db_kind: str) -> None:
+    """A persistent session whose client stays away past HEXA_MQTT_SESSION_EXPIRY_S is gone:
+    the client comes back to a fresh session (CONNACK session present = 0)."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    h = spawn_hub(url, tmp_path / "data", mqtt_session_expiry_s="1")
+    try:
+        user = register(h)
+        it = integration(h, user)
+        cid = f"expire-{uuid.uuid4().hex[:8]}"
+        r = Raw(h)
+        assert r.connect(cid, it["name"], it["token"], clean=False) == 0
+        r.close()
+        assert wait_until(lambda: sessions(h).get("persisted") == 1, 5), sessions(h)
+        assert wait_until(lambda: sessions(h).get("persisted") == 0, 10), sessions(h)
+        back = Raw(h)
+        back.sock.sendall(connect_packet(cid, it["name"], it["token"], clean=False))
+        packet = back.read_packet()
+        assert packet is not None and packet[1] == b"\x00\x00", packet  # no session present
+        back.close()
+    finally:
+        stop_hub(h)
+        drop()
+
+
 # --- 3: client ids belong to one identity --------------------------------------------------
 def test_persistent_session_queue_never_crosses_identities(hub: RunningHub, raws: Any) -> None:
     """Another org's client reusing a persistent client id is refused and gets nothing of its
