@@ -48,6 +48,8 @@ MAX_UNSENT_BYTES = 1024 * 1024
 #: wait their turn (first come, first served), so one flooding client cannot starve the
 #: others nor grow memory without bound
 BROADCAST_QUEUE = 1024
+#: a client backed up this long is disconnected even if only QoS 0 is dropped meanwhile
+STALL_LIMIT_S = 10.0
 #: a client's publishes waiting to be routed: beyond HIGH its socket is not read until
 #: they are down to LOW (TCP back-pressure on a flooding client)
 INBOUND_HIGH, INBOUND_LOW = 64, 16
@@ -88,6 +90,8 @@ class _Link:
     peer: str = "?"
     outbound: int = 0
     warned: bool = False
+    #: since when deliveries back up (None: they do not)
+    stalled_since: float | None = None
     paused: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     _timer: asyncio.TimerHandle | None = None
@@ -245,11 +249,15 @@ class HexaBroker(Broker):  # type: ignore[misc]
                     )
                     continue
                 if link.backlogged(self.limits.queued_messages):
-                    if qos == 0:
+                    now = time.monotonic()
+                    if link.stalled_since is None:
+                        link.stalled_since = now
+                    if qos == 0 and now - link.stalled_since < STALL_LIMIT_S:
                         metrics.QUEUE_DROPS.labels("qos0").inc()
                         continue
                     self._slow_consumer(link, cid)
                     continue
+                link.stalled_since = None
                 link.outbound += 1
                 running_tasks.append(
                     asyncio.ensure_future(
