@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,6 @@ class Limits:
 
     sessions_per_identity: int = 16
     queued_messages: int = 1000
-    session_expiry_s: int = 2 * 3600
 
 
 class _Watched(ReaderAdapter):  # type: ignore[misc]
@@ -102,6 +103,7 @@ class _Link:
         return not isinstance(self.writer, WebSocketsWriter)
 
     def backlogged(self, limit: int) -> bool:
+        """Whether deliveries to this client back up beyond ``limit`` (or 1 MB unsent)."""
         return self.outbound >= limit or self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES
 
     def watch(self, limit_s: float, client_id: str) -> None:
@@ -109,8 +111,11 @@ class _Link:
         loop = asyncio.get_running_loop()
 
         def check() -> None:
+            if self.paused:  # not read while paused: not silent
+                self._timer = loop.call_later(limit_s, check)
+                return
             idle = time.monotonic() - self.reader.last
-            if idle < limit_s or self.paused:  # not read while paused: not silent
+            if idle < limit_s:
                 self._timer = loop.call_later(limit_s - idle, check)
                 return
             metrics.KEEPALIVE_TIMEOUTS.inc()
@@ -119,10 +124,25 @@ class _Link:
 
         self._timer = loop.call_later(limit_s, check)
 
+    def resume(self) -> None:
+        """Read again after a pause (the pause does not count as silence)."""
+        self.paused = False
+        self.reader.last = time.monotonic()
+        self.transport.resume_reading()
+
     def stop_watching(self) -> None:
+        """Stop the keepalive watch."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+@dataclass(eq=False)
+class _Admission:
+    """Serializes the CONNECTs of one client id."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 class _Handler(BrokerProtocolHandler):  # type: ignore[misc]
@@ -133,15 +153,21 @@ class _Handler(BrokerProtocolHandler):  # type: ignore[misc]
     async def handle_publish(self, publish_packet: Any) -> None:
         await super().handle_publish(publish_packet)
         link = self.link
-        if (
-            link is not None
-            and not link.paused
-            and link.pausable
-            and self.session is not None
-            and self.session.delivered_message_queue.qsize() >= INBOUND_HIGH
-        ):
+        if link is None or link.paused or self.session is None:
+            return
+        waiting = self.session.delivered_message_queue.qsize()
+        if waiting >= INBOUND_HIGH and link.pausable:
             link.paused = True
             link.transport.pause_reading()
+        elif waiting >= INBOUND_HIGH * 4 and not link.transport.is_closing():
+            # over WebSocket amqtt reads eagerly: a client this far ahead is cut off
+            metrics.SLOW_CONSUMERS.inc()
+            log.warning(
+                "disconnecting client %s: %d publishes waiting to be routed",
+                printable(self.session.client_id),
+                waiting,
+            )
+            link.transport.abort()
 
 
 class HexaBroker(Broker):  # type: ignore[misc]
@@ -178,6 +204,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
         #: identity key → the client ids of its sessions (live or persisted)
         self._owned: dict[str, set[str]] = {}
         self._owned_total = 0
+        #: client id → the CONNECTs being admitted for it
+        self._admitting: dict[str, _Admission] = {}
         self._count_sessions()
         self._filters_version = 0
         self._wildcards: tuple[int, list[str]] = (-1, [])
@@ -271,27 +299,23 @@ class HexaBroker(Broker):  # type: ignore[misc]
         """One delivery to a connected client; a failure is that client's, logged once."""
         try:
             await handler.mqtt_publish(topic, data, qos, retain=False)
-        except TimeoutError:  # amqtt waited 5 s for the PUBACK
+        except TimeoutError:  # amqtt waited 5 s for the PUBACK, and drops the message
             metrics.QUEUE_DROPS.labels("unacknowledged").inc()
-            if not link.warned:
-                link.warned = True
-                log.warning(
-                    "client %s does not acknowledge deliveries (first on %s)",
-                    printable(cid),
-                    printable(topic),
-                )
+            self._slow_consumer(link, cid)
         except (AMQTTError, ProtocolHandlerError, OSError):
             metrics.QUEUE_DROPS.labels("closed").inc()
         finally:
             link.outbound -= 1
 
     def _slow_consumer(self, link: _Link, cid: str) -> None:
-        """Disconnect a client that does not keep up (its will is published)."""
-        if link.transport.is_closing():
+        """Disconnect a client that does not keep up (its will is published), logged once."""
+        if link.warned or link.transport.is_closing():
             return
+        link.warned = True
         metrics.SLOW_CONSUMERS.inc()
         log.warning(
-            "disconnecting client %s: %d deliveries waiting, %d bytes unsent",
+            "disconnecting client %s: does not keep up with its deliveries "
+            "(%d unacknowledged, %d bytes unsent)",
             printable(cid),
             link.outbound,
             link.transport.get_write_buffer_size(),
@@ -353,21 +377,22 @@ class HexaBroker(Broker):  # type: ignore[misc]
             await self._refuse(link, incoming, NOT_AUTHORIZED, "not authorized")
             return
         identity: Identity = incoming.attributes[IDENTITY]
-        session, refusal = await self._admit(identity, incoming)
-        if session is None:
-            await self._refuse(link, incoming, IDENTIFIER_REJECTED, refusal)
-            return
-        cid = session.client_id
-        handler.link = link
-        session.transitions.connect()
-        handler.attach(session, reader, writer)
-        self._sessions[cid] = (session, handler)
-        self._links[cid] = link
-        owned = self._owned.setdefault(identity.key, set())
-        if cid not in owned:
-            owned.add(cid)
-            self._owned_total += 1
-        self._count_sessions()
+        cid = incoming.client_id
+        async with self._admission(cid):  # one CONNECT per client id at a time
+            session, refusal = await self._admit(identity, incoming)
+            if session is None:
+                await self._refuse(link, incoming, IDENTIFIER_REJECTED, refusal)
+                return
+            handler.link = link
+            session.transitions.connect()
+            handler.attach(session, reader, writer)
+            self._sessions[cid] = (session, handler)
+            self._links[cid] = link
+            owned = self._owned.setdefault(identity.key, set())
+            if cid not in owned:
+                owned.add(cid)
+                self._owned_total += 1
+            self._count_sessions()
         try:
             await handler.mqtt_connack_authorize(True)
             # MQTT-3.1.2-24: silent for 1.5 x keepalive means gone (its will is published)
@@ -381,6 +406,22 @@ class HexaBroker(Broker):  # type: ignore[misc]
         finally:
             with anyio.CancelScope(shield=True):
                 await self._ended(session, handler, link, identity)
+
+    @contextlib.asynccontextmanager
+    async def _admission(self, cid: str) -> AsyncIterator[None]:
+        """Held while a CONNECT for ``cid`` is admitted: two CONNECTs for one client id
+        would otherwise both take the old session over."""
+        gate = self._admitting.get(cid)
+        if gate is None:
+            gate = self._admitting[cid] = _Admission()
+        gate.users += 1
+        try:
+            async with gate.lock:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._admitting[cid]
 
     async def _admit(self, identity: Identity, incoming: Session) -> tuple[Session | None, str]:
         """The session this CONNECT gets, or None and why it is refused.
@@ -403,6 +444,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 link.transport.abort()
                 with anyio.move_on_after(5):
                     await link.ended.wait()
+                if self._links.get(cid) is link:
+                    return None, "its previous connection is still closing"
             if self._sessions.get(cid, (None,))[0] is old:
                 if incoming.clean_session or old.clean_session:
                     await self._cleanup_session(cid)
@@ -475,10 +518,12 @@ class HexaBroker(Broker):  # type: ignore[misc]
             retained = self._retained_messages.get(topic)
             if retained is None or bytes(retained.data) != offline:
                 await self.retain_message(None, topic, offline, 1)
-                await self._broadcast_message(None, topic, offline, 1)
+                with anyio.move_on_after(2):  # the routing loop may be gone (shutdown)
+                    await self._broadcast_message(None, topic, offline, 1)
         self._count_sessions()
 
     def _count_sessions(self) -> None:
+        """Update the session gauge."""
         for state, n in self.session_counts().items():
             metrics.SESSIONS.labels(state).set(n)
 
@@ -520,29 +565,31 @@ class HexaBroker(Broker):  # type: ignore[misc]
     async def _handle_message_delivery(
         self, client_session: Any, handler: Any, wait_deliver: asyncio.Future[Any]
     ) -> bool:
-        message = wait_deliver.result()
-        if message is not None and message.topic:
-            retain = bool(message.publish_packet and message.publish_packet.retain_flag)
-            reason = self._refused(message.topic, message.data, retain)
-            if reason is not None:
-                metrics.DROPPED.labels(reason).inc()
-                log.warning(
-                    "dropped %s publish on %s from %s",
-                    reason,
-                    printable(message.topic),
-                    printable(client_session.client_id),
-                )
-                return True
-        go_on = bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
-        link = self._links.get(client_session.client_id)
-        if (
-            link is not None
-            and link.paused
-            and client_session.delivered_message_queue.qsize() <= INBOUND_LOW
-        ):
-            link.paused = False
-            link.transport.resume_reading()
-        return go_on
+        try:
+            message = wait_deliver.result()
+            if message is not None and message.topic:
+                retain = bool(message.publish_packet and message.publish_packet.retain_flag)
+                reason = self._refused(message.topic, message.data, retain)
+                if reason is not None:
+                    metrics.DROPPED.labels(reason).inc()
+                    log.warning(
+                        "dropped %s publish on %s from %s",
+                        reason,
+                        printable(message.topic),
+                        printable(client_session.client_id),
+                    )
+                    return True
+            return bool(
+                await super()._handle_message_delivery(client_session, handler, wait_deliver)
+            )
+        finally:
+            link = self._links.get(client_session.client_id)
+            if (
+                link is not None
+                and link.paused
+                and client_session.delivered_message_queue.qsize() <= INBOUND_LOW
+            ):
+                link.resume()
 
     async def _handle_disconnect(
         self, client_session: Any, handler: Any, disconnect_waiter: asyncio.Future[Any]
@@ -686,7 +733,6 @@ class EmbeddedBroker:
         limits = Limits(
             sessions_per_identity=s.mqtt_max_sessions_per_identity,
             queued_messages=s.mqtt_max_queued_messages,
-            session_expiry_s=s.mqtt_session_expiry_s,
         )
         broker = HexaBroker(self._config(), max_payload=s.max_mqtt_payload_bytes, limits=limits)
         names = {type(p).__name__ for p in broker.plugins_manager.plugins}

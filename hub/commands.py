@@ -72,7 +72,7 @@ class Commands:
         future: asyncio.Future[topics.Result] = asyncio.get_running_loop().create_future()
         self._waiting[intent.intent_id] = future
         try:
-            sealed = topics.seal_intent(intent, self.seal_key)
+            sealed = topics.seal_intent(intent, topic, self.seal_key)
             await self.bus.publish(topic, topics.encode_intent(sealed))
             return await asyncio.wait_for(future, self.timeout_s + MARGIN_S)
         except TimeoutError:

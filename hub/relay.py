@@ -112,7 +112,7 @@ class RelayService:
             metrics.INTENTS_REFUSED.labels("malformed").inc()
             await self._result(uid, "", "rejected", error=f"malformed intent: {exc}")
             return
-        intent = self._attributed(intent, msg.sender)
+        intent = self._attributed(intent, msg)
         index = int(params["index"]) if "index" in params else None
         queue = self._queues.get(uid)
         if queue is None:
@@ -127,13 +127,15 @@ class RelayService:
                 uid, intent.intent_id, "rejected", error="device busy: too many queued intents"
             )
 
-    def _attributed(self, intent: topics.Intent, sender: str | None) -> topics.Intent:
+    def _attributed(self, intent: topics.Intent, msg: Message) -> topics.Intent:
         """Who asked and where come from the publisher, never from what it claims: only
         the hub's own intents (its session in-process, else its seal) keep them."""
+        sender = msg.sender
         if sender is not None:
             trusted = sender.startswith("hub:")
         else:
-            trusted = topics.sealed_by(intent, self._seal_key) and self._first_seen(intent)
+            sealed = topics.sealed_by(intent, msg.topic, self._seal_key)
+            trusted = sealed and self._first_seen(intent)
         if trusted:
             return intent
         kind, _, ident = (sender or "").partition(":")

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -215,13 +216,13 @@ class Intent(_Ours):
     actor_id: Annotated[str, Field(max_length=64)] | None = None
     automation_id: str | None = None
     schedule_id: str | None = None
-    #: the hub's HMAC over who and where (:func:`seal_intent`); set by the hub only
+    #: when the hub sealed it (Unix ms) and its HMAC (:func:`seal_intent`); the hub's only
+    sealed_at: int | None = None
     seal: Annotated[str, Field(max_length=64)] | None = None
 
 
-#: the fields of an intent that say who asked and where: the audit trusts them only when
-#: the hub itself published the intent
-ATTRIBUTION = ("source", "request_id", "actor_type", "actor_id", "automation_id", "schedule_id")
+#: a sealed intent older than this is not trusted (a replay)
+SEAL_MAX_AGE_S = 30.0
 
 
 def seal_key(secret: str) -> bytes:
@@ -229,19 +230,26 @@ def seal_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), b"hexa intent seal v1", hashlib.sha256).digest()
 
 
-def _seal_of(intent: Intent, key: bytes) -> str:
-    fields = [intent.intent_id, *(getattr(intent, name) or "" for name in ATTRIBUTION)]
-    return hmac.new(key, "\x1f".join(fields).encode(), hashlib.sha256).hexdigest()[:32]
+def _seal_of(intent: Intent, topic: str, key: bytes) -> str:
+    # the whole intent on its topic: a seal copied onto another device, relay or state
+    # does not verify
+    body = intent.model_dump_json(exclude={"seal"})
+    return hmac.new(key, f"{topic}\x1f{body}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def seal_intent(intent: Intent, key: bytes) -> Intent:
-    """The intent with the hub's seal over its attribution fields."""
-    return intent.model_copy(update={"seal": _seal_of(intent, key)})
+def seal_intent(intent: Intent, topic: str, key: bytes) -> Intent:
+    """The intent, stamped now and sealed by the hub for ``topic``."""
+    stamped = intent.model_copy(update={"sealed_at": int(time.time() * 1000), "seal": None})
+    return stamped.model_copy(update={"seal": _seal_of(stamped, topic, key)})
 
 
-def sealed_by(intent: Intent, key: bytes) -> bool:
-    """Whether the hub (holder of ``key``) sealed this intent's attribution."""
-    return intent.seal is not None and hmac.compare_digest(intent.seal, _seal_of(intent, key))
+def sealed_by(intent: Intent, topic: str, key: bytes) -> bool:
+    """Whether the hub (holder of ``key``) sealed this intent for ``topic``, recently."""
+    if intent.seal is None or intent.sealed_at is None:
+        return False
+    if abs(time.time() * 1000 - intent.sealed_at) > SEAL_MAX_AGE_S * 1000:
+        return False
+    return hmac.compare_digest(intent.seal, _seal_of(intent, topic, key))
 
 
 def unattributed(intent: Intent, *, actor_type: str, actor_id: str | None) -> Intent:
@@ -254,6 +262,7 @@ def unattributed(intent: Intent, *, actor_type: str, actor_id: str | None) -> In
             "actor_id": actor_id,
             "automation_id": None,
             "schedule_id": None,
+            "sealed_at": None,
             "seal": None,
         }
     )

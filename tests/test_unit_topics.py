@@ -149,3 +149,48 @@ def test_protocol_doc_lists_every_topic() -> None:
             .replace("{object_id}", "hexa_<uid>_<n>")
         )
         assert f"`{shown}`" in doc, f"{t.name} ({shown}) is not in docs/protocol.md"
+
+
+# --- intent seals ---------------------------------------------------------------------
+KEY = topics.seal_key("a-secret")
+TOPIC = topics.RELAY_SET.format(uid="hx-00000001", index=0)
+
+
+def _sealed(**fields: object) -> topics.Intent:
+    intent = topics.Intent(state="ON", source="api", actor_type="user", actor_id="u1", **fields)
+    return topics.seal_intent(intent, TOPIC, KEY)
+
+
+def test_seal_verifies_on_its_topic_after_a_round_trip() -> None:
+    """A sealed intent, encoded and decoded, verifies on its topic with the hub's key."""
+    decoded = topics.decode_intent(topics.encode_intent(_sealed()), all_relays=False)
+    assert topics.sealed_by(decoded, TOPIC, KEY)
+    assert not topics.sealed_by(decoded, TOPIC, topics.seal_key("another-secret"))
+
+
+def test_seal_does_not_travel_to_another_target_or_state() -> None:
+    """A seal copied onto another device, relay or state, or over other attribution, fails."""
+    intent = _sealed()
+    assert not topics.sealed_by(intent, topics.RELAY_SET.format(uid="hx-00000002", index=0), KEY)
+    assert not topics.sealed_by(intent, topics.RELAY_SET.format(uid="hx-00000001", index=1), KEY)
+    assert not topics.sealed_by(intent.model_copy(update={"state": "OFF"}), TOPIC, KEY)
+    assert not topics.sealed_by(intent.model_copy(update={"actor_id": "u2"}), TOPIC, KEY)
+
+
+def test_old_or_missing_seals_are_not_trusted() -> None:
+    """An unsealed intent, or one sealed longer ago than SEAL_MAX_AGE_S, is not the hub's."""
+    assert not topics.sealed_by(topics.Intent(state="ON", source="api"), TOPIC, KEY)
+    intent = _sealed()
+    assert intent.sealed_at is not None
+    old = intent.sealed_at - int(topics.SEAL_MAX_AGE_S * 1000) - 1
+    stale = intent.model_copy(update={"sealed_at": old})
+    assert not topics.sealed_by(stale, TOPIC, KEY)
+
+
+def test_unattributed_keeps_the_command_and_drops_claims() -> None:
+    """An untrusted intent keeps state and id; who and where are the publisher's."""
+    intent = _sealed(schedule_id="s1", request_id="r1")
+    plain = topics.unattributed(intent, actor_type="integration", actor_id="t1")
+    assert (plain.state, plain.intent_id) == (intent.state, intent.intent_id)
+    assert (plain.source, plain.actor_type, plain.actor_id) == ("mqtt", "integration", "t1")
+    assert plain.schedule_id is None and plain.request_id is None and plain.seal is None
