@@ -15,6 +15,8 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import anyio
+from anyio.abc import TaskStatus
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: how often expired idempotency records are deleted while the hub runs
+PURGE_INTERVAL_S = 600.0
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -227,6 +231,21 @@ async def purge_idempotency_records() -> int:
         Q(expires_at__lte=utcnow())
         | Q(status_code__isnull=False) & ~Q(response_body__startswith=_SEALED)
     ).delete()
+
+
+async def purge_idempotency_forever(
+    interval_s: float = PURGE_INTERVAL_S,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Delete expired records every ``interval_s`` (their answers hold secrets, sealed)."""
+    task_status.started()
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            await purge_idempotency_records()
+        except Exception:  # a lost database is retried at the next round
+            log.warning("expired idempotency records not purged", exc_info=True)
 
 
 def _replaying(body: bytes) -> Receive:

@@ -316,7 +316,7 @@ async def serve(
 
     from hexa.api.app import create_app
     from hexa.api.http_protocol import http_protocol
-    from hexa.api.middleware import purge_idempotency_records
+    from hexa.api.middleware import purge_idempotency_forever, purge_idempotency_records
     from hexa.broker.server import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.bus import BrokerAddress
@@ -372,6 +372,7 @@ async def serve(
                 broker.attach(hub)
                 hub.mqtt_port, hub.mqtt_tls_port = broker.port, broker.tls_port
             hub.http_port = http_sock.getsockname()[1]
+            hub.services.append(purge_idempotency_forever)
             await hub.prepare()
             app = create_app(hub)
             config = uvicorn.Config(
