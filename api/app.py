@@ -8,7 +8,12 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from hexa.api import errors
-from hexa.api.middleware import HttpMetrics, Idempotency, RequestContext
+from hexa.api.middleware import (
+    HttpMetrics,
+    Idempotency,
+    RequestContext,
+    purge_idempotency_forever,
+)
 from hexa.api.routers import (
     admin,
     audit,
@@ -26,7 +31,7 @@ from hexa.api.ws import client_gateway, device_gateway
 from hexa.hub import __version__
 
 if TYPE_CHECKING:
-    from hexa.hub.runtime import Hub
+    from hexa.hub.runtime import Hub, Service
 
 
 #: every error answer has this shape (api/errors.py)
@@ -111,8 +116,6 @@ def create_app(hub: Hub) -> FastAPI:
     app.state.hub = hub
     app.state.device_sessions = device_gateway.DeviceSessions(hub)
     app.state.client_sessions = client_gateway.ClientSessions(hub)
-    hub.starters.append(app.state.device_sessions.start)
-    hub.starters.append(app.state.client_sessions.start)
     errors.install(app)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
@@ -140,3 +143,13 @@ def create_app(hub: Hub) -> FastAPI:
         trust_proxy=settings.trust_proxy,
     )
     return app
+
+
+def services(app: FastAPI) -> list[Service]:
+    """The API's long-running services, for the hub's task group: the WebSocket
+    gateways and the idempotency store's purge."""
+    return [
+        app.state.device_sessions.run,
+        app.state.client_sessions.run,
+        purge_idempotency_forever,
+    ]

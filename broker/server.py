@@ -34,6 +34,7 @@ from hexa.broker.local import LocalBus
 from hexa.broker.plugins import IDENTITY, HexaAclPlugin, HexaAuthPlugin
 from hexa.hub import topics
 from hexa.hub.config import Settings
+from hexa.hub.events import DeviceCredentialsRevoked, DeviceEvent, Events, IntegrationRevoked
 from hexa.hub.logs import printable
 
 log = logging.getLogger(__name__)
@@ -766,14 +767,21 @@ class EmbeddedBroker:
             self._broker, client_id=client_id, presence_topic=topics.HUB_STATUS.format()
         )
 
-    def attach(self, hub: Any) -> None:
-        """Close broker sessions when the hub revokes credentials."""
-        hub.registry.session_closers.append(self.close_device)
-        hub.registry.hooks.append(self._on_device_change)
-        hub.integration_closers.append(self.close_integration)
+    def attach(self, events: Events) -> None:
+        """Close broker sessions when the hub revokes credentials; forget a changed
+        device's organization."""
+        events.subscribe(DeviceCredentialsRevoked, self._on_device_revoked)
+        events.subscribe(DeviceEvent, self._on_device_change)
+        events.subscribe(IntegrationRevoked, self._on_integration_revoked)
 
-    async def _on_device_change(self, device: Any, what: str) -> None:
-        self.gate.forget(device.device_uid)
+    async def _on_device_change(self, event: DeviceEvent) -> None:
+        self.gate.forget(event.device.device_uid)
+
+    async def _on_device_revoked(self, event: DeviceCredentialsRevoked) -> None:
+        await self.close_device(event.uid)
+
+    async def _on_integration_revoked(self, event: IntegrationRevoked) -> None:
+        await self.close_integration(event.token_id)
 
     async def close_device(self, uid: str) -> None:
         self.gate.forget(uid)

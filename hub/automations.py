@@ -36,6 +36,7 @@ from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike
 from hexa.hub.commands import Commands
 from hexa.hub.errors import BusUnavailable, NotFound, ValidationFailed
+from hexa.hub.events import DeviceOnline, Events, InputEvent, PresenceEvent
 from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Automation, AutomationRun, Device
@@ -216,8 +217,23 @@ class Engine:
         """Reload rules on the next event (after a change through the API)."""
         self._rules_loaded = 0.0
 
-    async def on_event(self, name: str, device: DeviceInfo, data: dict[str, Any]) -> None:
-        """Presence listener: queue the event; evaluation never blocks device traffic."""
+    def subscribe(self, events: Events) -> None:
+        """Hear devices come and go and their inputs (for the rest of the process)."""
+        events.subscribe(PresenceEvent, self._on_presence)
+        events.subscribe(InputEvent, self._on_input)
+
+    async def _on_presence(self, e: PresenceEvent) -> None:
+        name = "device_online" if isinstance(e, DeviceOnline) else "device_offline"
+        await self._queue_event(name, e.device, {})
+
+    async def _on_input(self, e: InputEvent) -> None:
+        data: dict[str, Any] = {"input_index": e.input_index, "event": e.event}
+        if e.duration_ms is not None:
+            data["duration_ms"] = e.duration_ms
+        await self._queue_event("input_event", e.device, data)
+
+    async def _queue_event(self, name: str, device: DeviceInfo, data: dict[str, Any]) -> None:
+        """Queue an event; evaluation never blocks device traffic."""
         try:
             self._queue.put_nowait((name, device, data, time.monotonic()))
         except asyncio.QueueFull:

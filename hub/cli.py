@@ -314,9 +314,11 @@ async def serve(
     """Run one hub until SIGINT/SIGTERM (or until ``info['server'].should_exit``)."""
     import uvicorn
 
+    import hexa.bridges as bridges
     from hexa.api.app import create_app
+    from hexa.api.app import services as api_services
     from hexa.api.http_protocol import http_protocol
-    from hexa.api.middleware import purge_idempotency_forever, purge_idempotency_records
+    from hexa.api.middleware import purge_idempotency_records
     from hexa.broker.server import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.bus import BrokerAddress
@@ -369,10 +371,9 @@ async def serve(
                 bus = broker.local_bus(f"hexa-hub-{instance}")
             hub = Hub(settings, address, instance=instance, bus=bus)
             if broker is not None:
-                broker.attach(hub)
+                broker.attach(hub.events)
                 hub.mqtt_port, hub.mqtt_tls_port = broker.port, broker.tls_port
             hub.http_port = http_sock.getsockname()[1]
-            hub.services.append(purge_idempotency_forever)
             await hub.prepare()
             app = create_app(hub)
             config = uvicorn.Config(
@@ -403,7 +404,11 @@ async def serve(
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
             async with anyio.create_task_group() as tg:
-                await hub.start(tg, wait_for_bus=broker is not None)
+                await hub.start(
+                    tg,
+                    extensions=[*api_services(app), *bridges.enabled(hub)],
+                    wait_for_bus=broker is not None,
+                )
                 print(
                     f"hexa {__version__}: HTTP on http://{settings.http_host}:{hub.http_port} "
                     f"(docs at /docs), MQTT on {address.host}:{address.port}"

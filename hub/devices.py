@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tortoise.exceptions import IntegrityError
@@ -14,13 +13,15 @@ from hexa.hub import catalog
 from hexa.hub.access import Principal
 from hexa.hub.audit import AuditLog
 from hexa.hub.errors import Conflict, NotFound, ValidationFailed
+from hexa.hub.events import (
+    DeviceClaimed,
+    DeviceCredentialsRevoked,
+    DeviceDeleted,
+    DeviceReleased,
+    Events,
+)
 from hexa.hub.security import new_token, token_hash, utcnow
 from hexa.models import Area, Device, DeviceInput, Organization, RelayState, Site
-
-#: called with a device uid whenever its credentials stop being valid
-SessionCloser = Callable[[str], Awaitable[None]]
-#: called with a device after it was claimed, released or deleted
-DeviceHook = Callable[[Device, str], Awaitable[None]]
 
 _CLAIM_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 
@@ -49,10 +50,9 @@ class Registry:
     Every change made for a principal is audited (source ``api``) with the request id.
     """
 
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog, events: Events) -> None:
         self.audit = audit
-        self.session_closers: list[SessionCloser] = []
-        self.hooks: list[DeviceHook] = []
+        self.events = events
 
     async def _audit(
         self,
@@ -75,12 +75,7 @@ class Registry:
         )
 
     async def _close_sessions(self, uid: str) -> None:
-        for close in self.session_closers:
-            await close(uid)
-
-    async def _notify(self, device: Device, what: str) -> None:
-        for hook in self.hooks:
-            await hook(device, what)
+        await self.events.publish(DeviceCredentialsRevoked(uid))
 
     async def provision(
         self, model: str, serial: str | None, fw_version: str | None
@@ -162,7 +157,7 @@ class Registry:
                 token = new_token("hxd_")
                 await Device.filter(id=device.id).update(token_hash=token_hash(token))
         device = await Device.get(id=device.id)
-        await self._notify(device, "claimed")
+        await self.events.publish(DeviceClaimed(device))
         await self._audit(principal, "device_claimed", device, org_id, request_id)
         return device, token
 
@@ -270,7 +265,7 @@ class Registry:
             token_hash=RELEASED + secrets.token_hex(24),
         )
         device = await Device.get(id=device.id)
-        await self._notify(device, "released")
+        await self.events.publish(DeviceReleased(device))
         await self._close_sessions(device.device_uid)
         await self._audit(principal, "device_released", device, org_id, request_id)
         return device
@@ -282,7 +277,7 @@ class Registry:
         await Device.filter(id=device.id).update(
             deleted_at=utcnow(), token_hash=token_hash(new_token()), claim_code_hash=None
         )
-        await self._notify(device, "deleted")
+        await self.events.publish(DeviceDeleted(device))
         await self._close_sessions(device.device_uid)
         await self._audit(principal, "device_deleted", device, device.org_id, request_id)
 

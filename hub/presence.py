@@ -15,14 +15,12 @@ from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.events import DeviceOffline, DeviceOnline, Events, InputEvent
 from hexa.hub.relay import RelayService
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
-
-#: (event name, device, data): "device_online", "device_offline", "input_event"
-EventListener = Callable[[str, DeviceInfo, dict[str, Any]], Awaitable[None]]
 
 #: messages of one device waiting to be handled; beyond this the device is flooding
 LANE_LIMIT = 256
@@ -87,13 +85,18 @@ class Presence:
     """Keeps ``online``/``last_seen_at`` current and ingests reports and input events."""
 
     def __init__(
-        self, bus: BusLike, cache: DeviceCache, relay: RelayService, audit: AuditLog
+        self,
+        bus: BusLike,
+        cache: DeviceCache,
+        relay: RelayService,
+        audit: AuditLog,
+        events: Events,
     ) -> None:
         self.bus = bus
         self.audit = audit
         self.cache = cache
         self.relay = relay
-        self.listeners: list[EventListener] = []
+        self.events = events
         self._lanes = _Lanes()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -132,13 +135,6 @@ class Presence:
         """At start nobody is connected yet: devices come back online as they connect."""
         await Device.filter(online=True).update(online=False)
 
-    async def _emit(self, name: str, device: DeviceInfo, data: dict[str, Any]) -> None:
-        for listener in self.listeners:
-            try:
-                await listener(name, device, data)
-            except Exception:
-                log.exception("presence listener failed on %s", name)
-
     async def set_online(self, device: DeviceInfo, online: bool) -> None:
         if device.online == online:
             await self.cache.touch(device)
@@ -157,7 +153,7 @@ class Presence:
                 device_id=device.id,
                 org_id=device.org_id,
             )
-        await self._emit(name, device, {})
+        await self.events.publish(DeviceOnline(device) if online else DeviceOffline(device))
 
     async def _on_availability(self, uid: str, msg: Message) -> None:
         try:
@@ -231,4 +227,6 @@ class Presence:
             )
         except BusUnavailable:
             log.warning("input event of %s not republished: bus down", uid)
-        await self._emit("input_event", device, {"input_index": event.input_index, **payload})
+        await self.events.publish(
+            InputEvent(device, event.input_index, event.event, event.duration_ms)
+        )

@@ -83,6 +83,7 @@ class RelayService:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self._writer.run)
             await self.bus.subscribe(topics.RELAY_SET.filter(), self._on_intent)
             await self.bus.subscribe(topics.RELAYS_SET.filter(), self._on_intent)
             await self.bus.subscribe(topics.ACK.filter(), self._on_ack)

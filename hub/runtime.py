@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -20,16 +20,21 @@ from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
 from hexa.hub.devices import Registry
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.events import (
+    DeviceClaimed,
+    DeviceDeleted,
+    DeviceEvent,
+    Events,
+    IntegrationRevoked,
+)
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
 from hexa.hub.schedules import Scheduler
 from hexa.hub.state import DeviceCache
-from hexa.models import Automation, Device, Schedule
+from hexa.models import Automation, Schedule
 
 log = logging.getLogger(__name__)
 
-Starter = Callable[[], Awaitable[None]]
-Closer = Callable[[str], Awaitable[None]]
 #: a long-running service: ``async def run(*, task_status)``, started with ``tg.start``
 Service = Callable[..., Coroutine[Any, Any, None]]
 
@@ -57,13 +62,15 @@ class Hub:
         #: an MQTT client unless the composition root attaches the hub in-process
         self.bus: BusLike = bus or Bus(bus_address, client_id=f"hexa-hub-{instance}")
         self.audit = AuditLog()
-        self.registry = Registry(self.audit)
+        #: typed in-process events (device lifecycle, presence, inputs, revocations)
+        self.events = Events()
+        self.registry = Registry(self.audit, self.events)
         seal = topics.seal_key(settings.jwt_secret or "")
         self.relay = RelayService(
             self.bus, self.cache, self.audit, timeout_s=settings.command_timeout_s, seal_key=seal
         )
         self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s, seal_key=seal)
-        self.presence = Presence(self.bus, self.cache, self.relay, self.audit)
+        self.presence = Presence(self.bus, self.cache, self.relay, self.audit, self.events)
         self.scheduler = Scheduler(
             self.commands,
             self.audit,
@@ -71,18 +78,12 @@ class Hub:
             grace_s=settings.scheduler_grace_s,
         )
         self.automations = Engine(self.commands, self.cache, self.bus, self.audit)
-        self.presence.listeners.append(self.automations.on_event)
-        #: run once the bus is connected (the API's gateways subscribe here)
-        self.starters: list[Starter] = []
-        #: started after the starters, in the hub's task group (the API's long-lived loops)
-        self.services: list[Service] = []
-        #: close an integration's broker sessions by its MQTT username
-        self.integration_closers: list[Closer] = []
+        self.automations.subscribe(self.events)
         self.mqtt_port: int | None = None
         self.mqtt_tls_port: int | None = None
         self.http_port: int | None = None
-        self.registry.hooks.append(self._on_device_change)
-        self.registry.hooks.append(self._rules_follow_device)
+        self.events.subscribe(DeviceEvent, self._on_device_change)
+        self.events.subscribe(DeviceEvent, self._rules_follow_device)
 
     async def prepare(self) -> None:
         """Database-side start-up: presence reset, bootstrap admin."""
@@ -91,9 +92,18 @@ class Hub:
         if admin is not None:
             log.info("bootstrap admin %s ready", admin.email)
 
-    async def start(self, tg: TaskGroup, *, wait_for_bus: bool = True) -> None:
-        """Start the services in order: bus → relay service → presence → gateways."""
+    async def start(
+        self,
+        tg: TaskGroup,
+        *,
+        extensions: Sequence[Service] = (),
+        wait_for_bus: bool = True,
+    ) -> None:
+        """Start the services in order: audit → bus → relay service → presence → scheduler
+        → automations → ``extensions`` (the API's gateways, bridges), each in ``tg`` and
+        each ready when the next starts."""
         await tg.start(self.audit.run)
+        await tg.start(self.cache.run)
         if wait_for_bus:
             await tg.start(self.bus.run)
         else:
@@ -103,14 +113,13 @@ class Hub:
         await tg.start(self.presence.run)
         await tg.start(self.scheduler.run)
         await tg.start(self.automations.run)
-        for start in self.starters:
-            await start()
-        for service in self.services:
-            await tg.start(service)
+        for run in extensions:
+            await tg.start(run)
 
-    async def _on_device_change(self, device: Device, what: str) -> None:
+    async def _on_device_change(self, event: DeviceEvent) -> None:
+        device = event.device
         self.cache.forget(device.device_uid)
-        if what == "deleted":
+        if isinstance(event, DeviceDeleted):
             for index in range(device.relay_count):
                 await self._clear_retained(
                     topics.RELAY_STATE.format(uid=device.device_uid, index=index)
@@ -118,10 +127,11 @@ class Hub:
             await self._clear_retained(topics.STATE.format(uid=device.device_uid))
             await self._clear_retained(topics.AVAILABILITY.format(uid=device.device_uid))
 
-    async def _rules_follow_device(self, device: Device, what: str) -> None:
+    async def _rules_follow_device(self, event: DeviceEvent) -> None:
         """A claimed switch gets the default hold rule; a device that leaves its organization
         disables the schedules and automations that use it."""
-        if what == "claimed":
+        device = event.device
+        if isinstance(event, DeviceClaimed):
             spec = catalog.lookup(device.model)
             if spec is not None and spec.default_hold_rule:
                 await Automation.create(
@@ -192,16 +202,11 @@ class Hub:
         await self.cache.touch_uid(uid)
 
     async def close_integration_sessions(self, token_id: str) -> None:
-        for close in self.integration_closers:
-            await close(token_id)
+        """An integration token was deleted: whoever holds its sessions ends them."""
+        await self.events.publish(IntegrationRevoked(token_id))
 
     async def shutdown(self) -> None:
         """Publish the hub's ``offline`` while the bus is still up."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(3):
                 await self.bus.close()
-            with anyio.move_on_after(3):
-                try:
-                    await self.cache.flush_seen()
-                except Exception:
-                    log.warning("last_seen_at not written at shutdown", exc_info=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import anyio
+from anyio.abc import TaskStatus
 from tortoise import connections
 
 from hexa.hub.security import utcnow
@@ -49,7 +51,7 @@ class DeviceCache:
         self._by_uid: dict[str, DeviceInfo] = {}
         self._online: set[str] = set()  # uids of cached devices that are online
         self._seen: dict[uuid.UUID, datetime] = {}
-        self._seen_task: asyncio.Task[None] | None = None
+        self._seen_due = asyncio.Event()
 
     def peek(self, uid: str) -> DeviceInfo | None:
         return self._by_uid.get(uid)
@@ -93,15 +95,27 @@ class DeviceCache:
             await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
             return
         self._seen[device.id] = utcnow()
-        if self._seen_task is None or self._seen_task.done():
-            self._seen_task = asyncio.create_task(self._flush_later(), name="last-seen")
+        self._seen_due.set()
 
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(SEEN_FLUSH_S)
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write pending ``last_seen_at`` values a second after the first one, for many
+        devices at once; what is pending when this stops is written before it returns."""
+        task_status.started()
         try:
-            await self.flush_seen()
-        except Exception:
-            log.warning("last_seen_at not written (retried with the next)", exc_info=True)
+            while True:
+                await self._seen_due.wait()
+                await anyio.sleep(SEEN_FLUSH_S)
+                self._seen_due.clear()
+                try:
+                    await self.flush_seen()
+                except Exception:
+                    log.warning("last_seen_at not written (retried with the next)", exc_info=True)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                try:
+                    await self.flush_seen()
+                except Exception:
+                    log.warning("last_seen_at not written at shutdown", exc_info=True)
 
     async def flush_seen(self) -> None:
         """Write the pending ``last_seen_at`` values in one statement batch."""
@@ -148,20 +162,33 @@ class StateWriter:
 
     def __init__(self) -> None:
         self._next: _Batch | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._due = asyncio.Event()
 
     async def write(
         self, device_id: uuid.UUID, relays: dict[int, bool], inputs: dict[int, bool]
     ) -> None:
+        """Join the batch being gathered; returns once it is committed (or raises)."""
         batch = self._next
         if batch is None:
             batch = self._next = _Batch()
         now, key = utcnow(), str(device_id)
         batch.relays.extend([state, now, key, index] for index, state in relays.items())
         batch.inputs.extend([state, now, key, index] for index, state in inputs.items())
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name="state-writer")
+        self._due.set()
         await asyncio.shield(batch.done)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Commit batches one after the other; a batch gathered when this stops is still
+        committed (shielded, bounded) before it returns."""
+        task_status.started()
+        try:
+            while True:
+                await self._due.wait()
+                self._due.clear()
+                await self._drain()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._drain()
 
     async def _drain(self) -> None:
         while self._next is not None:

@@ -112,10 +112,6 @@ class ClientSessions:
         self._clients: set[_Client] = set()
         self._online: dict[str, bool] = {}
         self._db_down = False
-        hub.services.append(self.run)
-
-    async def start(self) -> None:
-        """Nothing to do until a client connects (see add)."""
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

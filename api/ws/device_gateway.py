@@ -12,12 +12,14 @@ import logging
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.abc import TaskStatus
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hexa.api.ws import messages
 from hexa.hub import metrics, topics
 from hexa.hub.busapi import Message
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.events import DeviceCredentialsRevoked
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
@@ -40,9 +42,21 @@ class DeviceSessions:
         self.hub = hub
         self._sessions: dict[str, tuple[WebSocket, asyncio.Queue[bytes]]] = {}
 
-    async def start(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Route commands to the devices connected here; close those whose credentials
+        are revoked."""
         await self.hub.bus.subscribe(topics.CMD.filter(), self._on_command)
-        self.hub.registry.session_closers.append(self.close)
+        unsubscribe = self.hub.events.subscribe(DeviceCredentialsRevoked, self._on_revoked)
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            unsubscribe()
+            with anyio.CancelScope(shield=True):
+                await self.hub.bus.unsubscribe(topics.CMD.filter(), self._on_command)
+
+    async def _on_revoked(self, event: DeviceCredentialsRevoked) -> None:
+        await self.close(event.uid)
 
     async def _on_command(self, msg: Message) -> None:
         params = topics.CMD.parse(msg.topic)
