@@ -1,16 +1,30 @@
-"""Typed dependencies shared by the routers: the hub, the caller, pagination."""
+"""Typed dependencies shared by the routers: the hub, the caller, pagination, and the one
+access-checked fetch of an object by id."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hexa.api.schemas import Page
 from hexa.hub.access import Principal, load_principal
-from hexa.hub.errors import Unauthorized
+from hexa.hub.errors import NotFound, Unauthorized
 from hexa.hub.security import decode_access_token
+from hexa.models import (
+    Area,
+    Automation,
+    Device,
+    IntegrationToken,
+    Invitation,
+    Organization,
+    Schedule,
+    Site,
+)
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
@@ -42,7 +56,11 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-class Page:
+T = TypeVar("T")
+M = TypeVar("M")
+
+
+class Paging:
     """``?limit=`` (1-100, default 20) and ``&offset=``."""
 
     def __init__(
@@ -62,29 +80,93 @@ class Page:
         )
         return list(rows), total
 
-    async def of(self, query: Any, view: Callable[[Any], Any], *order: str) -> dict[str, Any]:
+    async def of(self, query: Any, view: Callable[[Any], T], *order: str) -> Page[T]:
         """The list response for a queryset, each row rendered with ``view``."""
         rows, total = await self.rows(query, *order)
         return self.wrap([view(r) for r in rows], total)
 
-    def wrap(self, items: list[Any], total: int) -> dict[str, Any]:
-        return {
-            "items": items,
-            "total": total,
-            "limit": self.limit,
-            "offset": self.offset,
-            "has_next": self.offset + len(items) < total,
-            "has_prev": self.offset > 0,
-        }
+    def wrap(self, items: Sequence[T], total: int) -> Page[T]:
+        return Page(
+            items=list(items),
+            total=total,
+            limit=self.limit,
+            offset=self.offset,
+            has_next=self.offset + len(items) < total,
+            has_prev=self.offset > 0,
+        )
 
 
-PageDep = Annotated[Page, Depends()]
+PageDep = Annotated[Paging, Depends()]
 
 
 def in_visible_orgs(query: Any, principal: Principal, field: str = "org_id") -> Any:
     """Narrow a queryset to the caller's organizations (platform admins: everything)."""
     visible = principal.visible_org_ids()
     return query if visible is None else query.filter(**{f"{field}__in": visible})
+
+
+@dataclass(frozen=True)
+class Scope(Generic[M]):
+    """How to find one kind of tenant-owned object by id, and whose it is."""
+
+    #: the name 404 and 403 answers give the object ("site not found")
+    kind: str
+    #: the live object with this id, or None (soft-deleted ones and orphans are None)
+    find: Callable[[uuid.UUID], Awaitable[M | None]]
+    #: the organization the object belongs to
+    org_of: Callable[[M], uuid.UUID | None]
+
+
+ORGANIZATION = Scope[Organization](
+    "organization", lambda i: Organization.get_or_none(id=i, deleted_at=None), lambda o: o.id
+)
+SITE = Scope[Site](
+    "site",
+    lambda i: Site.get_or_none(id=i, deleted_at=None, org__deleted_at__isnull=True),
+    lambda s: s.org_id,
+)
+AREA = Scope[Area](
+    "area",
+    lambda i: Area.get_or_none(
+        id=i, deleted_at=None, site__deleted_at__isnull=True
+    ).prefetch_related("site"),
+    lambda a: a.site.org_id,
+)
+#: claimed devices only: an unclaimed device belongs to nobody yet
+DEVICE = Scope[Device](
+    "device",
+    lambda i: Device.get_or_none(id=i, deleted_at=None, org_id__isnull=False),
+    lambda d: d.org_id,
+)
+SCHEDULE = Scope[Schedule]("schedule", lambda i: Schedule.get_or_none(id=i), lambda s: s.org_id)
+AUTOMATION = Scope[Automation](
+    "automation", lambda i: Automation.get_or_none(id=i), lambda a: a.org_id
+)
+INTEGRATION_TOKEN = Scope[IntegrationToken](
+    "integration token", lambda i: IntegrationToken.get_or_none(id=i), lambda t: t.org_id
+)
+#: with its ``org`` fetched (the invitation's view names it)
+INVITATION = Scope[Invitation](
+    "invitation",
+    lambda i: Invitation.get_or_none(id=i, org__deleted_at__isnull=True).prefetch_related("org"),
+    lambda v: v.org_id,
+)
+
+
+async def fetch(scope: Scope[M], object_id: uuid.UUID, principal: Principal, action: str) -> M:
+    """The object, if the caller may perform ``action`` on it (an action of
+    ``hexa.hub.access.PERMISSIONS``).
+
+    404 ``not_found`` when it does not exist or belongs to an organization the caller is
+    not in (the hub never confirms another tenant's object exists); 403 ``forbidden``
+    when the caller sees it but their role is too low for ``action``.
+    """
+    found = await scope.find(object_id)
+    org_id = None if found is None else scope.org_of(found)
+    if found is None or not principal.can_see(org_id):
+        raise NotFound(scope.kind)
+    principal.require(org_id, action, kind=scope.kind)
+    return found
 
 
 def client_address(request: Request) -> str | None:

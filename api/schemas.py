@@ -6,7 +6,7 @@ import json
 import math
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Request
@@ -15,7 +15,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     StrictBool,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -28,6 +30,7 @@ from hexa.models import (
     Device,
     DeviceInput,
     Invitation,
+    Membership,
     Organization,
     RelayState,
     Site,
@@ -228,88 +231,307 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def org_view(org: Organization) -> dict[str, Any]:
-    return {"id": str(org.id), "name": org.name, "created_at": iso(org.created_at)}
+# --- response models -------------------------------------------------------------------
+# Every route answers one of these, so /openapi.json types every body. Field order is
+# the order of the keys in the JSON.
+
+#: a UTC time, written ISO-8601 with ``Z`` (as :func:`iso` writes it)
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(iso, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+RoleName = Literal["viewer", "operator", "manager", "admin", "owner"]
+InvitationStatus = Literal["pending", "accepted", "declined", "revoked", "expired"]
+
+T = TypeVar("T")
 
 
-def invitation_view(invitation: Invitation) -> dict[str, Any]:
+class Page(BaseModel, Generic[T]):
+    """One page of a list, ordered by creation unless the route says otherwise."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    has_next: bool
+    has_prev: bool
+
+
+class OrganizationPublic(BaseModel):
+    id: uuid.UUID
+    name: str
+    created_at: Timestamp
+
+
+class SitePublic(BaseModel):
+    id: uuid.UUID
+    org_id: uuid.UUID
+    name: str
+    location: str | None
+    timezone: str
+    metadata: dict[str, Any]
+    created_at: Timestamp
+
+
+class AreaPublic(BaseModel):
+    id: uuid.UUID
+    site_id: uuid.UUID
+    name: str
+    metadata: dict[str, Any]
+    created_at: Timestamp
+
+
+class MemberPublic(BaseModel):
+    """A member of an organization."""
+
+    user_id: uuid.UUID
+    email: str
+    role: RoleName
+    org_id: uuid.UUID
+    created_at: Timestamp
+
+
+class InvitationPublic(BaseModel):
+    """An invitation; a pending one past ``expires_at`` reads ``expired``."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    org_name: str
+    email: str
+    role: RoleName
+    status: InvitationStatus
+    expires_at: Timestamp
+    created_at: Timestamp
+
+
+class UserPublic(BaseModel):
+    """A user account: never a password or token hash."""
+
+    id: uuid.UUID
+    email: str
+    role: Literal["admin", "user"]
+    is_active: bool
+    created_at: Timestamp
+
+
+class MembershipSummary(BaseModel):
+    org_id: uuid.UUID
+    org_name: str
+    role: RoleName
+
+
+class Me(BaseModel):
+    """The caller's account and organizations."""
+
+    id: uuid.UUID
+    email: str
+    role: Literal["admin", "user"]
+    is_active: bool
+    memberships: list[MembershipSummary]
+    created_at: Timestamp
+
+
+class TokenPairPublic(BaseModel):
+    """A login: the user, a short-lived access token and a single-use refresh token."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    user: UserPublic
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 (the scheme's name, no secret)
+    expires_in: int = Field(description="seconds until the access token expires")
+
+
+class RelayPublic(BaseModel):
+    index: int
+    name: str | None
+    state: bool
+
+
+class InputPublic(BaseModel):
+    index: int
+    name: str | None
+    mode: str
+    state: bool
+
+
+class DevicePublic(BaseModel):
+    id: uuid.UUID
+    device_uid: str
+    model: str
+    device_class: str
+    name: str | None
+    org_id: uuid.UUID | None
+    site_id: uuid.UUID | None
+    area_id: uuid.UUID | None
+    relay_count: int
+    input_count: int
+    relays: list[RelayPublic]
+    inputs: list[InputPublic]
+    online: bool
+    last_seen_at: Timestamp | None
+    fw_version: str | None
+    serial: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class ClaimedDevice(DevicePublic):
+    """The claimed device; ``device_token`` only for a device released before (shown once)."""
+
+    device_token: str | None = Field(
+        default=None,
+        exclude_if=lambda token: token is None,
+        description="the device's new token, to install on it: present only when the "
+        "device was released before",
+    )
+
+
+class MqttEndpoint(BaseModel):
+    host: str
+    port: int | None
+    tls_port: int | None
+
+
+class ProvisionedDevice(BaseModel):
+    """A new device: its token and claim code are shown only here."""
+
+    id: uuid.UUID
+    device_uid: str
+    device_token: str
+    claim_code: str
+    model: str
+    relay_count: int
+    input_count: int
+    mqtt: MqttEndpoint
+    ws_url: str
+
+
+class DeviceToken(BaseModel):
+    device_token: str
+
+
+class DeviceStatePublic(BaseModel):
+    relays: list[bool]
+    inputs: list[bool]
+    online: bool
+    last_seen_at: Timestamp | None
+
+
+class CommandResult(BaseModel):
+    """A relay command the device acknowledged."""
+
+    device_id: uuid.UUID
+    relays: list[bool]
+    latency_ms: float
+    command_id: str
+
+
+def org_view(org: Organization) -> OrganizationPublic:
+    return OrganizationPublic(id=org.id, name=org.name, created_at=org.created_at)
+
+
+def invitation_view(invitation: Invitation) -> InvitationPublic:
     """An invitation (its ``org`` fetched); a pending one past ``expires_at`` reads expired."""
     status = invitation.status
     if status == "pending" and invitation.expires_at <= utcnow():
         status = "expired"
+    return InvitationPublic.model_validate(
+        {
+            "id": invitation.id,
+            "org_id": invitation.org_id,
+            "org_name": invitation.org.name,
+            "email": invitation.email,
+            "role": invitation.role,
+            "status": status,
+            "expires_at": invitation.expires_at,
+            "created_at": invitation.created_at,
+        }
+    )
+
+
+def member_view(membership: Membership) -> MemberPublic:
+    """A membership (its ``user`` fetched)."""
+    return MemberPublic.model_validate(
+        {
+            "user_id": membership.user.id,
+            "email": membership.user.email,
+            "role": membership.role,
+            "org_id": membership.org_id,
+            "created_at": membership.created_at,
+        }
+    )
+
+
+def site_view(site: Site) -> SitePublic:
+    return SitePublic(
+        id=site.id,
+        org_id=site.org_id,
+        name=site.name,
+        location=site.location,
+        timezone=site.timezone,
+        metadata=site.metadata or {},
+        created_at=site.created_at,
+    )
+
+
+def area_view(area: Area) -> AreaPublic:
+    return AreaPublic(
+        id=area.id,
+        site_id=area.site_id,
+        name=area.name,
+        metadata=area.metadata or {},
+        created_at=area.created_at,
+    )
+
+
+def user_view(user: User) -> UserPublic:
+    return UserPublic.model_validate(
+        {
+            "id": user.id,
+            "email": user.email,
+            "role": user.role,
+            "is_active": user.is_active,
+            "created_at": user.created_at,
+        }
+    )
+
+
+def device_fields(
+    device: Device, relays: list[RelayState], inputs: list[DeviceInput]
+) -> dict[str, Any]:
+    """The fields of a device resource (:class:`DevicePublic` and its extensions)."""
     return {
-        "id": str(invitation.id),
-        "org_id": str(invitation.org_id),
-        "org_name": invitation.org.name,
-        "email": invitation.email,
-        "role": invitation.role,
-        "status": status,
-        "expires_at": iso(invitation.expires_at),
-        "created_at": iso(invitation.created_at),
-    }
-
-
-def site_view(site: Site) -> dict[str, Any]:
-    return {
-        "id": str(site.id),
-        "org_id": str(site.org_id),
-        "name": site.name,
-        "location": site.location,
-        "timezone": site.timezone,
-        "metadata": site.metadata or {},
-        "created_at": iso(site.created_at),
-    }
-
-
-def area_view(area: Area) -> dict[str, Any]:
-    return {
-        "id": str(area.id),
-        "site_id": str(area.site_id),
-        "name": area.name,
-        "metadata": area.metadata or {},
-        "created_at": iso(area.created_at),
-    }
-
-
-def user_view(user: User) -> dict[str, Any]:
-    return {
-        "id": str(user.id),
-        "email": user.email,
-        "role": user.role,
-        "is_active": user.is_active,
-        "created_at": iso(user.created_at),
+        "id": device.id,
+        "device_uid": device.device_uid,
+        "model": device.model,
+        "device_class": device.device_class,
+        "name": device.name,
+        "org_id": device.org_id,
+        "site_id": device.site_id,
+        "area_id": device.area_id,
+        "relay_count": device.relay_count,
+        "input_count": device.input_count,
+        "relays": [
+            RelayPublic(index=r.index, name=r.name, state=r.state)
+            for r in sorted(relays, key=lambda r: r.index)
+        ],
+        "inputs": [
+            InputPublic(index=i.index, name=i.name, mode=i.mode, state=i.state)
+            for i in sorted(inputs, key=lambda i: i.index)
+        ],
+        "online": device.online,
+        "last_seen_at": device.last_seen_at,
+        "fw_version": device.fw_version,
+        "serial": device.serial,
+        "created_at": device.created_at,
+        "updated_at": device.updated_at,
     }
 
 
 def device_view(
     device: Device, relays: list[RelayState], inputs: list[DeviceInput]
-) -> dict[str, Any]:
-    def opt(value: Any) -> str | None:
-        return None if value is None else str(value)
-
-    return {
-        "id": str(device.id),
-        "device_uid": device.device_uid,
-        "model": device.model,
-        "device_class": device.device_class,
-        "name": device.name,
-        "org_id": opt(device.org_id),
-        "site_id": opt(device.site_id),
-        "area_id": opt(device.area_id),
-        "relay_count": device.relay_count,
-        "input_count": device.input_count,
-        "relays": [
-            {"index": r.index, "name": r.name, "state": r.state}
-            for r in sorted(relays, key=lambda r: r.index)
-        ],
-        "inputs": [
-            {"index": i.index, "name": i.name, "mode": i.mode, "state": i.state}
-            for i in sorted(inputs, key=lambda i: i.index)
-        ],
-        "online": device.online,
-        "last_seen_at": iso(device.last_seen_at),
-        "fw_version": device.fw_version,
-        "serial": device.serial,
-        "created_at": iso(device.created_at),
-        "updated_at": iso(device.updated_at),
-    }
+) -> DevicePublic:
+    return DevicePublic.model_validate(device_fields(device, relays, inputs))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from fastapi import APIRouter
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep
-from hexa.api.schemas import UserPatch, user_view
+from hexa.api.schemas import Page, UserPatch, UserPublic, user_view
 from hexa.hub.access import Principal
 from hexa.hub.errors import Conflict, NotFound
 from hexa.models import User
@@ -22,7 +21,7 @@ def _require_platform_admin(principal: Principal) -> None:
 
 
 @router.get("/users")
-async def list_users(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+async def list_users(principal: PrincipalDep, page: PageDep) -> Page[UserPublic]:
     _require_platform_admin(principal)
     return await page.of(User.all(), user_view)
 
@@ -30,7 +29,7 @@ async def list_users(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
 @router.patch("/users/{user_id}")
 async def patch_user(
     user_id: uuid.UUID, body: UserPatch, principal: PrincipalDep, hub: HubDep
-) -> dict[str, Any]:
+) -> UserPublic:
     """Activate or deactivate a user, or change their platform role."""
     _require_platform_admin(principal)
     user = await User.get_or_none(id=user_id)

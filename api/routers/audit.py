@@ -7,9 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel
 
 from hexa.api.deps import PageDep, PrincipalDep, in_visible_orgs
-from hexa.api.schemas import iso
+from hexa.api.schemas import Page, Timestamp
 from hexa.hub.audit import SOURCES
 from hexa.hub.errors import ValidationFailed
 from hexa.models import AuditEntry
@@ -17,24 +18,38 @@ from hexa.models import AuditEntry
 router = APIRouter(tags=["audit"])
 
 
-def _view(e: AuditEntry) -> dict[str, Any]:
-    def opt(value: Any) -> str | None:
-        return None if value is None else str(value)
+class AuditEntryPublic(BaseModel):
+    """One change: who (actor), through what (source), what (action), on what, when."""
 
-    return {
-        "id": str(e.id),
-        "at": iso(e.at),
-        "org_id": opt(e.org_id),
-        "actor_type": e.actor_type,
-        "actor_id": e.actor_id,
-        "source": e.source,
-        "action": e.action,
-        "device_id": opt(e.device_id),
-        "details": e.details or {},
-        "automation_id": opt(e.automation_id),
-        "schedule_id": opt(e.schedule_id),
-        "request_id": e.request_id,
-    }
+    id: uuid.UUID
+    at: Timestamp
+    org_id: uuid.UUID | None
+    actor_type: str
+    actor_id: str | None
+    source: str
+    action: str
+    device_id: uuid.UUID | None
+    details: dict[str, Any]
+    automation_id: uuid.UUID | None
+    schedule_id: uuid.UUID | None
+    request_id: str | None
+
+
+def _view(e: AuditEntry) -> AuditEntryPublic:
+    return AuditEntryPublic(
+        id=e.id,
+        at=e.at,
+        org_id=e.org_id,
+        actor_type=e.actor_type,
+        actor_id=e.actor_id,
+        source=e.source,
+        action=e.action,
+        device_id=e.device_id,
+        details=e.details or {},
+        automation_id=e.automation_id,
+        schedule_id=e.schedule_id,
+        request_id=e.request_id,
+    )
 
 
 @router.get("/audit")
@@ -50,7 +65,7 @@ async def list_audit(
     automation_id: uuid.UUID | None = None,
     schedule_id: uuid.UUID | None = None,
     request_id: Annotated[str | None, Query(max_length=128)] = None,
-) -> dict[str, Any]:
+) -> Page[AuditEntryPublic]:
     """Newest first. Entries of organizations the caller is not in are never returned."""
     if source is not None and source not in SOURCES:
         raise ValidationFailed(

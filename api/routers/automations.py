@@ -6,14 +6,22 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Response
-from pydantic import Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
-from hexa.api.schemas import Body, Name, iso
+from hexa.api.deps import (
+    AUTOMATION,
+    DEVICE,
+    HubDep,
+    PageDep,
+    PrincipalDep,
+    fetch,
+    in_visible_orgs,
+)
+from hexa.api.schemas import Body, Name, Page, Timestamp
 from hexa.hub.access import Principal
 from hexa.hub.automations import validate_rule
 from hexa.hub.errors import NotFound, ValidationFailed
-from hexa.models import Automation, AutomationRun, Device
+from hexa.models import Automation, AutomationRun
 
 router = APIRouter(tags=["automations"])
 
@@ -41,24 +49,54 @@ class AutomationPatch(Body):
     dedupe_window_ms: Dedupe | None = None
 
 
-def view(a: Automation) -> dict[str, Any]:
-    return {
-        "id": str(a.id),
-        "org_id": str(a.org_id),
-        "device_id": None if a.device_id is None else str(a.device_id),
-        "name": a.name,
-        "enabled": a.enabled,
-        "trigger": a.trigger,
-        "conditions": a.conditions,
-        "actions": a.actions,
-        "cooldown_s": a.cooldown_s,
-        "dedupe_window_ms": a.dedupe_window_ms,
-        "is_default": a.is_default,
-        "last_fired_at": iso(a.last_fired_at),
-        "fire_count": a.fire_count,
-        "created_at": iso(a.created_at),
-        "updated_at": iso(a.updated_at),
-    }
+class AutomationPublic(BaseModel):
+    """A rule; ``trigger``, ``conditions`` and ``actions`` as in docs/automation.md."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    device_id: uuid.UUID | None
+    name: str
+    enabled: bool
+    trigger: dict[str, Any]
+    conditions: list[dict[str, Any]]
+    actions: list[dict[str, Any]]
+    cooldown_s: int
+    dedupe_window_ms: int
+    is_default: bool
+    last_fired_at: Timestamp | None
+    fire_count: int
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class AutomationRunPublic(BaseModel):
+    """One evaluation of a rule: fired, skipped or suppressed, with its results."""
+
+    id: uuid.UUID
+    at: Timestamp
+    outcome: str
+    event: dict[str, Any]
+    results: list[dict[str, Any]]
+
+
+def view(a: Automation) -> AutomationPublic:
+    return AutomationPublic(
+        id=a.id,
+        org_id=a.org_id,
+        device_id=a.device_id,
+        name=a.name,
+        enabled=a.enabled,
+        trigger=a.trigger,
+        conditions=a.conditions,
+        actions=a.actions,
+        cooldown_s=a.cooldown_s,
+        dedupe_window_ms=a.dedupe_window_ms,
+        is_default=a.is_default,
+        last_fired_at=a.last_fired_at,
+        fire_count=a.fire_count,
+        created_at=a.created_at,
+        updated_at=a.updated_at,
+    )
 
 
 async def _org_of_trigger(principal: Principal, trigger: dict[str, Any]) -> uuid.UUID:
@@ -69,19 +107,9 @@ async def _org_of_trigger(principal: Principal, trigger: dict[str, Any]) -> uuid
         raise ValidationFailed(
             "trigger.device_id must be a device id", details={"field": "trigger.device_id"}
         ) from None
-    device = await Device.get_or_none(id=device_id, deleted_at=None)
-    if device is None or device.org_id is None or not principal.can_see(device.org_id):
-        raise NotFound("device")
-    principal.require(device.org_id, "manage_automations", kind="device")
+    device = await fetch(DEVICE, device_id, principal, "manage_automations")
+    assert device.org_id is not None  # DEVICE finds claimed devices only
     return device.org_id
-
-
-async def _automation(principal: Principal, automation_id: uuid.UUID, action: str) -> Automation:
-    rule = await Automation.get_or_none(id=automation_id)
-    if rule is None or not principal.can_see(rule.org_id):
-        raise NotFound("automation")
-    principal.require(rule.org_id, action, kind="automation")
-    return rule
 
 
 @router.get("/automations")
@@ -90,7 +118,7 @@ async def list_automations(
     page: PageDep,
     device_id: uuid.UUID | None = None,
     enabled: bool | None = None,
-) -> dict[str, Any]:
+) -> Page[AutomationPublic]:
     query = in_visible_orgs(Automation.all(), principal)
     if device_id is not None:
         query = query.filter(device_id=device_id)
@@ -102,7 +130,7 @@ async def list_automations(
 @router.post("/automations", status_code=201)
 async def create_automation(
     body: AutomationCreate, principal: PrincipalDep, hub: HubDep
-) -> dict[str, Any]:
+) -> AutomationPublic:
     org_id = await _org_of_trigger(principal, body.trigger)
     trigger, conditions, actions = await validate_rule(
         org_id, body.trigger, body.conditions, body.actions
@@ -123,15 +151,15 @@ async def create_automation(
 
 
 @router.get("/automations/{automation_id}")
-async def get_automation(automation_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
-    return view(await _automation(principal, automation_id, "read"))
+async def get_automation(automation_id: uuid.UUID, principal: PrincipalDep) -> AutomationPublic:
+    return view(await fetch(AUTOMATION, automation_id, principal, "read"))
 
 
 @router.patch("/automations/{automation_id}")
 async def patch_automation(
     automation_id: uuid.UUID, body: AutomationPatch, principal: PrincipalDep, hub: HubDep
-) -> dict[str, Any]:
-    rule = await _automation(principal, automation_id, "manage_automations")
+) -> AutomationPublic:
+    rule = await fetch(AUTOMATION, automation_id, principal, "manage_automations")
     changes = body.changes()
     trigger = changes.get("trigger", rule.trigger)
     if "trigger" in changes and await _org_of_trigger(principal, trigger) != rule.org_id:
@@ -154,7 +182,7 @@ async def patch_automation(
 async def delete_automation(
     automation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
 ) -> Response:
-    rule = await _automation(principal, automation_id, "manage_automations")
+    rule = await fetch(AUTOMATION, automation_id, principal, "manage_automations")
     await rule.delete()
     hub.automations.invalidate()
     return Response(status_code=204)
@@ -163,18 +191,12 @@ async def delete_automation(
 @router.get("/automations/{automation_id}/runs")
 async def list_runs(
     automation_id: uuid.UUID, principal: PrincipalDep, page: PageDep
-) -> dict[str, Any]:
+) -> Page[AutomationRunPublic]:
     """The rule's evaluations, newest first: fired, skipped or suppressed, with results."""
-    rule = await _automation(principal, automation_id, "read")
+    rule = await fetch(AUTOMATION, automation_id, principal, "read")
     rows, total = await page.rows(AutomationRun.filter(automation_id=rule.id), "-at", "-id")
     items = [
-        {
-            "id": str(r.id),
-            "at": iso(r.at),
-            "outcome": r.outcome,
-            "event": r.event,
-            "results": r.results,
-        }
+        AutomationRunPublic(id=r.id, at=r.at, outcome=r.outcome, event=r.event, results=r.results)
         for r in rows
     ]
     return page.wrap(items, total)

@@ -7,16 +7,24 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.deps import DEVICE, HubDep, PageDep, PrincipalDep, fetch, in_visible_orgs
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AllRelaysCommand,
     ClaimBody,
+    ClaimedDevice,
+    CommandResult,
     DevicePatch,
+    DevicePublic,
+    DeviceStatePublic,
+    DeviceToken,
+    MqttEndpoint,
+    Page,
     ProvisionBody,
+    ProvisionedDevice,
     RelayCommand,
+    device_fields,
     device_view,
-    iso,
 )
 from hexa.hub import topics
 from hexa.hub.access import Principal
@@ -30,7 +38,7 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["devices"])
 
 
-async def _full_view(device: Device) -> dict[str, Any]:
+async def _full_view(device: Device) -> DevicePublic:
     relays = await RelayState.filter(device_id=device.id)
     inputs = await DeviceInput.filter(device_id=device.id)
     return device_view(device, relays, inputs)
@@ -41,29 +49,29 @@ async def provision(
     body: ProvisionBody,
     hub: HubDep,
     x_provision_key: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
+) -> ProvisionedDevice:
     expected = hub.settings.device_provision_key
     assert expected is not None
     if not x_provision_key or not same_secret(x_provision_key, expected):
         raise Unauthorized("missing or wrong X-Provision-Key")
     device, token, code = await hub.registry.provision(body.model, body.serial, body.fw_version)
-    return {
-        "id": str(device.id),
-        "device_uid": device.device_uid,
-        "device_token": token,
-        "claim_code": code,
-        "model": device.model,
-        "relay_count": device.relay_count,
-        "input_count": device.input_count,
-        "mqtt": hub.mqtt_endpoint(),
-        "ws_url": hub.ws_device_url(),
-    }
+    return ProvisionedDevice(
+        id=device.id,
+        device_uid=device.device_uid,
+        device_token=token,
+        claim_code=code,
+        model=device.model,
+        relay_count=device.relay_count,
+        input_count=device.input_count,
+        mqtt=MqttEndpoint.model_validate(hub.mqtt_endpoint()),
+        ws_url=hub.ws_device_url(),
+    )
 
 
 @router.post("/devices/claim")
 async def claim(
     body: ClaimBody, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> ClaimedDevice:
     device, token = await hub.registry.claim(
         principal,
         body.claim_code,
@@ -73,10 +81,10 @@ async def claim(
         body.name,
         request_id=request_id_of(request),
     )
-    view = await _full_view(device)
-    if token is not None:  # released before: the token to install on it, shown once
-        view["device_token"] = token
-    return view
+    relays = await RelayState.filter(device_id=device.id)
+    inputs = await DeviceInput.filter(device_id=device.id)
+    # released before: the token to install on it, shown once (else None, left out)
+    return ClaimedDevice(**device_fields(device, relays, inputs), device_token=token)
 
 
 @router.get("/devices")
@@ -88,7 +96,7 @@ async def list_devices(
     area_id: uuid.UUID | None = None,
     online: bool | None = None,
     model: Annotated[str | None, Query(max_length=64)] = None,
-) -> dict[str, Any]:
+) -> Page[DevicePublic]:
     query = in_visible_orgs(Device.filter(deleted_at=None, org_id__isnull=False), principal)
     if org_id is not None:
         query = query.filter(org_id=org_id)
@@ -112,14 +120,14 @@ async def list_devices(
 
 
 @router.get("/devices/{device_id}")
-async def get_device(device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> dict[str, Any]:
-    return await _full_view(await hub.registry.get_visible(principal, device_id))
+async def get_device(device_id: uuid.UUID, principal: PrincipalDep) -> DevicePublic:
+    return await _full_view(await fetch(DEVICE, device_id, principal, "read"))
 
 
 @router.patch("/devices/{device_id}")
 async def patch_device(
     device_id: uuid.UUID, body: DevicePatch, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> DevicePublic:
     changes = body.changes("site_id", "area_id", "relay_names")
     device = await hub.registry.update(
         principal, device_id, changes, request_id=request_id_of(request)
@@ -138,7 +146,7 @@ async def delete_device(
 @router.post("/devices/{device_id}/release")
 async def release_device(
     device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> DevicePublic:
     device = await hub.registry.release(principal, device_id, request_id=request_id_of(request))
     return await _full_view(device)
 
@@ -146,24 +154,22 @@ async def release_device(
 @router.post("/devices/{device_id}/token/rotate")
 async def rotate_token(
     device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> DeviceToken:
     token = await hub.registry.rotate_token(principal, device_id, request_id=request_id_of(request))
-    return {"device_token": token}
+    return DeviceToken(device_token=token)
 
 
 @router.get("/devices/{device_id}/state")
-async def device_state(
-    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
-) -> dict[str, Any]:
-    device = await hub.registry.get_visible(principal, device_id)
+async def device_state(device_id: uuid.UUID, principal: PrincipalDep) -> DeviceStatePublic:
+    device = await fetch(DEVICE, device_id, principal, "read")
     relays = await RelayState.filter(device_id=device.id).order_by("index")
     inputs = await DeviceInput.filter(device_id=device.id).order_by("index")
-    return {
-        "relays": [r.state for r in relays],
-        "inputs": [i.state for i in inputs],
-        "online": device.online,
-        "last_seen_at": iso(device.last_seen_at),
-    }
+    return DeviceStatePublic(
+        relays=[r.state for r in relays],
+        inputs=[i.state for i in inputs],
+        online=device.online,
+        last_seen_at=device.last_seen_at,
+    )
 
 
 @router.post("/devices/{device_id}/relays/{relay_index}")
@@ -174,8 +180,8 @@ async def set_relay(
     principal: PrincipalDep,
     hub: HubDep,
     request: Request,
-) -> dict[str, Any]:
-    device = await hub.registry.get_for(principal, device_id, "command_relays")
+) -> CommandResult:
+    device = await fetch(DEVICE, device_id, principal, "command_relays")
     if relay_index >= device.relay_count:
         raise NotFound("relay")
     return await _command(hub, principal, device, relay_index, body.state, request)
@@ -188,8 +194,8 @@ async def set_all_relays(
     principal: PrincipalDep,
     hub: HubDep,
     request: Request,
-) -> dict[str, Any]:
-    device = await hub.registry.get_for(principal, device_id, "command_relays")
+) -> CommandResult:
+    device = await fetch(DEVICE, device_id, principal, "command_relays")
     return await _command(hub, principal, device, None, body.state, request)
 
 
@@ -200,7 +206,7 @@ async def _command(
     relay_index: int | None,
     state: bool | str,
     request: Request,
-) -> dict[str, Any]:
+) -> CommandResult:
     """Publish the intent, wait for its result; anything but applied raises its error."""
     result = await hub.commands.execute(
         device.device_uid,
@@ -211,9 +217,11 @@ async def _command(
         actor_id=str(principal.id),
         request_id=request_id_of(request),
     )
-    return {
-        "device_id": str(device.id),
-        "relays": result.relays,
-        "latency_ms": result.latency_ms,
-        "command_id": result.command_id,
-    }
+    return CommandResult.model_validate(
+        {
+            "device_id": device.id,
+            "relays": result.relays,
+            "latency_ms": result.latency_ms,
+            "command_id": result.command_id,
+        }
+    )

@@ -6,33 +6,50 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel
 from tortoise.exceptions import IntegrityError
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
-from hexa.api.schemas import IntegrationCreate, iso
+from hexa.api.deps import INTEGRATION_TOKEN, ORGANIZATION, HubDep, PageDep, PrincipalDep, fetch
+from hexa.api.schemas import IntegrationCreate, Page, Timestamp
 from hexa.hub.access import Role
-from hexa.hub.errors import Conflict, NotFound
+from hexa.hub.errors import Conflict
 from hexa.hub.security import new_token, token_hash
-from hexa.models import IntegrationToken, Organization
+from hexa.models import IntegrationToken
 
 router = APIRouter(prefix="/integrations", tags=["integrations"])
 
 
-def _view(row: IntegrationToken) -> dict[str, Any]:
+class IntegrationTokenPublic(BaseModel):
+    id: uuid.UUID
+    name: str
+    org_id: uuid.UUID
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+
+
+class IntegrationTokenCreated(IntegrationTokenPublic):
+    """A new token: ``token`` is shown only here (MQTT username = name, password = token)."""
+
+    token: str
+
+
+def _fields(row: IntegrationToken) -> dict[str, Any]:
     return {
-        "id": str(row.id),
+        "id": row.id,
         "name": row.name,
-        "org_id": str(row.org_id),
-        "created_at": iso(row.created_at),
-        "last_used_at": iso(row.last_used_at),
+        "org_id": row.org_id,
+        "created_at": row.created_at,
+        "last_used_at": row.last_used_at,
     }
 
 
+def _view(row: IntegrationToken) -> IntegrationTokenPublic:
+    return IntegrationTokenPublic.model_validate(_fields(row))
+
+
 @router.post("/tokens", status_code=201)
-async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> dict[str, Any]:
-    if not await Organization.filter(id=body.org_id, deleted_at=None).exists():
-        raise NotFound("organization")
-    principal.require(body.org_id, "manage_integrations")
+async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> IntegrationTokenCreated:
+    await fetch(ORGANIZATION, body.org_id, principal, "manage_integrations")
     token = new_token("hxi_")
     try:
         row = await IntegrationToken.create(
@@ -47,13 +64,13 @@ async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> dict
             "this organization already has an integration token with this name",
             details={"field": "name"},
         ) from None
-    return {**_view(row), "token": token}
+    return IntegrationTokenCreated.model_validate({**_fields(row), "token": token})
 
 
 @router.get("/tokens")
 async def list_tokens(
     principal: PrincipalDep, page: PageDep, org_id: uuid.UUID | None = None
-) -> dict[str, Any]:
+) -> Page[IntegrationTokenPublic]:
     query = IntegrationToken.all()
     if not principal.is_platform_admin:
         manageable = [o for o, r in principal.roles.items() if r >= Role.admin]
@@ -65,10 +82,7 @@ async def list_tokens(
 
 @router.delete("/tokens/{token_id}", status_code=204)
 async def delete_token(token_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> Response:
-    row = await IntegrationToken.get_or_none(id=token_id)
-    if row is None or not principal.can_see(row.org_id):
-        raise NotFound("integration token")
-    principal.require(row.org_id, "manage_integrations", kind="integration token")
+    row = await fetch(INTEGRATION_TOKEN, token_id, principal, "manage_integrations")
     await row.delete()
     await hub.close_integration_sessions(str(row.id))
     return Response(status_code=204)

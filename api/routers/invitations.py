@@ -14,13 +14,13 @@ from fastapi import APIRouter, Request, Response
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.deps import INVITATION, ORGANIZATION, HubDep, PageDep, PrincipalDep, fetch
 from hexa.api.errors import request_id_of
-from hexa.api.schemas import invitation_view
+from hexa.api.schemas import InvitationPublic, Page, invitation_view
 from hexa.hub.access import Principal, Role
 from hexa.hub.errors import Conflict, Forbidden, NotFound
 from hexa.hub.security import utcnow
-from hexa.models import Invitation, Membership, Organization
+from hexa.models import Invitation, Membership
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
@@ -31,7 +31,7 @@ Status = Literal["pending", "accepted", "declined", "revoked", "expired"]
 
 
 @router.get("/invitations")
-async def my_invitations(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+async def my_invitations(principal: PrincipalDep, page: PageDep) -> Page[InvitationPublic]:
     """The caller's own pending invitations, matched by their email."""
     query = Invitation.filter(
         email=principal.user.email,
@@ -45,11 +45,9 @@ async def my_invitations(principal: PrincipalDep, page: PageDep) -> dict[str, An
 @router.get("/orgs/{org_id}/invitations")
 async def org_invitations(
     org_id: uuid.UUID, principal: PrincipalDep, page: PageDep, status: Status | None = None
-) -> dict[str, Any]:
+) -> Page[InvitationPublic]:
     """An organization's invitations (admin+), optionally of one status."""
-    if not await Organization.filter(id=org_id, deleted_at=None).exists():
-        raise NotFound("organization")
-    principal.require(org_id, "manage_members")
+    await fetch(ORGANIZATION, org_id, principal, "manage_members")
     query = Invitation.filter(org_id=org_id)
     now = utcnow()
     if status == "expired":
@@ -64,7 +62,7 @@ async def org_invitations(
 @router.post("/invitations/{invitation_id}/accept")
 async def accept(
     invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> InvitationPublic:
     """Join the organization with the invitation's role; the invitation becomes accepted."""
     invitation = await _addressed_to(principal, invitation_id)
     try:
@@ -91,7 +89,7 @@ async def accept(
 @router.post("/invitations/{invitation_id}/decline")
 async def decline(
     invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> InvitationPublic:
     """Turn the invitation down; it cannot be accepted afterwards."""
     invitation = await _addressed_to(principal, invitation_id)
     async with in_transaction() as conn:
@@ -105,12 +103,7 @@ async def revoke(
     invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> Response:
     """Withdraw a pending (or expired) invitation (admin+ of its organization)."""
-    invitation = await Invitation.get_or_none(
-        id=invitation_id, org__deleted_at__isnull=True
-    ).prefetch_related("org")
-    if invitation is None or not principal.can_see(invitation.org_id):
-        raise NotFound("invitation")
-    principal.require(invitation.org_id, "manage_members", kind="invitation")
+    invitation = await fetch(INVITATION, invitation_id, principal, "manage_members")
     role = Role.parse(invitation.role)
     mine = principal.role_in(invitation.org_id)
     if not principal.is_platform_admin and (mine is None or role > mine):

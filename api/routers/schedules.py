@@ -6,12 +6,19 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.deps import (
+    DEVICE,
+    SCHEDULE,
+    HubDep,
+    PageDep,
+    PrincipalDep,
+    fetch,
+    in_visible_orgs,
+)
 from hexa.api.errors import request_id_of
-from hexa.api.schemas import Body, Name, iso
-from hexa.hub.access import Principal
+from hexa.api.schemas import Body, Name, Page, Timestamp
 from hexa.hub.errors import NotFound, ValidationFailed
 from hexa.hub.schedules import check_cron, check_timezone, next_run
 from hexa.hub.security import utcnow
@@ -54,40 +61,66 @@ class SchedulePatch(Body):
     action: ScheduleAction | None = None
 
 
-def view(s: Schedule) -> dict[str, Any]:
+class SetRelayAction(BaseModel):
+    type: Literal["set_relay"]
+    relay_index: int
+    state: bool
+
+
+class SetAllRelaysAction(BaseModel):
+    type: Literal["set_all_relays"]
+    state: bool
+
+
+class SchedulePublic(BaseModel):
+    id: uuid.UUID
+    org_id: uuid.UUID
+    device_id: uuid.UUID
+    name: str
+    cron: str
+    timezone: str
+    enabled: bool
+    action: Annotated[SetRelayAction | SetAllRelaysAction, Field(discriminator="type")]
+    next_execution: Timestamp | None
+    last_execution: Timestamp | None
+    execution_count: int
+    failure_count: int
+    last_result: str | None = Field(
+        description="how the last run ended: applied, timeout, offline, rejected, error, "
+        "device_removed"
+    )
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class ScheduleRun(SchedulePublic):
+    """The schedule after running it now, and how that run ended."""
+
+    result: str
+
+
+def _fields(s: Schedule) -> dict[str, Any]:
     return {
-        "id": str(s.id),
-        "org_id": str(s.org_id),
-        "device_id": str(s.device_id),
+        "id": s.id,
+        "org_id": s.org_id,
+        "device_id": s.device_id,
         "name": s.name,
         "cron": s.cron,
         "timezone": s.timezone,
         "enabled": s.enabled,
         "action": s.action,
-        "next_execution": iso(s.next_execution),
-        "last_execution": iso(s.last_execution),
+        "next_execution": s.next_execution,
+        "last_execution": s.last_execution,
         "execution_count": s.execution_count,
         "failure_count": s.failure_count,
         "last_result": s.last_result,
-        "created_at": iso(s.created_at),
-        "updated_at": iso(s.updated_at),
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
     }
 
 
-async def _device(principal: Principal, device_id: uuid.UUID) -> Device:
-    device = await Device.get_or_none(id=device_id, deleted_at=None)
-    if device is None or device.org_id is None or not principal.can_see(device.org_id):
-        raise NotFound("device")
-    principal.require(device.org_id, "manage_schedules", kind="device")
-    return device
-
-
-async def _schedule(principal: Principal, schedule_id: uuid.UUID, action: str) -> Schedule:
-    schedule = await Schedule.get_or_none(id=schedule_id)
-    if schedule is None or not principal.can_see(schedule.org_id):
-        raise NotFound("schedule")
-    principal.require(schedule.org_id, action, kind="schedule")
-    return schedule
+def view(s: Schedule) -> SchedulePublic:
+    return SchedulePublic.model_validate(_fields(s))
 
 
 def _check(device: Device, cron: str, tz: str, action: dict[str, Any]) -> None:
@@ -114,7 +147,7 @@ async def list_schedules(
     page: PageDep,
     device_id: uuid.UUID | None = None,
     enabled: bool | None = None,
-) -> dict[str, Any]:
+) -> Page[SchedulePublic]:
     query = in_visible_orgs(Schedule.all(), principal)
     if device_id is not None:
         query = query.filter(device_id=device_id)
@@ -124,8 +157,8 @@ async def list_schedules(
 
 
 @router.post("/schedules", status_code=201)
-async def create_schedule(body: ScheduleCreate, principal: PrincipalDep) -> dict[str, Any]:
-    device = await _device(principal, body.device_id)
+async def create_schedule(body: ScheduleCreate, principal: PrincipalDep) -> SchedulePublic:
+    device = await fetch(DEVICE, body.device_id, principal, "manage_schedules")
     action = body.action.model_dump()
     _check(device, body.cron, body.timezone, action)
     schedule = await Schedule.create(
@@ -142,18 +175,18 @@ async def create_schedule(body: ScheduleCreate, principal: PrincipalDep) -> dict
 
 
 @router.get("/schedules/{schedule_id}")
-async def get_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
-    return view(await _schedule(principal, schedule_id, "read"))
+async def get_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> SchedulePublic:
+    return view(await fetch(SCHEDULE, schedule_id, principal, "read"))
 
 
 @router.patch("/schedules/{schedule_id}")
 async def patch_schedule(
     schedule_id: uuid.UUID, body: SchedulePatch, principal: PrincipalDep
-) -> dict[str, Any]:
-    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+) -> SchedulePublic:
+    schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
     changes = body.changes()
     device_id = changes.get("device_id", schedule.device_id)
-    device = await _device(principal, device_id)
+    device = await fetch(DEVICE, device_id, principal, "manage_schedules")
     if device.org_id != schedule.org_id:
         raise NotFound("device")
     cron = changes.get("cron", schedule.cron)
@@ -171,7 +204,7 @@ async def patch_schedule(
 
 @router.delete("/schedules/{schedule_id}", status_code=204)
 async def delete_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Response:
-    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+    schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
     await schedule.delete()
     return Response(status_code=204)
 
@@ -179,9 +212,9 @@ async def delete_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Re
 @router.post("/schedules/{schedule_id}/run")
 async def run_schedule(
     schedule_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> dict[str, Any]:
+) -> ScheduleRun:
     """Run the schedule's action now (its timing is unchanged); answers with the outcome."""
-    schedule = await _schedule(principal, schedule_id, "manage_schedules")
+    schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
     status = await hub.scheduler.execute(schedule, request_id=request_id_of(request))
     refreshed = await Schedule.get(id=schedule.id)
-    return {**view(refreshed), "result": status}
+    return ScheduleRun.model_validate({**_fields(refreshed), "result": status})

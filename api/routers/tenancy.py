@@ -6,22 +6,38 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
-from hexa.api.deps import HubDep, PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.deps import (
+    AREA,
+    ORGANIZATION,
+    SITE,
+    HubDep,
+    PageDep,
+    PrincipalDep,
+    fetch,
+    in_visible_orgs,
+)
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AreaCreate,
     AreaPatch,
+    AreaPublic,
+    InvitationPublic,
     MemberAdd,
+    MemberPublic,
+    OrganizationPublic,
     OrgCreate,
     OrgPatch,
+    Page,
     SiteCreate,
     SitePatch,
+    SitePublic,
     area_view,
     invitation_view,
-    iso,
+    member_view,
     org_view,
     site_view,
 )
@@ -38,41 +54,15 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["tenancy"])
 
 
-async def _org(principal: Principal, org_id: uuid.UUID, action: str) -> Organization:
-    org = await Organization.get_or_none(id=org_id, deleted_at=None)
-    if org is None:
-        raise NotFound("organization")
-    principal.require(org.id, action)
-    return org
-
-
-async def _site(principal: Principal, site_id: uuid.UUID, action: str) -> Site:
-    site = await Site.get_or_none(id=site_id, deleted_at=None, org__deleted_at__isnull=True)
-    if site is None:
-        raise NotFound("site")
-    principal.require(site.org_id, action, kind="site")
-    return site
-
-
-async def _area(principal: Principal, area_id: uuid.UUID, action: str) -> Area:
-    area = await Area.get_or_none(
-        id=area_id, deleted_at=None, site__deleted_at__isnull=True
-    ).prefetch_related("site")
-    if area is None:
-        raise NotFound("area")
-    principal.require(area.site.org_id, action, kind="area")
-    return area
-
-
 # --- organizations ---------------------------------------------------------------------
 @router.get("/orgs")
-async def list_orgs(principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
+async def list_orgs(principal: PrincipalDep, page: PageDep) -> Page[OrganizationPublic]:
     query = in_visible_orgs(Organization.filter(deleted_at=None), principal, field="id")
     return await page.of(query, org_view)
 
 
 @router.post("/orgs", status_code=201)
-async def create_org(body: OrgCreate, principal: PrincipalDep) -> dict[str, Any]:
+async def create_org(body: OrgCreate, principal: PrincipalDep) -> OrganizationPublic:
     async with in_transaction():
         org = await Organization.create(name=body.name)
         await Membership.create(org=org, user_id=principal.id, role="owner")
@@ -80,13 +70,15 @@ async def create_org(body: OrgCreate, principal: PrincipalDep) -> dict[str, Any]
 
 
 @router.get("/orgs/{org_id}")
-async def get_org(org_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
-    return org_view(await _org(principal, org_id, "read"))
+async def get_org(org_id: uuid.UUID, principal: PrincipalDep) -> OrganizationPublic:
+    return org_view(await fetch(ORGANIZATION, org_id, principal, "read"))
 
 
 @router.patch("/orgs/{org_id}")
-async def patch_org(org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep) -> dict[str, Any]:
-    org = await _org(principal, org_id, "update_org")
+async def patch_org(
+    org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep
+) -> OrganizationPublic:
+    org = await fetch(ORGANIZATION, org_id, principal, "update_org")
     if body.name is not None:
         org.name = body.name
         await org.save()
@@ -95,7 +87,7 @@ async def patch_org(org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep) 
 
 @router.delete("/orgs/{org_id}", status_code=204)
 async def delete_org(org_id: uuid.UUID, principal: PrincipalDep) -> Response:
-    org = await _org(principal, org_id, "delete_org")
+    org = await fetch(ORGANIZATION, org_id, principal, "delete_org")
     if await Device.filter(org_id=org.id, deleted_at=None).exists():
         raise Conflict("release or delete this organization's devices first")
     now = utcnow()
@@ -106,29 +98,22 @@ async def delete_org(org_id: uuid.UUID, principal: PrincipalDep) -> Response:
 
 
 # --- members ---------------------------------------------------------------------------
-def _member_view(m: Membership) -> dict[str, Any]:
-    return {
-        "user_id": str(m.user.id),
-        "email": m.user.email,
-        "role": m.role,
-        "org_id": str(m.org_id),
-        "created_at": iso(m.created_at),
-    }
-
-
 @router.get("/orgs/{org_id}/members")
-async def list_members(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
-    org = await _org(principal, org_id, "read")
-    return await page.of(Membership.filter(org_id=org.id).prefetch_related("user"), _member_view)
+async def list_members(
+    org_id: uuid.UUID, principal: PrincipalDep, page: PageDep
+) -> Page[MemberPublic]:
+    org = await fetch(ORGANIZATION, org_id, principal, "read")
+    return await page.of(Membership.filter(org_id=org.id).prefetch_related("user"), member_view)
 
 
 @router.post(
     "/orgs/{org_id}/members",
     status_code=201,
+    response_model=InvitationPublic,
     responses={
         200: {
+            "model": MemberPublic,
             "description": "the email or user_id is a member's: their role was changed",
-            "content": {"application/json": {"schema": {"type": "object"}}},
         },
         201: {"description": "an invitation was created (or a pending one renewed)"},
     },
@@ -139,15 +124,14 @@ async def add_member(
     principal: PrincipalDep,
     hub: HubDep,
     request: Request,
-    response: Response,
-) -> dict[str, Any]:
+) -> InvitationPublic | JSONResponse:
     """Change an existing member's role (200), or invite the email (201).
 
     The answer to an invitation is the same whether or not the email has an account:
     accounts are looked at only through this organization's memberships, so neither the
     body nor the timing tells whether a stranger's email is registered.
     """
-    org = await _org(principal, org_id, "manage_members")
+    org = await fetch(ORGANIZATION, org_id, principal, "manage_members")
     if (body.email is None) == (body.user_id is None):
         raise ValidationFailed("give exactly one of email or user_id", details={"field": "email"})
     _check_can_grant(principal, org.id, Role.parse(body.role))
@@ -171,9 +155,9 @@ async def add_member(
             role=membership.role,
             previous_role=old_role,
         )
-        response.status_code = 200
         await membership.fetch_related("user")
-        return _member_view(membership)
+        # 200, not the route's 201: a role change creates nothing
+        return JSONResponse(member_view(membership).model_dump(mode="json"), status_code=200)
     if email is None:  # user ids only name existing members: invitations go to an email
         raise NotFound("member")
     invitation = await _invite(principal, org, email, body.role)
@@ -240,7 +224,7 @@ async def _change_role(
 async def remove_member(
     org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> Response:
-    org = await _org(principal, org_id, "read")
+    org = await fetch(ORGANIZATION, org_id, principal, "read")
     membership = await Membership.get_or_none(org_id=org.id, user_id=user_id)
     if membership is None:
         raise NotFound("member")
@@ -354,30 +338,26 @@ async def _audit(
 
 # --- sites -----------------------------------------------------------------------------
 @router.get("/orgs/{org_id}/sites")
-async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
-    org = await _org(principal, org_id, "read")
+async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> Page[SitePublic]:
+    org = await fetch(ORGANIZATION, org_id, principal, "read")
     return await page.of(Site.filter(org_id=org.id, deleted_at=None), site_view)
 
 
 @router.post("/orgs/{org_id}/sites", status_code=201)
-async def create_site(
-    org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep
-) -> dict[str, Any]:
-    org = await _org(principal, org_id, "manage_sites")
+async def create_site(org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep) -> SitePublic:
+    org = await fetch(ORGANIZATION, org_id, principal, "manage_sites")
     site = await Site.create(org=org, **body.model_dump())
     return site_view(site)
 
 
 @router.get("/sites/{site_id}")
-async def get_site(site_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
-    return site_view(await _site(principal, site_id, "read"))
+async def get_site(site_id: uuid.UUID, principal: PrincipalDep) -> SitePublic:
+    return site_view(await fetch(SITE, site_id, principal, "read"))
 
 
 @router.patch("/sites/{site_id}")
-async def patch_site(
-    site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep
-) -> dict[str, Any]:
-    site = await _site(principal, site_id, "manage_sites")
+async def patch_site(site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep) -> SitePublic:
+    site = await fetch(SITE, site_id, principal, "manage_sites")
     changes = body.changes("location")
     if changes:
         site.update_from_dict(changes)
@@ -387,7 +367,7 @@ async def patch_site(
 
 @router.delete("/sites/{site_id}", status_code=204)
 async def delete_site(site_id: uuid.UUID, principal: PrincipalDep) -> Response:
-    site = await _site(principal, site_id, "manage_sites")
+    site = await fetch(SITE, site_id, principal, "manage_sites")
     now = utcnow()
     async with in_transaction():
         await Site.filter(id=site.id).update(deleted_at=now)
@@ -398,29 +378,27 @@ async def delete_site(site_id: uuid.UUID, principal: PrincipalDep) -> Response:
 
 # --- areas -----------------------------------------------------------------------------
 @router.get("/sites/{site_id}/areas")
-async def list_areas(site_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> dict[str, Any]:
-    site = await _site(principal, site_id, "read")
+async def list_areas(
+    site_id: uuid.UUID, principal: PrincipalDep, page: PageDep
+) -> Page[AreaPublic]:
+    site = await fetch(SITE, site_id, principal, "read")
     return await page.of(Area.filter(site_id=site.id, deleted_at=None), area_view)
 
 
 @router.post("/sites/{site_id}/areas", status_code=201)
-async def create_area(
-    site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep
-) -> dict[str, Any]:
-    site = await _site(principal, site_id, "manage_sites")
+async def create_area(site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep) -> AreaPublic:
+    site = await fetch(SITE, site_id, principal, "manage_sites")
     return area_view(await Area.create(site=site, **body.model_dump()))
 
 
 @router.get("/areas/{area_id}")
-async def get_area(area_id: uuid.UUID, principal: PrincipalDep) -> dict[str, Any]:
-    return area_view(await _area(principal, area_id, "read"))
+async def get_area(area_id: uuid.UUID, principal: PrincipalDep) -> AreaPublic:
+    return area_view(await fetch(AREA, area_id, principal, "read"))
 
 
 @router.patch("/areas/{area_id}")
-async def patch_area(
-    area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep
-) -> dict[str, Any]:
-    area = await _area(principal, area_id, "manage_sites")
+async def patch_area(area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep) -> AreaPublic:
+    area = await fetch(AREA, area_id, principal, "manage_sites")
     changes = body.changes()
     if changes:
         area.update_from_dict(changes)
@@ -430,7 +408,7 @@ async def patch_area(
 
 @router.delete("/areas/{area_id}", status_code=204)
 async def delete_area(area_id: uuid.UUID, principal: PrincipalDep) -> Response:
-    area = await _area(principal, area_id, "manage_sites")
+    area = await fetch(AREA, area_id, principal, "manage_sites")
     async with in_transaction():
         await Area.filter(id=area.id).update(deleted_at=utcnow())
         await Device.filter(area_id=area.id).update(area_id=None)
