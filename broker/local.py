@@ -59,6 +59,7 @@ class LocalBus:
         self._handlers: list[tuple[str, Handler]] = []
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._session: Any = None
+        self._attached = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -100,15 +101,24 @@ class LocalBus:
                 await self.broker.add_subscription((flt, 1), session)
                 await self.broker._publish_retained_messages_for_subscription((flt, 1), session)
             await self.publish(self.presence_topic, b"online", retain=True)
+            self._attached.set()
             task_status.started()
             while True:
                 await self._dispatch(await self._queue.get())
         finally:
             self._session = None
+            self._attached.clear()
             entry = self.broker._sessions.get(self.client_id)
             if entry is not None and entry[0] is session:
                 with anyio.CancelScope(shield=True):
                     await self.broker._cleanup_session(self.client_id)
+
+    async def connected_since(self, generation: int) -> int:
+        """The in-process attachment connects once, when it starts, and never drops."""
+        if generation >= 1:
+            await anyio.sleep_forever()
+        await self._attached.wait()
+        return 1
 
     async def close(self) -> None:
         """Publish ``offline`` on the presence topic."""

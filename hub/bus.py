@@ -71,6 +71,8 @@ class Bus:
         self._routes: dict[str, list[tuple[str, Handler]]] = {}
         self._conn: mqtt.MqttConnection | None = None
         self._connected = asyncio.Event()
+        self._generation = 0
+        self._new_connection = asyncio.Condition()
 
     @property
     def connected(self) -> bool:
@@ -144,6 +146,9 @@ class Bus:
                     self._check_granted(filters, await conn.subscribe(filters))
                 await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
                 self._connected.set()
+                async with self._new_connection:
+                    self._generation += 1
+                    self._new_connection.notify_all()
                 backoff = 0.1
                 log.debug("bus %s connected to %s:%s", self.client_id, *self._where())
                 if not started:
@@ -165,6 +170,14 @@ class Bus:
                 if not conn.closed:
                     with anyio.CancelScope(shield=True):
                         await conn.disconnect()
+
+    async def connected_since(self, generation: int) -> int:
+        """Wait for a connection newer than ``generation``; returns its number."""
+        async with self._new_connection:
+            await self._new_connection.wait_for(
+                lambda: self._generation > generation and self.connected
+            )
+            return self._generation
 
     @staticmethod
     def _check_granted(filters: list[str], granted: list[int]) -> None:

@@ -60,4 +60,9 @@ class BusLike(Protocol):
 
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
 
+    async def connected_since(self, generation: int) -> int:
+        """Wait until the bus has connected more often than ``generation`` times (and is
+        connected); returns how many times it has."""
+        ...
+
     async def close(self) -> None: ...

@@ -8,7 +8,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from hexa.hub import catalog, topics
 from hexa.hub.accounts import Accounts
@@ -31,7 +31,7 @@ from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
 from hexa.hub.schedules import Scheduler
 from hexa.hub.state import DeviceCache
-from hexa.models import Automation, Schedule
+from hexa.models import Automation, Device, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,48 @@ class Hub:
         await tg.start(self.relay.run)
         await self.commands.start()
         await tg.start(self.presence.run)
+        await tg.start(self.keep_retained_truth)
         await tg.start(self.scheduler.run)
         await tg.start(self.automations.run)
         for run in extensions:
             await tg.start(run)
+
+    async def keep_retained_truth(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """At start and after every bus reconnect, republish the retained state of every
+        device from the database: a broker may have lost it (amqtt keeps no retained
+        message across a restart; an external broker may have been replaced)."""
+        task_status.started()
+        generation = 0
+        while True:
+            generation = await self.bus.connected_since(generation)
+            try:
+                count = await self.republish()
+            except Exception:  # the database or the bus went away: the next connect retries
+                log.warning("retained state not republished", exc_info=True)
+            else:
+                log.info("republished the retained state of %d devices", count)
+
+    async def republish(self) -> int:
+        """Publish each device's per-relay and aggregate state, and ``online`` for those
+        the hub knows to be; returns how many devices."""
+        count = 0
+        for uid in await Device.filter(deleted_at=None).values_list("device_uid", flat=True):
+            if not self.bus.connected:
+                raise BusUnavailable("the bus dropped while republishing")
+            device = await self.cache.get(str(uid))
+            if device is None:
+                continue
+            await self.relay.publish_state(device)
+            if device.online:
+                await self.bus.publish(
+                    topics.AVAILABILITY.format(uid=device.uid),
+                    topics.encode_availability(True),
+                    retain=True,
+                )
+            count += 1
+        return count
 
     async def _on_device_change(self, event: DeviceEvent) -> None:
         device = event.device

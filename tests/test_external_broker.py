@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import (
+    MqttClient,
     MqttDevice,
     RunningHub,
     claim,
@@ -31,6 +33,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs the mosquitto and mosquitto_passwd binaries",
 )
 HUB_USER, HUB_PASSWORD = "hexa-hub", "hub-password-for-tests"
+#: reads everything under hexa/ (what an integrator on this broker would be allowed)
+WATCHER_USER, WATCHER_PASSWORD = "watcher", "watcher-password-for-tests"
 
 
 class Mosquitto:
@@ -44,11 +48,13 @@ class Mosquitto:
         self.passwd.touch()
         self.passwd.chmod(0o600)
         self.add_user(HUB_USER, HUB_PASSWORD)
+        self.add_user(WATCHER_USER, WATCHER_PASSWORD)
         (work / "acl").write_text(
             f"user {HUB_USER}\ntopic readwrite #\n\n"
             "pattern write hexa/%u/ack\npattern write hexa/%u/report\n"
             "pattern write hexa/%u/event\npattern write hexa/%u/availability\n"
-            "pattern read hexa/%u/cmd\npattern read hexa/hub/status\n"
+            "pattern read hexa/%u/cmd\npattern read hexa/hub/status\n\n"
+            f"user {WATCHER_USER}\ntopic read hexa/#\n"
         )
         self.conf = work / "mosquitto.conf"
         self.conf.write_text(
@@ -171,3 +177,37 @@ def test_bus_reconnects_after_broker_restart(external: tuple[Mosquitto, RunningH
         r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
         assert r.status_code == 200, r.text
     m2.close()
+
+
+def test_retained_state_is_republished_after_broker_restart(
+    external: tuple[Mosquitto, RunningHub],
+) -> None:
+    """A broker that comes back without its retained messages gets the hub's states again."""
+    broker, hub = external
+    user = register(hub)
+    dev, m = _device(broker, hub, user)
+    with hub.api(user.access_token) as c:
+        assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"], 5)
+        r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
+        assert r.status_code == 200, r.text
+    m.close()
+    broker.stop()
+    broker.start()  # no persistence: every retained message is gone
+    assert wait_until(lambda: httpx.get(hub.base + "/readyz").status_code == 200, 15)
+    uid = dev["device_uid"]
+    first_look = MqttClient(hub, WATCHER_USER, WATCHER_PASSWORD)
+    try:  # published while it watches, or replayed as retained: either way the hub sent it
+        assert first_look.ok() and first_look.subscribe(f"hexa/{uid}/#")
+        assert first_look.wait_for(lambda t, p, r: t == f"hexa/{uid}/state", 10)
+    finally:
+        first_look.close()
+    watcher = MqttClient(hub, WATCHER_USER, WATCHER_PASSWORD)
+    try:
+        assert watcher.ok() and watcher.subscribe(f"hexa/{uid}/#")
+        state = watcher.wait_for(lambda t, p, r: t == f"hexa/{uid}/state" and r, 5)
+        assert state, watcher.messages()
+        assert json.loads(state[1])["relays"] == [True, False, False]
+        relay = watcher.wait_for(lambda t, p, r: t == f"hexa/{uid}/relay/0/state" and r, 5)
+        assert relay and relay[1] == b"ON", watcher.messages()
+    finally:
+        watcher.close()
