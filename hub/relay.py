@@ -79,6 +79,9 @@ class RelayService:
         self._writer = StateWriter()
         self._seal_key = seal_key
         self._seen_seals: OrderedDict[str, None] = OrderedDict()
+        self._executing = 0
+        #: set whenever a job ends (drain() re-checks whether everything is done)
+        self._settled = asyncio.Event()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -89,6 +92,18 @@ class RelayService:
             await self.bus.subscribe(topics.ACK.filter(), self._on_ack)
             task_status.started()
             await anyio.sleep_forever()
+
+    async def drain(self) -> None:
+        """Take no more intents, and return once the queued and running ones are done
+        (each answered with its result); the caller bounds how long that may take."""
+        for topic in (topics.RELAY_SET, topics.RELAYS_SET):
+            await self.bus.unsubscribe(topic.filter(), self._on_intent)
+        while not self._idle():
+            self._settled.clear()
+            await self._settled.wait()
+
+    def _idle(self) -> bool:
+        return not self._executing and all(q.empty() for q in self._queues.values())
 
     def device_lock(self, uid: str) -> asyncio.Lock:
         """Held while relay state of ``uid`` is written (shared with state reports)."""
@@ -162,6 +177,7 @@ class RelayService:
                     if queue.empty():
                         return
                     continue
+                self._executing += 1
                 try:
                     await self._execute(job)
                 except Exception:
@@ -169,6 +185,9 @@ class RelayService:
                     await self._result(
                         uid, job.intent.intent_id, "rejected", error="internal error"
                     )
+                finally:
+                    self._executing -= 1
+                    self._settled.set()
         finally:
             if self._queues.get(uid) is queue:
                 del self._queues[uid]

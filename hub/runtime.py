@@ -79,6 +79,8 @@ class Hub:
         )
         self.automations = Engine(self.commands, self.cache, self.bus, self.audit)
         self.automations.subscribe(self.events)
+        self._services: anyio.CancelScope | None = None
+        self._services_done = anyio.Event()
         self.mqtt_port: int | None = None
         self.mqtt_tls_port: int | None = None
         self.http_port: int | None = None
@@ -99,23 +101,38 @@ class Hub:
         extensions: Sequence[Service] = (),
         wait_for_bus: bool = True,
     ) -> None:
-        """Start the services in order: audit → bus → relay service → presence → scheduler
-        → automations → ``extensions`` (the API's gateways, bridges), each in ``tg`` and
-        each ready when the next starts."""
+        """Start, each in order and ready before the next: the audit writer, the last-seen
+        writer and the bus in ``tg``; then, in a task group of their own (stopped first
+        by :meth:`shutdown`), the relay service, presence, the retained-state keeper,
+        the scheduler, automations and ``extensions`` (the API's gateways, bridges)."""
         await tg.start(self.audit.run)
         await tg.start(self.cache.run)
         if wait_for_bus:
             await tg.start(self.bus.run)
         else:
             tg.start_soon(self.bus.run)
-        await tg.start(self.relay.run)
-        await self.commands.start()
-        await tg.start(self.presence.run)
-        await tg.start(self.keep_retained_truth)
-        await tg.start(self.scheduler.run)
-        await tg.start(self.automations.run)
-        for run in extensions:
-            await tg.start(run)
+        await tg.start(self._run_services, list(extensions))
+
+    async def _run_services(
+        self,
+        extensions: list[Service],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                self._services = group.cancel_scope
+                await group.start(self.relay.run)
+                await self.commands.start()
+                await group.start(self.presence.run)
+                await group.start(self.keep_retained_truth)
+                await group.start(self.scheduler.run)
+                await group.start(self.automations.run)
+                for run in extensions:
+                    await group.start(run)
+                task_status.started()
+        finally:
+            self._services_done.set()
 
     async def keep_retained_truth(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -244,7 +261,21 @@ class Hub:
         await self.events.publish(IntegrationRevoked(token_id))
 
     async def shutdown(self) -> None:
-        """Publish the hub's ``offline`` while the bus is still up."""
+        """Stop in order, after the HTTP server stopped taking requests: the relay service
+        takes no more intents and finishes those it has (bounded by the command timeout);
+        the other services stop; relay state, audit and last-seen writes are flushed; the
+        hub's ``offline`` goes out while the bus is still up. Nothing a REST 200 or a
+        ``result`` message reported is lost."""
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.settings.command_timeout_s + 1):
+                await self.relay.drain()
+            if self._services is not None:
+                self._services.cancel()
+                with anyio.move_on_after(10):
+                    await self._services_done.wait()
+            with anyio.move_on_after(5):
+                await self.audit.flush()
+            with anyio.move_on_after(3):
+                await self.cache.flush_seen()
             with anyio.move_on_after(3):
                 await self.bus.close()
