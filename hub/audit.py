@@ -79,6 +79,28 @@ class AuditLog:
         )
         await self._queue.put(entry)  # back-pressure only if the database stalls for long
 
+    async def by_user(
+        self,
+        user_id: object,
+        action: str,
+        *,
+        org_id: object,
+        request_id: str | None,
+        device_id: object = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a change a user made through the API."""
+        await self.record(
+            action=action,
+            source="api",
+            actor_type="user",
+            actor_id=str(user_id),
+            device_id=device_id,
+            org_id=org_id,
+            details=details,
+            request_id=request_id,
+        )
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:

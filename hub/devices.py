@@ -63,11 +63,9 @@ class Registry:
         request_id: str | None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        await self.audit.record(
-            action=action,
-            source="api",
-            actor_type="user",
-            actor_id=str(principal.id),
+        await self.audit.by_user(
+            principal.id,
+            action,
             device_id=device.id,
             org_id=org_id,
             request_id=request_id,

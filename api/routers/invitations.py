@@ -150,16 +150,14 @@ async def _respond(
 async def _audit(
     hub: Hub, request: Request, principal: Principal, action: str, invitation: Invitation
 ) -> None:
-    await hub.audit.record(
-        action=action,
-        source="api",
-        actor_type="user",
-        actor_id=str(principal.id),
+    await hub.audit.by_user(
+        principal.id,
+        action,
         org_id=invitation.org_id,
+        request_id=request_id_of(request),
         details={
             "invitation_id": str(invitation.id),
             "email": invitation.email,
             "role": invitation.role,
         },
-        request_id=request_id_of(request),
     )

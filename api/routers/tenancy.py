@@ -325,14 +325,8 @@ async def _audit(
     org_id: uuid.UUID,
     **details: Any,
 ) -> None:
-    await hub.audit.record(
-        action=action,
-        source="api",
-        actor_type="user",
-        actor_id=str(principal.id),
-        org_id=org_id,
-        details=details,
-        request_id=request_id_of(request),
+    await hub.audit.by_user(
+        principal.id, action, org_id=org_id, request_id=request_id_of(request), details=details
     )
 
 
