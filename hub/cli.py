@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -213,10 +214,30 @@ def _bind(host: str, port: int, setting: str) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _StartupError(_port_taken(setting, host, port)) from None
         raise SettingError(setting, f"{host}:{port}", exc.strerror or str(exc)) from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _port_taken(setting: str, host: str, port: int) -> str:
+    """One line for a port already in use: who likely holds it and what to set instead."""
+    taken = f"port {port} on {host} is taken"
+    free = f"set {setting} to a free port (0 picks one)"
+    if setting == "HEXA_MQTT_PORT":
+        # Mosquitto often runs on 1883 already: the hub can use it instead of its own broker.
+        wildcard = host in ("", "0.0.0.0", "::")  # noqa: S104 (compared, not bound)
+        there = "127.0.0.1" if wildcard else host
+        there = f"[{there}]" if ":" in there else there
+        return (
+            f"{taken} (another MQTT broker such as Mosquitto?): {free}, "
+            f"or set HEXA_BROKER_URL=mqtt://USER:PASSWORD@{there}:{port} to use that broker"
+        )
+    if setting == "HEXA_HTTP_PORT":
+        return f"{taken} (another web server, or a hub already running?): {free}"
+    return f"{taken}: {free}, or {setting}=off to run without that listener"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -336,7 +357,7 @@ async def serve(
             if port:  # fail before any work, with one line, if a broker port is taken
                 try:
                     _bind(settings.mqtt_host, port, setting).close()
-                except SettingError:
+                except (SettingError, _StartupError):
                     http_sock.close()
                     raise
     try:

@@ -68,7 +68,7 @@ def test_bad_setting_is_one_line(tmp_path: Path, env: dict[str, str], needle: st
 
 @pytest.mark.parametrize("which", ["HTTP", "MQTT"])
 def test_taken_port_is_one_line(tmp_path: Path, which: str) -> None:
-    """A port already in use stops start-up with one line naming the setting."""
+    """A port already in use stops start-up with one line saying what to set instead."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -85,6 +85,13 @@ def test_taken_port_is_one_line(tmp_path: Path, which: str) -> None:
         )
     assert r.returncode == 2, r.stderr
     assert f"HEXA_{which}_PORT" in r.stderr and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("hexa: ")]  # not logs
+    assert len(lines) == 1, r.stderr
+    assert f"port {port} " in lines[0] and "is taken" in lines[0]
+    assert f"set HEXA_{which}_PORT to a free port (0 picks one)" in lines[0]
+    if which == "MQTT":  # often Mosquitto: the hub can use it instead of its own broker
+        assert "Mosquitto" in lines[0]
+        assert f"HEXA_BROKER_URL=mqtt://USER:PASSWORD@127.0.0.1:{port}" in lines[0]
 
 
 def test_migrate_up_down_up(database: str, tmp_path: Path) -> None:
