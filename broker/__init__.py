@@ -1,1 +1,2 @@
-"""The embedded MQTT broker (amqtt): listeners, authentication and topic ACLs."""
+"""The embedded MQTT broker: amqtt's ``Broker`` subclassed, its connection handling,
+routing and delivery overridden with our own code; listeners, authentication, topic ACLs."""

@@ -1,4 +1,14 @@
-"""The embedded broker: amqtt, hardened and configured for the hub."""
+"""The embedded broker: a subclass of amqtt's ``Broker``, configured for the hub.
+
+:class:`HexaBroker` keeps amqtt's packet codec, protocol handler, sessions and plugin
+hooks, and overrides three parts of it with its own code: connection handling (the
+CONNECT deadline, admission only after authentication, one identity per client id,
+session limits, keepalive, back-pressure on floods), routing (exact filters looked up,
+only wildcard filters scanned) and delivery (bounded queues, slow consumers
+disconnected, retained messages replayed per session and ACL). Overrides call
+``super()`` where amqtt's own step still applies; none is a copy of amqtt's code.
+:class:`EmbeddedBroker` builds its listeners, plugins and limits from the settings.
+"""
 
 from __future__ import annotations
 
