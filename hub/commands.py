@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from hexa.hub import metrics, topics
+from hexa.hub import inbox, topics
 from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateLimited
 
@@ -28,14 +28,9 @@ class Commands:
         self._waiting: dict[str, asyncio.Future[topics.Result]] = {}
 
     async def start(self) -> None:
-        await self.bus.subscribe(topics.RESULT.filter(), self._on_result)
+        await self.bus.subscribe(topics.RESULT.filter(), inbox.on(topics.RESULT, self._on_result))
 
-    async def _on_result(self, msg: Message) -> None:
-        try:
-            result = topics.decode_result(msg.payload)
-        except topics.PayloadError:
-            metrics.BAD_PAYLOADS.labels("result").inc()
-            return
+    async def _on_result(self, params: dict[str, str], result: topics.Result, msg: Message) -> None:
         future = self._waiting.get(result.intent_id)
         if future is not None and not future.done():
             future.set_result(result)

@@ -6,12 +6,12 @@ import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from hexa.hub import metrics, topics
+from hexa.hub import inbox, metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
@@ -21,6 +21,7 @@ from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")
 
 #: messages of one device waiting to be handled; beyond this the device is flooding
 LANE_LIMIT = 256
@@ -102,33 +103,35 @@ class Presence:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self._lanes.run)
-            for topic, handle in (
-                (topics.AVAILABILITY, self._on_availability),
-                (topics.REPORT, self._on_report),
-                (topics.EVENT, self._on_event),
-            ):
-                await self.bus.subscribe(topic.filter(), self._queued(topic, handle))
+            availability, report, event = topics.AVAILABILITY, topics.REPORT, topics.EVENT
+            await self.bus.subscribe(
+                availability.filter(),
+                inbox.on(availability, self._queued(availability, self._on_availability)),
+            )
+            await self.bus.subscribe(
+                report.filter(), inbox.on(report, self._queued(report, self._on_report))
+            )
+            await self.bus.subscribe(
+                event.filter(), inbox.on(event, self._queued(event, self._on_event))
+            )
             task_status.started()
             await anyio.sleep_forever()
 
     def _queued(
-        self, topic: topics.Topic, handle: Callable[[str, Message], Awaitable[None]]
-    ) -> Callable[[Message], Awaitable[None]]:
-        """A bus handler that puts the message on its device's lane and returns at once."""
+        self, topic: topics.Topic[P], handle: Callable[[str, P], Awaitable[None]]
+    ) -> inbox.Typed[P]:
+        """A typed handler that puts the payload on its device's lane and returns at once."""
         kind = topic.name
+        # a report is a snapshot: under a flood the newest one replaces the waiting one,
+        # so the state the hub ends up with is the device's last word
+        snapshot = topic is topics.REPORT
 
-        async def on_message(msg: Message) -> None:
-            params = topic.parse(msg.topic)
-            if params is None:
-                return
+        async def on_payload(params: dict[str, str], payload: P, msg: Message) -> None:
             uid = params["uid"]
-            # a report is a snapshot: under a flood the newest one replaces the waiting
-            # one, so the state the hub ends up with is the device's last word
-            snapshot = topic is topics.REPORT
-            if not self._lanes.submit(uid, kind, lambda: handle(uid, msg), supersedes=snapshot):
+            if not self._lanes.submit(uid, kind, lambda: handle(uid, payload), supersedes=snapshot):
                 metrics.FLOOD_DROPS.labels(kind).inc()
 
-        return on_message
+        return on_payload
 
     @staticmethod
     async def reset() -> None:
@@ -155,23 +158,12 @@ class Presence:
             )
         await self.events.publish(DeviceOnline(device) if online else DeviceOffline(device))
 
-    async def _on_availability(self, uid: str, msg: Message) -> None:
-        try:
-            online = topics.decode_availability(msg.payload)
-        except topics.PayloadError:
-            metrics.BAD_PAYLOADS.labels("availability").inc()
-            return
+    async def _on_availability(self, uid: str, online: bool) -> None:
         device = await self.cache.get(uid)
         if device is not None:
             await self.set_online(device, online)
 
-    async def _on_report(self, uid: str, msg: Message) -> None:
-        try:
-            report = topics.decode_report(msg.payload)
-        except topics.PayloadError as exc:
-            metrics.BAD_PAYLOADS.labels("report").inc()
-            log.info("dropped malformed report from %s: %s (%r)", uid, exc, msg.payload[:64])
-            return
+    async def _on_report(self, uid: str, report: topics.Report) -> None:
         device = await self.cache.get(uid)
         if device is None:
             return
@@ -205,13 +197,7 @@ class Presence:
                 details={"before": before, "relays": relays},
             )
 
-    async def _on_event(self, uid: str, msg: Message) -> None:
-        try:
-            event = topics.decode_event(msg.payload)
-        except topics.PayloadError as exc:
-            metrics.BAD_PAYLOADS.labels("event").inc()
-            log.info("dropped malformed event from %s: %s (%r)", uid, exc, msg.payload[:64])
-            return
+    async def _on_event(self, uid: str, event: topics.InputEvent) -> None:
         device = await self.cache.get(uid)
         if device is None or event.input_index >= device.input_count:
             metrics.BAD_PAYLOADS.labels("event").inc()

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from hexa.hub import metrics, topics
+from hexa.hub import inbox, metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.logs import printable
 from hexa.hub.state import DeviceCache, DeviceInfo, StateWriter
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class RelayService:
         self._seal_key = seal_key
         self._seen_seals: OrderedDict[str, None] = OrderedDict()
         self._executing = 0
+        self._intake = {
+            topic: inbox.on(topic, self._on_intent, kind="intent", malformed=self._on_bad_intent)
+            for topic in topics.INTENT_TOPICS
+        }
         #: set whenever a job ends (drain() re-checks whether everything is done)
         self._settled = asyncio.Event()
 
@@ -87,17 +92,17 @@ class RelayService:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self._writer.run)
-            await self.bus.subscribe(topics.RELAY_SET.filter(), self._on_intent)
-            await self.bus.subscribe(topics.RELAYS_SET.filter(), self._on_intent)
-            await self.bus.subscribe(topics.ACK.filter(), self._on_ack)
+            for topic, handler in self._intake.items():
+                await self.bus.subscribe(topic.filter(), handler)
+            await self.bus.subscribe(topics.ACK.filter(), inbox.on(topics.ACK, self._on_ack))
             task_status.started()
             await anyio.sleep_forever()
 
     async def drain(self) -> None:
         """Take no more intents, and return once the queued and running ones are done
         (each answered with its result); the caller bounds how long that may take."""
-        for topic in (topics.RELAY_SET, topics.RELAYS_SET):
-            await self.bus.unsubscribe(topic.filter(), self._on_intent)
+        for topic, handler in self._intake.items():
+            await self.bus.unsubscribe(topic.filter(), handler)
         while not self._idle():
             self._settled.clear()
             await self._settled.wait()
@@ -110,23 +115,9 @@ class RelayService:
         return self._locks.setdefault(uid, asyncio.Lock())
 
     # --- intake -------------------------------------------------------------------------
-    async def _on_intent(self, msg: Message) -> None:
-        matched = topics.match_topic(msg.topic)
-        if matched is None:
-            return
-        topic, params = matched
+    async def _on_intent(self, params: dict[str, str], intent: topics.Intent, msg: Message) -> None:
         uid = params["uid"]
-        if msg.retain:
-            # A retained intent would replay on every reconnect ("ghost switching").
-            metrics.INTENTS_REFUSED.labels("retained").inc()
-            log.warning("refused retained intent on %s", msg.topic)
-            return
-        try:
-            intent = topics.decode_intent(msg.payload, all_relays=topic is topics.RELAYS_SET)
-        except topics.PayloadError as exc:
-            metrics.BAD_PAYLOADS.labels("intent").inc()
-            metrics.INTENTS_REFUSED.labels("malformed").inc()
-            await self._result(uid, "", "rejected", error=f"malformed intent: {exc}")
+        if self._retained(msg):
             return
         intent = self._attributed(intent, msg)
         index = int(params["index"]) if "index" in params else None
@@ -142,6 +133,22 @@ class RelayService:
             await self._result(
                 uid, intent.intent_id, "rejected", error="device busy: too many queued intents"
             )
+
+    async def _on_bad_intent(
+        self, params: dict[str, str], exc: topics.PayloadError, msg: Message
+    ) -> None:
+        if self._retained(msg):
+            return
+        metrics.INTENTS_REFUSED.labels("malformed").inc()
+        await self._result(params["uid"], "", "rejected", error=f"malformed intent: {exc}")
+
+    @staticmethod
+    def _retained(msg: Message) -> bool:
+        """A retained intent would replay on every reconnect ("ghost switching"): refused."""
+        if msg.retain:
+            metrics.INTENTS_REFUSED.labels("retained").inc()
+            log.warning("refused retained intent on %s", printable(msg.topic))
+        return msg.retain
 
     def _attributed(self, intent: topics.Intent, msg: Message) -> topics.Intent:
         """Who asked and where come from the publisher, never from what it claims: only
@@ -393,17 +400,8 @@ class RelayService:
             log.warning("result of intent %s for %s not published", intent_id, uid)
 
     # --- acks ---------------------------------------------------------------------------
-    async def _on_ack(self, msg: Message) -> None:
-        params = topics.ACK.parse(msg.topic)
-        if params is None:
-            return
+    async def _on_ack(self, params: dict[str, str], ack: topics.Ack, msg: Message) -> None:
         uid = params["uid"]
-        try:
-            ack = topics.decode_ack(msg.payload)
-        except topics.PayloadError as exc:
-            metrics.BAD_PAYLOADS.labels("ack").inc()
-            log.info("dropped malformed ack from %s: %s (%r)", uid, exc, msg.payload[:64])
-            return
         pending = self._pending.get(ack.command_id)
         if pending is not None:
             if pending.uid != uid:

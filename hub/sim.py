@@ -179,7 +179,11 @@ class SimDevice:
             presence_topic=topics.AVAILABILITY.format(uid=self.uid),
         )
         self._bus = bus
-        topic_of = {"ack": topics.ACK, "state_report": topics.REPORT, "input_event": topics.EVENT}
+        topic_of: dict[str, topics.Topic[Any]] = {
+            "ack": topics.ACK,
+            "state_report": topics.REPORT,
+            "input_event": topics.EVENT,
+        }
 
         async def send(kind: str, doc: dict[str, Any]) -> None:
             await bus.publish(topic_of[kind].format(uid=self.uid), json.dumps(doc))

@@ -14,9 +14,10 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -32,13 +33,38 @@ class PayloadError(ValueError):
     """A payload that does not decode to its topic's type."""
 
 
+P = TypeVar("P")
+
+
 @dataclass(frozen=True)
-class Topic:
-    """A topic template such as ``hexa/{uid}/relay/{index}/set``."""
+class Codec(Generic[P]):
+    """How one topic's payloads are read (raising :class:`PayloadError`) and written."""
+
+    decode: Callable[[bytes], P]
+    encode: Callable[[P], bytes]
+
+
+@dataclass(frozen=True)
+class Topic(Generic[P]):
+    """A topic template such as ``hexa/{uid}/relay/{index}/set``, bound to its payload
+    type (``codec``), whether it is retained, and its QoS."""
 
     name: str
     template: str
     retained: bool = False
+    codec: Codec[P] | None = None
+    qos: int = 1
+
+    def decode(self, payload: bytes) -> P:
+        """The payload as this topic's type; :class:`PayloadError` if it is not one."""
+        if self.codec is None:
+            raise TypeError(f"topic {self.name} has no payload codec")
+        return self.codec.decode(payload)
+
+    def encode(self, value: P) -> bytes:
+        if self.codec is None:
+            raise TypeError(f"topic {self.name} has no payload codec")
+        return self.codec.encode(value)
 
     @property
     def _parts(self) -> list[str]:
@@ -81,45 +107,6 @@ class Topic:
         return found
 
 
-# --- device ↔ hub ---------------------------------------------------------------------
-CMD = Topic("cmd", "hexa/{uid}/cmd")
-ACK = Topic("ack", "hexa/{uid}/ack")
-REPORT = Topic("report", "hexa/{uid}/report")
-EVENT = Topic("event", "hexa/{uid}/event")
-AVAILABILITY = Topic("availability", "hexa/{uid}/availability", retained=True)
-# --- intents (anyone allowed → the relay service) ----------------------------------------
-RELAY_SET = Topic("relay_set", "hexa/{uid}/relay/{index}/set")
-RELAYS_SET = Topic("relays_set", "hexa/{uid}/relays/set")
-# --- hub → everyone -------------------------------------------------------------------
-RELAY_STATE = Topic("relay_state", "hexa/{uid}/relay/{index}/state", retained=True)
-STATE = Topic("state", "hexa/{uid}/state", retained=True)
-RESULT = Topic("result", "hexa/{uid}/result")
-INPUT_EVENT = Topic("input_event", "hexa/{uid}/input/{index}/event")
-HUB_STATUS = Topic("hub_status", "hexa/hub/status", retained=True)
-# --- Home Assistant -------------------------------------------------------------------
-HA_SWITCH_CONFIG = Topic("ha_switch_config", "homeassistant/switch/{object_id}/config", True)
-HA_STATUS = Topic("ha_status", "homeassistant/status")
-
-DEVICE_TOPICS = (CMD, ACK, REPORT, EVENT, AVAILABILITY)
-INTENT_TOPICS = (RELAY_SET, RELAYS_SET)
-#: what a device may publish about itself
-DEVICE_PUBLISH = (ACK, REPORT, EVENT, AVAILABILITY)
-#: every per-device topic, used to find the device a topic is about
-PER_DEVICE = (
-    CMD,
-    ACK,
-    REPORT,
-    EVENT,
-    AVAILABILITY,
-    RELAY_SET,
-    RELAYS_SET,
-    RELAY_STATE,
-    STATE,
-    RESULT,
-    INPUT_EVENT,
-)
-
-
 def device_of(topic: str) -> str | None:
     """The device uid a ``hexa/<uid>/...`` topic is about, or None."""
     for t in PER_DEVICE:
@@ -129,7 +116,7 @@ def device_of(topic: str) -> str | None:
     return None
 
 
-def match_topic(topic: str) -> tuple[Topic, dict[str, str]] | None:
+def match_topic(topic: str) -> tuple[Topic[Any], dict[str, str]] | None:
     """Which per-device topic this is, with its placeholders."""
     for t in PER_DEVICE:
         params = t.parse(topic)
@@ -329,6 +316,24 @@ def decode_result(payload: bytes) -> Result:
     return _model(Result, payload)
 
 
+def decode_state(payload: bytes) -> DeviceState:
+    return _model(DeviceState, payload)
+
+
+def decode_onoff(payload: bytes) -> bool:
+    text = payload.strip().upper()
+    if text in (b"ON", b"OFF"):
+        return text == b"ON"
+    raise PayloadError("state must be 'ON' or 'OFF'")
+
+
+def _decode_command(payload: bytes) -> SetRelay | SetAllRelays:
+    data = _json(payload)
+    if isinstance(data, dict) and data.get("type") == "set_all_relays":
+        return _model(SetAllRelays, payload)
+    return _model(SetRelay, payload)
+
+
 def decode_availability(payload: bytes) -> bool:
     """``online`` → True, ``offline`` → False."""
     text = payload.strip().lower()
@@ -395,6 +400,76 @@ def uid_of_ha_object(object_id: str) -> str | None:
     return uid
 
 
+# --- device ↔ hub ---------------------------------------------------------------------
+CMD: Topic[SetRelay | SetAllRelays] = Topic(
+    "cmd", "hexa/{uid}/cmd", codec=Codec(_decode_command, encode_command)
+)
+ACK: Topic[Ack] = Topic("ack", "hexa/{uid}/ack", codec=Codec(decode_ack, encode))
+REPORT: Topic[Report] = Topic("report", "hexa/{uid}/report", codec=Codec(decode_report, encode))
+EVENT: Topic[InputEvent] = Topic("event", "hexa/{uid}/event", codec=Codec(decode_event, encode))
+AVAILABILITY: Topic[bool] = Topic(
+    "availability",
+    "hexa/{uid}/availability",
+    retained=True,
+    codec=Codec(decode_availability, encode_availability),
+)
+# --- intents (anyone allowed → the relay service) ----------------------------------------
+RELAY_SET: Topic[Intent] = Topic(
+    "relay_set",
+    "hexa/{uid}/relay/{index}/set",
+    codec=Codec(lambda p: decode_intent(p, all_relays=False), encode_intent),
+)
+RELAYS_SET: Topic[Intent] = Topic(
+    "relays_set",
+    "hexa/{uid}/relays/set",
+    codec=Codec(lambda p: decode_intent(p, all_relays=True), encode_intent),
+)
+# --- hub → everyone -------------------------------------------------------------------
+RELAY_STATE: Topic[bool] = Topic(
+    "relay_state",
+    "hexa/{uid}/relay/{index}/state",
+    retained=True,
+    codec=Codec(decode_onoff, encode_onoff),
+)
+STATE: Topic[DeviceState] = Topic(
+    "state", "hexa/{uid}/state", retained=True, codec=Codec(decode_state, encode)
+)
+RESULT: Topic[Result] = Topic("result", "hexa/{uid}/result", codec=Codec(decode_result, encode))
+INPUT_EVENT: Topic[Any] = Topic("input_event", "hexa/{uid}/input/{index}/event")
+HUB_STATUS: Topic[bool] = Topic(
+    "hub_status",
+    "hexa/hub/status",
+    retained=True,
+    codec=Codec(decode_availability, encode_availability),
+)
+# --- Home Assistant -------------------------------------------------------------------
+HA_SWITCH_CONFIG: Topic[Any] = Topic(
+    "ha_switch_config", "homeassistant/switch/{object_id}/config", True
+)
+HA_STATUS: Topic[bool] = Topic(
+    "ha_status", "homeassistant/status", codec=Codec(decode_availability, encode_availability)
+)
+
+DEVICE_TOPICS: tuple[Topic[Any], ...] = (CMD, ACK, REPORT, EVENT, AVAILABILITY)
+INTENT_TOPICS: tuple[Topic[Intent], ...] = (RELAY_SET, RELAYS_SET)
+#: what a device may publish about itself
+DEVICE_PUBLISH: tuple[Topic[Any], ...] = (ACK, REPORT, EVENT, AVAILABILITY)
+#: every per-device topic, used to find the device a topic is about
+PER_DEVICE: tuple[Topic[Any], ...] = (
+    CMD,
+    ACK,
+    REPORT,
+    EVENT,
+    AVAILABILITY,
+    RELAY_SET,
+    RELAYS_SET,
+    RELAY_STATE,
+    STATE,
+    RESULT,
+    INPUT_EVENT,
+)
+
+
 def intent_value(state: bool | str) -> IntentValue:
     """``True``/``False``/``"toggle"`` (any case) as an intent's ``ON``/``OFF``/``TOGGLE``."""
     if isinstance(state, bool):
@@ -411,7 +486,11 @@ def intent_value(state: bool | str) -> IntentValue:
 
 #: hub-internal: an automation fired (for the WebSocket clients of its organization).
 #: Only hub sessions may read it (the broker's ACL denies it to devices and integrations).
-AUTOMATION_FIRED = Topic("automation_fired", "hexa/hub/automation_fired")
+AUTOMATION_FIRED: Topic[AutomationFired] = Topic(
+    "automation_fired",
+    "hexa/hub/automation_fired",
+    codec=Codec(lambda p: decode_automation_fired(p), encode),
+)
 
 
 class AutomationFired(_Ours):

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from tortoise.exceptions import BaseORMException
 
 from hexa.api.ws import messages
-from hexa.hub import metrics, topics
+from hexa.hub import inbox, metrics, topics
 from hexa.hub.access import Grants, Principal, load_grants, load_principal
 from hexa.hub.busapi import Message
 from hexa.hub.errors import Forbidden, HubError, Unauthorized, ValidationFailed
@@ -112,6 +112,8 @@ class ClientSessions:
         self._clients: set[_Client] = set()
         self._online: dict[str, bool] = {}
         self._db_down = False
+        self._state_handler = inbox.on(topics.STATE, self._on_state)
+        self._fired_handler = inbox.on(topics.AUTOMATION_FIRED, self._on_fired)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -149,14 +151,14 @@ class ClientSessions:
         # message delivered to the hub costs the broker and the bus client work.
         self._clients.add(client)
         if len(self._clients) == 1:
-            await self.hub.bus.subscribe(topics.STATE.filter(), self._on_state)
-            await self.hub.bus.subscribe(topics.AUTOMATION_FIRED.format(), self._on_fired)
+            await self.hub.bus.subscribe(topics.STATE.filter(), self._state_handler)
+            await self.hub.bus.subscribe(topics.AUTOMATION_FIRED.format(), self._fired_handler)
 
     async def remove(self, client: _Client) -> None:
         self._clients.discard(client)
         if not self._clients:
-            await self.hub.bus.unsubscribe(topics.STATE.filter(), self._on_state)
-            await self.hub.bus.unsubscribe(topics.AUTOMATION_FIRED.format(), self._on_fired)
+            await self.hub.bus.unsubscribe(topics.STATE.filter(), self._state_handler)
+            await self.hub.bus.unsubscribe(topics.AUTOMATION_FIRED.format(), self._fired_handler)
             self._online.clear()
 
     def broadcast(self, org_id: uuid.UUID | None, doc: dict[str, Any]) -> None:
@@ -164,11 +166,12 @@ class ClientSessions:
             if client.open and client.principal.can_see(org_id):
                 client.push(doc)
 
-    async def _on_fired(self, msg: Message) -> None:
+    async def _on_fired(
+        self, params: dict[str, str], fired: topics.AutomationFired, msg: Message
+    ) -> None:
         try:
-            fired = topics.decode_automation_fired(msg.payload)
             org_id = uuid.UUID(fired.org_id)
-        except (topics.PayloadError, ValueError):
+        except ValueError:
             metrics.BAD_PAYLOADS.labels("automation_fired").inc()
             return
         self.broadcast(
@@ -181,20 +184,14 @@ class ClientSessions:
             },
         )
 
-    async def _on_state(self, msg: Message) -> None:
-        params = topics.STATE.parse(msg.topic)
-        if params is None:
-            return
+    async def _on_state(
+        self, params: dict[str, str], state: topics.DeviceState, msg: Message
+    ) -> None:
         uid = params["uid"]
         device = await self.hub.cache.get(uid)
         if device is None or device.org_id is None:
             return
-        try:
-            state = json.loads(msg.payload)
-            relays, inputs, online = state["relays"], state["inputs"], bool(state["online"])
-        except (ValueError, KeyError, TypeError):
-            metrics.BAD_PAYLOADS.labels("state").inc()
-            return
+        relays, inputs, online = state.relays, state.inputs, state.online
         was = self._online.get(uid)
         self._online[uid] = online
         base = {"device_id": str(device.id), "device_uid": uid}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,7 +32,11 @@ CLOSE_REPLACED = 4409
 CLOSE_REVOKED = 4403
 MAX_MESSAGE_BYTES = 64 * 1024
 
-_DEVICE_TYPES = {"state_report": topics.REPORT, "ack": topics.ACK, "input_event": topics.EVENT}
+_DEVICE_TYPES: dict[str, topics.Topic[Any]] = {
+    "state_report": topics.REPORT,
+    "ack": topics.ACK,
+    "input_event": topics.EVENT,
+}
 
 
 class DeviceSessions:
