@@ -10,7 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningHub, User, error_shape_ok, register
+from support.accounts import User, register
+from support.checks import error_shape_ok
+from support.hubs import RunningHub
 
 SQLISH = "' OR 1=1 --"
 

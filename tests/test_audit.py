@@ -7,15 +7,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conftest import (
-    MqttClient,
-    RunningHub,
-    claimed_device,
-    error_shape_ok,
-    online_device,
-    register,
-    wait_until,
-)
+from support.accounts import register
+from support.checks import error_shape_ok, wait_until
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub
+from support.mqtt import MqttClient
 
 
 def audit(hub: RunningHub, token: str, **params: Any) -> dict[str, Any]:

@@ -12,14 +12,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from conftest import (
-    RunningHub,
-    User,
-    admin_token,
-    error_shape_ok,
-    register,
-    unique_email,
-)
+from support.accounts import User, admin_token, register, unique_email
+from support.checks import error_shape_ok
+from support.hubs import RunningHub
 
 PASSWORD = "S3cure-pass-word!"
 

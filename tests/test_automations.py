@@ -20,17 +20,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from conftest import (
-    MqttDevice,
-    RunningHub,
-    User,
-    add_member,
-    claimed_device,
-    error_shape_ok,
-    online_device,
-    register,
-    wait_until,
-)
+from support.accounts import User, add_member, register
+from support.checks import error_shape_ok, wait_until
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub
+from support.mqtt import MqttDevice
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 

@@ -11,16 +11,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    User,
-    claimed_device,
-    online_device,
-    register,
-    wait_until,
-)
+from support.accounts import User, register
+from support.checks import wait_until
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub
+from support.mqtt import MqttClient, MqttDevice
 
 C = TypeVar("C", bound=MqttClient)
 NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive

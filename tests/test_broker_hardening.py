@@ -22,19 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    User,
-    claimed_device,
-    new_database_url,
-    online_device,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
+from support.accounts import User, register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.mqtt import MqttClient, MqttDevice
 
 NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MqttClient, RunningHub, new_database_url, wait_until
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.hubs import RunningHub
+from support.mqtt import MqttClient
 
 HEXA = [sys.executable, "-m", "hexa.hub.cli"]
 LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")

@@ -9,22 +9,11 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import (
-    PROVISION_KEY,
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    User,
-    add_member,
-    claim,
-    claimed_device,
-    error_shape_ok,
-    online_device,
-    provision,
-    register,
-    unique_email,
-    wait_until,
-)
+from support.accounts import User, add_member, register, unique_email
+from support.checks import error_shape_ok, wait_until
+from support.devices import claim, claimed_device, online_device, provision
+from support.hubs import PROVISION_KEY, RunningHub
+from support.mqtt import MqttClient, MqttDevice
 
 DEVICE_FIELDS = {
     "id",

@@ -14,18 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    claim,
-    new_database_url,
-    provision,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
+from support.accounts import register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claim, provision
+from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.mqtt import MqttClient, MqttDevice
 
 MOSQUITTO = shutil.which("mosquitto")
 pytestmark = pytest.mark.skipif(

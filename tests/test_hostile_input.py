@@ -10,7 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningHub, User, claimed_device, error_shape_ok, register, unique_email
+from support.accounts import User, register, unique_email
+from support.checks import error_shape_ok
+from support.devices import claimed_device
+from support.hubs import RunningHub
 
 NUL = "bad\u0000value"
 

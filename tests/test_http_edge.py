@@ -17,20 +17,12 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from conftest import (
-    PROVISION_KEY,
-    MqttDevice,
-    RunningHub,
-    admin_token,
-    error_shape_ok,
-    new_database_url,
-    provision,
-    register,
-    spawn_hub,
-    stop_hub,
-    unique_email,
-    wait_until,
-)
+from support.accounts import admin_token, register, unique_email
+from support.checks import error_shape_ok, wait_until
+from support.databases import new_database_url
+from support.devices import provision
+from support.hubs import PROVISION_KEY, RunningHub, spawn_hub, stop_hub
+from support.mqtt import MqttDevice
 from websockets.sync.client import connect
 
 PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # the blank line never comes

@@ -14,7 +14,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from conftest import MqttDevice, RunningHub, User, online_device, register
+from support.accounts import User, register
+from support.devices import online_device
+from support.hubs import RunningHub
+from support.mqtt import MqttDevice
 
 WAIT_S = 10.0  # generous safety net for anything expected to arrive; never a speed bound
 NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive

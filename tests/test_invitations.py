@@ -14,16 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
-    RunningHub,
-    User,
-    add_member,
-    admin_token,
-    error_shape_ok,
-    register,
-    unique_email,
-    wait_until,
-)
+from support.accounts import User, add_member, admin_token, register, unique_email
+from support.checks import error_shape_ok, wait_until
+from support.hubs import RunningHub
 
 INVITATION_KEYS = {"id", "org_id", "email", "role", "status", "expires_at"}
 

@@ -16,21 +16,15 @@ from typing import Any
 import anyio
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import (
-    RunningHub,
-    claim,
-    new_database_url,
-    online_device,
-    provision,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support.accounts import register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claim, online_device, provision
+from support.hubs import RunningHub, spawn_hub, stop_hub
 
 from hexa.hub import mqtt as hexa_mqtt
 from hexa.hub.bus import BrokerAddress, Bus

@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RunningHub
+from support.hubs import RunningHub
 
 ERROR_REF = "#/components/schemas/Error"
 PAGE_FIELDS = {"items", "total", "limit", "offset", "has_next", "has_prev"}

@@ -14,17 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
-from conftest import (
-    COMMAND_TIMEOUT_MS,
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    User,
-    error_shape_ok,
-    online_device,
-    register,
-    wait_until,
-)
+from support.accounts import User, register
+from support.checks import error_shape_ok, wait_until
+from support.devices import online_device
+from support.hubs import COMMAND_TIMEOUT_MS, RunningHub
+from support.mqtt import MqttClient, MqttDevice
 
 C = TypeVar("C", bound=MqttClient)
 TIMEOUT_S = COMMAND_TIMEOUT_MS / 1000

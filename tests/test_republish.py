@@ -6,16 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    claimed_device,
-    new_database_url,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
+from support.accounts import register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claimed_device
+from support.hubs import spawn_hub, stop_hub
+from support.mqtt import MqttClient, MqttDevice
 
 
 def test_restarted_hub_republishes_retained_state(tmp_path: Path, db_kind: str) -> None:

@@ -19,19 +19,11 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from conftest import (
-    RunningHub,
-    User,
-    add_member,
-    claimed_device,
-    error_shape_ok,
-    new_database_url,
-    online_device,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
+from support.accounts import User, add_member, register
+from support.checks import error_shape_ok, wait_until
+from support.databases import new_database_url
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub, spawn_hub, stop_hub
 
 FAR_CRON = "0 0 1 1 *"  # once a year: never due by itself during a test run
 READ_ONLY = ("next_execution", "last_execution", "execution_count", "failure_count", "last_result")

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import schemathesis
-from conftest import RunningHub, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -20,6 +19,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from support.accounts import register
+from support.hubs import RunningHub
 
 #: examples per operation: the whole run stays within a few minutes on two cores
 MAX_EXAMPLES = 25

@@ -13,16 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    claimed_device,
-    new_database_url,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
+from support.accounts import register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claimed_device
+from support.hubs import spawn_hub, stop_hub
+from support.mqtt import MqttClient, MqttDevice
 
 DEVICES = 6
 

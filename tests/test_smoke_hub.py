@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from conftest import RunningHub, online_device, register
+from support.accounts import register
+from support.devices import online_device
+from support.hubs import RunningHub
 
 
 def test_health_answers(hub: RunningHub) -> None:

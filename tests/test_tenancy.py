@@ -10,20 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
-    MqttClient,
-    MqttDevice,
-    RunningHub,
-    User,
-    add_member,
-    admin_token,
-    claim,
-    error_shape_ok,
-    online_device,
-    provision,
-    register,
-    wait_until,
-)
+from support.accounts import User, add_member, admin_token, register
+from support.checks import error_shape_ok, wait_until
+from support.devices import claim, online_device, provision
+from support.hubs import RunningHub
+from support.mqtt import MqttClient, MqttDevice
 
 ROLES = ["viewer", "operator", "manager", "admin", "owner"]
 RANK = {r: i for i, r in enumerate(ROLES)}

@@ -4,169 +4,18 @@ and ``/ws/client`` with live device state and relay commands, tenant-scoped."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
-import conftest
-from conftest import (
-    MqttClient,
-    RunningHub,
-    User,
-    claimed_device,
-    online_device,
-    register,
-    wait_until,
-)
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
-
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
-
-def _connect(url: str) -> ClientConnection:
-    return connect(url, open_timeout=10, close_timeout=5, proxy=None)
-
-
-class WsPeer:
-    """A WebSocket connection with a reader thread collecting every JSON document."""
-
-    def __init__(self, url: str) -> None:
-        self.ws = _connect(url)
-        self.docs: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.close_code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for raw in self.ws:
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
-                    doc = {"type": "<not json>", "raw": raw}
-                with self.lock:
-                    self.docs.append(doc)
-                self.on_doc(doc)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.close_code = self.ws.close_code
-            self.closed.set()
-
-    def on_doc(self, doc: dict[str, Any]) -> None:
-        pass
-
-    def send(self, doc: dict[str, Any] | str | bytes) -> None:
-        self.ws.send(json.dumps(doc) if isinstance(doc, dict) else doc)
-
-    def wait_for(
-        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 5
-    ) -> dict[str, Any] | None:
-        def find() -> dict[str, Any] | None:
-            with self.lock:
-                return next((d for d in self.docs if pred(d)), None)
-
-        found: dict[str, Any] | None = wait_until(find, timeout)
-        return found
-
-    def result(self, request_id: str, timeout: float = 10) -> dict[str, Any] | None:
-        """The command_result answering ``request_id``."""
-        return self.wait_for(
-            lambda d: d.get("type") == "command_result" and d.get("request_id") == request_id,
-            timeout,
-        )
-
-    def count(self, kind: str) -> int:
-        return len(self.messages(lambda d: d.get("type") == kind))
-
-    def messages(
-        self, pred: Callable[[dict[str, Any]], bool] | None = None
-    ) -> list[dict[str, Any]]:
-        with self.lock:
-            return [d for d in self.docs if pred is None or pred(d)]
-
-    def close(self) -> None:
-        self.ws.close()
-        self.thread.join(10)
-
-
-class WsDevice(WsPeer):
-    """A simulated hexa-mini-switch-v1 over /ws/device (auto-acks relay commands)."""
-
-    def __init__(self, hub: RunningHub, uid: str, token: str, *, auto_ack: bool = True) -> None:
-        self.uid = uid
-        self.relays = [False, False, False]
-        self.auto_ack = auto_ack
-        super().__init__(f"{hub.ws_base}/ws/device?{urlencode({'uid': uid, 'token': token})}")
-
-    def on_doc(self, doc: dict[str, Any]) -> None:
-        if not self.auto_ack or doc.get("type") not in ("set_relay", "set_all_relays"):
-            return
-        if doc["type"] == "set_relay":
-            self.relays[doc["relay_index"]] = bool(doc["state"])
-        else:
-            self.relays = [bool(doc["state"])] * 3
-        self.send(
-            {"type": "ack", "command_id": doc["command_id"], "ok": True, "relays": self.relays}
-        )
-
-
-def client_url(hub: RunningHub, token: str) -> str:
-    return f"{hub.ws_base}/ws/client?{urlencode({'token': token})}"
-
-
-P = TypeVar("P", bound=WsPeer)
-
-
-def add_member(hub: RunningHub, by: User, who: User, role: str) -> None:
-    """Make ``who`` a member of ``by``'s organization: the shared helper when there is one
-    (invite and accept), else a direct add."""
-    shared: Callable[..., Any] | None = getattr(conftest, "add_member", None)
-    if shared is not None:
-        shared(hub, by, who, role)
-        return
-    with hub.api(by.access_token) as c:
-        r = c.post(f"/orgs/{by.org_id}/members", json={"email": who.email, "role": role})
-    assert r.status_code == 201, r.text
-
-
-def close_code_of(url: str) -> int | None:
-    """Connect, and return the close code the server answers with (None: stayed open)."""
-    ws = _connect(url)
-    try:
-        ws.recv(timeout=5)
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
-    except TimeoutError:
-        return None
-    finally:
-        ws.close()
-    return ws.close_code
-
-
-def ws_device(
-    hub: RunningHub, user: User, track: Callable[[Any], Any], **kwargs: Any
-) -> tuple[dict[str, Any], WsDevice]:
-    """A claimed device connected over /ws/device and seen online."""
-    p, dev = claimed_device(hub, user)
-    d = track(WsDevice(hub, p["device_uid"], p["device_token"], **kwargs))
-    with hub.api(user.access_token) as c:
-        assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"] is True, 5)
-    return dev, d
-
-
-def ws_client(hub: RunningHub, user: User, track: Callable[[Any], Any]) -> WsPeer:
-    client = track(WsPeer(client_url(hub, user.access_token)))
-    client.send({"type": "ping"})
-    assert client.wait_for(lambda d: d.get("type") == "pong", 5), "client socket not ready"
-    return client
+from support.accounts import add_member, register
+from support.checks import NEGATIVE_WAIT_S, wait_until
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub
+from support.mqtt import MqttClient
+from support.ws import WsDevice, client_url, close_code_of, ws_client, ws_device
 
 
 # --- /ws/device --------------------------------------------------------------------------

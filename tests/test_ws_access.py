@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    RunningHub,
-    User,
-    admin_token,
-    new_database_url,
-    online_device,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
-from test_ws import NEGATIVE_WAIT_S, WsPeer, add_member, client_url, ws_client
+from support.accounts import User, add_member, admin_token, register
+from support.checks import NEGATIVE_WAIT_S, wait_until
+from support.databases import new_database_url
+from support.devices import online_device
+from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.ws import WsPeer, client_url, ws_client
 from websockets.exceptions import ConnectionClosed
 
 CLOSE_DEADLINE_S = 3.0  # the hub re-checks every 0.5 s; a generous bound for a busy machine

@@ -12,17 +12,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from conftest import (
-    RunningHub,
-    claimed_device,
-    new_database_url,
-    online_device,
-    register,
-    spawn_hub,
-    stop_hub,
-    wait_until,
-)
-from test_ws import WsPeer, client_url, ws_client, ws_device
+from support.accounts import register
+from support.checks import wait_until
+from support.databases import new_database_url
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.ws import WsPeer, client_url, ws_client, ws_device
 
 from hexa.hub.logs import PeerFaults
 
