@@ -146,6 +146,11 @@ class Bus:
                     self._check_granted(filters, await conn.subscribe(filters))
                 await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
                 self._connected.set()
+                # handlers added while the first SUBSCRIBE was on its way were neither in
+                # it nor subscribed by subscribe() (not connected yet): subscribe them now
+                late = [f for f in dict.fromkeys(f for f, _ in self._handlers) if f not in filters]
+                if late:
+                    self._check_granted(late, await conn.subscribe(late))
                 async with self._new_connection:
                     self._generation += 1
                     self._new_connection.notify_all()
