@@ -11,24 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from support.accounts import User, register
-from support.checks import error_shape_ok
+from support.checks import assert_error
 from support.hubs import RunningHub
 
 SQLISH = "' OR 1=1 --"
-
-
-def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert error_shape_ok(body), body
-    assert isinstance(body["code"], str) and body["code"]
-    assert isinstance(body["message"], str) and body["message"]
-    assert body["details"] is None or isinstance(body["details"], dict)
-    if code is not None:
-        assert body["code"] == code, body
-    assert body["request_id"] and body["request_id"] == r.headers.get("x-request-id")
-    return dict(body)
 
 
 def _org_count(hub: RunningHub, user: User) -> int:
@@ -43,31 +29,31 @@ def _org_count(hub: RunningHub, user: User) -> int:
 def test_unknown_route_is_404_with_error_shape(hub: RunningHub, path: str) -> None:
     """An unknown route answers 404 not_found in the error shape."""
     r = httpx.get(hub.base + path)
-    _assert_error(r, 404, "not_found")
+    assert_error(r, 404, "not_found")
 
 
 def test_wrong_method_is_405_with_error_shape(hub: RunningHub) -> None:
     """A known route with a wrong method answers 405 in the error shape."""
     user = register(hub)
     with hub.api(user.access_token) as c:
-        body = _assert_error(c.put("/orgs", json={"name": "x"}), 405)
+        body = assert_error(c.put("/orgs", json={"name": "x"}), 405)
     assert body["code"] == "method_not_allowed"
-    _assert_error(httpx.post(hub.base + "/health"), 405, "method_not_allowed")
+    assert_error(httpx.post(hub.base + "/health"), 405, "method_not_allowed")
 
 
 def test_unauthenticated_is_401_with_error_shape(hub: RunningHub) -> None:
     """A protected route without a token answers 401 unauthorized in the error shape."""
     with hub.api() as c:
-        _assert_error(c.get("/devices"), 401, "unauthorized")
+        assert_error(c.get("/devices"), 401, "unauthorized")
     with hub.api("not-a-jwt") as c:
-        _assert_error(c.get("/orgs"), 401, "unauthorized")
+        assert_error(c.get("/orgs"), 401, "unauthorized")
 
 
 def test_missing_field_is_400_validation_error_with_details(hub: RunningHub) -> None:
     """A body missing a required field answers 400 validation_error with details naming it."""
     user = register(hub)
     with hub.api(user.access_token) as c:
-        body = _assert_error(c.post("/orgs", json={}), 400, "validation_error")
+        body = assert_error(c.post("/orgs", json={}), 400, "validation_error")
     assert isinstance(body["details"], dict)
     errors = body["details"]["errors"]
     assert isinstance(errors, list) and errors
@@ -80,11 +66,11 @@ def test_malformed_json_is_400(hub: RunningHub) -> None:
     before = _org_count(hub, user)
     with hub.api(user.access_token) as c:
         r = c.post("/orgs", content=b'{"name": "x",', headers={"Content-Type": "application/json"})
-        _assert_error(r, 400, "validation_error")
+        assert_error(r, 400, "validation_error")
         r = c.post(
             "/orgs", content=b"not json at all", headers={"Content-Type": "application/json"}
         )
-        _assert_error(r, 400, "validation_error")
+        assert_error(r, 400, "validation_error")
     assert _org_count(hub, user) == before
 
 
@@ -93,7 +79,7 @@ def test_unknown_field_is_400(hub: RunningHub) -> None:
     user = register(hub)
     before = _org_count(hub, user)
     with hub.api(user.access_token) as c:
-        body = _assert_error(
+        body = assert_error(
             c.post("/orgs", json={"name": "ok", "owner_id": str(uuid.uuid4())}),
             400,
             "validation_error",
@@ -117,7 +103,7 @@ def test_wrong_types_are_400(hub: RunningHub, path: str, payload: Any) -> None:
     """Fields of the wrong type answer 400 validation_error."""
     user = register(hub)
     with hub.api(user.access_token) as c:
-        _assert_error(c.post(path, json=payload), 400, "validation_error")
+        assert_error(c.post(path, json=payload), 400, "validation_error")
 
 
 def test_relay_state_is_strict_bool(hub: RunningHub) -> None:
@@ -126,7 +112,7 @@ def test_relay_state_is_strict_bool(hub: RunningHub) -> None:
     with hub.api(user.access_token) as c:
         for state in ("yes", 1, None):
             r = c.post(f"/devices/{uuid.uuid4()}/relays/0", json={"state": state})
-            _assert_error(r, 400, "validation_error")
+            assert_error(r, 400, "validation_error")
 
 
 def test_sqlish_name_is_stored_verbatim(hub: RunningHub) -> None:
@@ -155,14 +141,14 @@ def test_sqlish_path_ids_are_400_or_404(hub: RunningHub, route: str, bad_id: str
     with hub.api(user.access_token) as c:
         r = c.get(route.format(bad_id))
     assert r.status_code in (400, 404), r.text
-    _assert_error(r, r.status_code)
+    assert_error(r, r.status_code)
 
 
 def test_sqlish_query_param_is_400(hub: RunningHub) -> None:
     """An SQL-ish value in a uuid query filter answers 400 validation_error and leaks nothing."""
     user = register(hub)
     with hub.api(user.access_token) as c:
-        _assert_error(c.get("/devices", params={"org_id": SQLISH}), 400, "validation_error")
+        assert_error(c.get("/devices", params={"org_id": SQLISH}), 400, "validation_error")
         r = c.get("/devices", params={"model": SQLISH})
     assert r.status_code == 200, r.text
     assert r.json()["items"] == [] and r.json()["total"] == 0
@@ -175,7 +161,7 @@ def test_oversized_body_is_413(hub: RunningHub) -> None:
     big = json.dumps({"name": "x" * (1024 * 1024 + 10)}).encode()
     with hub.api(user.access_token) as c:
         r = c.post("/orgs", content=big, headers={"Content-Type": "application/json"})
-    _assert_error(r, 413, "payload_too_large")
+    assert_error(r, 413, "payload_too_large")
     assert _org_count(hub, user) == before
 
 
@@ -192,7 +178,7 @@ def test_oversized_chunked_body_is_413(hub: RunningHub) -> None:
 
     with hub.api(user.access_token) as c:
         r = c.post("/orgs", content=chunks(), headers={"Content-Type": "application/json"})
-    _assert_error(r, 413, "payload_too_large")
+    assert_error(r, 413, "payload_too_large")
     assert _org_count(hub, user) == before
 
 
@@ -202,7 +188,7 @@ def test_body_just_under_limit_is_not_413(hub: RunningHub) -> None:
     body = json.dumps({"name": "x" * (512 * 1024)}).encode()
     with hub.api(user.access_token) as c:
         r = c.post("/orgs", content=body, headers={"Content-Type": "application/json"})
-    _assert_error(r, 400, "validation_error")
+    assert_error(r, 400, "validation_error")
 
 
 def test_non_utf8_body_is_400(hub: RunningHub) -> None:
@@ -215,7 +201,7 @@ def test_non_utf8_body_is_400(hub: RunningHub) -> None:
             content=b'{"name": "\xff\xfe\xc3("}',
             headers={"Content-Type": "application/json"},
         )
-    _assert_error(r, 400, "validation_error")  # invalid UTF-8 is malformed JSON (RFC 8259 §8.1)
+    assert_error(r, 400, "validation_error")  # invalid UTF-8 is malformed JSON (RFC 8259 §8.1)
     assert _org_count(hub, user) == before
 
 
@@ -226,12 +212,12 @@ def test_request_id_echoed_when_sane(hub: RunningHub) -> None:
     r = httpx.get(hub.base + "/healthz", headers={"X-Request-ID": rid})
     assert r.status_code == 200 and r.headers["x-request-id"] == rid
     r = httpx.get(hub.api_base + "/nowhere", headers={"X-Request-ID": rid})
-    body = _assert_error(r, 404, "not_found")
+    body = assert_error(r, 404, "not_found")
     assert body["request_id"] == rid
     user = register(hub)
     with hub.api(user.access_token, **{"X-Request-ID": rid}) as c:
         r = c.post("/orgs", json={})
-    assert _assert_error(r, 400, "validation_error")["request_id"] == rid
+    assert assert_error(r, 400, "validation_error")["request_id"] == rid
 
 
 def test_request_id_generated_when_absent(hub: RunningHub) -> None:
@@ -241,7 +227,7 @@ def test_request_id_generated_when_absent(hub: RunningHub) -> None:
     assert a.headers.get("x-request-id") and b.headers.get("x-request-id")
     assert a.headers["x-request-id"] != b.headers["x-request-id"]
     err = httpx.get(hub.api_base + "/nowhere")
-    assert _assert_error(err, 404)["request_id"] == err.headers["x-request-id"]
+    assert assert_error(err, 404)["request_id"] == err.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(
@@ -254,7 +240,7 @@ def test_insane_request_id_is_replaced(hub: RunningHub, insane: str) -> None:
     rid = r.headers.get("x-request-id")
     assert rid and rid != insane and len(rid) <= 128 and " " not in rid
     err = httpx.get(hub.api_base + "/nowhere", headers={"X-Request-ID": insane})
-    body = _assert_error(err, 404)
+    body = assert_error(err, 404)
     assert body["request_id"] != insane
 
 
@@ -266,9 +252,9 @@ def test_request_id_on_413_and_401(hub: RunningHub) -> None:
         content=b"x" * (1024 * 1024 + 1),
         headers={"X-Request-ID": rid, "Content-Type": "application/json"},
     )
-    assert _assert_error(r, 413, "payload_too_large")["request_id"] == rid
+    assert assert_error(r, 413, "payload_too_large")["request_id"] == rid
     r = httpx.get(hub.api_base + "/orgs", headers={"X-Request-ID": rid})
-    assert _assert_error(r, 401, "unauthorized")["request_id"] == rid
+    assert assert_error(r, 401, "unauthorized")["request_id"] == rid
 
 
 # --- Idempotency-Key ---------------------------------------------------------------------
@@ -298,7 +284,7 @@ def test_idempotency_key_with_different_body_is_409(hub: RunningHub) -> None:
     with hub.api(user.access_token, **{"Idempotency-Key": key}) as c:
         assert c.post("/orgs", json={"name": "One"}).status_code == 201
         r = c.post("/orgs", json={"name": "Two"})
-    _assert_error(r, 409, "idempotency_conflict")
+    assert_error(r, 409, "idempotency_conflict")
     with hub.api(user.access_token) as c:
         names = [o["name"] for o in c.get("/orgs").json()["items"]]
     assert "One" in names and "Two" not in names
@@ -318,7 +304,7 @@ def test_idempotency_keys_are_per_caller(hub: RunningHub) -> None:
     assert _org_count(hub, alice) == 2 and _org_count(hub, bob) == 2
     with hub.api(bob.access_token) as c:
         assert c.get(f"/orgs/{b.json()['id']}").status_code == 200
-        _assert_error(c.get(f"/orgs/{a.json()['id']}"), 404, "not_found")
+        assert_error(c.get(f"/orgs/{a.json()['id']}"), 404, "not_found")
 
 
 def test_concurrent_duplicates_create_exactly_one(hub: RunningHub) -> None:
@@ -347,7 +333,7 @@ def test_concurrent_duplicates_create_exactly_one(hub: RunningHub) -> None:
     assert all(r.status_code in (201, 409) for r in results), [r.text for r in results]
     for r in results:
         if r.status_code == 409:
-            _assert_error(r, 409, "idempotency_conflict")
+            assert_error(r, 409, "idempotency_conflict")
     assert ok, "none of the concurrent requests succeeded"
     assert len({r.json()["id"] for r in ok}) == 1
     assert sum(r.headers.get("idempotency-replayed") != "true" for r in ok) == 1
@@ -370,8 +356,8 @@ def test_idempotent_delete_replays_204(hub: RunningHub) -> None:
     assert second.content == b""
     assert second.headers.get("idempotency-replayed") == "true"
     with hub.api(user.access_token) as c:
-        _assert_error(c.get(f"/orgs/{org['id']}"), 404, "not_found")
-        _assert_error(c.delete(f"/orgs/{org['id']}"), 404, "not_found")  # no key: really gone
+        assert_error(c.get(f"/orgs/{org['id']}"), 404, "not_found")
+        assert_error(c.delete(f"/orgs/{org['id']}"), 404, "not_found")  # no key: really gone
 
 
 def test_invalid_idempotency_key_is_400(hub: RunningHub) -> None:
@@ -380,7 +366,7 @@ def test_invalid_idempotency_key_is_400(hub: RunningHub) -> None:
     before = _org_count(hub, user)
     with hub.api(user.access_token, **{"Idempotency-Key": "k" * 256}) as c:
         r = c.post("/orgs", json={"name": "Nope"})
-    _assert_error(r, 400, "validation_error")
+    assert_error(r, 400, "validation_error")
     assert _org_count(hub, user) == before
     with hub.api(user.access_token, **{"Idempotency-Key": "k" * 255}) as c:
         assert c.post("/orgs", json={"name": "Edge"}).status_code == 201
@@ -441,7 +427,7 @@ def test_metrics_prometheus_text(hub: RunningHub) -> None:
 
 def test_health_endpoints_are_outside_api_prefix(hub: RunningHub) -> None:
     """Health endpoints live at the root, not under /api/v1."""
-    _assert_error(httpx.get(hub.api_base + "/health"), 404, "not_found")
+    assert_error(httpx.get(hub.api_base + "/health"), 404, "not_found")
 
 
 def test_docs_and_openapi(hub: RunningHub) -> None:
@@ -474,7 +460,7 @@ def test_pagination_bounds_are_400(hub: RunningHub, params: dict[str, Any]) -> N
     user = register(hub)
     with hub.api(user.access_token) as c:
         for path in ("/orgs", "/devices"):
-            _assert_error(c.get(path, params=params), 400, "validation_error")
+            assert_error(c.get(path, params=params), 400, "validation_error")
 
 
 def test_pagination_shape_and_flags(hub: RunningHub) -> None:

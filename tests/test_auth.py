@@ -13,16 +13,10 @@ import httpx
 import jwt
 import pytest
 from support.accounts import User, admin_token, register, unique_email
-from support.checks import error_shape_ok
-from support.hubs import RunningHub
+from support.checks import assert_error
+from support.hubs import RunningHub, fake_ip
 
 PASSWORD = "S3cure-pass-word!"
-
-
-def fake_ip() -> str:
-    """A unique fake client address for X-Forwarded-For (the test hub trusts the proxy)."""
-    n = uuid.uuid4().int
-    return f"10.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}"
 
 
 def login(hub: RunningHub, email: str, password: str, ip: str | None = None) -> httpx.Response:
@@ -39,16 +33,6 @@ def refresh(hub: RunningHub, token: str) -> httpx.Response:
 def me(hub: RunningHub, token: str) -> httpx.Response:
     with hub.api(token) as c:
         return c.get("/auth/me")
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert error_shape_ok(body), body
-    assert body["code"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
-    assert body["request_id"] == r.headers["x-request-id"]
-    return dict(body)
 
 
 def assert_token_pair(body: dict[str, Any], email: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from support.accounts import User, register, unique_email
-from support.checks import error_shape_ok
+from support.checks import assert_error
 from support.devices import claimed_device
 from support.hubs import RunningHub
 
@@ -55,11 +55,7 @@ def world(hub: RunningHub) -> World:
 
 
 def assert_400(r: httpx.Response) -> dict[str, Any]:
-    assert r.status_code == 400, r.text
-    body = r.json()
-    assert error_shape_ok(body), body
-    assert body["code"] == "validation_error", body
-    return dict(body)
+    return assert_error(r, 400, "validation_error")
 
 
 def rule(w: World, **over: Any) -> dict[str, Any]:

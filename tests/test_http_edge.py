@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 from support.accounts import admin_token, register, unique_email
-from support.checks import error_shape_ok, wait_until
+from support.checks import assert_error, wait_until
 from support.databases import new_database_url
 from support.devices import provision
 from support.hubs import PROVISION_KEY, RunningHub, spawn_hub, stop_hub
@@ -258,11 +258,6 @@ def test_new_data_dir_is_created_private(tmp_path: Path) -> None:
 
 
 # --- Idempotency-Key edge cases ----------------------------------------------------------
-def _error(r: httpx.Response, status: int, code: str) -> None:
-    assert r.status_code == status, r.text
-    assert error_shape_ok(r.json()) and r.json()["code"] == code, r.text
-
-
 def test_anonymous_callers_do_not_share_idempotency_keys(hub: RunningHub) -> None:
     """Two anonymous callers using the same Idempotency-Key each get their own answer: no
     replay of the other's tokens, and no 409 that lets one block the other's key."""
@@ -292,7 +287,7 @@ def test_anonymous_replay_needs_the_same_credentials(hub: RunningHub) -> None:
     with hub.api(**{"Idempotency-Key": key, "X-Provision-Key": PROVISION_KEY}) as c:
         assert c.post("/provision/register", json=body).status_code == 201
     with hub.api(**{"Idempotency-Key": key, "X-Provision-Key": "wrong-key-0123456789"}) as c:
-        _error(c.post("/provision/register", json=body), 401, "unauthorized")
+        assert_error(c.post("/provision/register", json=body), 401, "unauthorized")
 
 
 def _disable(hub: RunningHub, user_id: str) -> None:
@@ -315,9 +310,9 @@ def test_stored_answer_not_replayed_to_a_disabled_user(hub: RunningHub) -> None:
     _disable(hub, user.id)
     _disable(hub, reg.json()["user"]["id"])
     with hub.api(user.access_token, **{"Idempotency-Key": key}) as c:
-        _error(c.post("/orgs", json={"name": "Before"}), 401, "unauthorized")
+        assert_error(c.post("/orgs", json={"name": "Before"}), 401, "unauthorized")
     with hub.api(**{"Idempotency-Key": reg_key}) as c:
-        _error(
+        assert_error(
             c.post("/auth/register", json={"email": email, "password": password}),
             401,
             "unauthorized",
@@ -334,7 +329,7 @@ def test_logins_and_refreshes_are_never_replayed(hub: RunningHub) -> None:
         wrong = c.post("/auth/login", json={**creds, "password": "not-the-password"})
         first = c.post("/auth/login", json=creds)
         second = c.post("/auth/login", json=creds)
-    _error(wrong, 401, "unauthorized")
+    assert_error(wrong, 401, "unauthorized")
     for r in (first, second):
         assert r.status_code == 200, r.text
         assert r.headers.get("idempotency-replayed") is None
@@ -343,7 +338,7 @@ def test_logins_and_refreshes_are_never_replayed(hub: RunningHub) -> None:
     with hub.api(**{"Idempotency-Key": key}) as c:
         assert c.post("/auth/refresh", json=refresh).status_code == 200
         repeated = c.post("/auth/refresh", json=refresh)
-    _error(repeated, 401, "unauthorized")
+    assert_error(repeated, 401, "unauthorized")
     assert repeated.headers.get("idempotency-replayed") is None
 
 

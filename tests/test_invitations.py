@@ -12,30 +12,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import pytest
-from support.accounts import User, add_member, admin_token, register, unique_email
-from support.checks import error_shape_ok, wait_until
+from support.accounts import User, add_member, admin_token, new_org, register, unique_email
+from support.checks import assert_error, ok, wait_until
 from support.hubs import RunningHub
 
 INVITATION_KEYS = {"id", "org_id", "email", "role", "status", "expires_at"}
-
-
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json() if r.content else None
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert error_shape_ok(body) and body["code"] == code, body
-    return dict(body)
-
-
-def new_org(hub: RunningHub, user: User) -> str:
-    with hub.api(user.access_token) as c:
-        return str(ok(c.post("/orgs", json={"name": "Invites"}), 201)["id"])
 
 
 def invite(hub: RunningHub, by: User, org_id: str, email: str, role: str) -> dict[str, Any]:
@@ -85,7 +67,7 @@ def test_invitation_answer_does_not_reveal_accounts(hub: RunningHub) -> None:
     """Inviting a registered and an unknown email answers the same 201 shape, status pending,
     and neither becomes a member before accepting."""
     owner, known = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     unknown = unique_email()
     answers = [
         invite(hub, owner, org_id, known.email, "operator"),
@@ -110,7 +92,7 @@ def test_invitation_answer_does_not_reveal_accounts(hub: RunningHub) -> None:
 def test_invitation_email_is_normalized_and_reaches_later_accounts(hub: RunningHub) -> None:
     """An email invited in mixed case reaches the account registered for it later."""
     owner = register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     email = unique_email()
     invitation = invite(hub, owner, org_id, f"  {email.upper()} ", "viewer")
     assert invitation["email"] == email
@@ -125,7 +107,7 @@ def test_accept_joins_with_the_role_once(hub: RunningHub) -> None:
     """The invitee sees the invitation, accepts it (200, status accepted) and is a member
     with its role; accepting or declining again is 409 with the status found."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "manager")
     seen = mine(hub, invitee)
     assert [(i["id"], i["org_id"], i["role"]) for i in seen] == [
@@ -151,7 +133,7 @@ def test_accept_joins_with_the_role_once(hub: RunningHub) -> None:
 def test_decline_leaves_no_membership(hub: RunningHub) -> None:
     """A declined invitation cannot be accepted afterwards (409) and grants nothing."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "admin")
     with hub.api(invitee.access_token) as c:
         assert ok(c.post(f"/invitations/{invitation['id']}/decline"))["status"] == "declined"
@@ -166,7 +148,7 @@ def test_revoke(hub: RunningHub) -> None:
     """An admin revokes a pending invitation (204): it can no longer be accepted (409), a
     second revoke is 409, and the organization lists it as revoked."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "viewer")
     with hub.api(owner.access_token) as c:
         r = c.delete(f"/invitations/{invitation['id']}")
@@ -186,7 +168,7 @@ def test_expired_invitation_cannot_be_accepted(hub: RunningHub) -> None:
     """An invitation past expires_at is hidden from the invitee, reads expired, and
     accepting it is 409 with status expired; inviting again gives a fresh pending one."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "operator")
     expire(hub, invitation["id"])
     assert mine(hub, invitee) == []
@@ -207,7 +189,7 @@ def test_expired_invitation_cannot_be_accepted(hub: RunningHub) -> None:
 def test_inviting_again_renews_the_pending_invitation(hub: RunningHub) -> None:
     """Inviting a pending email again updates that invitation's role instead of adding one."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     first = invite(hub, owner, org_id, invitee.email, "viewer")
     second = invite(hub, owner, org_id, invitee.email, "manager")
     assert second["id"] == first["id"] and second["role"] == "manager"
@@ -218,7 +200,7 @@ def test_role_ceiling_applies_to_invitations(hub: RunningHub) -> None:
     """An admin cannot invite an owner nor revoke an owner's invitation (403); an admin
     invitation is fine; managers cannot invite at all."""
     owner, adm, mgr = register(hub), register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     add_member(hub, owner, adm, "admin", org_id)
     add_member(hub, owner, mgr, "manager", org_id)
     target = unique_email()
@@ -244,7 +226,7 @@ def test_invitations_shrink_with_their_sender(hub: RunningHub) -> None:
     demoted, and all of them when they leave: accepting one is then 409 revoked."""
     owner, adm = register(hub), register(hub)
     invitees = [register(hub) for _ in range(3)]
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     add_member(hub, owner, adm, "admin", org_id)
     high = invite(hub, adm, org_id, invitees[0].email, "admin")
     low = invite(hub, adm, org_id, invitees[1].email, "viewer")
@@ -270,7 +252,7 @@ def test_other_tenants_invitations_are_404(hub: RunningHub) -> None:
     """Someone else's invitation is 404 to accept, decline, revoke or list, exactly like an
     unknown id, and nothing changes."""
     owner, invitee, mallory = register(hub), register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "admin")
     ghost = str(uuid.uuid4())
     for who in (mallory, invitee):  # the invitee is no admin of the organization
@@ -316,7 +298,7 @@ def test_bad_status_filter_is_400(hub: RunningHub) -> None:
 def test_invitations_are_audited(hub: RunningHub) -> None:
     """Inviting, accepting and revoking write audit entries with the actor and request id."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     with hub.api(owner.access_token, **{"X-Request-ID": "invite-audit-1"}) as c:
         r = c.post(f"/orgs/{org_id}/members", json={"email": invitee.email, "role": "viewer"})
         invitation = ok(r, 201)
@@ -345,7 +327,7 @@ def test_concurrent_answers_settle_once(hub: RunningHub, verb: str) -> None:
     """The same invitation answered twice at once: one 200, one 409, and membership matches
     the answer that won."""
     owner, invitee = register(hub), register(hub)
-    org_id = new_org(hub, owner)
+    org_id = new_org(hub, owner, "Invites")["id"]
     invitation = invite(hub, owner, org_id, invitee.email, "viewer")
     gate = threading.Barrier(2)
 

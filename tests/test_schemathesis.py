@@ -4,7 +4,6 @@ that every answer is one the document describes (status, content type, body sche
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import httpx
@@ -20,7 +19,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from support.accounts import register
-from support.hubs import RunningHub
+from support.hubs import RunningHub, fake_ip
 
 #: examples per operation: the whole run stays within a few minutes on two cores
 MAX_EXAMPLES = 25
@@ -31,11 +30,6 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-
-
-def fake_ip() -> str:
-    n = uuid.uuid4().int
-    return f"10.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}"
 
 
 def test_api_answers_match_the_document(hub: RunningHub) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from support.accounts import User, add_member, admin_token, register
-from support.checks import error_shape_ok, wait_until
+from support.accounts import User, add_member, admin_token, new_org, register
+from support.checks import assert_error, ok, wait_until
 from support.devices import claim, online_device, provision
 from support.hubs import RunningHub
 from support.mqtt import MqttClient, MqttDevice
@@ -19,25 +19,6 @@ from support.mqtt import MqttClient, MqttDevice
 ROLES = ["viewer", "operator", "manager", "admin", "owner"]
 RANK = {r: i for i, r in enumerate(ROLES)}
 PAGE_KEYS = {"items", "total", "limit", "offset", "has_next", "has_prev"}
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert error_shape_ok(body), body
-    assert body["code"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
-    return dict(body)
-
-
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json() if r.content else None
-
-
-def new_org(hub: RunningHub, user: User, name: str = "Team") -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        return dict(ok(c.post("/orgs", json={"name": name}), 201))
 
 
 def new_site(hub: RunningHub, user: User, org_id: str, **body: Any) -> dict[str, Any]:
@@ -634,8 +615,7 @@ def test_same_named_integration_tokens_stay_in_their_organizations(
     tenants = []
     for _ in range(2):
         user = register(hub)
-        dev, device = online_device(hub, user)
-        track(device)
+        dev, _device = online_device(hub, user, track)
         with hub.api(user.access_token) as c:
             body = {"name": name, "org_id": user.org_id}
             token = ok(c.post("/integrations/tokens", json=body), 201)["token"]
