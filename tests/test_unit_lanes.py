@@ -13,11 +13,6 @@ import pytest
 from hexa.hub.presence import _Lanes
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def recorder(
     log: list[str], gate: asyncio.Event | None = None
 ) -> Callable[[str], Callable[[], Awaitable[None]]]:

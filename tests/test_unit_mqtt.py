@@ -129,11 +129,6 @@ async def within(aw: Awaitable[T]) -> T:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def loop_errors(anyio_backend: str) -> AsyncIterator[list[dict[str, Any]]]:
     """Everything the event loop would log: unretrieved future/task exceptions, failing
     callbacks, destroyed pending tasks. Each test must leave none."""
