@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from support.accounts import register
+from support.accounts import audit, integration_token, register
 from support.checks import error_shape_ok, wait_until
 from support.devices import claimed_device, online_device
 from support.hubs import RunningHub
 from support.mqtt import MqttClient
-
-
-def audit(hub: RunningHub, token: str, **params: Any) -> dict[str, Any]:
-    with hub.api(token) as c:
-        r = c.get("/audit", params=params)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 def test_rest_command_is_audited_with_request_id(hub: RunningHub) -> None:
@@ -28,7 +20,7 @@ def test_rest_command_is_audited_with_request_id(hub: RunningHub) -> None:
     rid = f"req-{uuid.uuid4().hex[:12]}"
     with hub.api(user.access_token, **{"X-Request-ID": rid}) as c:
         assert c.post(f"/devices/{dev['id']}/relays/2", json={"state": True}).status_code == 200
-    page = wait_until(lambda: audit(hub, user.access_token, request_id=rid)["items"], 5)
+    page = wait_until(lambda: audit(hub, user, request_id=rid)["items"], 5)
     assert page, "no audit entry for the command"
     entry = page[0]
     assert entry["source"] == "api" and entry["action"] == "relay_command"
@@ -46,18 +38,16 @@ def test_filters_and_tenancy(hub: RunningHub) -> None:
     with hub.api(user.access_token) as c:
         assert c.post(f"/devices/{dev['id']}/relays", json={"state": True}).status_code == 200
     assert wait_until(
-        lambda: (
-            audit(hub, user.access_token, device_id=dev["id"], action="relay_command")["total"] == 1
-        ),
+        lambda: audit(hub, user, device_id=dev["id"], action="relay_command")["total"] == 1,
         5,
     )
-    claimed = audit(hub, user.access_token, device_id=dev["id"], action="device_claimed")
+    claimed = audit(hub, user, device_id=dev["id"], action="device_claimed")
     assert claimed["total"] == 1 and claimed["items"][0]["source"] == "api"
-    assert audit(hub, user.access_token, device_id=dev["id"], source="schedule")["total"] == 0
+    assert audit(hub, user, device_id=dev["id"], source="schedule")["total"] == 0
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    assert audit(hub, user.access_token, device_id=dev["id"], since=future)["total"] == 0
-    assert audit(hub, user.access_token, device_id=dev["id"], until=future)["total"] >= 2
-    assert audit(hub, other.access_token, device_id=dev["id"])["total"] == 0
+    assert audit(hub, user, device_id=dev["id"], since=future)["total"] == 0
+    assert audit(hub, user, device_id=dev["id"], until=future)["total"] >= 2
+    assert audit(hub, other, device_id=dev["id"])["total"] == 0
     m.close()
 
 
@@ -66,11 +56,7 @@ def test_mqtt_intent_and_device_report_are_audited(hub: RunningHub) -> None:
     attribution its JSON claims; a local change at the device is source device."""
     user = register(hub)
     dev, m = online_device(hub, user)
-    with hub.api(user.access_token) as c:
-        it = c.post(
-            "/integrations/tokens",
-            json={"name": f"aud-{uuid.uuid4().hex[:8]}", "org_id": user.org_id},
-        ).json()
+    it = integration_token(hub, user)
     integ = MqttClient(hub, it["name"], it["token"])
     assert integ.ok() and integ.subscribe(f"hexa/{m.uid}/result")
     forged = {
@@ -86,9 +72,7 @@ def test_mqtt_intent_and_device_report_are_audited(hub: RunningHub) -> None:
     }
     integ.publish(f"hexa/{m.uid}/relay/0/set", json.dumps(forged))
     assert integ.wait_for(lambda t, p, r: b'"ha-1"' in p)
-    entries = wait_until(
-        lambda: audit(hub, user.access_token, source="mqtt", device_id=dev["id"])["items"], 5
-    )
+    entries = wait_until(lambda: audit(hub, user, source="mqtt", device_id=dev["id"])["items"], 5)
     assert entries and entries[0]["details"]["intent_id"] == "ha-1"
     entry = entries[0]
     assert entry["actor_type"] == "integration" or hub.settings.embedded_bus == "tcp", entry
@@ -97,15 +81,11 @@ def test_mqtt_intent_and_device_report_are_audited(hub: RunningHub) -> None:
     assert entry["actor_id"] != user.id
     assert entry["schedule_id"] is None and entry["automation_id"] is None, entry
     assert entry["request_id"] != "someone-elses-request", entry
-    assert audit(hub, user.access_token, source="schedule", device_id=dev["id"])["total"] == 0
+    assert audit(hub, user, source="schedule", device_id=dev["id"])["total"] == 0
     m.relays = [True, True, False]
     m.report()
-    reports = wait_until(
-        lambda: audit(
-            hub, user.access_token, source="device", action="state_report", device_id=dev["id"]
-        )["items"],
-        5,
-    )
+    by_device = {"source": "device", "action": "state_report", "device_id": dev["id"]}
+    reports = wait_until(lambda: audit(hub, user, **by_device)["items"], 5)
     assert reports and reports[0]["details"]["relays"] == [True, True, False]
     integ.close()
     m.close()
@@ -136,7 +116,7 @@ def test_device_lifecycle_is_audited(hub: RunningHub) -> None:
         assert c.post(f"/devices/{dev['id']}/release").status_code == 200
     actions = wait_until(
         lambda: (
-            {e["action"] for e in audit(hub, user.access_token, device_id=dev["id"])["items"]}
+            {e["action"] for e in audit(hub, user, device_id=dev["id"])["items"]}
             >= {"device_claimed", "device_token_rotated", "device_updated", "device_released"}
         ),
         5,

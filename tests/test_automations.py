@@ -9,9 +9,7 @@ earlier event was evaluated. A short bounded wait (≤ 0.5 s) only backs up such
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,16 +17,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import httpx
-from support.accounts import User, add_member, register
-from support.checks import error_shape_ok, wait_until
-from support.devices import claimed_device, online_device
+from support.accounts import User, add_member, audit, register
+from support.checks import NEGATIVE_WAIT_S, assert_error, error_shape_ok, wait_until
+from support.devices import claimed_device, online_device, state_of
 from support.hubs import RunningHub
 from support.mqtt import MqttDevice
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from support.ws import ws_client
 
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT happen
 AUDIT_KEYS = {
     "id",
     "at",
@@ -60,61 +55,7 @@ RULE_KEYS = {
 }
 
 
-# --- clients that are always closed ------------------------------------------------------
-class WsClient:
-    """A /ws/client connection with a reader thread collecting every JSON document."""
-
-    def __init__(self, url: str) -> None:
-        self.ws: ClientConnection = connect(url, open_timeout=10, close_timeout=5, proxy=None)
-        self.docs: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            for raw in self.ws:
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
-                    doc = {"type": "<not json>", "raw": raw}
-                with self.lock:
-                    self.docs.append(doc)
-
-    def send(self, doc: dict[str, Any]) -> None:
-        self.ws.send(json.dumps(doc))
-
-    def messages(self, kind: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [d for d in self.docs if d.get("type") == kind]
-
-    def ready(self) -> bool:
-        """A ping answered: the hub registered this client (its subscriptions are live)."""
-        self.send({"type": "ping"})
-        return bool(wait_until(lambda: self.messages("pong"), 5))
-
-    def close(self) -> None:
-        self.ws.close()
-        self.thread.join(10)
-
-
-def device(
-    hub: RunningHub, user: User, track: Callable[[Any], Any], **kwargs: Any
-) -> tuple[dict[str, Any], MqttDevice]:
-    dev, m = online_device(hub, user, **kwargs)
-    track(m)
-    return dev, m
-
-
 # --- REST helpers --------------------------------------------------------------------------
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    b = r.json()
-    assert error_shape_ok(b), b
-    if code is not None:
-        assert b["code"] == code, b
-
-
 def press_rule(trigger_dev: str, target_dev: str, **over: Any) -> dict[str, Any]:
     """input 0 pressed on ``trigger_dev`` → relay 0 of ``target_dev`` on."""
     b: dict[str, Any] = {
@@ -186,13 +127,6 @@ def wait_runs(hub: RunningHub, user: User, rule_id: str, n: int, t: float = 8) -
     return list(got)
 
 
-def audit(hub: RunningHub, user: User, **params: Any) -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        r = c.get("/audit", params={"limit": 100, **params})
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
 def set_relay(hub: RunningHub, user: User, device_id: str, index: int, state: Any) -> None:
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{device_id}/relays/{index}", json={"state": state})
@@ -200,10 +134,7 @@ def set_relay(hub: RunningHub, user: User, device_id: str, index: int, state: An
 
 
 def relays(hub: RunningHub, user: User, device_id: str) -> list[bool]:
-    with hub.api(user.access_token) as c:
-        r = c.get(f"/devices/{device_id}/state")
-    assert r.status_code == 200, r.text
-    return list(r.json()["relays"])
+    return list(state_of(hub, user, device_id)["relays"])
 
 
 def commands(m: MqttDevice, kind: str) -> list[dict[str, Any]]:
@@ -604,7 +535,7 @@ def test_default_rule_long_hold_turns_all_relays_off_once(hub: RunningHub, track
     """A real MQTT device's ≥ 10 s hold on any input turns all relays off; a repeated hold
     report inside the dedupe window does not fire again; the run is audited."""
     u = register(hub)
-    dev, m = device(hub, u, track)
+    dev, m = online_device(hub, u, track)
     rule = default_rule_of(hub, u, dev["id"])
     set_relay(hub, u, dev["id"], 0, True)
     set_relay(hub, u, dev["id"], 2, True)
@@ -642,7 +573,7 @@ def test_default_rule_long_hold_turns_all_relays_off_once(hub: RunningHub, track
 def test_default_rule_short_hold_does_not_fire(hub: RunningHub, track: Any) -> None:
     """A 5000 ms hold (below the default 10 s) does not switch anything off."""
     u = register(hub)
-    dev, m = device(hub, u, track)
+    dev, m = online_device(hub, u, track)
     rule = default_rule_of(hub, u, dev["id"])
     mark = sentinel(hub, u, dev)
     set_relay(hub, u, dev["id"], 1, True)
@@ -659,7 +590,7 @@ def test_default_rule_short_hold_does_not_fire(hub: RunningHub, track: Any) -> N
 def test_default_rule_is_editable(hub: RunningHub, track: Any) -> None:
     """PATCHing the default rule's min_duration_ms to 3000 makes a 5000 ms hold fire it."""
     u = register(hub)
-    dev, m = device(hub, u, track)
+    dev, m = online_device(hub, u, track)
     rule = default_rule_of(hub, u, dev["id"])
     changed = patch(hub, u, rule["id"], {"trigger": {**rule["trigger"], "min_duration_ms": 3000}})
     assert changed["trigger"]["min_duration_ms"] == 3000 and changed["is_default"] is True
@@ -673,7 +604,7 @@ def test_default_rule_is_editable(hub: RunningHub, track: Any) -> None:
 def test_default_rule_is_deletable(hub: RunningHub, track: Any) -> None:
     """After DELETE of the default rule a long hold switches nothing off."""
     u = register(hub)
-    dev, m = device(hub, u, track)
+    dev, m = online_device(hub, u, track)
     rule = default_rule_of(hub, u, dev["id"])
     with hub.api(u.access_token) as c:
         assert c.delete(f"/automations/{rule['id']}").status_code == 204
@@ -692,8 +623,8 @@ def test_press_rule_switches_another_device(hub: RunningHub, track: Any) -> None
     """A press on device A toggles / sets a relay of device B of the same org; a disabled
     rule does not fire."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, mb = online_device(hub, u, track)
     toggle = create(
         hub,
         u,
@@ -746,8 +677,8 @@ def test_relay_state_condition_false_skips(hub: RunningHub, track: Any) -> None:
     """A relay_state condition that does not hold records skipped_condition and sends no
     command; once it holds the rule fires."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, mb = online_device(hub, u, track)
     rule = create(
         hub,
         u,
@@ -777,8 +708,8 @@ def test_time_window_and_weekday_conditions(hub: RunningHub, track: Any) -> None
     """A time_window or weekday condition that excludes now skips the rule; ones that include
     now let it fire (evaluated in the condition's timezone)."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, mb = online_device(hub, u, track)
     tz = "Asia/Tokyo"
     now = datetime.now(UTC).astimezone(ZoneInfo(tz))
     today = now.weekday()
@@ -833,8 +764,8 @@ def test_cooldown_suppresses_second_trigger(hub: RunningHub, track: Any) -> None
     """Within cooldown_s after firing, a second trigger is recorded as suppressed_cooldown
     and sends no command."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, mb = online_device(hub, u, track)
     rule = create(
         hub,
         u,
@@ -862,8 +793,8 @@ def test_device_offline_and_online_triggers(hub: RunningHub, track: Any) -> None
     """When A's connection drops (its will says offline) a device_offline rule switches B;
     when A comes back a device_online rule fires."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, _mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, _mb = online_device(hub, u, track)
     off = create(
         hub,
         u,
@@ -907,8 +838,8 @@ def test_every_run_in_runs_and_audit(hub: RunningHub, track: Any) -> None:
     """Each evaluation (fired, suppressed_cooldown, skipped_condition) is in /runs newest first
     with outcome and results, and in /audit?automation_id= with source automation."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, _mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, _mb = online_device(hub, u, track)
     rule = create(hub, u, press_rule(a["id"], b["id"], cooldown_s=300))
     ma.event(0, "press")
     wait_runs(hub, u, rule["id"], 1)
@@ -955,21 +886,19 @@ def test_ws_automation_fired_only_to_owner(hub: RunningHub, track: Any) -> None:
     tenant's client does not."""
     u = register(hub)
     stranger = register(hub)
-    a, ma = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
     rule = create(hub, u, press_rule(a["id"], a["id"]))
-    mine = track(WsClient(f"{hub.ws_base}/ws/client?token={u.access_token}"))
-    theirs = track(WsClient(f"{hub.ws_base}/ws/client?token={stranger.access_token}"))
-    assert mine.ready() and theirs.ready()
+    mine, theirs = ws_client(hub, u, track), ws_client(hub, stranger, track)
     ma.event(0, "press")
-    got = wait_until(lambda: mine.messages("automation_fired"), 8)
+    got = wait_until(lambda: mine.of_type("automation_fired"), 8)
     assert got, mine.docs
     doc = got[0]
     assert doc["automation_id"] == rule["id"] and doc["device_id"] == a["id"]
     assert isinstance(doc["at"], str) and doc["at"].endswith("Z")
     datetime.fromisoformat(doc["at"])
     time.sleep(NEGATIVE_WAIT_S)
-    assert theirs.messages("automation_fired") == []
-    assert len(mine.messages("automation_fired")) == 1
+    assert theirs.of_type("automation_fired") == []
+    assert len(mine.of_type("automation_fired")) == 1
 
 
 # --- safety --------------------------------------------------------------------------------
@@ -977,7 +906,7 @@ def test_rule_on_own_device_cannot_run_away(hub: RunningHub, track: Any) -> None
     """press → toggle a relay of the same device fires exactly once per press, even when the
     device then reports its new state."""
     u = register(hub)
-    a, ma = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
     rule = create(
         hub,
         u,
@@ -1011,8 +940,8 @@ def test_release_and_delete_disable_rules(hub: RunningHub, track: Any) -> None:
     """Releasing a device disables every rule that uses it (trigger, action, default rule);
     deleting a device disables its rules; other rules stay enabled."""
     u = register(hub)
-    a, ma = device(hub, u, track)
-    b, mb = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
+    b, mb = online_device(hub, u, track)
     _, c_dev = claimed_device(hub, u)
     from_b = create(hub, u, press_rule(b["id"], a["id"], name="B switches A"))
     from_a = create(hub, u, press_rule(a["id"], b["id"], name="A switches B"))
@@ -1063,7 +992,7 @@ def test_release_and_delete_disable_rules(hub: RunningHub, track: Any) -> None:
 def test_malformed_event_payloads_do_not_break_engine(hub: RunningHub, track: Any) -> None:
     """Garbage on hexa/<uid>/event is dropped without firing; a later valid event still fires."""
     u = register(hub)
-    a, ma = device(hub, u, track)
+    a, ma = online_device(hub, u, track)
     rule = create(
         hub,
         u,

@@ -6,76 +6,21 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from support.accounts import User, register
-from support.checks import wait_until
-from support.devices import claimed_device, online_device
+from support.accounts import integration_token, register
+from support.checks import NEGATIVE_WAIT_S, wait_until
+from support.devices import claimed_device, online_device, state_of
 from support.hubs import RunningHub
-from support.mqtt import MqttClient, MqttDevice
+from support.mqtt import MqttClient, integration_client, mentions, sync_on
 
 C = TypeVar("C", bound=MqttClient)
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
-
-def integration_token(hub: RunningHub, user: User) -> tuple[str, str]:
-    name = f"int-{uuid.uuid4().hex[:10]}"
-    with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-    assert r.status_code == 201, r.text
-    body = r.json()
-    assert body["name"] == name and body["org_id"] == user.org_id
-    return name, str(body["token"])
-
-
-def observer(
-    hub: RunningHub, user: User, track: Callable[[MqttClient], MqttClient], *filters: str
-) -> MqttClient:
-    """An integration client of ``user``'s organization subscribed to ``filters``."""
-    name, token = integration_token(hub, user)
-    obs = track(MqttClient(hub, name, token))
-    assert obs.ok(), obs.rc
-    for flt in filters or ("hexa/#",):
-        assert obs.subscribe(flt), flt
-    return obs
-
-
-def device(
-    hub: RunningHub, user: User, track: Callable[[MqttDevice], MqttDevice], **kwargs: Any
-) -> tuple[dict[str, Any], MqttDevice]:
-    dev, m = online_device(hub, user, **kwargs)
-    track(m)
-    return dev, m
-
-
-def sync_on(dev: MqttDevice, obs: MqttClient) -> None:
-    """Barrier: ``dev`` publishes its own input event and ``obs`` sees the hub republish it,
-    so the broker and the hub have handled everything ``dev`` published before."""
-    marker = int(uuid.uuid4().int % 1_000_000) + 1
-    dev.event(2, "press", duration_ms=marker)
-    topic = f"hexa/{dev.uid}/input/2/event"
-    seen = obs.wait_for(
-        lambda t, p, r: t == topic and json.loads(p).get("duration_ms") == marker, 5
-    )
-    assert seen, f"barrier event of {dev.uid} never republished"
-
-
-def state_of(hub: RunningHub, user: User, device_id: str) -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        r = c.get(f"/devices/{device_id}/state")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
 
 
 def on_topic(topic: str) -> Callable[[str, bytes, bool], bool]:
     return lambda t, p, r: t == topic
-
-
-def mentions(uid: str) -> Callable[[str, bytes, bool], bool]:
-    return lambda t, p, r: uid in t or uid.encode() in p
 
 
 # --- authentication ----------------------------------------------------------------------
@@ -116,7 +61,7 @@ def test_wrong_integration_token_refused(
 ) -> None:
     """An integration name with a wrong token is refused."""
     user = register(hub)
-    name, _ = integration_token(hub, user)
+    name = integration_token(hub, user)["name"]
     bad = track(MqttClient(hub, name, "hxi_wrong"))
     assert bad.refused()
 
@@ -125,9 +70,9 @@ def test_wrong_integration_token_refused(
 def test_device_cannot_publish_other_devices_report(hub: RunningHub, track: Any) -> None:
     """Device A's report on B's topic is not delivered and does not change B's state."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    b_dev, b = device(hub, user, track)
-    obs = observer(hub, user, track, "hexa/#")
+    _, a = online_device(hub, user, track)
+    b_dev, b = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     forged = json.dumps(
         {"relays": [True, True, True], "inputs": [True, True, True], "fw_version": "forged"}
     )
@@ -143,9 +88,9 @@ def test_device_cannot_publish_other_devices_report(hub: RunningHub, track: Any)
 def test_device_cannot_ack_other_devices_command(hub: RunningHub, track: Any) -> None:
     """Device A cannot complete B's pending command by acking on B's ack topic (→ 504)."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    b_dev, b = device(hub, user, track, auto_ack=False)
-    obs = observer(hub, user, track, "hexa/#")
+    _, a = online_device(hub, user, track)
+    b_dev, b = online_device(hub, user, track, auto_ack=False)
+    obs = integration_client(hub, user, track, "hexa/#")
     with ThreadPoolExecutor(1) as pool, hub.api(user.access_token) as c:
         fut = pool.submit(c.post, f"/devices/{b_dev['id']}/relays/0", json={"state": True})
         assert wait_until(lambda: b.commands, 5), "B never got its command"
@@ -164,15 +109,15 @@ def test_device_cannot_ack_other_devices_command(hub: RunningHub, track: Any) ->
 def test_device_cannot_publish_other_devices_availability(hub: RunningHub, track: Any) -> None:
     """Device A's 'offline' on B's availability topic is not delivered and B stays online."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    b_dev, b = device(hub, user, track)
-    obs = observer(hub, user, track, "hexa/#")
+    _, a = online_device(hub, user, track)
+    b_dev, b = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     a.publish(f"hexa/{b.uid}/availability", "offline", retain=True)
     sync_on(a, obs)
     assert not obs.messages(lambda t, p, r: t == f"hexa/{b.uid}/availability" and p == b"offline")
     assert state_of(hub, user, b_dev["id"])["online"] is True
     # and nothing was retained for a later subscriber either
-    late = observer(hub, user, track, f"hexa/{b.uid}/availability")
+    late = integration_client(hub, user, track, f"hexa/{b.uid}/availability")
     assert late.wait_for(lambda t, p, r: r and p == b"online", 5), (
         "B's own retained 'online' missing"
     )
@@ -182,9 +127,9 @@ def test_device_cannot_publish_other_devices_availability(hub: RunningHub, track
 def test_device_cannot_publish_intents(hub: RunningHub, track: Any) -> None:
     """A device's intents (for another device or itself) are refused: no cmd, no state change."""
     user = register(hub)
-    a_dev, a = device(hub, user, track)
-    b_dev, b = device(hub, user, track)
-    obs = observer(hub, user, track, "hexa/#")
+    a_dev, a = online_device(hub, user, track)
+    b_dev, b = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     a.publish(f"hexa/{b.uid}/relay/0/set", "ON")
     a.publish(f"hexa/{b.uid}/relays/set", json.dumps({"state": "ON", "intent_id": "forged-all"}))
     a.publish(f"hexa/{a.uid}/relay/1/set", "ON")
@@ -199,8 +144,8 @@ def test_device_cannot_publish_intents(hub: RunningHub, track: Any) -> None:
 def test_device_cannot_publish_hub_topics(hub: RunningHub, track: Any) -> None:
     """A device cannot forge its own retained state, a result, or the hub's status."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    obs = observer(hub, user, track, "hexa/#")
+    _, a = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     a.publish(f"hexa/{a.uid}/relay/0/state", "ON", retain=True)
     a.publish(
         f"hexa/{a.uid}/state",
@@ -218,7 +163,7 @@ def test_device_cannot_publish_hub_topics(hub: RunningHub, track: Any) -> None:
         lambda t, p, r: b"forged" in p or (t.endswith("/relay/0/state") and p == b"ON")
     )
     assert not obs.messages(lambda t, p, r: t == "hexa/hub/status" and p == b"offline")
-    late = observer(hub, user, track, f"hexa/{a.uid}/relay/0/state", "hexa/hub/status")
+    late = integration_client(hub, user, track, f"hexa/{a.uid}/relay/0/state", "hexa/hub/status")
     assert late.wait_for(lambda t, p, r: t == "hexa/hub/status" and p == b"online", 5)
     assert not late.messages(lambda t, p, r: t.endswith("/relay/0/state") and p == b"ON")
 
@@ -244,8 +189,8 @@ def test_device_subscribes_only_to_its_own_cmd(hub: RunningHub, track: Any) -> N
 def test_device_does_not_receive_other_devices_commands(hub: RunningHub, track: Any) -> None:
     """Commands to device B never reach device A, even after A tried to subscribe to them."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    b_dev, _ = device(hub, user, track)
+    _, a = online_device(hub, user, track)
+    b_dev, _ = online_device(hub, user, track)
     a.subscribe(f"hexa/{b_dev['device_uid']}/cmd")
     a.subscribe("hexa/#")
     with hub.api(user.access_token) as c:
@@ -259,13 +204,13 @@ def test_integration_sees_only_its_orgs_devices(hub: RunningHub, track: Any) -> 
     """An integration on hexa/# and homeassistant/# gets its org's devices (live and retained)
     and hexa/hub/status, never another org's device."""
     u1, u2 = register(hub), register(hub)
-    d1, m1 = device(hub, u1, track)
-    d2, m2 = device(hub, u2, track)
+    d1, m1 = online_device(hub, u1, track)
+    d2, m2 = online_device(hub, u2, track)
     with hub.api(u1.access_token) as c1, hub.api(u2.access_token) as c2:
         assert c1.post(f"/devices/{d1['id']}/relays/0", json={"state": True}).status_code == 200
         assert c2.post(f"/devices/{d2['id']}/relays/0", json={"state": True}).status_code == 200
-        i1 = observer(hub, u1, track, "hexa/#", "homeassistant/#")
-        i2 = observer(hub, u2, track, "hexa/#", "homeassistant/#")
+        i1 = integration_client(hub, u1, track, "hexa/#", "homeassistant/#")
+        i2 = integration_client(hub, u2, track, "hexa/#", "homeassistant/#")
         # retained: own device's state and the hub status arrive on subscribe
         assert i1.wait_for(
             lambda t, p, r: t == f"hexa/{m1.uid}/relay/0/state" and p == b"ON" and r, 5
@@ -293,9 +238,7 @@ def test_integration_sees_only_its_orgs_devices(hub: RunningHub, track: Any) -> 
 def test_integration_cannot_subscribe_to_everything(hub: RunningHub, track: Any) -> None:
     """An integration's SUBACK fails for '#' and other roots; hexa/#, homeassistant/# granted."""
     user = register(hub)
-    name, token = integration_token(hub, user)
-    i = track(MqttClient(hub, name, token))
-    assert i.ok()
+    i = integration_client(hub, user, track)
     assert not i.subscribe("#")
     assert not i.subscribe("+/#")
     assert not i.subscribe("other/#")
@@ -307,12 +250,10 @@ def test_integration_cannot_subscribe_to_everything(hub: RunningHub, track: Any)
 def test_integration_other_orgs_device_filter_gets_nothing(hub: RunningHub, track: Any) -> None:
     """A filter naming another org's device delivers nothing, retained messages included."""
     u1, u2 = register(hub), register(hub)
-    d2, m2 = device(hub, u2, track)
+    d2, m2 = online_device(hub, u2, track)
     with hub.api(u2.access_token) as c2:
         assert c2.post(f"/devices/{d2['id']}/relays/2", json={"state": True}).status_code == 200
-    name, token = integration_token(hub, u1)
-    i1 = track(MqttClient(hub, name, token))
-    assert i1.ok()
+    i1 = integration_client(hub, u1, track)
     i1.subscribe(f"hexa/{m2.uid}/#")
     i1.subscribe(f"hexa/{m2.uid}/relay/+/state")
     with hub.api(u2.access_token) as c2:
@@ -324,12 +265,10 @@ def test_integration_other_orgs_device_filter_gets_nothing(hub: RunningHub, trac
 def test_integration_intent_for_other_org_has_no_effect(hub: RunningHub, track: Any) -> None:
     """An integration's intents for another org's device are refused: no cmd, no state change."""
     u1, u2 = register(hub), register(hub)
-    d1, m1 = device(hub, u1, track)
-    d2, m2 = device(hub, u2, track)
-    name, token = integration_token(hub, u1)
-    i1 = track(MqttClient(hub, name, token))
-    assert i1.ok()
-    i2 = observer(hub, u2, track, "hexa/#")
+    d1, m1 = online_device(hub, u1, track)
+    d2, m2 = online_device(hub, u2, track)
+    i1 = integration_client(hub, u1, track)
+    i2 = integration_client(hub, u2, track, "hexa/#")
     i1.publish(f"hexa/{m2.uid}/relay/2/set", "ON")
     i1.publish(f"hexa/{m2.uid}/relay/1/set", json.dumps({"state": "ON", "intent_id": "xtenant"}))
     i1.publish(f"hexa/{m2.uid}/relays/set", "ON")
@@ -348,11 +287,9 @@ def test_integration_intent_for_other_org_has_no_effect(hub: RunningHub, track: 
 def test_integration_cannot_forge_device_topics(hub: RunningHub, track: Any) -> None:
     """An integration may not publish its own org device's report, ack, availability or state."""
     user = register(hub)
-    d, m = device(hub, user, track)
-    name, token = integration_token(hub, user)
-    i = track(MqttClient(hub, name, token))
-    assert i.ok()
-    obs = observer(hub, user, track, "hexa/#")
+    d, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     i.publish(f"hexa/{m.uid}/report", json.dumps({"relays": [True] * 3, "fw_version": "forged"}))
     i.publish(f"hexa/{m.uid}/availability", "offline", retain=True)
     i.publish(f"hexa/{m.uid}/ack", json.dumps({"command_id": "forged", "ok": True}))
@@ -373,10 +310,8 @@ def test_integration_cannot_forge_device_topics(hub: RunningHub, track: Any) -> 
 def test_retained_intent_is_refused(hub: RunningHub, track: Any) -> None:
     """A retained ON intent is not executed and not replayed to a later subscriber."""
     user = register(hub)
-    d, m = device(hub, user, track)
-    name, token = integration_token(hub, user)
-    i = track(MqttClient(hub, name, token))
-    assert i.ok()
+    d, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track)
     i.publish(f"hexa/{m.uid}/relay/0/set", "ON", retain=True)
     i.publish(f"hexa/{m.uid}/relays/set", "ON", retain=True)
     i.publish(f"hexa/{m.uid}/relay/1/set", "ON")  # not retained: executed (barrier)
@@ -386,7 +321,7 @@ def test_retained_intent_is_refused(hub: RunningHub, track: Any) -> None:
             lambda: c.get(f"/devices/{d['id']}/state").json()["relays"] == [False, True, False], 5
         )
     assert all(c.get("relay_index") == 1 for c in m.commands), m.commands
-    late = observer(
+    late = integration_client(
         hub,
         user,
         track,
@@ -405,11 +340,9 @@ def test_retained_intent_is_refused(hub: RunningHub, track: Any) -> None:
 def test_oversized_payloads_dropped(hub: RunningHub, track: Any) -> None:
     """Payloads above the broker's limit (64 KiB) are dropped: no intent, no report applied."""
     user = register(hub)
-    d, m = device(hub, user, track)
-    name, token = integration_token(hub, user)
-    i = track(MqttClient(hub, name, token))
-    assert i.ok()
-    obs = observer(hub, user, track, "hexa/#")
+    d, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track)
+    obs = integration_client(hub, user, track, "hexa/#")
     pad = "x" * (70 * 1024)
     i.publish(
         f"hexa/{m.uid}/relay/0/set", json.dumps({"state": "ON", "intent_id": "big", "pad": pad})
@@ -428,7 +361,7 @@ def test_oversized_payloads_dropped(hub: RunningHub, track: Any) -> None:
 def test_client_id_takeover_refused(hub: RunningHub, track: Any) -> None:
     """A device connecting with another device's live client id is refused; the victim works on."""
     user = register(hub)
-    a_dev, a = device(hub, user, track)
+    a_dev, a = online_device(hub, user, track)
     pb, _ = claimed_device(hub, user)
     thief = track(MqttClient(hub, pb["device_uid"], pb["device_token"], client_id=f"dev-{a.uid}"))
     assert thief.refused()
@@ -442,7 +375,7 @@ def test_client_id_takeover_refused(hub: RunningHub, track: Any) -> None:
 def test_refused_login_does_not_disturb_live_client_id(hub: RunningHub, track: Any) -> None:
     """A bad-credential CONNECT under a live device's client id leaves that session working."""
     user = register(hub)
-    a_dev, a = device(hub, user, track)
+    a_dev, a = online_device(hub, user, track)
     intruder = track(MqttClient(hub, a.uid, "wrong-token", client_id=f"dev-{a.uid}"))
     assert intruder.refused()
     with hub.api(user.access_token) as c:
@@ -454,7 +387,7 @@ def test_refused_login_does_not_disturb_live_client_id(hub: RunningHub, track: A
 def test_hub_status_online_retained(hub: RunningHub, track: Any) -> None:
     """hexa/hub/status is 'online' and retained, readable by integrations and devices."""
     user = register(hub)
-    i = observer(hub, user, track, "hexa/hub/status")
+    i = integration_client(hub, user, track, "hexa/hub/status")
     assert i.wait_for(lambda t, p, r: t == "hexa/hub/status" and p == b"online" and r, 5)
     p, _ = claimed_device(hub, user)
     d = track(MqttClient(hub, p["device_uid"], p["device_token"]))

@@ -9,8 +9,8 @@ import uuid
 from typing import Any
 
 import pytest
-from support.accounts import User, add_member, register, unique_email
-from support.checks import error_shape_ok, wait_until
+from support.accounts import User, add_member, integration_token, register, unique_email
+from support.checks import assert_error, wait_until
 from support.devices import claim, claimed_device, online_device, provision
 from support.hubs import PROVISION_KEY, RunningHub
 from support.mqtt import MqttClient, MqttDevice
@@ -33,16 +33,6 @@ DEVICE_FIELDS = {
     "fw_version",
     "created_at",
 }
-
-
-def _assert_error(r: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert error_shape_ok(body), body
-    if code is not None:
-        assert body["code"] == code, body
-    assert body["request_id"] == r.headers.get("x-request-id")
-    return dict(body)
 
 
 def _no_secrets(resource: Any, *secrets: str) -> None:
@@ -117,7 +107,7 @@ def test_provision_wrong_or_missing_key_is_401(hub: RunningHub, key: str | None)
     headers = {} if key is None else {"X-Provision-Key": key}
     with hub.api(**headers) as c:
         r = c.post("/provision/register", json={"model": "hexa-mini-switch-v1"})
-    body = _assert_error(r, 401, "unauthorized")
+    body = assert_error(r, 401, "unauthorized")
     assert "device_token" not in body
 
 
@@ -125,7 +115,7 @@ def test_provision_unknown_model_is_400(hub: RunningHub) -> None:
     """Provisioning an unknown model answers 400 validation_error."""
     with hub.api(**{"X-Provision-Key": PROVISION_KEY}) as c:
         r = c.post("/provision/register", json={"model": "hexa-toaster-v9"})
-    _assert_error(r, 400, "validation_error")
+    assert_error(r, 400, "validation_error")
 
 
 def test_mini_switch_has_three_relays_and_three_inputs(hub: RunningHub) -> None:
@@ -178,7 +168,7 @@ def test_claim_code_reuse_is_409(hub: RunningHub) -> None:
     for who in (owner, other):
         with hub.api(who.access_token) as c:
             r = c.post("/devices/claim", json={"claim_code": p["claim_code"]})
-        _assert_error(r, 409, "conflict")
+        assert_error(r, 409, "conflict")
     with hub.api(owner.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").json()["org_id"] == owner.org_id
 
@@ -188,7 +178,7 @@ def test_unknown_claim_code_is_404(hub: RunningHub) -> None:
     user = register(hub)
     with hub.api(user.access_token) as c:
         r = c.post("/devices/claim", json={"claim_code": "ZZZZ-ZZZZ-ZZZZ"})
-    _assert_error(r, 404, "not_found")
+    assert_error(r, 404, "not_found")
 
 
 def test_claim_into_another_tenants_org_is_404(hub: RunningHub) -> None:
@@ -199,7 +189,7 @@ def test_claim_into_another_tenants_org_is_404(hub: RunningHub) -> None:
         r = c.post(
             "/devices/claim", json={"claim_code": p["claim_code"], "org_id": stranger.org_id}
         )
-    _assert_error(r, 404, "not_found")
+    assert_error(r, 404, "not_found")
     dev = claim(hub, me, p["claim_code"])  # still claimable
     assert dev["org_id"] == me.org_id
 
@@ -224,7 +214,7 @@ def test_claim_with_another_tenants_site_is_404(hub: RunningHub) -> None:
     p = provision(hub)
     with hub.api(me.access_token) as c:
         r = c.post("/devices/claim", json={"claim_code": p["claim_code"], "site_id": site["id"]})
-    _assert_error(r, 404, "not_found")
+    assert_error(r, 404, "not_found")
 
 
 # --- listing and reading -----------------------------------------------------------------
@@ -288,12 +278,12 @@ def test_get_other_tenants_device_is_404(hub: RunningHub) -> None:
     owner, stranger = register(hub), register(hub)
     dev = claimed_device(hub, owner)[1]
     with hub.api(stranger.access_token) as c:
-        _assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
-        _assert_error(c.get(f"/devices/{dev['id']}/state"), 404, "not_found")
-        _assert_error(c.patch(f"/devices/{dev['id']}", json={"name": "mine"}), 404, "not_found")
-        _assert_error(c.delete(f"/devices/{dev['id']}"), 404, "not_found")
-        _assert_error(c.post(f"/devices/{dev['id']}/release"), 404, "not_found")
-        _assert_error(c.post(f"/devices/{dev['id']}/token/rotate"), 404, "not_found")
+        assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
+        assert_error(c.get(f"/devices/{dev['id']}/state"), 404, "not_found")
+        assert_error(c.patch(f"/devices/{dev['id']}", json={"name": "mine"}), 404, "not_found")
+        assert_error(c.delete(f"/devices/{dev['id']}"), 404, "not_found")
+        assert_error(c.post(f"/devices/{dev['id']}/release"), 404, "not_found")
+        assert_error(c.post(f"/devices/{dev['id']}/token/rotate"), 404, "not_found")
     with hub.api(owner.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").json()["name"] == dev["name"]
 
@@ -302,7 +292,7 @@ def test_unknown_device_id_is_404(hub: RunningHub) -> None:
     """A well-formed but unknown device id answers 404 not_found."""
     user = register(hub)
     with hub.api(user.access_token) as c:
-        _assert_error(c.get(f"/devices/{uuid.uuid4()}"), 404, "not_found")
+        assert_error(c.get(f"/devices/{uuid.uuid4()}"), 404, "not_found")
 
 
 def test_device_state_shape(hub: RunningHub) -> None:
@@ -364,7 +354,7 @@ def test_patch_too_many_relay_names_is_400_and_changes_nothing(hub: RunningHub) 
         r = c.patch(
             f"/devices/{dev['id']}", json={"name": "changed", "relay_names": ["a", "b", "c", "d"]}
         )
-        _assert_error(r, 400, "validation_error")
+        assert_error(r, 400, "validation_error")
         got = c.get(f"/devices/{dev['id']}").json()
     assert got["name"] == dev["name"]
     assert [x["name"] for x in got["relays"]] == [x["name"] for x in dev["relays"]]
@@ -376,7 +366,7 @@ def test_patch_with_other_tenants_site_is_404(hub: RunningHub) -> None:
     foreign = _site(hub, stranger)
     dev = claimed_device(hub, user)[1]
     with hub.api(user.access_token) as c:
-        _assert_error(
+        assert_error(
             c.patch(f"/devices/{dev['id']}", json={"site_id": foreign["id"]}), 404, "not_found"
         )
         assert c.get(f"/devices/{dev['id']}").json()["site_id"] is None
@@ -393,8 +383,8 @@ def test_delete_device_then_404_and_mqtt_credentials_dead(hub: RunningHub) -> No
             r = c.delete(f"/devices/{dev['id']}")
             assert r.status_code == 204, r.text
             assert r.content == b""
-            _assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
-            _assert_error(c.delete(f"/devices/{dev['id']}"), 404, "not_found")
+            assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
+            assert_error(c.delete(f"/devices/{dev['id']}"), 404, "not_found")
             assert dev["id"] not in {d["id"] for d in c.get("/devices").json()["items"]}
         assert m.disconnected.wait(5), "the deleted device's MQTT session stayed open"
     finally:
@@ -416,13 +406,13 @@ def test_release_then_claim_by_another_user(hub: RunningHub) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["id"] == dev["id"] and r.json()["org_id"] is None
         _no_secrets(r.json(), p["device_token"])
-        _assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
+        assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
         assert dev["id"] not in {d["id"] for d in c.get("/devices").json()["items"]}
     again = claim(hub, newcomer, p["claim_code"])
     assert again["id"] == dev["id"] and again["device_uid"] == p["device_uid"]
     assert again["org_id"] == newcomer.org_id
     with hub.api(owner.access_token) as c:
-        _assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
+        assert_error(c.get(f"/devices/{dev['id']}"), 404, "not_found")
     with hub.api(newcomer.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").json()["org_id"] == newcomer.org_id
 
@@ -471,9 +461,9 @@ def test_release_needs_admin_role(hub: RunningHub) -> None:
     dev = claimed_device(hub, owner)[1]
     with hub.api(viewer.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").status_code == 200
-        _assert_error(c.post(f"/devices/{dev['id']}/release"), 403, "forbidden")
-        _assert_error(c.delete(f"/devices/{dev['id']}"), 403, "forbidden")
-        _assert_error(c.patch(f"/devices/{dev['id']}", json={"name": "x"}), 403, "forbidden")
+        assert_error(c.post(f"/devices/{dev['id']}/release"), 403, "forbidden")
+        assert_error(c.delete(f"/devices/{dev['id']}"), 403, "forbidden")
+        assert_error(c.patch(f"/devices/{dev['id']}", json={"name": "x"}), 403, "forbidden")
     with hub.api(owner.access_token) as c:
         assert c.get(f"/devices/{dev['id']}").json()["org_id"] == owner.org_id
 
@@ -508,14 +498,6 @@ def test_token_rotate_new_works_old_refused_and_session_closed(hub: RunningHub) 
 
 
 # --- integration tokens ------------------------------------------------------------------
-def _integration(hub: RunningHub, user: User, name: str | None = None) -> dict[str, Any]:
-    name = name or f"ha-{uuid.uuid4().hex[:10]}"
-    with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def test_integration_token_created_once_listed_without_token(hub: RunningHub) -> None:
     """POST /integrations/tokens answers 201 with the token once; GET lists it without the token."""
     user = register(hub)
@@ -540,10 +522,10 @@ def test_integration_token_created_once_listed_without_token(hub: RunningHub) ->
 def test_integration_token_duplicate_name_is_409(hub: RunningHub) -> None:
     """Creating a second integration token with the same name answers 409 conflict."""
     user = register(hub)
-    tok = _integration(hub, user)
+    tok = integration_token(hub, user)
     with hub.api(user.access_token) as c:
         r = c.post("/integrations/tokens", json={"name": tok["name"], "org_id": user.org_id})
-        _assert_error(r, 409, "conflict")
+        assert_error(r, 409, "conflict")
         assert (
             sum(t["name"] == tok["name"] for t in c.get("/integrations/tokens").json()["items"])
             == 1
@@ -558,10 +540,10 @@ def test_integration_token_for_another_org_is_404(hub: RunningHub) -> None:
             "/integrations/tokens",
             json={"name": f"ha-{uuid.uuid4().hex[:10]}", "org_id": stranger.org_id},
         )
-        _assert_error(r, 404, "not_found")
-    theirs = _integration(hub, stranger)
+        assert_error(r, 404, "not_found")
+    theirs = integration_token(hub, stranger)
     with hub.api(me.access_token) as c:
-        _assert_error(c.delete(f"/integrations/tokens/{theirs['id']}"), 404, "not_found")
+        assert_error(c.delete(f"/integrations/tokens/{theirs['id']}"), 404, "not_found")
         assert theirs["id"] not in {t["id"] for t in c.get("/integrations/tokens").json()["items"]}
 
 
@@ -569,14 +551,14 @@ def test_integration_token_needs_admin_role(hub: RunningHub) -> None:
     """A viewer member of the org cannot create (403) or delete (403) its integration tokens."""
     owner, viewer = register(hub), register(hub)
     _add_member(hub, owner, viewer, "viewer")
-    tok = _integration(hub, owner)
+    tok = integration_token(hub, owner)
     with hub.api(viewer.access_token) as c:
         r = c.post(
             "/integrations/tokens",
             json={"name": f"ha-{uuid.uuid4().hex[:10]}", "org_id": owner.org_id},
         )
-        _assert_error(r, 403, "forbidden")
-        _assert_error(c.delete(f"/integrations/tokens/{tok['id']}"), 403, "forbidden")
+        assert_error(r, 403, "forbidden")
+        assert_error(c.delete(f"/integrations/tokens/{tok['id']}"), 403, "forbidden")
         listed = c.get("/integrations/tokens")
         assert listed.status_code == 200
         _no_secrets(listed.json(), tok["token"])
@@ -587,7 +569,7 @@ def test_integration_token_needs_admin_role(hub: RunningHub) -> None:
 def test_integration_token_delete_revokes_mqtt_login(hub: RunningHub) -> None:
     """An integration token logs in over MQTT; DELETE (204) closes its session and refuses it."""
     user = register(hub)
-    tok = _integration(hub, user)
+    tok = integration_token(hub, user)
     live = MqttClient(hub, tok["name"], tok["token"])
     try:
         assert live.ok(), "a fresh integration token was refused"
@@ -596,7 +578,7 @@ def test_integration_token_delete_revokes_mqtt_login(hub: RunningHub) -> None:
             assert r.status_code == 204, r.text
             assert r.content == b""
             assert tok["id"] not in {t["id"] for t in c.get("/integrations/tokens").json()["items"]}
-            _assert_error(c.delete(f"/integrations/tokens/{tok['id']}"), 404, "not_found")
+            assert_error(c.delete(f"/integrations/tokens/{tok['id']}"), 404, "not_found")
         assert live.disconnected.wait(5), "the deleted integration's MQTT session stayed open"
     finally:
         live.close()
@@ -610,7 +592,7 @@ def test_integration_token_delete_revokes_mqtt_login(hub: RunningHub) -> None:
 def test_integration_wrong_password_refused(hub: RunningHub) -> None:
     """An integration name with a wrong token is refused by the broker."""
     user = register(hub)
-    tok = _integration(hub, user)
+    tok = integration_token(hub, user)
     bad = MqttClient(hub, tok["name"], tok["token"] + "x")
     try:
         assert bad.refused()

@@ -14,52 +14,17 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from support.accounts import User, register
-from support.devices import online_device
+from support.accounts import User, integration_token, register
+from support.checks import NEGATIVE_WAIT_S
+from support.devices import online_device, resource_relays
 from support.hubs import RunningHub
-from support.mqtt import MqttDevice
+from support.mqtt import MqttDevice, mentions
 
 WAIT_S = 10.0  # generous safety net for anything expected to arrive; never a speed bound
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
 Received = tuple[str, bytes, bool]  # topic, payload, retain flag
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --- helpers -----------------------------------------------------------------------------
-def integration_token(hub: RunningHub, user: User) -> tuple[str, str]:
-    """(name, token) of a new integration token of ``user``'s organization."""
-    name = f"int-{uuid.uuid4().hex[:10]}"
-    with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-    assert r.status_code == 201, r.text
-    return name, str(r.json()["token"])
-
-
-def device(
-    hub: RunningHub, user: User, track: Callable[[MqttDevice], MqttDevice]
-) -> tuple[dict[str, Any], MqttDevice]:
-    dev, m = online_device(hub, user)
-    track(m)
-    return dev, m
-
-
-def resource_relays(hub: RunningHub, user: User, device_id: str) -> list[bool]:
-    """Relay states of the device resource (GET /devices/{id}), in index order."""
-    with hub.api(user.access_token) as c:
-        r = c.get(f"/devices/{device_id}")
-    assert r.status_code == 200, r.text
-    return [x["state"] for x in sorted(r.json()["relays"], key=lambda x: x["index"])]
-
-
-def mentions(uid: str) -> Callable[[str, bytes, bool], bool]:
-    return lambda t, p, r: uid in t or uid.encode() in p
-
-
 def commands(m: MqttDevice) -> list[tuple[Any, Any, Any]]:
     """What the device was told to do: (type, relay_index, state) per command."""
     return [(c.get("type"), c.get("relay_index"), c.get("state")) for c in list(m.commands)]
@@ -123,16 +88,14 @@ class Inbox:
 
 
 @contextlib.asynccontextmanager
-async def integration(
-    hub: RunningHub, name: str, token: str, *filters: str
-) -> AsyncIterator[Inbox]:
+async def integration(hub: RunningHub, it: dict[str, Any], *filters: str) -> AsyncIterator[Inbox]:
     """An aiomqtt client logged in with an integration token, subscribed to ``filters``
     (each SUBACK asserted granted); disconnected when the block ends, whatever happens."""
     async with aiomqtt.Client(
         "127.0.0.1",
         hub.mqtt_port,
-        username=name,
-        password=token,
+        username=it["name"],
+        password=it["token"],
         identifier=f"aio-{uuid.uuid4().hex[:10]}",
         timeout=WAIT_S,
     ) as client:
@@ -161,11 +124,11 @@ async def switch_on_with_json_intent(i: Inbox, m: MqttDevice) -> None:
 
 
 async def late_subscriber_sees_relay_1_on(
-    hub: RunningHub, name: str, token: str, m: MqttDevice
+    hub: RunningHub, it: dict[str, Any], m: MqttDevice
 ) -> None:
     """Step 2: a client connecting afterwards gets relay 1's retained ON on subscribe."""
     topic = f"hexa/{m.uid}/relay/1/state"
-    async with integration(hub, name, token, f"hexa/{m.uid}/relay/+/state") as late:
+    async with integration(hub, it, f"hexa/{m.uid}/relay/+/state") as late:
         got = await late.wait_for(lambda t, p, r: t == topic)
         assert got == (topic, b"ON", True), late.messages()
 
@@ -205,9 +168,9 @@ async def test_aiomqtt_json_intent_result_and_state(hub: RunningHub, track: Any)
     device is commanded, the result carries the intent_id, ok and "applied", and
     hexa/<uid>/relay/1/state goes ON."""
     owner = register(hub)
-    _, m = device(hub, owner, track)
-    name, token = integration_token(hub, owner)
-    async with integration(hub, name, token, "hexa/#") as i:
+    _, m = online_device(hub, owner, track)
+    it = integration_token(hub, owner)
+    async with integration(hub, it, "hexa/#") as i:
         await switch_on_with_json_intent(i, m)
     assert commands(m) == [("set_relay", 1, True)]
     assert m.relays == [False, True, False]
@@ -217,20 +180,20 @@ async def test_aiomqtt_json_intent_result_and_state(hub: RunningHub, track: Any)
 async def test_aiomqtt_late_subscriber_gets_retained_state(hub: RunningHub, track: Any) -> None:
     """A second aiomqtt client connecting after the command gets relay 1's ON, retained."""
     owner = register(hub)
-    _, m = device(hub, owner, track)
-    name, token = integration_token(hub, owner)
-    async with integration(hub, name, token, "hexa/#") as i:
+    _, m = online_device(hub, owner, track)
+    it = integration_token(hub, owner)
+    async with integration(hub, it, "hexa/#") as i:
         await switch_on_with_json_intent(i, m)
-    await late_subscriber_sees_relay_1_on(hub, name, token, m)
+    await late_subscriber_sees_relay_1_on(hub, it, m)
 
 
 @pytest.mark.anyio
 async def test_aiomqtt_plain_toggle_agrees_with_rest(hub: RunningHub, track: Any) -> None:
     """A plain-text TOGGLE from aiomqtt switches relay 1 off, and GET /devices/{id} agrees."""
     owner = register(hub)
-    dev, m = device(hub, owner, track)
-    name, token = integration_token(hub, owner)
-    async with integration(hub, name, token, "hexa/#") as i:
+    dev, m = online_device(hub, owner, track)
+    it = integration_token(hub, owner)
+    async with integration(hub, it, "hexa/#") as i:
         await switch_on_with_json_intent(i, m)
         await toggle_off_and_check_rest(hub, owner, dev, i, m)
     assert commands(m) == [("set_relay", 1, True), ("set_relay", 1, False)]
@@ -244,11 +207,11 @@ async def test_aiomqtt_other_org_sees_nothing_and_commands_nothing(
     org's device traffic while that org's integration runs its commands, and its intents
     for the first org's device are not executed; it still gets its own org's device."""
     owner, other = register(hub), register(hub)
-    dev, m = device(hub, owner, track)
-    _, theirs = device(hub, other, track)
-    name, token = integration_token(hub, owner)
-    other_name, other_token = integration_token(hub, other)
-    async with integration(hub, other_name, other_token, "hexa/#") as foreign:
+    dev, m = online_device(hub, owner, track)
+    _, theirs = online_device(hub, other, track)
+    it = integration_token(hub, owner)
+    foreign_it = integration_token(hub, other)
+    async with integration(hub, foreign_it, "hexa/#") as foreign:
         # intents for the first org's device, then one for its own device on the same
         # connection: once that one is applied, the broker has handled the earlier ones
         foreign_iid = str(uuid.uuid4())
@@ -260,10 +223,10 @@ async def test_aiomqtt_other_org_sees_nothing_and_commands_nothing(
         own = await foreign.json_intent(theirs.uid, 0, "ON")
         assert own["ok"] is True and own["status"] == "applied", own
 
-        async with integration(hub, name, token, "hexa/#") as i:
+        async with integration(hub, it, "hexa/#") as i:
             await switch_on_with_json_intent(i, m)  # would show relays 0/2 on if executed
-        await late_subscriber_sees_relay_1_on(hub, name, token, m)
-        async with integration(hub, name, token, "hexa/#") as i:
+        await late_subscriber_sees_relay_1_on(hub, it, m)
+        async with integration(hub, it, "hexa/#") as i:
             await toggle_off_and_check_rest(hub, owner, dev, i, m)
             assert not [r for r in i.results(m.uid) if r.get("intent_id") == foreign_iid]
 

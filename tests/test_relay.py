@@ -9,69 +9,18 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
-from support.accounts import User, register
+from support.accounts import register
 from support.checks import error_shape_ok, wait_until
-from support.devices import online_device
+from support.devices import online_device, resource_relays, state_of
 from support.hubs import COMMAND_TIMEOUT_MS, RunningHub
-from support.mqtt import MqttClient, MqttDevice
+from support.mqtt import MqttClient, integration_client, sync_on
 
 C = TypeVar("C", bound=MqttClient)
 TIMEOUT_S = COMMAND_TIMEOUT_MS / 1000
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
-
-
-def device(
-    hub: RunningHub, user: User, track: Callable[[MqttDevice], MqttDevice], **kwargs: Any
-) -> tuple[dict[str, Any], MqttDevice]:
-    dev, m = online_device(hub, user, **kwargs)
-    track(m)
-    return dev, m
-
-
-def integration(
-    hub: RunningHub, user: User, track: Callable[[MqttClient], MqttClient], *filters: str
-) -> MqttClient:
-    """An integration client of ``user``'s organization subscribed to ``filters``."""
-    name = f"int-{uuid.uuid4().hex[:10]}"
-    with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-    assert r.status_code == 201, r.text
-    client = track(MqttClient(hub, name, r.json()["token"]))
-    assert client.ok(), client.rc
-    for flt in filters:
-        assert client.subscribe(flt), flt
-    return client
-
-
-def sync_on(dev: MqttDevice, obs: MqttClient) -> None:
-    """Barrier: once ``obs`` sees the hub republish ``dev``'s input event, the hub has
-    handled everything ``dev`` published before it (obs must cover hexa/<uid>/input/#)."""
-    marker = int(uuid.uuid4().int % 1_000_000) + 1
-    dev.event(2, "press", duration_ms=marker)
-    topic = f"hexa/{dev.uid}/input/2/event"
-    seen = obs.wait_for(
-        lambda t, p, r: t == topic and json.loads(p).get("duration_ms") == marker, 5
-    )
-    assert seen, f"barrier event of {dev.uid} never republished"
-
-
-def state_of(hub: RunningHub, user: User, device_id: str) -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        r = c.get(f"/devices/{device_id}/state")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def resource_relays(hub: RunningHub, user: User, device_id: str) -> list[bool]:
-    with hub.api(user.access_token) as c:
-        r = c.get(f"/devices/{device_id}")
-    assert r.status_code == 200, r.text
-    return [x["state"] for x in sorted(r.json()["relays"], key=lambda x: x["index"])]
 
 
 def results(client: MqttClient, uid: str) -> list[dict[str, Any]]:
@@ -132,7 +81,7 @@ def test_rest_command_applied_and_state_everywhere(hub: RunningHub, track: Any) 
     """A REST relay command returns 200 {device_id, relays, latency_ms, command_id} and the new
     state shows on retained MQTT topics, GET /state and the device resource."""
     user = register(hub)
-    dev, m = device(hub, user, track)
+    dev, m = online_device(hub, user, track)
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{dev['id']}/relays/1", json={"state": True})
     assert r.status_code == 200, r.text
@@ -148,7 +97,9 @@ def test_rest_command_applied_and_state_everywhere(hub: RunningHub, track: Any) 
         "relay_index": 1,
         "state": True,
     }
-    late = integration(hub, user, track, f"hexa/{m.uid}/relay/+/state", f"hexa/{m.uid}/state")
+    late = integration_client(
+        hub, user, track, f"hexa/{m.uid}/relay/+/state", f"hexa/{m.uid}/state"
+    )
     assert late.wait_for(lambda t, p, r: t == f"hexa/{m.uid}/relay/1/state" and p == b"ON" and r, 5)
     state_msg = late.wait_for(lambda t, p, r: t == f"hexa/{m.uid}/state" and r, 5)
     assert state_msg
@@ -168,7 +119,7 @@ def test_rest_command_applied_and_state_everywhere(hub: RunningHub, track: Any) 
 def test_rest_all_relays(hub: RunningHub, track: Any) -> None:
     """POST /devices/{id}/relays switches every relay with one set_all_relays command."""
     user = register(hub)
-    dev, m = device(hub, user, track)
+    dev, m = online_device(hub, user, track)
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{dev['id']}/relays", json={"state": True})
         assert r.status_code == 200, r.text
@@ -185,7 +136,7 @@ def test_rest_all_relays(hub: RunningHub, track: Any) -> None:
 def test_rest_toggle(hub: RunningHub, track: Any) -> None:
     """{"state": "toggle"} flips one relay from its current state, twice back to off."""
     user = register(hub)
-    dev, m = device(hub, user, track)
+    dev, m = online_device(hub, user, track)
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{dev['id']}/relays/2", json={"state": "toggle"})
         assert r.status_code == 200, r.text
@@ -200,7 +151,7 @@ def test_device_timeout_then_late_ack_recorded(hub: RunningHub, track: Any) -> N
     """A device that never acks gives 504 device_timeout after about the command timeout;
     its late ack is still recorded as the new state."""
     user = register(hub)
-    dev, m = device(hub, user, track, auto_ack=False)
+    dev, m = online_device(hub, user, track, auto_ack=False)
     with hub.api(user.access_token) as c:
         start = time.monotonic()
         r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
@@ -224,8 +175,8 @@ def test_offline_device_503_without_command(hub: RunningHub, track: Any) -> None
     """After a device dropped (LWT offline), a command answers 503 device_offline at once and
     no command is published."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/#")
+    dev, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/#")
     m.drop()
     assert obs.wait_for(lambda t, p, r: t == f"hexa/{m.uid}/availability" and p == b"offline", 10)
     with hub.api(user.access_token) as c:
@@ -248,8 +199,8 @@ def test_offline_device_503_without_command(hub: RunningHub, track: Any) -> None
 def test_relay_index_out_of_range(hub: RunningHub, track: Any) -> None:
     """Relay indexes beyond the device (or invalid) answer 404/400, never 500, and send nothing."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/result")
+    dev, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/result")
     with hub.api(user.access_token) as c:
         for idx in ("3", "63", "64", "1000", "-1", "abc"):
             r = c.post(f"/devices/{dev['id']}/relays/{idx}", json={"state": True})
@@ -271,8 +222,8 @@ def test_relay_index_out_of_range(hub: RunningHub, track: Any) -> None:
 def test_mqtt_plain_intents(hub: RunningHub, track: Any) -> None:
     """Plain ON / OFF / TOGGLE intents from an integration are executed and answered on result."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    i = integration(hub, user, track, f"hexa/{m.uid}/result", f"hexa/{m.uid}/relay/+/state")
+    dev, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track, f"hexa/{m.uid}/result", f"hexa/{m.uid}/relay/+/state")
     steps = [
         ("0", "ON", [True, False, False]),
         ("0", "TOGGLE", [False, False, False]),
@@ -297,8 +248,8 @@ def test_mqtt_plain_intents(hub: RunningHub, track: Any) -> None:
 def test_mqtt_json_intent_result_carries_intent_id(hub: RunningHub, track: Any) -> None:
     """A JSON intent {"state":"ON","intent_id":…} is applied; its result carries the intent_id."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    i = integration(hub, user, track, f"hexa/{m.uid}/result")
+    dev, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track, f"hexa/{m.uid}/result")
     iid = f"x-{uuid.uuid4().hex[:8]}"
     i.publish(f"hexa/{m.uid}/relay/1/set", json.dumps({"state": "ON", "intent_id": iid}))
     res = result_for(i, m.uid, iid)
@@ -325,8 +276,8 @@ def test_mqtt_json_intent_result_carries_intent_id(hub: RunningHub, track: Any) 
 def test_commands_to_one_device_applied_in_order(hub: RunningHub, track: Any) -> None:
     """Intents fired quickly at one relay are applied in order; the final state is the last."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    i = integration(hub, user, track, f"hexa/{m.uid}/result")
+    dev, m = online_device(hub, user, track)
+    i = integration_client(hub, user, track, f"hexa/{m.uid}/result")
     for payload in ("ON", "OFF", "TOGGLE", "TOGGLE", "ON"):
         i.c.publish(f"hexa/{m.uid}/relay/0/set", payload, qos=1)
     last = f"last-{uuid.uuid4().hex[:8]}"
@@ -342,9 +293,9 @@ def test_commands_to_one_device_applied_in_order(hub: RunningHub, track: Any) ->
 def test_flood_on_one_device_does_not_starve_another(hub: RunningHub, track: Any) -> None:
     """A flood of intents to one device does not keep another device's REST command from working."""
     user = register(hub)
-    _, a = device(hub, user, track)
-    b_dev, _ = device(hub, user, track)
-    i = integration(hub, user, track, f"hexa/{a.uid}/result")
+    _, a = online_device(hub, user, track)
+    b_dev, _ = online_device(hub, user, track)
+    i = integration_client(hub, user, track, f"hexa/{a.uid}/result")
     n = 80
     for k in range(n):
         i.c.publish(
@@ -365,8 +316,8 @@ def test_flood_on_one_device_does_not_starve_another(hub: RunningHub, track: Any
 def test_state_report_updates_state_with_audit(hub: RunningHub, track: Any) -> None:
     """A state report with changed relays (local switch) updates state and topics, audited."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/#")
+    dev, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/#")
     m.relays = [True, False, True]
     m.report()
     assert wait_until(lambda: state_of(hub, user, dev["id"])["relays"] == [True, False, True], 5)
@@ -393,7 +344,8 @@ def test_state_report_updates_state_with_audit(hub: RunningHub, track: Any) -> N
 def test_report_records_fw_version(hub: RunningHub, track: Any) -> None:
     """A state report's fw_version shows on the device resource, also when none was known."""
     user = register(hub)
-    dev, m = device(hub, user, track)  # provisioned without fw_version; reports "1.0.0" on connect
+    # provisioned without fw_version; reports "1.0.0" on connect
+    dev, m = online_device(hub, user, track)
     with hub.api(user.access_token) as c:
         assert wait_until(
             lambda: c.get(f"/devices/{dev['id']}").json()["fw_version"] == "1.0.0", 5
@@ -407,8 +359,8 @@ def test_report_records_fw_version(hub: RunningHub, track: Any) -> None:
 def test_input_events_republished(hub: RunningHub, track: Any) -> None:
     """Input events from a device are republished on hexa/<uid>/input/<n>/event."""
     user = register(hub)
-    _, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/input/+/event")
+    _, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/input/+/event")
     m.event(1, "hold", duration_ms=10500)
     msg = obs.wait_for(lambda t, p, r: t == f"hexa/{m.uid}/input/1/event", 5)
     assert msg and json.loads(msg[1]) == {"event": "hold", "duration_ms": 10500}
@@ -421,8 +373,8 @@ def test_input_events_republished(hub: RunningHub, track: Any) -> None:
 def test_malformed_device_payloads_do_not_break_hub(hub: RunningHub, track: Any, kind: str) -> None:
     """Malformed, non-UTF-8 or ill-typed JSON on a device topic is dropped; commands still work."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/input/#")
+    dev, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/input/#")
     junk = [
         b"{not json",
         b"\xff\xfe\x00\x81",
@@ -458,8 +410,8 @@ def test_malformed_device_payloads_do_not_break_hub(hub: RunningHub, track: Any,
 def test_ack_with_unknown_command_id_ignored(hub: RunningHub, track: Any) -> None:
     """An ack naming a command the hub never sent changes nothing."""
     user = register(hub)
-    dev, m = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{m.uid}/#")
+    dev, m = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{m.uid}/#")
     m.publish(
         f"hexa/{m.uid}/ack",
         json.dumps({"command_id": uuid.uuid4().hex, "ok": True, "relays": [True, True, True]}),
@@ -474,9 +426,9 @@ def test_ack_from_wrong_device_ignored(hub: RunningHub, track: Any) -> None:
     """Device B acking device A's command on its own ack topic does not complete it (→ 504),
     not even as a late ack, and changes neither device's state."""
     user = register(hub)
-    a_dev, a = device(hub, user, track, auto_ack=False)
-    b_dev, b = device(hub, user, track)
-    obs = integration(hub, user, track, f"hexa/{b.uid}/input/#")
+    a_dev, a = online_device(hub, user, track, auto_ack=False)
+    b_dev, b = online_device(hub, user, track)
+    obs = integration_client(hub, user, track, f"hexa/{b.uid}/input/#")
     ack = {"ok": True, "relays": [True, True, True]}
     with ThreadPoolExecutor(1) as pool, hub.api(user.access_token) as c:
         fut = pool.submit(c.post, f"/devices/{a_dev['id']}/relays/0", json={"state": True})
@@ -502,7 +454,7 @@ def test_last_seen_advances_with_reports_and_is_written_in_batches(
     monkeypatch.setattr(state, "LAST_SEEN_EVERY_S", 0.0)
     monkeypatch.setattr(state, "SEEN_FLUSH_S", 0.05)
     user = register(hub)
-    devices = [device(hub, user, track) for _ in range(3)]
+    devices = [online_device(hub, user, track) for _ in range(3)]
     first = {dev["id"]: state_of(hub, user, dev["id"])["last_seen_at"] for dev, _ in devices}
     assert all(first.values())
     time.sleep(0.01)
@@ -523,8 +475,8 @@ def test_report_flood_does_not_starve_others_and_ends_on_the_last_report(
     """A device flooding state reports fills only its own queue: another device's REST
     command still works, and the hub ends with the flooding device's last report."""
     user = register(hub)
-    a_dev, a = device(hub, user, track)
-    b_dev, _ = device(hub, user, track)
+    a_dev, a = online_device(hub, user, track)
+    b_dev, _ = online_device(hub, user, track)
     n = 3000
     for k in range(n):
         relays = [bool(k & 1), bool(k & 2), bool(k & 4)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode
@@ -14,7 +13,7 @@ from support.accounts import add_member, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.devices import claimed_device, online_device
 from support.hubs import RunningHub
-from support.mqtt import MqttClient
+from support.mqtt import integration_client
 from support.ws import WsDevice, client_url, close_code_of, ws_client, ws_device
 
 
@@ -83,12 +82,8 @@ def test_ws_device_state_report_and_event(hub: RunningHub, track: Any) -> None:
     """A WS device's state_report updates relay state; its input_event is republished on the bus."""
     user = register(hub)
     dev, d = ws_device(hub, user, track)
-    name = f"int-{uuid.uuid4().hex[:10]}"
+    obs = integration_client(hub, user, track, f"hexa/{d.uid}/#")
     with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-        assert r.status_code == 201, r.text
-        obs = track(MqttClient(hub, name, r.json()["token"]))
-        assert obs.ok() and obs.subscribe(f"hexa/{d.uid}/#")
         d.send({"type": "state_report", "relays": [True, False, True], "inputs": [False] * 3})
         assert wait_until(
             lambda: c.get(f"/devices/{dev['id']}/state").json()["relays"] == [True, False, True], 5
@@ -158,10 +153,8 @@ def test_client_bad_token_close_4401(hub: RunningHub) -> None:
 def test_client_receives_only_its_orgs_device_state(hub: RunningHub, track: Any) -> None:
     """A client gets device_state for its org's device when a relay changes, never another org's."""
     u1, u2 = register(hub), register(hub)
-    d1, m1 = online_device(hub, u1)
-    track(m1)
-    d2, m2 = online_device(hub, u2)
-    track(m2)
+    d1, m1 = online_device(hub, u1, track)
+    d2, m2 = online_device(hub, u2, track)
     c1 = ws_client(hub, u1, track)
     c2 = ws_client(hub, u2, track)
     with hub.api(u1.access_token) as a1, hub.api(u2.access_token) as a2:
@@ -197,8 +190,7 @@ def test_client_receives_only_its_orgs_device_state(hub: RunningHub, track: Any)
 def test_client_set_relay_command_result(hub: RunningHub, track: Any) -> None:
     """A client's set_relay gets command_result {request_id, ok: true, relays}; so does set_all."""
     user = register(hub)
-    dev, m = online_device(hub, user)
-    track(m)
+    dev, m = online_device(hub, user, track)
     c = ws_client(hub, user, track)
     c.send(
         {
@@ -240,8 +232,7 @@ def test_client_set_relay_command_result(hub: RunningHub, track: Any) -> None:
 def test_client_bad_messages(hub: RunningHub, track: Any) -> None:
     """Malformed client messages get an error or a failed command_result; the socket stays up."""
     user = register(hub)
-    dev, m = online_device(hub, user)
-    track(m)
+    dev, m = online_device(hub, user, track)
     c = ws_client(hub, user, track)
     c.send("{not json")
     c.send(b"\xff\xfe")
@@ -290,8 +281,7 @@ def test_viewer_set_relay_refused(hub: RunningHub, track: Any) -> None:
     """A viewer-role member sees the org's device, but its set_relay gets ok false."""
     owner, viewer = register(hub), register(hub)
     add_member(hub, owner, viewer, "viewer")
-    dev, m = online_device(hub, owner)
-    track(m)
+    dev, m = online_device(hub, owner, track)
     v = ws_client(hub, viewer, track)
     v.send(
         {
@@ -326,8 +316,7 @@ def test_viewer_set_relay_refused(hub: RunningHub, track: Any) -> None:
 def test_client_command_to_other_tenant_refused(hub: RunningHub, track: Any) -> None:
     """A WS client's command to another tenant's device gets ok false; the device gets nothing."""
     owner, stranger = register(hub), register(hub)
-    dev, m = online_device(hub, owner)
-    track(m)
+    dev, m = online_device(hub, owner, track)
     s = ws_client(hub, stranger, track)
     s.send(
         {

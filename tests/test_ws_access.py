@@ -15,7 +15,7 @@ from support.accounts import User, add_member, admin_token, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.databases import new_database_url
 from support.devices import online_device
-from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.hubs import RunningHub, spawn_hub, spawned_hub, stop_hub
 from support.ws import WsPeer, client_url, ws_client
 from websockets.exceptions import ConnectionClosed
 
@@ -62,8 +62,7 @@ def test_removed_member_socket_closes_4403(hub: RunningHub, track: Any) -> None:
     close reaches no device, and the owner's socket stays open and keeps receiving."""
     owner, member = register(hub), register(hub)
     add_member(hub, owner, member, "operator")
-    dev, device = online_device(hub, owner)
-    track(device)
+    dev, device = online_device(hub, owner, track)
     mine, theirs = ws_client(hub, owner, track), ws_client(hub, member, track)
     with hub.api(owner.access_token) as api:
         assert api.post(f"/devices/{dev['id']}/relays/0", json={"state": True}).status_code == 200
@@ -89,8 +88,7 @@ def test_lowered_role_closes_4403_and_wider_grants_apply(hub: RunningHub, track:
     owner, other_owner, member = register(hub), register(hub), register(hub)
     add_member(hub, owner, member, "operator")
     widened = ws_client(hub, member, track)
-    dev, device = online_device(hub, other_owner)
-    track(device)
+    dev, _device = online_device(hub, other_owner, track)
     add_member(hub, other_owner, member, "viewer")
     set_relay(widened, "as-viewer", dev["id"], 0)  # authorized against the database, not the
     answer = widened.result("as-viewer")  # connect-time memberships: forbidden, not not_found
@@ -111,8 +109,7 @@ def test_lowered_role_closes_4403_and_wider_grants_apply(hub: RunningHub, track:
 def test_disabled_user_socket_closes_4401(hub: RunningHub, track: Any) -> None:
     """A user disabled by a platform admin is closed with 4401; another user's socket stays."""
     victim, bystander = register(hub), register(hub)
-    dev, device = online_device(hub, bystander)
-    track(device)
+    dev, _device = online_device(hub, bystander, track)
     gone, stays = ws_client(hub, victim, track), ws_client(hub, bystander, track)
     with hub.api(admin_token(hub)) as api:
         r = api.patch(f"/admin/users/{victim.id}", json={"is_active": False})
@@ -127,13 +124,8 @@ def test_disabled_user_socket_closes_4401(hub: RunningHub, track: Any) -> None:
 @pytest.fixture
 def short_ttl_hub(db_kind: str, tmp_path: Path) -> Iterator[RunningHub]:
     """A hub in its own process whose access tokens live two seconds."""
-    url, drop = new_database_url(db_kind, tmp_path)
-    h = spawn_hub(url, tmp_path / "data", access_token_ttl_s="2")
-    try:
+    with spawned_hub(db_kind, tmp_path, access_token_ttl_s="2") as h:
         yield h
-    finally:
-        stop_hub(h)
-        drop()
 
 
 def test_expired_token_socket_closes_4401(

@@ -14,9 +14,8 @@ from urllib.parse import urlencode
 import pytest
 from support.accounts import register
 from support.checks import wait_until
-from support.databases import new_database_url
 from support.devices import claimed_device, online_device
-from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.hubs import RunningHub, spawned_hub, stop_hub
 from support.ws import WsPeer, client_url, ws_client, ws_device
 
 from hexa.hub.logs import PeerFaults
@@ -54,8 +53,7 @@ def test_client_hostile_json_gets_error(
     error, stays open, and another client keeps working; the log has no traceback."""
     caplog.set_level(logging.WARNING)
     user, other = register(hub), register(hub)
-    dev, device = online_device(hub, user)
-    track(device)
+    dev, _device = online_device(hub, user, track)
     hostile = ws_client(hub, user, track)
     bad = [DEEP, DEEP_SMALL, DEEP_OBJECT, nested("set_relay", 40), "NaN", '{"type": 1e999}']
     for n, message in enumerate(bad, start=1):
@@ -84,13 +82,8 @@ def test_client_hostile_json_gets_error(
 @pytest.fixture
 def served_hub(db_kind: str, tmp_path: Path) -> Iterator[RunningHub]:
     """``hexa serve`` in its own process: its log set-up and output are the real ones."""
-    url, drop = new_database_url(db_kind, tmp_path)
-    h = spawn_hub(url, tmp_path / "data")
-    try:
+    with spawned_hub(db_kind, tmp_path) as h:
         yield h
-    finally:
-        stop_hub(h)
-        drop()
 
 
 def test_frames_over_transport_limit_or_not_utf8_close(
