@@ -22,14 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-from support.accounts import User, register
-from support.checks import wait_until
-from support.databases import new_database_url
+from support.accounts import User, integration_token, register
+from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.devices import claimed_device, online_device
-from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.hubs import RunningHub, spawned_hub
 from support.mqtt import MqttClient, MqttDevice
-
-NEGATIVE_WAIT_S = 0.5  # bounded wait used only to assert that something does NOT arrive
 
 
 # --- a raw MQTT 3.1.1 client: bytes built here, independent of every library -------------
@@ -175,16 +172,6 @@ def raws() -> Iterator[Callable[[Raw], Raw]]:
         r.close()
 
 
-def integration(hub: RunningHub, user: User) -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        r = c.post(
-            "/integrations/tokens",
-            json={"name": f"int-{uuid.uuid4().hex[:10]}", "org_id": user.org_id},
-        )
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def sessions(hub: RunningHub) -> dict[str, float]:
     """The broker's session gauge from ``/metrics``."""
     text = httpx.get(hub.base + "/metrics", timeout=10).text
@@ -234,7 +221,7 @@ class Captured(logging.Handler):
 def test_refused_and_clean_connects_leave_no_session(hub: RunningHub, raws: Any) -> None:
     """Refused CONNECTs store nothing and clean sessions are gone when they end."""
     user = register(hub)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     before = sessions(hub)
     for i in range(200):
         r = raws(Raw(hub))
@@ -271,11 +258,9 @@ def test_memory_flat_under_connect_floods(tmp_path: Path, db_kind: str) -> None:
     """10 000 refused and 10 000 clean connect/disconnect cycles do not grow the hub."""
     import psutil
 
-    url, drop = new_database_url(db_kind, tmp_path)
-    h = spawn_hub(url, tmp_path / "data")
-    try:
+    with spawned_hub(db_kind, tmp_path) as h:
         user = register(h)
-        it = integration(h, user)
+        it = integration_token(h, user)
         proc = psutil.Process(h.proc.pid)
 
         def cycles(n: int) -> None:
@@ -300,19 +285,14 @@ def test_memory_flat_under_connect_floods(tmp_path: Path, db_kind: str) -> None:
         # amqtt kept ~35 KB per refused and ~27 KB per clean client id: 620 MB here
         assert grown < 40 * 1024 * 1024, f"hub grew by {grown / 1e6:.1f} MB"
         assert sessions(h) == {"connected": 0.0, "persisted": 0.0}, sessions(h)
-    finally:
-        stop_hub(h)
-        drop()
 
 
 def test_persistent_sessions_expire(tmp_path: Path, db_kind: str) -> None:
     """A persistent session whose client stays away past HEXA_MQTT_SESSION_EXPIRY_S is gone:
     the client comes back to a fresh session (CONNACK session present = 0)."""
-    url, drop = new_database_url(db_kind, tmp_path)
-    h = spawn_hub(url, tmp_path / "data", mqtt_session_expiry_s="1")
-    try:
+    with spawned_hub(db_kind, tmp_path, mqtt_session_expiry_s="1") as h:
         user = register(h)
-        it = integration(h, user)
+        it = integration_token(h, user)
         cid = f"expire-{uuid.uuid4().hex[:8]}"
         r = Raw(h)
         assert r.connect(cid, it["name"], it["token"], clean=False) == 0
@@ -324,9 +304,6 @@ def test_persistent_sessions_expire(tmp_path: Path, db_kind: str) -> None:
         packet = back.read_packet()
         assert packet is not None and packet[1] == b"\x00\x00", packet  # no session present
         back.close()
-    finally:
-        stop_hub(h)
-        drop()
 
 
 # --- 3: client ids belong to one identity --------------------------------------------------
@@ -334,7 +311,7 @@ def test_persistent_session_queue_never_crosses_identities(hub: RunningHub, raws
     """Another org's client reusing a persistent client id is refused and gets nothing of its
     queue; the owner reconnects and gets its queued messages."""
     owner, stranger = register(hub), register(hub)
-    mine, theirs = integration(hub, owner), integration(hub, stranger)
+    mine, theirs = integration_token(hub, owner), integration_token(hub, stranger)
     _dev, m = online_device(hub, owner)
     cid = f"persist-{uuid.uuid4().hex[:8]}"
     a = raws(Raw(hub))
@@ -401,7 +378,7 @@ def test_client_ids_naming_a_device_are_reserved(hub: RunningHub, raws: Any) -> 
     user = register(hub)
     p, _dev = claimed_device(hub, user)
     other, _ = claimed_device(hub, user)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     uid = p["device_uid"]
     for who in ((it["name"], it["token"]), (other["device_uid"], other["device_token"])):
         for cid in (uid, f"sim-{uid}", f"dev-{uid}"):
@@ -418,7 +395,7 @@ def test_client_ids_naming_a_device_are_reserved(hub: RunningHub, raws: Any) -> 
 def test_sessions_per_identity_are_limited(hub: RunningHub, raws: Any) -> None:
     """An identity holds at most HEXA_MQTT_MAX_SESSIONS_PER_IDENTITY sessions at once."""
     user = register(hub)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     limit = hub.settings.mqtt_max_sessions_per_identity
     live = [raws(Raw(hub)) for _ in range(limit)]
     for i, r in enumerate(live):
@@ -470,7 +447,7 @@ def test_device_without_will_is_offline_after_disconnect(hub: RunningHub, raws: 
 def test_silence_within_keepalive_keeps_the_session(hub: RunningHub, raws: Any) -> None:
     """A client that pings within its keepalive stays connected."""
     user = register(hub)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     r = raws(Raw(hub))
     assert r.connect(f"ping-{uuid.uuid4().hex[:8]}", it["name"], it["token"], keepalive=1) == 0
     for _ in range(6):
@@ -488,7 +465,7 @@ def test_stalled_subscriber_is_disconnected_and_others_unaffected(
     """A QoS 1 subscriber that neither reads nor acks is disconnected after a bounded backlog,
     with one log line, and other devices' commands keep working."""
     user = register(hub)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     _dev, m = online_device(hub, user)
     other_dev, other = online_device(hub, user)
     cid = f"stall-{uuid.uuid4().hex[:8]}"
@@ -517,13 +494,11 @@ def test_hostile_username_and_topic_are_logged_as_one_escaped_line(
 ) -> None:
     """In the log of `hexa serve`, newlines in a user name or topic never make a second line,
     a 64 KB user name is cut, and a refused login is logged once."""
-    url, drop = new_database_url(db_kind, tmp_path)
     log = tmp_path / "hub.log"
-    h = spawn_hub(url, tmp_path / "data", log=log, log_level="INFO")
     marker = uuid.uuid4().hex
-    try:
+    with spawned_hub(db_kind, tmp_path, log=log, log_level="INFO") as h:
         user = register(h)
-        it = integration(h, user)
+        it = integration_token(h, user)
         r = Raw(h)
         huge = f"{marker}\nFORGED ERROR line\r\n" + "u" * 65000
         assert r.connect(f"h-{marker}", huge, "wrong") == 5
@@ -534,9 +509,6 @@ def test_hostile_username_and_topic_are_logged_as_one_escaped_line(
         ok.publish(f"evil/{marker}\n2026-01-01 FORGED", b"x", qos=0)
         assert wait_until(lambda: log.read_text().count(marker) >= 3, 10), log.read_text()
         ok.close()
-    finally:
-        stop_hub(h)
-        drop()
     lines = log.read_text().splitlines()
     assert not [line for line in lines if line.startswith("FORGED")], "a forged line"
     assert not [line for line in lines if "FORGED" in line and marker not in line]
@@ -548,7 +520,7 @@ def test_deeply_nested_intent_is_rejected_without_traceback(hub: RunningHub) -> 
     """An intent nested 20 000 levels deep gets a ``rejected`` result, not a traceback."""
     user = register(hub)
     dev, m = online_device(hub, user)
-    it = integration(hub, user)
+    it = integration_token(hub, user)
     integ = MqttClient(hub, it["name"], it["token"])
     try:
         assert integ.ok() and integ.subscribe(f"hexa/{m.uid}/result")

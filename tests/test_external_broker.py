@@ -18,7 +18,7 @@ from support.accounts import register
 from support.checks import wait_until
 from support.databases import new_database_url
 from support.devices import claim, provision
-from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
 from support.mqtt import MqttClient, MqttDevice
 
 MOSQUITTO = shutil.which("mosquitto")
@@ -37,7 +37,7 @@ class Mosquitto:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = _free_port()
+        self.port = free_port()
         self.passwd = work / "passwd"
         self.passwd.touch()
         self.passwd.chmod(0o600)
@@ -81,12 +81,6 @@ class Mosquitto:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:

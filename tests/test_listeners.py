@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import socket
 import ssl
 import threading
 import uuid
@@ -20,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from support.accounts import register
+from support.accounts import integration_token, register
 from support.checks import wait_until
 from support.databases import new_database_url
 from support.devices import claim, online_device, provision
-from support.hubs import RunningHub, spawn_hub, stop_hub
+from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
 
 from hexa.hub import mqtt as hexa_mqtt
 from hexa.hub.bus import BrokerAddress, Bus
@@ -63,16 +62,10 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def tls_hub(db_kind: str, tmp_path: Path) -> Iterator[tuple[RunningHub, Path, int, int]]:
     cert, key = _self_signed(tmp_path)
-    tls_port, ws_port = _free_port(), _free_port()
+    tls_port, ws_port = free_port(), free_port()
     url, drop = new_database_url(db_kind, tmp_path)
     hub = spawn_hub(
         url,
@@ -148,11 +141,6 @@ def test_bad_credentials_refused_on_every_listener(
         client.loop_stop()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_hub_bus_client_over_tls_with_a_private_ca(
     tls_hub: tuple[RunningHub, Path, int, int], track: Any
@@ -162,13 +150,9 @@ async def test_hub_bus_client_over_tls_with_a_private_ca(
     result; without that CA the certificate is refused."""
     hub, cert, tls_port, _ = tls_hub
     user = register(hub)
-    _, m = online_device(hub, user)
-    track(m)
-    name = f"tls-{uuid.uuid4().hex[:8]}"
-    with hub.api(user.access_token) as c:
-        r = c.post("/integrations/tokens", json={"name": name, "org_id": user.org_id})
-    assert r.status_code == 201, r.text
-    token = r.json()["token"]
+    _, m = online_device(hub, user, track)
+    it = integration_token(hub, user)
+    name, token = it["name"], it["token"]
 
     with pytest.raises(hexa_mqtt.MqttError, match="CERTIFICATE_VERIFY_FAILED"):
         await hexa_mqtt.connect(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support.accounts import register
+from support.accounts import integration_token, register
 from support.checks import wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device
@@ -28,9 +28,7 @@ def test_restarted_hub_republishes_retained_state(tmp_path: Path, db_kind: str) 
             assert wait_until(lambda: c.get(f"/devices/{dev['id']}").json()["online"], 5)
             r = c.post(f"/devices/{dev['id']}/relays/2", json={"state": True})
             assert r.status_code == 200, r.text
-            token = c.post(
-                "/integrations/tokens", json={"name": "watcher", "org_id": user.org_id}
-            ).json()
+        token = integration_token(first, user, "watcher")
         m.close()
     finally:
         stop_hub(first)

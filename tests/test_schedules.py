@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from support.accounts import User, add_member, register
-from support.checks import error_shape_ok, wait_until
+from support.accounts import User, add_member, audit, register
+from support.checks import assert_error, wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device, online_device
 from support.hubs import RunningHub, spawn_hub, stop_hub
@@ -56,19 +56,6 @@ def get(hub: RunningHub, user: User, schedule_id: str) -> dict[str, Any]:
         r = c.get(f"/schedules/{schedule_id}")
     assert r.status_code == 200, r.text
     return dict(r.json())
-
-
-def audit(hub: RunningHub, user: User, **params: Any) -> dict[str, Any]:
-    with hub.api(user.access_token) as c:
-        r = c.get("/audit", params=params)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> None:
-    assert r.status_code == status, r.text
-    b = r.json()
-    assert error_shape_ok(b) and b["code"] == code, b
 
 
 def ts(value: str | None) -> datetime:
@@ -386,8 +373,7 @@ def test_manager_can_manage_schedules(hub: RunningHub) -> None:
 def test_run_now_switches_a_real_device(hub: RunningHub, track: Callable[[Any], Any]) -> None:
     """POST /schedules/{id}/run switches the relay of an online device and records applied."""
     user = register(hub)
-    dev, m = online_device(hub, user)
-    track(m)
+    dev, m = online_device(hub, user, track)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 1, "state": True})
     with hub.api(user.access_token) as c:
         r = c.post(f"/schedules/{s['id']}/run")
@@ -431,8 +417,7 @@ def test_every_run_is_audited_with_source_schedule(
 ) -> None:
     """Each run appears once in GET /audit?schedule_id= with source schedule and its outcome."""
     user = register(hub)
-    dev, m = online_device(hub, user)
-    track(m)
+    dev, _m = online_device(hub, user, track)
     _, offline = claimed_device(hub, user)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 2, "state": True})
     s_off = create(hub, user, offline["id"])
@@ -467,8 +452,7 @@ def test_run_now_is_idempotent_and_carries_the_request_id(
 ) -> None:
     """A replayed run-now (same Idempotency-Key) does not run again; audit has the request id."""
     user = register(hub)
-    dev, m = online_device(hub, user)
-    track(m)
+    dev, m = online_device(hub, user, track)
     s = create(hub, user, dev["id"], action={"type": "set_relay", "relay_index": 0, "state": True})
     rid = f"req-{uuid.uuid4().hex[:12]}"
     key = uuid.uuid4().hex
@@ -540,8 +524,7 @@ def test_due_schedule_fires_once_within_a_tick(
 ) -> None:
     """A schedule made due fires within a tick, exactly once, and moves next_execution ahead."""
     user = register(fast_hub)
-    dev, m = online_device(fast_hub, user)
-    track(m)
+    dev, m = online_device(fast_hub, user, track)
     s = create(fast_hub, user, dev["id"], cron="*/30 * * * *")
     due_at = datetime.now(UTC) - timedelta(seconds=2)
     set_next_execution(db_url(fast_hub), s["id"], due_at)
@@ -570,8 +553,7 @@ def test_run_older_than_grace_is_recorded_missed(
 ) -> None:
     """A due run older than the grace window (60 s) is recorded as missed and sends no command."""
     user = register(fast_hub)
-    dev, m = online_device(fast_hub, user)
-    track(m)
+    dev, m = online_device(fast_hub, user, track)
     s = create(fast_hub, user, dev["id"], cron="*/30 * * * *")
     set_next_execution(db_url(fast_hub), s["id"], datetime.now(UTC) - timedelta(seconds=120))
     seen = wait_until(lambda: get(fast_hub, user, s["id"])["last_result"] == "missed", 10)
@@ -591,8 +573,7 @@ def test_run_older_than_grace_is_recorded_missed(
 def test_run_within_grace_fires_once(fast_hub: RunningHub, track: Callable[[Any], Any]) -> None:
     """A run missed by less than the grace window (e.g. a hub restart) still fires, once."""
     user = register(fast_hub)
-    dev, m = online_device(fast_hub, user)
-    track(m)
+    dev, m = online_device(fast_hub, user, track)
     s = create(
         fast_hub,
         user,
@@ -616,8 +597,7 @@ def test_loop_survives_a_schedule_whose_device_is_gone(
     """A due schedule of a deleted device is disabled as device_removed; others still fire."""
     user = register(fast_hub)
     _, gone = claimed_device(fast_hub, user)
-    dev, m = online_device(fast_hub, user)
-    track(m)
+    dev, m = online_device(fast_hub, user, track)
     orphan = create(fast_hub, user, gone["id"])
     live = create(fast_hub, user, dev["id"])
     with fast_hub.api(user.access_token) as c:
@@ -642,8 +622,7 @@ def test_database_error_in_one_run_does_not_stop_the_loop(
 ) -> None:
     """A database error while recording one run (injected by a trigger) leaves the loop running."""
     user = register(fast_hub)
-    dev, m = online_device(fast_hub, user)
-    track(m)
+    dev, m = online_device(fast_hub, user, track)
     bad = create(
         fast_hub, user, dev["id"], action={"type": "set_relay", "relay_index": 2, "state": True}
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from support.accounts import register
+from support.accounts import integration_token, register
 from support.checks import wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device
@@ -31,10 +31,7 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
     devices: list[tuple[dict[str, Any], MqttDevice]] = []
     try:
         user = register(hub)
-        with hub.api(user.access_token) as c:
-            token = c.post(
-                "/integrations/tokens", json={"name": "loader", "org_id": user.org_id}
-            ).json()
+        token = integration_token(hub, user, "loader")
         for _ in range(DEVICES):
             p, dev = claimed_device(hub, user)
             m = MqttDevice(hub, p["device_uid"], p["device_token"])
