@@ -34,7 +34,7 @@ from tortoise.expressions import F
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.busapi import BusLike
-from hexa.hub.commands import Commands
+from hexa.hub.commands import Commands, Origin, RelayAction
 from hexa.hub.errors import BusUnavailable, NotFound, ValidationFailed
 from hexa.hub.events import DeviceOnline, Events, InputEvent, PresenceEvent
 from hexa.hub.security import utcnow
@@ -362,13 +362,15 @@ class Engine:
                 results.append({"action": action, "status": "device_removed"})
                 continue
             try:
-                result = await self.commands.submit_action(
+                result = await self.commands.submit(
                     device.device_uid,
-                    action,
-                    source="automation",
-                    actor_type="automation",
-                    actor_id=str(rule.id),
-                    automation_id=str(rule.id),
+                    RelayAction.stored(action),
+                    Origin(
+                        "automation",
+                        actor_type="automation",
+                        actor_id=str(rule.id),
+                        automation_id=str(rule.id),
+                    ),
                 )
                 results.append({"action": action, "status": result.status, "relays": result.relays})
             except Exception:

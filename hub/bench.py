@@ -418,7 +418,7 @@ def run_bench(args: argparse.Namespace) -> int:
 class _AppliedCommands:
     """Stands in for the bus in the scheduler benchmark: every intent is applied at once."""
 
-    async def submit_action(self, uid: str, action: dict[str, Any], **_: Any) -> topics.Result:
+    async def submit(self, uid: str, action: Any, origin: Any) -> topics.Result:
         return topics.Result(intent_id=uuid.uuid4().hex, ok=True, status="applied")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from hexa.hub import inbox, topics
@@ -16,6 +18,46 @@ from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateL
 
 #: extra time granted beyond the relay service's own command timeout
 MARGIN_S = 2.0
+
+
+@dataclass(frozen=True)
+class RelayAction:
+    """What every source asks of a device: one relay (``relay_index``) or all of them
+    (None) ON, OFF or TOGGLE. REST bodies, WebSocket commands and the stored actions of
+    schedules and automations all become this before they become an intent."""
+
+    relay_index: int | None
+    state: topics.IntentValue
+
+    @classmethod
+    def of(cls, relay_index: int | None, state: bool | str) -> RelayAction:
+        """From a ``state`` of true, false or ``"toggle"`` (any case); ValueError else."""
+        return cls(relay_index, topics.intent_value(state))
+
+    @classmethod
+    def stored(cls, action: Mapping[str, Any]) -> RelayAction:
+        """From a schedule's or automation's action: ``set_relay`` with a
+        ``relay_index``, or ``set_all_relays``."""
+        index = action.get("relay_index") if action.get("type") == "set_relay" else None
+        return cls.of(index, action["state"])
+
+    def topic(self, uid: str) -> str:
+        """The intent topic this action is published on."""
+        if self.relay_index is None:
+            return topics.RELAYS_SET.format(uid=uid)
+        return topics.RELAY_SET.format(uid=uid, index=self.relay_index)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who asked and where: recorded with the intent's audit entry."""
+
+    source: str
+    actor_type: str | None = None
+    actor_id: str | None = None
+    request_id: str | None = None
+    automation_id: str | None = None
+    schedule_id: str | None = None
 
 
 class Commands:
@@ -35,35 +77,19 @@ class Commands:
         if future is not None and not future.done():
             future.set_result(result)
 
-    async def submit(
-        self,
-        uid: str,
-        relay_index: int | None,
-        state: topics.IntentValue,
-        *,
-        source: str,
-        actor_type: str | None = None,
-        actor_id: str | None = None,
-        request_id: str | None = None,
-        automation_id: str | None = None,
-        schedule_id: str | None = None,
-    ) -> topics.Result:
+    async def submit(self, uid: str, action: RelayAction, origin: Origin) -> topics.Result:
         """Publish one intent and return its result (any status)."""
         intent = topics.Intent(
-            state=state,
-            source=source,
+            state=action.state,
+            source=origin.source,
             intent_id=uuid.uuid4().hex,
-            request_id=request_id,
-            actor_type=actor_type,
-            actor_id=actor_id,
-            automation_id=automation_id,
-            schedule_id=schedule_id,
+            request_id=origin.request_id,
+            actor_type=origin.actor_type,
+            actor_id=origin.actor_id,
+            automation_id=origin.automation_id,
+            schedule_id=origin.schedule_id,
         )
-        topic = (
-            topics.RELAYS_SET.format(uid=uid)
-            if relay_index is None
-            else topics.RELAY_SET.format(uid=uid, index=relay_index)
-        )
+        topic = action.topic(uid)
         future: asyncio.Future[topics.Result] = asyncio.get_running_loop().create_future()
         self._waiting[intent.intent_id] = future
         try:
@@ -75,19 +101,9 @@ class Commands:
         finally:
             self._waiting.pop(intent.intent_id, None)
 
-    async def submit_action(
-        self, uid: str, action: dict[str, Any], **origin: str | None
-    ) -> topics.Result:
-        """Submit a stored action (of a schedule or an automation): ``set_relay`` with a
-        ``relay_index``, or ``set_all_relays``; ``state`` true, false or ``"toggle"``."""
-        index = action.get("relay_index") if action.get("type") == "set_relay" else None
-        return await self.submit(uid, index, topics.intent_value(action["state"]), **origin)  # type: ignore[arg-type]
-
-    async def execute(
-        self, uid: str, relay_index: int | None, state: topics.IntentValue, **kwargs: str | None
-    ) -> topics.Result:
+    async def execute(self, uid: str, action: RelayAction, origin: Origin) -> topics.Result:
         """Like :meth:`submit`, but a result other than ``applied`` raises its HubError."""
-        result = await self.submit(uid, relay_index, state, **kwargs)  # type: ignore[arg-type]
+        result = await self.submit(uid, action, origin)
         if result.status == "applied":
             return result
         if result.status == "offline":

@@ -26,7 +26,7 @@ from tortoise.transactions import in_transaction
 
 from hexa.hub import metrics
 from hexa.hub.audit import AuditLog
-from hexa.hub.commands import Commands
+from hexa.hub.commands import Commands, Origin, RelayAction
 from hexa.hub.errors import ValidationFailed
 from hexa.hub.security import utcnow
 from hexa.models import Device, Schedule
@@ -208,14 +208,16 @@ class Scheduler:
             return "device_removed"
         status: str
         try:
-            result = await self.commands.submit_action(
+            result = await self.commands.submit(
                 device.device_uid,
-                schedule.action,
-                source="schedule",
-                actor_type="schedule",
-                actor_id=str(schedule.id),
-                schedule_id=str(schedule.id),
-                request_id=request_id,
+                RelayAction.stored(schedule.action),
+                Origin(
+                    "schedule",
+                    actor_type="schedule",
+                    actor_id=str(schedule.id),
+                    schedule_id=str(schedule.id),
+                    request_id=request_id,
+                ),
             )
             status = result.status
         except Exception:

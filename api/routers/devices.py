@@ -26,8 +26,8 @@ from hexa.api.schemas import (
     device_fields,
     device_view,
 )
-from hexa.hub import topics
 from hexa.hub.access import Principal
+from hexa.hub.commands import Origin, RelayAction
 from hexa.hub.errors import NotFound, Unauthorized
 from hexa.hub.security import same_secret
 from hexa.models import Device, DeviceInput, RelayState
@@ -210,12 +210,10 @@ async def _command(
     """Publish the intent, wait for its result; anything but applied raises its error."""
     result = await hub.commands.execute(
         device.device_uid,
-        relay_index,
-        topics.intent_value(state),
-        source="api",
-        actor_type="user",
-        actor_id=str(principal.id),
-        request_id=request_id_of(request),
+        RelayAction.of(relay_index, state),
+        Origin(
+            "api", actor_type="user", actor_id=str(principal.id), request_id=request_id_of(request)
+        ),
     )
     return CommandResult.model_validate(
         {

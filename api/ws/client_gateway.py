@@ -27,6 +27,7 @@ from hexa.api.ws import messages
 from hexa.hub import inbox, metrics, topics
 from hexa.hub.access import Grants, Principal, load_grants, load_principal
 from hexa.hub.busapi import Message
+from hexa.hub.commands import Origin, RelayAction
 from hexa.hub.errors import Forbidden, HubError, Unauthorized, ValidationFailed
 from hexa.hub.security import decode_access_token
 
@@ -309,20 +310,17 @@ async def _command(client: _Client, hub: Hub, cmd: _SetRelay | _SetAll) -> None:
             if cmd.relay_index >= device.relay_count:
                 raise ValidationFailed(f"relay index {cmd.relay_index} out of range")
             try:
-                state = topics.intent_value(cmd.state)
+                action = RelayAction.of(cmd.relay_index, cmd.state)
             except ValueError as exc:
                 raise ValidationFailed(str(exc)) from None
-            index: int | None = cmd.relay_index
         else:
-            state, index = topics.intent_value(cmd.state), None
+            action = RelayAction.of(None, cmd.state)
         result = await hub.commands.execute(
             device.device_uid,
-            index,
-            state,
-            source="ws_client",
-            actor_type="user",
-            actor_id=str(principal.id),
-            request_id=request_id,
+            action,
+            Origin(
+                "ws_client", actor_type="user", actor_id=str(principal.id), request_id=request_id
+            ),
         )
         client.push(
             {
