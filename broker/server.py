@@ -279,6 +279,8 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 handler = self._get_handler(target)
                 if handler is None:
                     continue
+                # Deliveries are tasks in amqtt's own supervised list (running_tasks): its
+                # routing loop reaps them and its shutdown cancels and awaits them.
                 link = self._links.get(cid)
                 if link is None:  # the hub's own in-process session: no connection
                     running_tasks.append(
