@@ -18,8 +18,8 @@ from anyio.abc import TaskStatus
 
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.plugins import IDENTITY
-from hexa.hub.busapi import Handler, Message, topic_matches
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class _Deliveries:
 
 
 class LocalBus:
-    """Implements the hub's bus interface (``hexa.hub.busapi.BusLike``) in-process."""
+    """Implements the hub's bus interface (``hexa.hub.mqtt.busapi.BusLike``) in-process."""
 
     def __init__(self, broker: Any, *, client_id: str, presence_topic: str) -> None:
         self.broker = broker

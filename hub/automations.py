@@ -33,10 +33,10 @@ from tortoise.expressions import F
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.busapi import BusLike
 from hexa.hub.commands import Commands, Origin, RelayAction
 from hexa.hub.errors import BusUnavailable, NotFound, ValidationFailed
 from hexa.hub.events import DeviceOnline, Events, InputEvent, PresenceEvent
+from hexa.hub.mqtt.busapi import BusLike
 from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Automation, AutomationRun, Device

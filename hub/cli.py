@@ -135,11 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "admin":
             return _admin_create(args)
         if args.command == "sim":
-            from hexa.hub.sim import run_sim
+            from hexa.hub.tools.sim import run_sim
 
             return run_sim(args)
         if args.command == "bench":
-            from hexa.hub.bench import run_bench
+            from hexa.hub.tools.bench import run_bench
 
             return run_bench(args)
     except SettingError as exc:
@@ -342,7 +342,7 @@ async def serve(
     from hexa.api.middleware import purge_idempotency_records
     from hexa.broker.server import EmbeddedBroker
     from hexa.hub import db
-    from hexa.hub.bus import BrokerAddress
+    from hexa.hub.mqtt.bus import BrokerAddress
     from hexa.hub.runtime import Hub
 
     prepare_storage(settings)

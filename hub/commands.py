@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hexa.hub import inbox, topics
-from hexa.hub.busapi import BusLike, Message
+from hexa.hub import topics
 from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateLimited
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import BusLike, Message
 
 #: extra time granted beyond the relay service's own command timeout
 MARGIN_S = 2.0

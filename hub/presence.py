@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from hexa.hub import inbox, metrics, topics
+from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.events import DeviceOffline, DeviceOnline, Events, InputEvent
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import BusLike, Message
 from hexa.hub.relay import RelayService
 from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from hexa.hub import inbox, metrics, topics
+from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.busapi import BusLike, Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.logs import printable
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import BusLike, Message
 from hexa.hub.state import DeviceCache, DeviceInfo, StateWriter
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,6 @@ from hexa.hub import catalog, topics
 from hexa.hub.accounts import Accounts
 from hexa.hub.audit import AuditLog
 from hexa.hub.automations import Engine, default_rule
-from hexa.hub.bus import BrokerAddress, Bus
-from hexa.hub.busapi import BusLike
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
 from hexa.hub.devices import Registry
@@ -27,6 +25,8 @@ from hexa.hub.events import (
     Events,
     IntegrationRevoked,
 )
+from hexa.hub.mqtt.bus import BrokerAddress, Bus
+from hexa.hub.mqtt.busapi import BusLike
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
 from hexa.hub.schedules import Scheduler

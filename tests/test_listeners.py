@@ -25,9 +25,9 @@ from support.databases import new_database_url
 from support.devices import claim, online_device, provision
 from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
 
-from hexa.hub import mqtt as hexa_mqtt
-from hexa.hub.bus import BrokerAddress, Bus
-from hexa.hub.busapi import Message
+from hexa.hub.mqtt import client as hexa_mqtt
+from hexa.hub.mqtt.bus import BrokerAddress, Bus
+from hexa.hub.mqtt.busapi import Message
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from hexa.hub import mqtt
-from hexa.hub.busapi import Message
-from hexa.hub.mqtt import ConnectRefused, MqttConnection, MqttError, Will, _varint
+from hexa.hub.mqtt import client as mqtt
+from hexa.hub.mqtt.busapi import Message
+from hexa.hub.mqtt.client import ConnectRefused, MqttConnection, MqttError, Will, _varint
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hexa.hub import topics
-from hexa.hub.busapi import topic_matches
+from hexa.hub.mqtt.busapi import topic_matches
 
 
 def test_format_filter_parse_round_trip() -> None:

@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from tortoise.exceptions import BaseORMException
 
 from hexa.api.ws import messages
-from hexa.hub import inbox, metrics, topics
+from hexa.hub import metrics, topics
 from hexa.hub.access import Grants, Principal, load_grants, load_principal
-from hexa.hub.busapi import Message
 from hexa.hub.commands import Origin, RelayAction
 from hexa.hub.errors import Forbidden, HubError, Unauthorized, ValidationFailed
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import Message
 from hexa.hub.security import decode_access_token
 
 if TYPE_CHECKING:

@@ -17,9 +17,9 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hexa.api.ws import messages
 from hexa.hub import metrics, topics
-from hexa.hub.busapi import Message
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.events import DeviceCredentialsRevoked
+from hexa.hub.mqtt.busapi import Message
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub

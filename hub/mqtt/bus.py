@@ -6,7 +6,7 @@ one slow consumer never stalls the connection. Subscriptions are replayed on eve
 reconnect. A presence topic (for the hub ``hexa/hub/status``) is ``online`` while
 connected and ``offline`` as the connection's will. The hub has one Bus; the device
 simulator gives each simulated device its own. The wire protocol is
-:mod:`hexa.hub.mqtt` (why not paho/aiomqtt: see there).
+:mod:`hexa.hub.mqtt.client` (why not paho/aiomqtt: see there).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from urllib.parse import unquote, urlsplit
 import anyio
 from anyio.abc import TaskStatus
 
-from hexa.hub import metrics, mqtt, topics
-from hexa.hub.busapi import Handler, Message, topic_matches
+from hexa.hub import metrics, topics
 from hexa.hub.errors import BusUnavailable
+from hexa.hub.mqtt import client as mqtt
+from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ import httpx
 import psutil
 
 from hexa.hub import topics
-from hexa.hub.bus import BrokerAddress, Bus
-from hexa.hub.busapi import Message
-from hexa.hub.sim import Credentials, SimDevice, provision
+from hexa.hub.mqtt.bus import BrokerAddress, Bus
+from hexa.hub.mqtt.busapi import Message
+from hexa.hub.tools.sim import Credentials, SimDevice, provision
 
 KEY = "bench-provision-key-" + uuid.uuid4().hex
 LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hexa.hub import metrics, topics
-from hexa.hub.busapi import Handler, Message
 from hexa.hub.logs import printable
+from hexa.hub.mqtt.busapi import Handler, Message
 
 log = logging.getLogger(__name__)
 

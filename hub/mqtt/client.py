@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-from hexa.hub.busapi import Message
+from hexa.hub.mqtt.busapi import Message
 
 # packet types (high nibble of the fixed header)
 CONNECT: Final = 0x10

@@ -1,6 +1,6 @@
 """What every bus offers the hub: messages, handlers, filter matching, the interface.
 
-Two buses implement it: :class:`hexa.hub.bus.Bus` (an MQTT client, for any broker) and
+Two buses implement it: :class:`hexa.hub.mqtt.bus.Bus` (an MQTT client, for any broker) and
 the in-process attachment to the embedded broker (``hexa.broker.local.LocalBus``).
 """
 

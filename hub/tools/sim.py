@@ -22,8 +22,8 @@ import anyio
 import httpx
 
 from hexa.hub import topics
-from hexa.hub.bus import BrokerAddress, Bus
-from hexa.hub.busapi import Message
+from hexa.hub.mqtt.bus import BrokerAddress, Bus
+from hexa.hub.mqtt.busapi import Message
 
 log = logging.getLogger(__name__)
 
