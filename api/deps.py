@@ -3,28 +3,50 @@ access-checked fetch of an object by id."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hexa.api.schemas import Page
-from hexa.hub.access import Principal, load_principal
-from hexa.hub.errors import NotFound, Unauthorized
-from hexa.hub.security import decode_access_token
-from hexa.models import (
-    Area,
-    Automation,
-    Device,
-    IntegrationToken,
-    Invitation,
-    Organization,
-    Schedule,
-    Site,
+from hexa.hub.access import (
+    AREA,
+    AUTOMATION,
+    DEVICE,
+    INTEGRATION_TOKEN,
+    INVITATION,
+    ORGANIZATION,
+    SCHEDULE,
+    SITE,
+    Principal,
+    Scope,
+    fetch,
+    in_visible_orgs,
+    load_principal,
 )
+from hexa.hub.errors import Unauthorized
+from hexa.hub.security import decode_access_token
+
+#: the access-checked fetch and its scopes live with the access rules (hexa.hub.access);
+#: routers take them from here with the other dependencies
+__all__ = [
+    "AREA",
+    "AUTOMATION",
+    "DEVICE",
+    "INTEGRATION_TOKEN",
+    "INVITATION",
+    "ORGANIZATION",
+    "SCHEDULE",
+    "SITE",
+    "HubDep",
+    "PageDep",
+    "PrincipalDep",
+    "Scope",
+    "client_address",
+    "fetch",
+    "in_visible_orgs",
+]
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
@@ -57,7 +79,6 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
 T = TypeVar("T")
-M = TypeVar("M")
 
 
 class Paging:
@@ -97,76 +118,6 @@ class Paging:
 
 
 PageDep = Annotated[Paging, Depends()]
-
-
-def in_visible_orgs(query: Any, principal: Principal, field: str = "org_id") -> Any:
-    """Narrow a queryset to the caller's organizations (platform admins: everything)."""
-    visible = principal.visible_org_ids()
-    return query if visible is None else query.filter(**{f"{field}__in": visible})
-
-
-@dataclass(frozen=True)
-class Scope(Generic[M]):
-    """How to find one kind of tenant-owned object by id, and whose it is."""
-
-    #: the name 404 and 403 answers give the object ("site not found")
-    kind: str
-    #: the live object with this id, or None (soft-deleted ones and orphans are None)
-    find: Callable[[uuid.UUID], Awaitable[M | None]]
-    #: the organization the object belongs to
-    org_of: Callable[[M], uuid.UUID | None]
-
-
-ORGANIZATION = Scope[Organization](
-    "organization", lambda i: Organization.get_or_none(id=i, deleted_at=None), lambda o: o.id
-)
-SITE = Scope[Site](
-    "site",
-    lambda i: Site.get_or_none(id=i, deleted_at=None, org__deleted_at__isnull=True),
-    lambda s: s.org_id,
-)
-AREA = Scope[Area](
-    "area",
-    lambda i: Area.get_or_none(
-        id=i, deleted_at=None, site__deleted_at__isnull=True
-    ).prefetch_related("site"),
-    lambda a: a.site.org_id,
-)
-#: claimed devices only: an unclaimed device belongs to nobody yet
-DEVICE = Scope[Device](
-    "device",
-    lambda i: Device.get_or_none(id=i, deleted_at=None, org_id__isnull=False),
-    lambda d: d.org_id,
-)
-SCHEDULE = Scope[Schedule]("schedule", lambda i: Schedule.get_or_none(id=i), lambda s: s.org_id)
-AUTOMATION = Scope[Automation](
-    "automation", lambda i: Automation.get_or_none(id=i), lambda a: a.org_id
-)
-INTEGRATION_TOKEN = Scope[IntegrationToken](
-    "integration token", lambda i: IntegrationToken.get_or_none(id=i), lambda t: t.org_id
-)
-#: with its ``org`` fetched (the invitation's view names it)
-INVITATION = Scope[Invitation](
-    "invitation",
-    lambda i: Invitation.get_or_none(id=i, org__deleted_at__isnull=True).prefetch_related("org"),
-    lambda v: v.org_id,
-)
-
-
-async def fetch(scope: Scope[M], object_id: uuid.UUID, principal: Principal, action: str) -> M:
-    """The object, if the caller may perform ``action`` on it (an action of
-    ``hexa.hub.access.PERMISSIONS``).
-
-    404 ``not_found`` when it does not exist or belongs to an organization the caller is
-    not in (the hub never confirms another tenant's object exists); 403 ``forbidden``
-    when the caller sees it but their role is too low for ``action``.
-    """
-    found = await scope.find(object_id)
-    org_id = None if found is None else scope.org_of(found)
-    if found is None or not principal.can_see(org_id):
-        raise NotFound(scope.kind)
-    principal.require(org_id, action, kind=scope.kind)
-    return found
 
 
 def client_address(request: Request) -> str | None:

@@ -10,7 +10,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from hexa.hub import catalog
-from hexa.hub.access import Principal
+from hexa.hub.access import DEVICE, Principal, fetch
 from hexa.hub.audit import AuditLog
 from hexa.hub.errors import Conflict, NotFound, ValidationFailed
 from hexa.hub.events import (
@@ -190,16 +190,9 @@ class Registry:
             site = site or area.site
         return site, area
 
-    async def get_visible(self, principal: Principal, device_id: uuid.UUID) -> Device:
-        device = await Device.get_or_none(id=device_id, deleted_at=None)
-        if device is None or device.org_id is None or not principal.can_see(device.org_id):
-            raise NotFound("device")
-        return device
-
     async def get_for(self, principal: Principal, device_id: uuid.UUID, action: str) -> Device:
-        device = await self.get_visible(principal, device_id)
-        principal.require(device.org_id, action, kind="device")
-        return device
+        """The claimed device, if ``principal`` may perform ``action`` on it (404/403)."""
+        return await fetch(DEVICE, device_id, principal, action)
 
     async def update(
         self,
