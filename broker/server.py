@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import secrets
@@ -61,6 +62,10 @@ MAX_UNSENT_BYTES = 1024 * 1024
 #: wait their turn (first come, first served), so one flooding client cannot starve the
 #: others nor grow memory without bound
 BROADCAST_QUEUE = 1024
+#: the QoS of the PUBLISH being routed, in the task of the client that sent it
+_PUBLISH_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "hexa_publish_qos", default=None
+)
 #: a client backed up this long is disconnected even if only QoS 0 is dropped meanwhile
 STALL_LIMIT_S = 10.0
 #: a client's publishes waiting to be routed: beyond HIGH its socket is not read until
@@ -262,7 +267,9 @@ class HexaBroker(Broker):  # type: ignore[misc]
         topic = broadcast["topic"]
         for flt in self._matching_filters(topic):
             for target, sub_qos in list(self._subscriptions.get(flt, ())):
-                qos = broadcast.get("qos", sub_qos)
+                qos = broadcast.get("qos")
+                if qos is None:  # MQTT-3.8.4: the lower of the published and granted QoS
+                    qos = min(sub_qos, broadcast.get("publish_qos", sub_qos))
                 if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
                     continue
                 cid = target.client_id
@@ -578,8 +585,11 @@ class HexaBroker(Broker):  # type: ignore[misc]
     async def _handle_message_delivery(
         self, client_session: Any, handler: Any, wait_deliver: asyncio.Future[Any]
     ) -> bool:
+        message = wait_deliver.result()
+        # the QoS it was published with, for _broadcast_message (called by amqtt below, in
+        # this task): a subscriber gets the lower of it and its own (MQTT-3.8.4)
+        published = _PUBLISH_QOS.set(None if message is None else message.qos)
         try:
-            message = wait_deliver.result()
             if message is not None and message.topic:
                 retain = bool(message.publish_packet and message.publish_packet.retain_flag)
                 reason = self._refused(message.topic, message.data, retain)
@@ -596,6 +606,7 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 await super()._handle_message_delivery(client_session, handler, wait_deliver)
             )
         finally:
+            _PUBLISH_QOS.reset(published)
             link = self._links.get(client_session.client_id)
             if (
                 link is not None
@@ -603,6 +614,20 @@ class HexaBroker(Broker):  # type: ignore[misc]
                 and client_session.delivered_message_queue.qsize() <= INBOUND_LOW
             ):
                 link.resume()
+
+    async def _broadcast_message(
+        self,
+        session: Any,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        elif (published := _PUBLISH_QOS.get()) is not None:
+            broadcast["publish_qos"] = published
+        await self._broadcast_queue.put(broadcast)
 
     async def _handle_disconnect(
         self, client_session: Any, handler: Any, disconnect_waiter: asyncio.Future[Any]

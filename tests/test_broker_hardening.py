@@ -477,7 +477,7 @@ def test_stalled_subscriber_is_disconnected_and_others_unaffected(
         with Captured("hexa.broker", "amqtt") as logs:
             payload = json.dumps({"relays": [False] * 3, "inputs": [False] * 3, "pad": "x" * 200})
             for _ in range(limit + 200):
-                m.c.publish(f"hexa/{m.uid}/report", payload, qos=0)
+                m.c.publish(f"hexa/{m.uid}/report", payload, qos=1)
             assert stalled.closed_by_peer(30), "the stalled subscriber was never disconnected"
             r = command(hub, user, other_dev["id"])
             assert r.status_code == 200, r.text
@@ -533,3 +533,36 @@ def test_deeply_nested_intent_is_rejected_without_traceback(hub: RunningHub) -> 
     finally:
         integ.close()
         m.close()
+
+
+# --- delivery QoS ----------------------------------------------------------------------
+def test_delivered_qos_is_the_lower_of_published_and_granted(hub: RunningHub, raws: Any) -> None:
+    """A QoS 0 publish reaches a QoS 1 subscriber as QoS 0, a QoS 1 one as QoS 1
+    (MQTT-3.8.4); the hub still ingests both."""
+    user = register(hub)
+    p, dev = claimed_device(hub, user)
+    uid = p["device_uid"]
+    it = integration_token(hub, user)
+    watcher = raws(Raw(hub))
+    assert watcher.connect(f"w-{uuid.uuid4().hex[:8]}", it["name"], it["token"]) == 0
+    assert watcher.subscribe(f"hexa/{uid}/report", 1) == 1
+    device = raws(Raw(hub))
+    assert device.connect(f"dev-{uid}", uid, p["device_token"]) == 0
+    seen: list[int] = []
+    for qos in (0, 1):
+        body = json.dumps({"relays": [bool(qos), False, False], "inputs": [False] * 3})
+        device.publish(f"hexa/{uid}/report", body.encode(), qos=qos)
+        while True:
+            packet = watcher.read_packet(5)
+            assert packet is not None, f"no delivery of the QoS {qos} report"
+            if packet[0] >> 4 == 3:
+                break
+        delivered = (packet[0] >> 1) & 0x03
+        seen.append(delivered)
+        if delivered:  # acknowledge it, as a client must
+            packet_id = packet[1][2 + struct.unpack("!H", packet[1][:2])[0] :][:2]
+            watcher.sock.sendall(b"\x40\x02" + packet_id)
+    assert seen == [0, 1]
+    with hub.api(user.access_token) as c:
+        relays = lambda: c.get(f"/devices/{dev['id']}/state").json()["relays"]  # noqa: E731
+        assert wait_until(lambda: relays() == [True, False, False], 5), relays()
