@@ -116,15 +116,6 @@ def device_of(topic: str) -> str | None:
     return None
 
 
-def match_topic(topic: str) -> tuple[Topic[Any], dict[str, str]] | None:
-    """Which per-device topic this is, with its placeholders."""
-    for t in PER_DEVICE:
-        params = t.parse(topic)
-        if params is not None:
-            return t, params
-    return None
-
-
 def ha_object_id(uid: str, index: int) -> str:
     return f"hexa_{uid}_{index}"
 
