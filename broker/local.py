@@ -2,63 +2,41 @@
 
 The hub is a broker session like any other (same routing, same retained messages, same
 ACL on delivery to others), but its messages are never encoded into MQTT packets nor
-sent through a socket: publishes go straight into the broker's broadcast queue, and
-deliveries to the hub arrive through a handler object instead of a connection.
+sent through a socket: publishes are routed by the broker's engine in the publishing
+task, and deliveries to the hub are put on its queue by a plain function (no task, no
+copy of the payload).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
-from amqtt.session import Session
 from anyio.abc import TaskStatus
 
 from hexa.broker.acl import Identity, Kind
-from hexa.broker.plugins import IDENTITY
+from hexa.broker.engine import Client
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
 
+if TYPE_CHECKING:
+    from hexa.broker.server import HexaBroker
+
 log = logging.getLogger(__name__)
-
-
-class _Deliveries:
-    """Stands where amqtt expects a connection's protocol handler."""
-
-    def __init__(self, queue: asyncio.Queue[Message]) -> None:
-        self.queue = queue
-        self.writer = None
-
-    async def mqtt_publish(
-        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool
-    ) -> None:
-        await self.queue.put(Message(topic, bytes(data), bool(retain), int(qos or 0)))
-
-    async def deliver(
-        self, topic: str, data: bytes | bytearray, qos: int | None, sender: str | None
-    ) -> None:
-        """A routed publish, with the identity of the session that published it."""
-        await self.queue.put(Message(topic, bytes(data), False, int(qos or 0), sender))
-
-    async def stop(self) -> None:
-        return None
-
-    async def handle_connection_closed(self) -> None:
-        return None
 
 
 class LocalBus:
     """Implements the hub's bus interface (``hexa.hub.mqtt.busapi.BusLike``) in-process."""
 
-    def __init__(self, broker: Any, *, client_id: str, presence_topic: str) -> None:
+    def __init__(self, broker: HexaBroker, *, client_id: str, presence_topic: str) -> None:
         self.broker = broker
         self.client_id = client_id
         self.presence_topic = presence_topic
         self._handlers: list[tuple[str, Handler]] = []
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._session: Any = None
+        self._session: Client | None = None
         self._attached = asyncio.Event()
 
     @property
@@ -69,49 +47,45 @@ class LocalBus:
         known = any(f == flt for f, _ in self._handlers)
         self._handlers.append((flt, handler))
         if self._session is not None and not known:
-            await self.broker.add_subscription((flt, 1), self._session)
-            await self.broker._publish_retained_messages_for_subscription((flt, 1), self._session)
+            await self.broker.engine.subscribe(self._session, flt, 1)
+            await self.broker.engine.replay_retained(self._session, flt, 1)
 
     async def unsubscribe(self, flt: str, handler: Handler) -> None:
         self._handlers = [(f, h) for f, h in self._handlers if (f, h) != (flt, handler)]
         if self._session is not None and all(f != flt for f, _ in self._handlers):
-            self.broker._del_subscription(flt, self._session)
+            self.broker.engine.unsubscribe(self._session, flt)
 
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> None:
         if self._session is None:
             raise BusUnavailable("the embedded broker is not running")
-        data = payload.encode() if isinstance(payload, str) else payload
-        if retain:
-            await self.broker.retain_message(self._session, topic, data, qos)
-        await self.broker._broadcast_message(self._session, topic, data)
+        data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        await self.broker.engine.route(self._session, topic, data, qos, retain)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        session = Session()
-        session.client_id = self.client_id
-        session.username = self.client_id
-        session.clean_session = True
-        session.attributes[IDENTITY] = Identity(Kind.HUB, self.client_id)
-        session.transitions.connect()
-        self.broker._sessions[self.client_id] = (session, _Deliveries(self._queue))
+        queue = self._queue
+
+        def deliver(topic: str, data: bytes, qos: int, retain: bool, sender: str) -> None:
+            queue.put_nowait(Message(topic, data, retain, qos, None if retain else sender))
+
+        session = self.broker.attach_local(
+            self.client_id, Identity(Kind.HUB, self.client_id), deliver
+        )
         self._session = session
         try:
             for flt in dict.fromkeys(f for f, _ in self._handlers):
-                await self.broker.add_subscription((flt, 1), session)
-                await self.broker._publish_retained_messages_for_subscription((flt, 1), session)
+                await self.broker.engine.subscribe(session, flt, 1)
+                await self.broker.engine.replay_retained(session, flt, 1)
             await self.publish(self.presence_topic, b"online", retain=True)
             self._attached.set()
             task_status.started()
             while True:
-                await self._dispatch(await self._queue.get())
+                await self._dispatch(await queue.get())
         finally:
             self._session = None
             self._attached.clear()
-            entry = self.broker._sessions.get(self.client_id)
-            if entry is not None and entry[0] is session:
-                with anyio.CancelScope(shield=True):
-                    await self.broker._cleanup_session(self.client_id)
+            self.broker.detach_local(session)
 
     async def connected_since(self, generation: int) -> int:
         """The in-process attachment connects once, when it starts, and never drops."""

@@ -1,4 +1,4 @@
-"""amqtt plugins: authentication and the topic ACL, both backed by a :class:`Gate`."""
+"""Authentication (an amqtt plugin) and the topic ACL, both backed by a :class:`Gate`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin
 
 from hexa.broker import acl, metrics
 from hexa.broker.gate import Gate
@@ -41,41 +40,47 @@ class HexaAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
         return True
 
 
-class HexaAclPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no types
-    """contract.md §3 on publish, subscribe and delivery (see :mod:`hexa.broker.acl`)."""
+class Access:
+    """contract.md §3 on publish, subscribe and delivery (see :mod:`hexa.broker.acl`),
+    for one identity at a time; denials are counted and logged."""
 
-    @dataclass
-    class Config:
-        gate: Any = None
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
 
-    async def topic_filtering(
-        self, *, session: Any = None, topic: str | None = None, action: Action | None = None
-    ) -> bool | None:
-        if session is None or topic is None:
-            return False
-        identity: acl.Identity | None = session.attributes.get(IDENTITY)
-        if identity is None:
-            return False
+    async def may_publish(self, identity: acl.Identity, topic: str) -> bool:
         if identity.kind is acl.Kind.HUB:
             return True
-        gate: Gate = self.config.gate
-        if action == Action.RECEIVE:
-            if identity.kind is acl.Kind.INTEGRATION:
-                await gate.load_org(acl.topic_device(topic))
-            return acl.may_receive(identity, topic, gate.org_of)
-        if action == Action.PUBLISH:
-            if identity.kind is acl.Kind.INTEGRATION:
-                await gate.load_org(topics.device_of(topic))
-            allowed = acl.may_publish(identity, topic, gate.org_of)
-        else:
-            if identity.kind is acl.Kind.INTEGRATION:
-                parts = topic.split("/")
-                await gate.load_org(
-                    parts[1] if len(parts) > 1 and topics.UID_RE.match(parts[1]) else None
-                )
-            allowed = acl.may_subscribe(identity, topic, gate.org_of)
+        if identity.kind is acl.Kind.INTEGRATION:
+            await self.gate.load_org(topics.device_of(topic))
+        return self._decided(
+            acl.may_publish(identity, topic, self.gate.org_of), "publish", identity, topic
+        )
+
+    async def may_subscribe(self, identity: acl.Identity, flt: str) -> bool:
+        if identity.kind is acl.Kind.HUB:
+            return True
+        if identity.kind is acl.Kind.INTEGRATION:
+            parts = flt.split("/")
+            await self.gate.load_org(
+                parts[1] if len(parts) > 1 and topics.UID_RE.match(parts[1]) else None
+            )
+        return self._decided(
+            acl.may_subscribe(identity, flt, self.gate.org_of), "subscribe", identity, flt
+        )
+
+    async def prepare_receive(self, topic: str) -> None:
+        """Load what :meth:`may_receive` needs to decide about ``topic``."""
+        await self.gate.load_org(acl.topic_device(topic))
+
+    def may_receive(self, identity: acl.Identity, topic: str) -> bool:
+        """After :meth:`prepare_receive` for the topic: whether ``identity`` receives it."""
+        if identity.kind is acl.Kind.HUB:
+            return True
+        return acl.may_receive(identity, topic, self.gate.org_of)
+
+    def _decided(self, allowed: bool, action: str, identity: acl.Identity, topic: str) -> bool:
         if not allowed:
-            metrics.DENIED.labels(action.value if action else "unknown").inc()
+            metrics.DENIED.labels(action).inc()
             log.info(
                 "denied %s %s for %s %s",
                 action,

@@ -340,7 +340,7 @@ async def serve(
     from hexa.api.app import services as api_services
     from hexa.api.http_protocol import http_protocol
     from hexa.api.middleware import purge_idempotency_records
-    from hexa.broker.server import EmbeddedBroker
+    from hexa.broker.embedded import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.mqtt.bus import BrokerAddress
     from hexa.hub.runtime import Hub

@@ -49,6 +49,14 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _packet_ids(name: str, raw: str) -> int:
+    """A count of MQTT packet ids in flight at once (1 to 65535)."""
+    value = _positive_int(name, raw)
+    if value > 65535:
+        raise SettingError(name, raw, "must be at most 65535 (MQTT packet ids)")
+    return value
+
+
 def _positive_float(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -161,6 +169,7 @@ class Settings:
     mqtt_session_expiry_s: int = 2 * 3600
     mqtt_max_sessions_per_identity: int = 16
     mqtt_max_queued_messages: int = 1000
+    mqtt_max_inflight_messages: int = 32
     login_max_failures: int = 5
     login_window_s: int = 900
     idempotency_ttl_s: int = 24 * 3600
@@ -229,6 +238,7 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_session_expiry_s": _positive_int,
     "mqtt_max_sessions_per_identity": _positive_int,
     "mqtt_max_queued_messages": _positive_int,
+    "mqtt_max_inflight_messages": _packet_ids,
     "login_max_failures": _positive_int,
     "login_window_s": _positive_int,
     "idempotency_ttl_s": _positive_int,

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 from support.databases import PG_URL, REQUIRE_PG, new_database_url, pg_unreachable
 from support.hubs import RunningHub, start_hub, stop_hub
+from support.rawmqtt import raws  # noqa: F401  (a fixture, for every test module)
 
 T = TypeVar("T")
 

@@ -3,11 +3,11 @@
 TEST CODE ONLY, never a production switch: anybody may connect (any username and
 password, or none) and may publish, subscribe to and receive every topic.
 
-Everything else is the hub's own broker: :class:`hexa.broker.server.EmbeddedBroker`
-builds the listeners, the plugin set (HexaAuthPlugin, HexaAclPlugin), the limits and the
+Everything else is the hub's own broker: :class:`hexa.broker.embedded.EmbeddedBroker`
+builds the listeners, the authentication plugin, the ACL, the limits and the
 :class:`~hexa.broker.server.HexaBroker` exactly as the hub does; only its
 :class:`~hexa.broker.gate.Gate` is replaced by :class:`OpenGate`, which admits every
-client as a hub identity (``Kind.HUB``: HexaAclPlugin allows it everything) and never
+client as a hub identity (``Kind.HUB``: the ACL allows it everything) and never
 touches the database. No database is configured or opened.
 
 Each client id gets its own identity (``hub:open:<client id>``), so the per-identity
@@ -35,8 +35,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hexa.broker.acl import Identity, Kind
+from hexa.broker.embedded import EmbeddedBroker
 from hexa.broker.gate import Gate
-from hexa.broker.server import EmbeddedBroker
 from hexa.hub.config import Settings
 
 #: the client id of the CONNECT being authenticated, in its connection's task (amqtt

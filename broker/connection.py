@@ -1,0 +1,120 @@
+"""One client connection's bytes in and out, over TCP (TLS) or WebSocket.
+
+Reads return whatever arrived (many packets at once); writes are collected and handed to
+the transport once per event-loop turn, so a burst of deliveries or acknowledgements to
+one client costs one system call. A keepalive watch closes a connection silent for too
+long. Nothing here knows MQTT beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from hexa.broker import metrics
+from hexa.hub.logs import printable
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+
+
+class Connection:
+    """A client's transport: :meth:`read`, :meth:`send`, :meth:`close`."""
+
+    def __init__(self, transport: Any, *, stream: Any = None, websocket: Any = None) -> None:
+        self.transport = transport
+        self._stream = stream
+        self._websocket = websocket
+        self.peer = "?"
+        self.last_read = time.monotonic()
+        self.ended = asyncio.Event()
+        #: since when deliveries back up (None: they do not)
+        self.stalled_since: float | None = None
+        self.warned = False
+        self._out: list[bytes] = []
+        self._unsent = 0
+        self._flushing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def read(self) -> bytes:
+        """The next bytes from the client; empty at the end of the connection."""
+        if self._websocket is not None:
+            try:
+                data = await self._websocket.recv()
+            except ConnectionClosed:
+                return b""
+            if isinstance(data, str):  # MQTT over WebSocket is binary (MQTT-6.0.0-1)
+                return b""
+        else:
+            data = await self._stream.read(READ_SIZE)
+        self.last_read = time.monotonic()
+        return bytes(data)
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client; they leave at the end of this loop turn."""
+        if self.transport.is_closing():
+            return
+        self._out.append(data)
+        self._unsent += len(data)
+        if not self._flushing:
+            self._flushing = True
+            if self._websocket is None:
+                self._loop.call_soon(self._flush_stream)
+            else:
+                self._loop.create_task(self._flush_websocket())
+
+    def _flush_stream(self) -> None:
+        self._flushing = False
+        out, self._out, self._unsent = self._out, [], 0
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    async def _flush_websocket(self) -> None:
+        try:
+            while self._out:
+                out, self._out, self._unsent = self._out, [], 0
+                await self._websocket.send(b"".join(out))
+        except ConnectionClosed:
+            self._out, self._unsent = [], 0
+        finally:
+            self._flushing = False
+
+    def unsent(self) -> int:
+        """Bytes written for this client and not yet taken by the network."""
+        return self._unsent + int(self.transport.get_write_buffer_size())
+
+    def close(self) -> None:
+        """Close the connection now: what the socket takes at once still leaves (a
+        CONNACK just queued, say), the rest is lost."""
+        if self._websocket is None:
+            self._flush_stream()
+        self.transport.abort()
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.is_closing())
+
+    def watch(self, limit_s: float, client_id: str) -> None:
+        """Close the connection once nothing was received for ``limit_s`` (MQTT-3.1.2-24)."""
+
+        def check() -> None:
+            idle = time.monotonic() - self.last_read
+            if idle < limit_s:
+                self._timer = self._loop.call_later(limit_s - idle, check)
+                return
+            metrics.KEEPALIVE_TIMEOUTS.inc()
+            log.info("client %s silent for %.0f s: disconnected", printable(client_id), idle)
+            self.close()
+
+        self._timer = self._loop.call_later(limit_s, check)
+
+    def stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
