@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ _HUB_STATUS = topics.HUB_STATUS.format()
 _HA_STATUS = topics.HA_STATUS.format()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def topic_device(topic: str) -> str | None:
     """The device a concrete topic is about (hexa/<uid>/… or an HA discovery topic)."""
     uid = topics.device_of(topic)
@@ -57,6 +59,16 @@ def topic_device(topic: str) -> str | None:
     if params is not None:
         return topics.uid_of_ha_object(params["object_id"])
     return None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _device_publishes(uid: str) -> frozenset[str]:
+    return frozenset(t.format(uid=uid) for t in topics.DEVICE_PUBLISH)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _device_cmd(uid: str) -> str:
+    return topics.CMD.format(uid=uid)
 
 
 def _in_org(identity: Identity, uid: str | None, org_of: OrgOf) -> bool:
@@ -72,7 +84,7 @@ def may_publish(identity: Identity, topic: str, org_of: OrgOf) -> bool:
     if identity.kind is Kind.HUB:
         return True
     if identity.kind is Kind.DEVICE:
-        return any(t.format(uid=identity.name) == topic for t in topics.DEVICE_PUBLISH)
+        return topic in _device_publishes(identity.name)
     if topic == _HA_STATUS:
         return True
     for t in topics.INTENT_TOPICS:
@@ -106,7 +118,7 @@ def may_receive(identity: Identity, topic: str, org_of: OrgOf) -> bool:
     if topic == _HUB_STATUS:
         return True
     if identity.kind is Kind.DEVICE:
-        return topic == topics.CMD.format(uid=identity.name)
+        return topic == _device_cmd(identity.name)
     if topic == _HA_STATUS:
         return True
     return _in_org(identity, topic_device(topic), org_of)

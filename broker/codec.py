@@ -9,7 +9,9 @@ specification that obliges the server to close the connection raises
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import secrets
+from collections.abc import Generator
+from dataclasses import dataclass
 
 CONNECT = 1
 PUBLISH = 3
@@ -41,6 +43,90 @@ class ProtocolError(Exception):
     """The client broke the protocol: the connection is closed (its will is published)."""
 
 
+class Refused(ProtocolError):
+    """A CONNECT answered with a CONNACK refusal code before the connection is closed."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+#: CONNACK return codes (MQTT-3.2.2.3)
+UNACCEPTABLE_PROTOCOL = 1
+IDENTIFIER_REJECTED = 2
+BAD_CREDENTIALS = 4
+NOT_AUTHORIZED = 5
+
+
+@dataclass(slots=True)
+class Connect:
+    """A decoded CONNECT."""
+
+    client_id: str
+    clean_session: bool
+    keep_alive: int
+    username: str | None
+    password: str | None
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    will_qos: int = 0
+    will_retain: bool = False
+
+
+def decode_connect(body: bytes) -> Connect:
+    """A CONNECT, validated (MQTT-3.1): a violation raises :class:`ProtocolError` (the
+    connection is closed) or :class:`Refused` (answered with a CONNACK code first)."""
+    name, pos = _string(body, 0)
+    if name != "MQTT":
+        raise ProtocolError(f"protocol name {name!r} (MQTT-3.1.2-1)")
+    if len(body) < pos + 4:
+        raise ProtocolError("truncated CONNECT")
+    level, flags = body[pos], body[pos + 1]
+    keep_alive = (body[pos + 2] << 8) | body[pos + 3]
+    pos += 4
+    if level != 4:
+        raise Refused(UNACCEPTABLE_PROTOCOL, f"protocol level {level} (MQTT-3.1.2-2)")
+    if flags & 1:
+        raise ProtocolError("reserved CONNECT flag set (MQTT-3.1.2-3)")
+    clean = bool(flags & 2)
+    will = bool(flags & 4)
+    will_qos = (flags >> 3) & 3
+    will_retain = bool(flags & 32)
+    if not will and (will_qos or will_retain):
+        raise ProtocolError("will QoS or retain without a will (MQTT-3.1.2-11, -13)")
+    if will_qos == 3:
+        raise ProtocolError("will QoS 3 (MQTT-3.1.2-14)")
+    if flags & 64 and not flags & 128:
+        raise ProtocolError("password without user name (MQTT-3.1.2-22)")
+    client_id, pos = _string(body, pos)
+    connect = Connect(client_id, clean, keep_alive, None, None)
+    if will:
+        connect.will_topic, pos = _string(body, pos)
+        connect.will_payload, pos = _bytes(body, pos)
+        connect.will_qos, connect.will_retain = will_qos, will_retain
+        if not connect.will_topic or "+" in connect.will_topic or "#" in connect.will_topic:
+            raise ProtocolError("invalid will topic (MQTT-3.1.3-10)")
+    if flags & 128:
+        connect.username, pos = _string(body, pos)
+    if flags & 64:
+        password, pos = _bytes(body, pos)
+        try:
+            connect.password = password.decode()
+        except UnicodeDecodeError:
+            raise Refused(BAD_CREDENTIALS, "password is not UTF-8") from None
+    if pos != len(body):
+        raise ProtocolError("trailing bytes in CONNECT")
+    if not client_id:
+        if not clean:  # MQTT-3.1.3-8
+            raise Refused(IDENTIFIER_REJECTED, "empty client id with clean session 0")
+        connect.client_id = "auto-" + secrets.token_hex(8)  # MQTT-3.1.3-6
+    return connect
+
+
+def connack(session_present: bool, code: int = 0) -> bytes:
+    return bytes((0x20, 2, 1 if session_present and not code else 0, code))
+
+
 class PacketReader:
     """Splits a byte stream into packets: ``feed`` bytes, then iterate :meth:`packets`."""
 
@@ -57,7 +143,15 @@ class PacketReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def packets(self) -> Iterator[tuple[int, int, bytes]]:
+    def next_packet(self) -> tuple[int, int, bytes] | None:
+        """The first complete packet buffered, or None."""
+        packets = self.packets()
+        try:
+            return next(packets, None)
+        finally:
+            packets.close()
+
+    def packets(self) -> Generator[tuple[int, int, bytes], None, None]:
         """(packet type, flags, body) of each complete packet buffered so far."""
         buf = self._buf
         pos = 0
@@ -120,6 +214,16 @@ def _string(data: bytes, pos: int) -> tuple[str, int]:
     if "\x00" in text:
         raise ProtocolError("U+0000 in a string (MQTT-1.5.3-2)")
     return text, end
+
+
+def _bytes(data: bytes, pos: int) -> tuple[bytes, int]:
+    """Length-prefixed binary data at ``pos`` and the position after it."""
+    if len(data) < pos + 2:
+        raise ProtocolError("truncated field")
+    end = pos + 2 + ((data[pos] << 8) | data[pos + 1])
+    if len(data) < end:
+        raise ProtocolError("truncated field")
+    return data[pos + 2 : end], end
 
 
 def check_flags(kind: int, flags: int) -> None:

@@ -26,9 +26,12 @@ READ_SIZE = 65536
 class Connection:
     """A client's transport: :meth:`read`, :meth:`send`, :meth:`close`."""
 
-    def __init__(self, transport: Any, *, stream: Any = None, websocket: Any = None) -> None:
+    def __init__(
+        self, transport: Any, *, stream: Any = None, writer: Any = None, websocket: Any = None
+    ) -> None:
         self.transport = transport
         self._stream = stream
+        self._writer = writer
         self._websocket = websocket
         self.peer = "?"
         self.last_read = time.monotonic()
@@ -39,6 +42,7 @@ class Connection:
         self._out: list[bytes] = []
         self._unsent = 0
         self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -67,7 +71,7 @@ class Connection:
             if self._websocket is None:
                 self._loop.call_soon(self._flush_stream)
             else:
-                self._loop.create_task(self._flush_websocket())
+                self._flusher = self._loop.create_task(self._flush_websocket())
 
     def _flush_stream(self) -> None:
         self._flushing = False
@@ -95,6 +99,24 @@ class Connection:
         if self._websocket is None:
             self._flush_stream()
         self.transport.abort()
+
+    async def finish(self, limit_s: float = 2.0) -> None:
+        """Send what is queued and close; a peer that does not take it within
+        ``limit_s`` is cut off."""
+        try:
+            async with asyncio.timeout(limit_s):
+                if self._websocket is not None:
+                    while self._flusher is not None and not self._flusher.done():
+                        await asyncio.shield(self._flusher)
+                    await self._websocket.close()
+                elif not self.transport.is_closing():
+                    self._flush_stream()
+                    self._writer.close()
+                    await self._writer.wait_closed()
+        except (TimeoutError, OSError, ConnectionClosed):
+            pass
+        finally:
+            self.transport.abort()
 
     @property
     def closing(self) -> bool:

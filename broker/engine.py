@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hexa.broker import codec, metrics
-from hexa.broker.acl import Identity
+from hexa.broker.acl import Identity, Kind
 from hexa.broker.connection import Connection
 from hexa.broker.outbox import Outbox
 from hexa.broker.plugins import Access
@@ -168,7 +168,8 @@ class Engine:
         found = self.subscriptions.match(topic)
         if not found:
             return
-        await self.access.prepare_receive(topic)
+        if any(t.identity.kind is Kind.INTEGRATION for t, _ in found.values()):
+            await self.access.prepare_receive(topic)  # their organization decides
         may_receive = self.access.may_receive
         sender_key = "broker" if sender is None else sender.sender
         wire_topic = codec.encode_topic(topic)
@@ -235,19 +236,14 @@ class Engine:
         await self.route(client, will.topic, will.payload, will.qos, will.retain)
 
     # --- a connected client's packets
-    async def serve(self, client: Client, conn: Connection, pending: bytes = b"") -> bool:
-        """Handle the client's packets (``pending``: bytes already read after its CONNECT)
-        until its connection ends; True if it ended with DISCONNECT (its will is then
-        discarded, MQTT-3.14.4-3)."""
-        reader = codec.PacketReader(self.max_packet)
+    async def serve(self, client: Client, conn: Connection, reader: codec.PacketReader) -> bool:
+        """Handle the client's packets (``reader`` may hold some already) until its
+        connection ends; True if it ended with DISCONNECT (its will is then discarded,
+        MQTT-3.14.4-3)."""
         outbox = client.outbox
         send = conn.send
         try:
             while True:
-                data, pending = pending or await conn.read(), b""
-                if not data:
-                    return False
-                reader.feed(data)
                 for handled, (kind, flags, body) in enumerate(reader.packets(), 1):
                     if kind == codec.PUBLISH:
                         await self._publish(client, flags, body, send)
@@ -280,10 +276,16 @@ class Engine:
                     elif kind == codec.DISCONNECT:
                         codec.check_flags(kind, flags)
                         return True
-                    else:  # a second CONNECT (MQTT-3.1.0-2), or a server-to-client packet
+                    elif kind == codec.CONNECT:
+                        raise codec.ProtocolError("a second CONNECT (MQTT-3.1.0-2)")
+                    else:  # a server-to-client or reserved packet type
                         codec.check_flags(kind, flags)
                     if handled % BATCH == 0:
                         await asyncio.sleep(0)  # the other clients' turn
+                data = await conn.read()
+                if not data:
+                    return False
+                reader.feed(data)
         except codec.ProtocolError as exc:
             log.info(
                 "closing MQTT connection of client %s from %s: %s",

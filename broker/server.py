@@ -20,19 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from amqtt.adapters import (
-    StreamReaderAdapter,
-    StreamWriterAdapter,
-    WebSocketsReader,
-    WebSocketsWriter,
-)
 from amqtt.broker import Broker
-from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
 
-from hexa.broker import metrics
+from hexa.broker import codec, metrics
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.connection import Connection
 from hexa.broker.engine import Client, Engine, LocalDelivery, Will
@@ -46,7 +36,16 @@ CONNECT_TIMEOUT_S = 10.0
 #: a client id that ends in a device uid (``hx-7f3a9c21``, ``sim-hx-7f3a9c21``) is that
 #: device's alone
 _RESERVED = re.compile(r"(?:^|-)(hx-[0-9a-f]{8})$")
-_CONNACK_ACCEPTED = (b"\x20\x02\x00\x00", b"\x20\x02\x01\x00")  # session present: 0, 1
+
+
+@dataclass(eq=False)
+class _Login:
+    """What the authentication plugin is shown of a CONNECT (it sets ``attributes``)."""
+
+    client_id: str
+    username: str | None
+    password: str | None
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -93,56 +92,89 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
 
     # --- connections
     async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
-        conn = Connection(writer.transport, stream=reader)
-        await self._connection(
-            listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer), conn
-        )
+        conn = Connection(writer.transport, stream=reader, writer=writer)
+        peer = writer.get_extra_info("peername")
+        await self._connection(listener_name, conn, peer)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         conn = Connection(websocket.transport, websocket=websocket)
-        await self._connection(
-            listener_name, WebSocketsReader(websocket), WebSocketsWriter(websocket), conn
-        )
+        await self._connection(listener_name, conn, websocket.remote_address)
 
-    async def _connection(
-        self, listener_name: str, reader: Any, writer: Any, conn: Connection
-    ) -> None:
+    async def _connection(self, listener_name: str, conn: Connection, peer: Any) -> None:
         server = self._servers[listener_name]
         await server.acquire_connection()
         self._transports.add(conn.transport)
+        conn.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
-            await self._serve(listener_name, reader, writer, conn)
-        except (AMQTTError, MQTTError, NoDataError, ProtocolHandlerError, OSError) as exc:
+            await self._serve(listener_name, conn)
+        except (codec.ProtocolError, TimeoutError, OSError) as exc:
             log.info("MQTT connection from %s closed: %s", conn.peer, printable(str(exc)))
+        except Exception:  # a defect of ours: this connection ends, the broker serves on
+            log.exception("MQTT connection from %s failed", conn.peer)
         finally:
+            with anyio.CancelScope(shield=True):
+                await conn.finish()
             self._transports.discard(conn.transport)
-            conn.close()
             server.release_connection()
             conn.ended.set()
 
-    async def _serve(self, listener_name: str, reader: Any, writer: Any, conn: Connection) -> None:
-        peer = writer.get_peer_info()
-        conn.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        try:
-            _, incoming = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
-                CONNECT_TIMEOUT_S,
-            )
-        except TimeoutError as exc:
-            raise NoDataError(f"no CONNECT within {CONNECT_TIMEOUT_S:.0f} s") from exc
-        # Nothing of this client is stored until its credentials are proven.
-        authenticated = await self._authenticate(incoming, self.listeners_config[listener_name])
-        incoming.password = None  # not kept in memory
-        if not authenticated:
-            await self._refuse(conn, writer, incoming, NOT_AUTHORIZED, "not authorized")
+    async def _serve(self, listener_name: str, conn: Connection) -> None:
+        reader = codec.PacketReader(self.engine.max_packet)
+        admitted = await self._connect(listener_name, conn, reader)
+        if admitted is None:
             return
-        identity: Identity = incoming.attributes[IDENTITY]
-        cid: str = incoming.client_id
+        client, present = admitted
+        clean_exit = False
+        try:
+            conn.send(codec.connack(present))
+            if client.keep_alive > 0:
+                conn.watch(client.keep_alive * 1.5, client.client_id)
+            client.outbox.attach(conn.send)  # resends what was in flight (MQTT-4.4.0-1)
+            clean_exit = await self.engine.serve(client, conn, reader)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._ended(client, conn, clean_exit=clean_exit)
+
+    async def _read_connect(self, conn: Connection, reader: codec.PacketReader) -> codec.Connect:
+        """The client's CONNECT, which must be its first packet and arrive in time."""
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            while (packet := reader.next_packet()) is None:
+                data = await conn.read()
+                if not data:
+                    raise codec.ProtocolError("connection closed before CONNECT")
+                reader.feed(data)
+        kind, flags, body = packet
+        if kind != codec.CONNECT or flags:
+            raise codec.ProtocolError("the first packet is not a CONNECT (MQTT-3.1.0-1)")
+        return codec.decode_connect(body)
+
+    async def _connect(
+        self, listener_name: str, conn: Connection, reader: codec.PacketReader
+    ) -> tuple[Client, bool] | None:
+        """Read, authenticate and admit a CONNECT: the session it gets and whether that
+        was present, or None when it was refused (answered and logged here)."""
+        try:
+            connect = await self._read_connect(conn, reader)
+        except TimeoutError:
+            raise TimeoutError(f"no CONNECT within {CONNECT_TIMEOUT_S:.0f} s") from None
+        except codec.Refused as exc:
+            self._refuse(conn, None, exc.code, str(exc))
+            return None
+        # Nothing of this client is stored until its credentials are proven.
+        login = _Login(connect.client_id, connect.username, connect.password)
+        connect.password = None  # not kept in memory
+        authenticated = await self._authenticate(login, self.listeners_config[listener_name])
+        login.password = None
+        if not authenticated:
+            self._refuse(conn, connect, codec.NOT_AUTHORIZED, "not authorized")
+            return None
+        identity: Identity = login.attributes[IDENTITY]
+        cid = connect.client_id
         async with self._admission(cid):  # one CONNECT per client id at a time
-            client, present, refusal = await self._admit(identity, incoming)
+            client, present, refusal = await self._admit(identity, connect)
             if client is None:
-                await self._refuse(conn, writer, incoming, IDENTIFIER_REJECTED, refusal)
-                return
+                self._refuse(conn, connect, codec.IDENTIFIER_REJECTED, refusal)
+                return None
             client.connection = conn
             self.engine.clients[cid] = client
             self._live[cid] = conn
@@ -151,17 +183,7 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
                 owned.add(cid)
                 self._owned_total += 1
             self._count_sessions()
-        clean_exit = False
-        try:
-            conn.send(_CONNACK_ACCEPTED[present])
-            if client.keep_alive > 0:
-                conn.watch(client.keep_alive * 1.5, cid)
-            client.outbox.attach(conn.send)  # resends what was in flight (MQTT-4.4.0-1)
-            pending = await reader.read(-1) if isinstance(reader, WebSocketsReader) else b""
-            clean_exit = await self.engine.serve(client, conn, pending)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._ended(client, conn, clean_exit=clean_exit)
+        return client, present
 
     @contextlib.asynccontextmanager
     async def _admission(self, cid: str) -> AsyncIterator[None]:
@@ -179,7 +201,9 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
             if not gate.users:
                 del self._admitting[cid]
 
-    async def _admit(self, identity: Identity, incoming: Session) -> tuple[Client | None, int, str]:
+    async def _admit(
+        self, identity: Identity, incoming: codec.Connect
+    ) -> tuple[Client | None, bool, str]:
         """The session this CONNECT gets and whether it was present, or None and why
         it is refused.
 
@@ -188,19 +212,19 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         cid: str = incoming.client_id
         reserved = _RESERVED.search(cid)
         if reserved and identity.key != f"{Kind.DEVICE.value}:{reserved.group(1)}":
-            return None, 0, "client id reserved for another device"
+            return None, False, "client id reserved for another device"
         will = None
-        if incoming.will_flag and incoming.will_topic:
+        if incoming.will_topic is not None:
             will = Will(
                 incoming.will_topic,
-                bytes(incoming.will_message or b""),
-                int(incoming.will_qos or 0),
-                bool(incoming.will_retain),
+                incoming.will_payload,
+                incoming.will_qos,
+                incoming.will_retain,
             )
         old = self.engine.clients.get(cid)
         if old is not None:
             if old.local is not None or old.identity.key != identity.key:
-                return None, 0, "client id in use by another identity"
+                return None, False, "client id in use by another identity"
             live = self._live.get(cid)
             if live is not None:  # MQTT-3.1.4-2: the same client again takes the session over
                 log.info("client %s reconnected; closing its previous connection", printable(cid))
@@ -208,14 +232,14 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
                 with anyio.move_on_after(5):
                     await live.ended.wait()
                 if self._live.get(cid) is live:
-                    return None, 0, "its previous connection is still closing"
+                    return None, False, "its previous connection is still closing"
             if self.engine.clients.get(cid) is old:
                 if incoming.clean_session or old.clean:
                     self._drop(old)
                 else:  # resume the persistent session with this connection's will
                     old.will = will
                     old.keep_alive = incoming.keep_alive
-                    return old, 1, ""
+                    return old, True, ""
         owned = self._owned.get(identity.key, set())
         if len(owned) >= self.engine.limits.sessions_per_identity:
             idle = sorted(
@@ -224,28 +248,28 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
             )
             if not idle:
                 metrics.SESSIONS_REFUSED.labels("limit").inc()
-                return None, 0, "too many sessions for this identity"
+                return None, False, "too many sessions for this identity"
             self._drop(self.engine.clients[idle[0]])  # the oldest persisted one makes room
-        client = self.engine.new_client(cid, identity, clean=bool(incoming.clean_session))
+        client = self.engine.new_client(cid, identity, clean=incoming.clean_session)
         client.will = will
         client.keep_alive = incoming.keep_alive
-        return client, 0, ""
+        return client, False, ""
 
-    async def _refuse(
-        self, conn: Connection, writer: Any, incoming: Session, code: int, why: str
-    ) -> None:
+    def _refuse(self, conn: Connection, connect: codec.Connect | None, code: int, why: str) -> None:
+        """Answer a CONNECT with a refusal (the connection is then closed), logged once."""
         log.log(
-            logging.INFO if code == NOT_AUTHORIZED else logging.WARNING,
+            logging.INFO
+            if code in (codec.NOT_AUTHORIZED, codec.UNACCEPTABLE_PROTOCOL)
+            else logging.WARNING,
             "refused MQTT CONNECT of client %s (user %s) from %s: %s",
-            printable(incoming.client_id),
-            printable(incoming.username),
+            printable(connect.client_id if connect else "?"),
+            printable(connect.username if connect else "?"),
             conn.peer,
             why,
         )
-        if code != NOT_AUTHORIZED:
+        if code == codec.IDENTIFIER_REJECTED and connect is not None:
             metrics.SESSIONS_REFUSED.labels("client_id").inc()
-        await ConnackPacket.build(0, code).to_stream(writer)
-        await writer.drain()
+        conn.send(codec.connack(False, code))
 
     async def _ended(self, client: Client, conn: Connection, *, clean_exit: bool) -> None:
         """A connection is over: publish the will unless it ended with DISCONNECT, forget

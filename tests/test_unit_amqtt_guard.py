@@ -1,6 +1,6 @@
-"""The embedded broker uses a small, fixed part of amqtt (listeners, CONNECT parsing and
-validation, the authentication plugin hook): this fails when an amqtt upgrade renames,
-removes or re-signs any of it, before anything subtler breaks."""
+"""The embedded broker uses a small, fixed part of amqtt (its listeners, TLS and WebSocket
+servers, connection limits and the authentication plugin hook): this fails when an amqtt
+upgrade renames, removes or re-signs any of it, before anything subtler breaks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import inspect
 
 import amqtt
 import pytest
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter, WebSocketsReader
-from amqtt.broker import Broker
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.broker import Broker, Server
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.manager import PluginManager
 
 #: methods of amqtt's Broker that broker/server.py overrides or calls, with the
 #: parameters it relies on
@@ -57,32 +55,13 @@ def test_broker_attributes_we_read() -> None:
     for name in ("_servers", "listeners_config", "plugins_manager"):
         assert hasattr(broker, name), name
     assert "default" in broker.listeners_config
+    for name in ("acquire_connection", "release_connection", "instance"):
+        assert hasattr(Server, name) or name in Server.__init__.__code__.co_names, name
 
 
-def test_connect_parsing_keeps_what_we_use() -> None:
-    """CONNECT is parsed by amqtt's handler into a Session with these fields."""
-    init = inspect.signature(BrokerProtocolHandler.init_from_connect).parameters
-    assert list(init)[:3] == ["reader", "writer", "plugins_manager"], list(init)
-    session = Session()
-    for name in (
-        "client_id",
-        "clean_session",
-        "keep_alive",
-        "will_flag",
-        "will_topic",
-        "will_message",
-        "will_qos",
-        "will_retain",
-        "username",
-        "password",
-        "attributes",
-    ):
-        assert hasattr(session, name), name
-    assert ConnackPacket.build(0, NOT_AUTHORIZED).return_code == NOT_AUTHORIZED
-    assert IDENTIFIER_REJECTED == 2
-
-
-def test_adapters_keep_what_we_use() -> None:
-    assert hasattr(StreamReaderAdapter, "read")
-    assert hasattr(StreamWriterAdapter, "drain")
-    assert "n" in inspect.signature(WebSocketsReader.read).parameters
+def test_authentication_hook_keeps_its_shape() -> None:
+    """The broker hands the authentication plugins an object with the CONNECT's client id,
+    username, password and an ``attributes`` dict, through ``map_plugin_auth(session=)``."""
+    params = inspect.signature(PluginManager.map_plugin_auth).parameters
+    assert "session" in params, list(params)
+    assert "authenticate" in dir(BaseAuthPlugin)
