@@ -23,13 +23,45 @@ log = logging.getLogger(__name__)
 READ_SIZE = 65536
 
 
+class Outgoing:
+    """The connections written to in this event-loop turn: what they got after their
+    first packet is written together at its end, so a connection costs at most two
+    writes per turn however many packets it got (one scheduled callback for all)."""
+
+    def __init__(self) -> None:
+        self._pending: list[Connection] = []
+        self._scheduled = False
+
+    def add(self, conn: Connection) -> None:
+        self._pending.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._at_end_of_turn)
+
+    def _at_end_of_turn(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for conn in pending:
+            conn.flush()
+
+
 class Connection:
     """A client's transport: :meth:`read`, :meth:`send`, :meth:`close`."""
 
     def __init__(
-        self, transport: Any, *, stream: Any = None, writer: Any = None, websocket: Any = None
+        self,
+        transport: Any,
+        outgoing: Outgoing,
+        *,
+        stream: Any = None,
+        writer: Any = None,
+        websocket: Any = None,
     ) -> None:
         self.transport = transport
+        self._outgoing = outgoing
         self._stream = stream
         self._writer = writer
         self._websocket = websocket
@@ -61,17 +93,28 @@ class Connection:
         return bytes(data)
 
     def send(self, data: bytes) -> None:
-        """Queue bytes for the client; they leave at the end of this loop turn."""
+        """Send bytes to the client: the first packet of a loop turn at once (nothing
+        waits on a lone reply), the ones after it together at the end of the turn."""
         if self.transport.is_closing():
+            return
+        if self._websocket is None:
+            if not self._flushing:  # the first of this turn
+                self._flushing = True
+                self._outgoing.add(self)
+                self.transport.write(data)
+                return
+            self._out.append(data)
+            self._unsent += len(data)
             return
         self._out.append(data)
         self._unsent += len(data)
         if not self._flushing:
             self._flushing = True
-            if self._websocket is None:
-                self._loop.call_soon(self._flush_stream)
-            else:
-                self._flusher = self._loop.create_task(self._flush_websocket())
+            self._flusher = self._loop.create_task(self._flush_websocket())
+
+    def flush(self) -> None:
+        """Hand what is queued to the transport (stream connections)."""
+        self._flush_stream()
 
     def _flush_stream(self) -> None:
         self._flushing = False

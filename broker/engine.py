@@ -22,6 +22,7 @@ Limits and what happens when one bites (each counted in a metric):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 from hexa.broker import codec, metrics
 from hexa.broker.acl import Identity, Kind
-from hexa.broker.connection import Connection
+from hexa.broker.connection import Connection, Outgoing
 from hexa.broker.outbox import Outbox
 from hexa.broker.plugins import Access
 from hexa.broker.routing import RetainedStore, Subscriptions, matches
@@ -46,6 +47,9 @@ MAX_UNSENT_BYTES = 1024 * 1024
 STALL_LIMIT_S = 10.0
 #: packets of one client handled before the others get a turn
 BATCH = 32
+#: how long a publisher waits for a congested subscriber per message; one that stays
+#: congested fills its queue and is disconnected as a slow consumer
+PACE_LIMIT_S = 1.0
 
 #: a local (in-process) session's deliveries: (topic, payload, qos, retain, sender)
 LocalDelivery = Callable[[str, bytes, int, bool, str], None]
@@ -103,6 +107,7 @@ class Engine:
         self.clients: dict[str, Client] = {}
         self.subscriptions: Subscriptions[Client] = Subscriptions()
         self.retained = RetainedStore()
+        self.outgoing = Outgoing()
 
     def new_client(self, client_id: str, identity: Identity, *, clean: bool) -> Client:
         outbox = Outbox(
@@ -161,13 +166,15 @@ class Engine:
 
     async def route(
         self, sender: Client | None, topic: str, payload: bytes, qos: int, retain: bool
-    ) -> None:
-        """Deliver a publish to every subscriber allowed to receive it (and retain it)."""
+    ) -> list[Outbox]:
+        """Deliver a publish to every subscriber allowed to receive it (and retain it);
+        the outboxes it left congested (a client publisher waits for them to drain)."""
+        congested: list[Outbox] = []
         if retain:
             self.retained.put(topic, payload, qos)
         found = self.subscriptions.match(topic)
         if not found:
-            return
+            return congested
         if any(t.identity.kind is Kind.INTEGRATION for t, _ in found.values()):
             await self.access.prepare_receive(topic)  # their organization decides
         may_receive = self.access.may_receive
@@ -208,6 +215,9 @@ class Engine:
                 conn.send(qos0)
             elif not target.outbox.push(wire_topic, payload, q):
                 self.slow_consumer(target, conn)
+            elif target.outbox.congested:
+                congested.append(target.outbox)
+        return congested
 
     def slow_consumer(self, client: Client, conn: Connection) -> None:
         """Disconnect a client that does not keep up (its will is published), logged once."""
@@ -314,7 +324,12 @@ class Engine:
                 printable(client.client_id),
             )
         elif await self.access.may_publish(client.identity, topic):
-            await self.route(client, topic, payload, qos, retain)
+            congested = await self.route(client, topic, payload, qos, retain)
+            if congested:  # wait for slow subscribers rather than fill their queues
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PACE_LIMIT_S):
+                        for outbox in congested:
+                            await outbox.drained()
         if qos == 1:
             assert pid is not None
             send(codec.ack(codec.PUBACK, pid))

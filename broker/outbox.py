@@ -4,13 +4,17 @@ A session sends at most ``max_inflight`` QoS 1/2 messages before their acknowled
 arrive; the rest wait in a queue bounded by ``max_queued``. Messages in flight keep their
 packet ids; when a persistent session reconnects they are sent again first, PUBLISH with
 DUP set or PUBREL where the PUBREC had arrived (MQTT-4.4.0-1), then the queue. QoS 0
-messages are written straight through and never queued. Nothing here creates a task or
-waits: the connection's writer is a plain function, and acknowledgements are method calls
-from the connection's reader.
+messages are written straight through and never queued. Nothing here creates a task: the
+connection's writer is a plain function, and acknowledgements are method calls from the
+connection's reader. A queue half full is *congested*: publishers routing to it wait
+(:meth:`Outbox.drained`) for the client's acknowledgements to catch up, which paces them
+to the pace of their slowest subscriber instead of filling the queue in one burst.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from hexa.broker import codec
 
 Sink = Callable[[bytes], None]
+#: a client that acknowledged nothing for this long is not waited for
+PROGRESS_WINDOW_S = 1.0
 
 
 @dataclass(slots=True)
@@ -34,7 +40,17 @@ class _Pending:
 class Outbox:
     """The outbound half of a session (its inbound QoS 2 ids live beside it)."""
 
-    __slots__ = ("_next_id", "inflight", "max_inflight", "max_queued", "queue", "received", "sink")
+    __slots__ = (
+        "_next_id",
+        "_waiters",
+        "inflight",
+        "max_inflight",
+        "max_queued",
+        "progressed_at",
+        "queue",
+        "received",
+        "sink",
+    )
 
     def __init__(self, *, max_inflight: int, max_queued: int) -> None:
         self.max_inflight = max_inflight
@@ -45,6 +61,38 @@ class Outbox:
         self.received: set[int] = set()
         self.sink: Sink | None = None
         self._next_id = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        #: when the client last acknowledged something (or connected)
+        self.progressed_at = 0.0
+
+    @property
+    def congested(self) -> bool:
+        """Whether the queue is half full while the client keeps acknowledging: its
+        publishers should wait. A client that stopped acknowledging is not waited for
+        (its queue fills and it is disconnected)."""
+        return (
+            self.sink is not None
+            and len(self.queue) * 2 >= self.max_queued
+            and time.monotonic() - self.progressed_at < PROGRESS_WINDOW_S
+        )
+
+    async def drained(self) -> None:
+        """Return once the queue is below half full (or the session is gone or away)."""
+        if not self.congested:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def backlog(self) -> int:
@@ -93,12 +141,15 @@ class Outbox:
         sink = self.sink
         while sink is not None and self.queue and len(self.inflight) < self.max_inflight:
             self._send(self.queue.popleft(), sink)
+        if self._waiters and not self.congested:
+            self._wake()
 
     # --- acknowledgements from the client
     def puback(self, pid: int) -> None:
         message = self.inflight.get(pid)
         if message is not None and message.qos == 1:
             del self.inflight[pid]
+            self.progressed_at = time.monotonic()
             self._refill()
 
     def pubrec(self, pid: int) -> None:
@@ -112,12 +163,14 @@ class Outbox:
         message = self.inflight.get(pid)
         if message is not None and message.released:
             del self.inflight[pid]
+            self.progressed_at = time.monotonic()
             self._refill()
 
     # --- the connection comes and goes
     def attach(self, sink: Sink) -> None:
         """A connection (re)starts: resend what is in flight, then what is queued."""
         self.sink = sink
+        self.progressed_at = time.monotonic()
         for pid, message in self.inflight.items():
             if message.released:
                 sink(codec.ack(codec.PUBREL, pid))
@@ -136,8 +189,10 @@ class Outbox:
 
     def detach(self) -> None:
         self.sink = None
+        self._wake()
 
     def clear(self) -> None:
         self.inflight.clear()
         self.queue.clear()
         self.received.clear()
+        self._wake()

@@ -92,12 +92,12 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
 
     # --- connections
     async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
-        conn = Connection(writer.transport, stream=reader, writer=writer)
+        conn = Connection(writer.transport, self.engine.outgoing, stream=reader, writer=writer)
         peer = writer.get_extra_info("peername")
         await self._connection(listener_name, conn, peer)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        conn = Connection(websocket.transport, websocket=websocket)
+        conn = Connection(websocket.transport, self.engine.outgoing, websocket=websocket)
         await self._connection(listener_name, conn, websocket.remote_address)
 
     async def _connection(self, listener_name: str, conn: Connection, peer: Any) -> None:
