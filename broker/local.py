@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: topics whose handlers are remembered (a few per device)
+MAX_ROUTES = 100_000
+
 
 class LocalBus:
     """Implements the hub's bus interface (``hexa.hub.mqtt.busapi.BusLike``) in-process."""
@@ -35,6 +38,8 @@ class LocalBus:
         self.client_id = client_id
         self.presence_topic = presence_topic
         self._handlers: list[tuple[str, Handler]] = []
+        #: topic → the handlers whose filter matches it (cleared when handlers change)
+        self._routes: dict[str, list[tuple[str, Handler]]] = {}
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._session: Client | None = None
         self._attached = asyncio.Event()
@@ -46,12 +51,14 @@ class LocalBus:
     async def subscribe(self, flt: str, handler: Handler) -> None:
         known = any(f == flt for f, _ in self._handlers)
         self._handlers.append((flt, handler))
+        self._routes.clear()
         if self._session is not None and not known:
             await self.broker.engine.subscribe(self._session, flt, 1)
             await self.broker.engine.replay_retained(self._session, flt, 1)
 
     async def unsubscribe(self, flt: str, handler: Handler) -> None:
         self._handlers = [(f, h) for f, h in self._handlers if (f, h) != (flt, handler)]
+        self._routes.clear()
         if self._session is not None and all(f != flt for f, _ in self._handlers):
             self.broker.engine.unsubscribe(self._session, flt)
 
@@ -100,9 +107,17 @@ class LocalBus:
             await self.publish(self.presence_topic, b"offline", retain=True)
 
     async def _dispatch(self, message: Message) -> None:
-        for flt, handler in self._handlers:
-            if topic_matches(flt, message.topic):
-                try:
-                    await handler(message)
-                except Exception:
-                    log.exception("bus handler for %s failed on %s", flt, message.topic)
+        routes = self._routes.get(message.topic)
+        if routes is None:
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            routes = self._routes[message.topic] = [
+                (flt, handler)
+                for flt, handler in self._handlers
+                if topic_matches(flt, message.topic)
+            ]
+        for flt, handler in routes:
+            try:
+                await handler(message)
+            except Exception:
+                log.exception("bus handler for %s failed on %s", flt, message.topic)

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--database-url", dest="bench_database_url")
     bench.add_argument(
+        "--profile", metavar="FILE", help="profile the hub process (cProfile stats to FILE)"
+    )
+    bench.add_argument(
         "--schedules", type=int, help="instead: time one scheduler tick of N due schedules"
     )
     return parser

@@ -92,10 +92,15 @@ class _Processes:
             time.sleep(0.05)
         raise SystemExit("hexa bench: mosquitto did not start")
 
-    def start_hub(self, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int, int]:
+    def start_hub(
+        self, env: dict[str, str], profile: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], int, int]:
         log = (self.work / "hub.log").open("wb")
+        python = [sys.executable]
+        if profile:  # cProfile writes its stats when the hub exits (SIGTERM, at the end)
+            python += ["-m", "cProfile", "-o", str(Path(profile).resolve())]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hexa.hub.cli", "serve"],
+            [*python, "-m", "hexa.hub.cli", "serve"],
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -179,7 +184,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             mqtt_port = procs.start_mosquitto()
             env["HEXA_BROKER_URL"] = f"mqtt://127.0.0.1:{mqtt_port}"
             pids.append(procs.procs[-1].pid)
-        hub, http_port, hub_mqtt = procs.start_hub(env)
+        hub, http_port, hub_mqtt = procs.start_hub(env, args.profile)
         mqtt_port = mqtt_port or hub_mqtt
         pids.insert(0, hub.pid)
         base = f"http://127.0.0.1:{http_port}"
