@@ -15,9 +15,6 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from hexa.broker import metrics
-from hexa.hub.logs import printable
-
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -67,7 +64,9 @@ class Connection:
         self._websocket = websocket
         self.peer = "?"
         self.last_read = time.monotonic()
-        self.ended = asyncio.Event()
+        self._ended = False
+        self._ended_waiters: list[asyncio.Future[None]] | None = None
+        #: close after this long without a byte from the client (0: never)
         #: since when deliveries back up (None: they do not)
         self.stalled_since: float | None = None
         self.warned = False
@@ -75,7 +74,7 @@ class Connection:
         self._unsent = 0
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.silence_limit_s = 0.0
         self._loop = asyncio.get_running_loop()
 
     async def read(self) -> bytes:
@@ -165,21 +164,24 @@ class Connection:
     def closing(self) -> bool:
         return bool(self.transport.is_closing())
 
-    def watch(self, limit_s: float, client_id: str) -> None:
-        """Close the connection once nothing was received for ``limit_s`` (MQTT-3.1.2-24)."""
+    def silent_too_long(self, now: float) -> bool:
+        """Whether the client sent nothing for longer than its keepalive allows."""
+        return bool(self.silence_limit_s) and now - self.last_read > self.silence_limit_s
 
-        def check() -> None:
-            idle = time.monotonic() - self.last_read
-            if idle < limit_s:
-                self._timer = self._loop.call_later(limit_s - idle, check)
-                return
-            metrics.KEEPALIVE_TIMEOUTS.inc()
-            log.info("client %s silent for %.0f s: disconnected", printable(client_id), idle)
-            self.close()
+    def end(self) -> None:
+        """Mark the connection over (after everything about it is done)."""
+        self._ended = True
+        for waiter in self._ended_waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._ended_waiters = None
 
-        self._timer = self._loop.call_later(limit_s, check)
-
-    def stop_watching(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    async def wait_ended(self) -> None:
+        """Return once :meth:`end` was called."""
+        if self._ended:
+            return
+        waiter = self._loop.create_future()
+        if self._ended_waiters is None:
+            self._ended_waiters = []
+        self._ended_waiters.append(waiter)
+        await waiter

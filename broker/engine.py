@@ -269,7 +269,7 @@ class Engine:
                     elif kind == codec.PUBREL:
                         codec.check_flags(kind, flags)
                         pid = codec.packet_id(body)
-                        outbox.received.discard(pid)
+                        outbox.released(pid)
                         send(codec.ack(codec.PUBCOMP, pid))
                     elif kind == codec.PINGREQ:
                         codec.check_flags(kind, flags)
@@ -311,7 +311,7 @@ class Engine:
         topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
         if qos == 2:
             assert pid is not None
-            if pid in client.outbox.received:  # a resent PUBLISH: routed once (MQTT-4.3.3)
+            if not client.outbox.first_receipt(pid):  # a resend: routed once (MQTT-4.3.3)
                 send(codec.ack(codec.PUBREC, pid))
                 return
         reason = self.refused(topic, payload, retain)
@@ -335,7 +335,6 @@ class Engine:
             send(codec.ack(codec.PUBACK, pid))
         elif qos == 2:
             assert pid is not None
-            client.outbox.received.add(pid)
             send(codec.ack(codec.PUBREC, pid))
 
     async def _subscribe(self, client: Client, body: bytes, send: Callable[[bytes], None]) -> None:

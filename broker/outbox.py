@@ -56,9 +56,10 @@ class Outbox:
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.inflight: dict[int, _Pending] = {}
-        self.queue: deque[_Pending] = deque()
+        #: created when first needed (most sessions never queue, nor use QoS 2)
+        self.queue: deque[_Pending] | None = None
         #: packet ids of inbound QoS 2 PUBLISHes routed but not yet released (PUBREL)
-        self.received: set[int] = set()
+        self.received: set[int] | None = None
         self.sink: Sink | None = None
         self._next_id = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -72,6 +73,7 @@ class Outbox:
         (its queue fills and it is disconnected)."""
         return (
             self.sink is not None
+            and self.queue is not None
             and len(self.queue) * 2 >= self.max_queued
             and time.monotonic() - self.progressed_at < PROGRESS_WINDOW_S
         )
@@ -97,7 +99,7 @@ class Outbox:
     @property
     def backlog(self) -> int:
         """QoS 1/2 messages not yet acknowledged, in flight and queued."""
-        return len(self.inflight) + len(self.queue)
+        return len(self.inflight) + (len(self.queue) if self.queue else 0)
 
     def push(
         self, topic: bytes, payload: bytes, qos: int, retain: bool = False, *, force: bool = False
@@ -109,12 +111,15 @@ class Outbox:
             if sink is not None:
                 sink(codec.publish(topic, payload, 0, None, retain))
             return True
-        if sink is not None and len(self.inflight) < self.max_inflight and not self.queue:
+        queue = self.queue
+        if sink is not None and len(self.inflight) < self.max_inflight and not queue:
             self._send(_Pending(topic, payload, qos, retain), sink)
             return True
-        if len(self.queue) >= self.max_queued and not force:
+        if queue is None:
+            queue = self.queue = deque()
+        elif len(queue) >= self.max_queued and not force:
             return False
-        self.queue.append(_Pending(topic, payload, qos, retain))
+        queue.append(_Pending(topic, payload, qos, retain))
         return True
 
     def drop_oldest(self) -> bool:
@@ -138,11 +143,25 @@ class Outbox:
         raise RuntimeError("no free packet id")  # max_inflight < 65535 makes this unreachable
 
     def _refill(self) -> None:
-        sink = self.sink
-        while sink is not None and self.queue and len(self.inflight) < self.max_inflight:
-            self._send(self.queue.popleft(), sink)
+        sink, queue = self.sink, self.queue
+        while sink is not None and queue and len(self.inflight) < self.max_inflight:
+            self._send(queue.popleft(), sink)
         if self._waiters and not self.congested:
             self._wake()
+
+    # --- inbound QoS 2 (MQTT-4.3.3): routed on PUBLISH, its id remembered until PUBREL
+    def first_receipt(self, pid: int) -> bool:
+        """Note an inbound QoS 2 packet id; False if it was already noted (a resend)."""
+        if self.received is None:
+            self.received = set()
+        elif pid in self.received:
+            return False
+        self.received.add(pid)
+        return True
+
+    def released(self, pid: int) -> None:
+        if self.received is not None:
+            self.received.discard(pid)
 
     # --- acknowledgements from the client
     def puback(self, pid: int) -> None:
@@ -193,6 +212,6 @@ class Outbox:
 
     def clear(self) -> None:
         self.inflight.clear()
-        self.queue.clear()
-        self.received.clear()
+        self.queue = None
+        self.received = None
         self._wake()

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,11 @@ from hexa.hub.logs import printable
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_SWEEP_S = 1.0
+#: after this many connections ended, free memory is handed back to the system, this
+#: long after the last of them
+TRIM_AFTER_LEAVING = 1000
+TRIM_DELAY_S = 2.0
 #: a client id that ends in a device uid (``hx-7f3a9c21``, ``sim-hx-7f3a9c21``) is that
 #: device's alone
 _RESERVED = re.compile(r"(?:^|-)(hx-[0-9a-f]{8})$")
@@ -84,11 +92,16 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         #: client id → the CONNECTs being admitted for it
         self._admitting: dict[str, _Admission] = {}
         self._expiry: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        #: connections ended since memory was last handed back to the system
+        self._left = 0
+        self._trim: asyncio.TimerHandle | None = None
         self._count_sessions()
 
     async def start(self) -> None:
         await super().start()
         self._expiry = asyncio.create_task(self._expire_sessions())
+        self._keepalive = asyncio.create_task(self._watch_keepalives())
 
     # --- connections
     async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
@@ -116,7 +129,7 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
                 await conn.finish()
             self._transports.discard(conn.transport)
             server.release_connection()
-            conn.ended.set()
+            conn.end()
 
     async def _serve(self, listener_name: str, conn: Connection) -> None:
         reader = codec.PacketReader(self.engine.max_packet)
@@ -127,8 +140,8 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         clean_exit = False
         try:
             conn.send(codec.connack(present))
-            if client.keep_alive > 0:
-                conn.watch(client.keep_alive * 1.5, client.client_id)
+            # MQTT-3.1.2-24: silent for 1.5 x keepalive means gone (see _watch_keepalives)
+            conn.silence_limit_s = client.keep_alive * 1.5
             client.outbox.attach(conn.send)  # resends what was in flight (MQTT-4.4.0-1)
             clean_exit = await self.engine.serve(client, conn, reader)
         finally:
@@ -230,7 +243,7 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
                 log.info("client %s reconnected; closing its previous connection", printable(cid))
                 live.close()
                 with anyio.move_on_after(5):
-                    await live.ended.wait()
+                    await live.wait_ended()
                 if self._live.get(cid) is live:
                     return None, False, "its previous connection is still closing"
             if self.engine.clients.get(cid) is old:
@@ -274,7 +287,6 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
     async def _ended(self, client: Client, conn: Connection, *, clean_exit: bool) -> None:
         """A connection is over: publish the will unless it ended with DISCONNECT, forget
         a clean session, keep a persistent one (without the connection)."""
-        conn.stop_watching()
         if clean_exit:
             client.will = None
             conn.transport.close()  # what was sent before DISCONNECT still leaves
@@ -287,6 +299,10 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         cid = client.client_id
         if self._live.get(cid) is conn:
             del self._live[cid]
+        self._left += 1
+        if self._left >= TRIM_AFTER_LEAVING and self._trim is None:
+            # once the wave of departures is over, not in the middle of it
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_now)
         await self.engine.publish_will(client)  # MQTT-3.1.2-8
         if client.clean and self.engine.clients.get(cid) is client and cid not in self._live:
             self._drop(client)
@@ -329,6 +345,26 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
                 ):
                     self._drop(client)
 
+    def _trim_now(self) -> None:
+        self._trim, self._left = None, 0
+        _return_memory()
+
+    async def _watch_keepalives(self) -> None:
+        """Close connections silent for longer than 1.5 x their keepalive (one sweep a
+        second over every connection: no timer per connection)."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_SWEEP_S)
+            now = time.monotonic()
+            for cid, conn in list(self._live.items()):
+                if conn.silent_too_long(now) and not conn.closing:
+                    metrics.KEEPALIVE_TIMEOUTS.inc()
+                    log.info(
+                        "client %s silent for %.0f s: disconnected",
+                        printable(cid),
+                        now - conn.last_read,
+                    )
+                    conn.close()
+
     def _count_sessions(self) -> None:
         """Update the session gauge."""
         for state, n in self.session_counts().items():
@@ -359,7 +395,7 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
             if conn is not None:
                 conn.close()
                 with anyio.move_on_after(5):
-                    await conn.ended.wait()
+                    await conn.wait_ended()
                 closed += 1
             client = self.engine.clients.get(cid)
             if client is not None and client.local is None:
@@ -374,9 +410,12 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
             c.unsent() and not c.closing for c in self._live.values()
         ):
             await asyncio.sleep(0.01)
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+        if self._trim is not None:
+            self._trim.cancel()
+        for task in (self._expiry, self._keepalive):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for transport in list(self._transports):
             transport.abort()
         await asyncio.sleep(0)
@@ -387,3 +426,26 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         if server is None or server.instance is None:
             return None
         return int(server.instance.sockets[0].getsockname()[1])
+
+
+def _trimmer() -> Callable[[], int] | None:
+    """glibc's ``malloc_trim``, where there is one."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if trim is None:
+        return None
+    return lambda: int(trim(0))
+
+
+_TRIM = _trimmer()
+
+
+def _return_memory() -> None:
+    """Hand memory freed by departed connections back to the system: Python frees its
+    arenas only when wholly empty and the C heap keeps freed blocks, so after a wave of
+    disconnects the process would otherwise keep its peak size."""
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM()
