@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hexa.broker import codec, metrics
 from hexa.broker.acl import Identity, Kind
@@ -51,8 +52,20 @@ BATCH = 32
 #: congested fills its queue and is disconnected as a slow consumer
 PACE_LIMIT_S = 1.0
 
-#: a local (in-process) session's deliveries: (topic, payload, qos, retain, sender)
-LocalDelivery = Callable[[str, bytes, int, bool, str], None]
+
+class Drains(Protocol):
+    """Something a publisher can wait on until it has room again."""
+
+    async def drained(self) -> None: ...
+
+
+class LocalSession(Drains, Protocol):
+    """A session attached in process (the hub's own): deliveries are calls."""
+
+    def deliver(self, topic: str, payload: bytes, qos: int, retain: bool, sender: str) -> bool:
+        """Take one message; True when the session is congested (publishers should
+        wait for :meth:`drained`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,8 @@ class Client:
     will: Will | None = None
     keep_alive: int = 0
     disconnected_at: float | None = None
-    #: deliveries to a session attached in process (the hub's own)
-    local: LocalDelivery | None = None
+    #: a session attached in process (the hub's own) takes its deliveries here
+    local: LocalSession | None = None
 
     @property
     def sender(self) -> str:
@@ -136,7 +149,7 @@ class Engine:
                 continue
             granted = min(qos, message.qos)
             if client.local is not None:
-                client.local(message.topic, message.payload, granted, True, "broker")
+                client.local.deliver(message.topic, message.payload, granted, True, "broker")
             else:  # a snapshot: the queue bound does not apply
                 client.outbox.push(
                     codec.encode_topic(message.topic),
@@ -166,10 +179,10 @@ class Engine:
 
     async def route(
         self, sender: Client | None, topic: str, payload: bytes, qos: int, retain: bool
-    ) -> list[Outbox]:
+    ) -> list[Drains]:
         """Deliver a publish to every subscriber allowed to receive it (and retain it);
-        the outboxes it left congested (a client publisher waits for them to drain)."""
-        congested: list[Outbox] = []
+        the subscribers it left congested (a client publisher waits for them to drain)."""
+        congested: list[Drains] = []
         if retain:
             self.retained.put(topic, payload, qos)
         found = self.subscriptions.match(topic)
@@ -186,7 +199,8 @@ class Engine:
                 continue
             q = granted if granted < qos else qos  # MQTT-3.8.4: the lower of the two
             if target.local is not None:
-                target.local(topic, payload, q, False, sender_key)
+                if target.local.deliver(topic, payload, q, False, sender_key):
+                    congested.append(target.local)
                 continue
             conn = target.connection
             if conn is None:  # a persistent session away keeps QoS 1/2 (MQTT-3.1.2-4)
@@ -328,8 +342,8 @@ class Engine:
             if congested:  # wait for slow subscribers rather than fill their queues
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(PACE_LIMIT_S):
-                        for outbox in congested:
-                            await outbox.drained()
+                        for subscriber in congested:
+                            await subscriber.drained()
         if qos == 1:
             assert pid is not None
             send(codec.ack(codec.PUBACK, pid))

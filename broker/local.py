@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: topics whose handlers are remembered (a few per device)
 MAX_ROUTES = 100_000
+#: messages waiting for the hub beyond which publishing clients wait, and until which
+QUEUE_HIGH, QUEUE_LOW = 4096, 1024
+#: messages handled before other tasks get a turn
+BATCH = 64
 
 
 class LocalBus:
@@ -43,6 +47,7 @@ class LocalBus:
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._session: Client | None = None
         self._attached = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def connected(self) -> bool:
@@ -70,15 +75,33 @@ class LocalBus:
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         await self.broker.engine.route(self._session, topic, data, qos, retain)
 
+    def deliver(self, topic: str, data: bytes, qos: int, retain: bool, sender: str) -> bool:
+        """A message routed to the hub (the broker calls this); True when the hub is
+        behind, so that the publishing client waits (:meth:`drained`)."""
+        self._queue.put_nowait(Message(topic, data, retain, qos, None if retain else sender))
+        return self._queue.qsize() >= QUEUE_HIGH
+
+    async def drained(self) -> None:
+        """Return once the hub has caught up (its queue down to ``QUEUE_LOW``)."""
+        if self._queue.qsize() <= QUEUE_LOW:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self._queue
-
-        def deliver(topic: str, data: bytes, qos: int, retain: bool, sender: str) -> None:
-            queue.put_nowait(Message(topic, data, retain, qos, None if retain else sender))
-
-        session = self.broker.attach_local(
-            self.client_id, Identity(Kind.HUB, self.client_id), deliver
-        )
+        session = self.broker.attach_local(self.client_id, Identity(Kind.HUB, self.client_id), self)
         self._session = session
         try:
             for flt in dict.fromkeys(f for f, _ in self._handlers):
@@ -87,11 +110,18 @@ class LocalBus:
             await self.publish(self.presence_topic, b"online", retain=True)
             self._attached.set()
             task_status.started()
+            handled = 0
             while True:
                 await self._dispatch(await queue.get())
+                handled += 1
+                if self._waiters and queue.qsize() <= QUEUE_LOW:
+                    self._wake()
+                if handled % BATCH == 0:
+                    await asyncio.sleep(0)  # a full queue never suspends get(): yield
         finally:
             self._session = None
             self._attached.clear()
+            self._wake()
             self.broker.detach_local(session)
 
     async def connected_since(self, generation: int) -> int:

@@ -28,7 +28,7 @@ from amqtt.broker import Broker
 from hexa.broker import codec, metrics
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.connection import Connection
-from hexa.broker.engine import Client, Engine, LocalDelivery, Will
+from hexa.broker.engine import Client, Engine, LocalSession, Will
 from hexa.broker.plugins import IDENTITY
 from hexa.hub import topics
 from hexa.hub.logs import printable
@@ -376,10 +376,10 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         return {"connected": connected, "persisted": self._owned_total - connected}
 
     # --- the hub's own session, in process
-    def attach_local(self, client_id: str, identity: Identity, deliver: LocalDelivery) -> Client:
-        """Attach a session that receives through ``deliver`` instead of a connection."""
+    def attach_local(self, client_id: str, identity: Identity, local: LocalSession) -> Client:
+        """Attach a session that receives through ``local`` instead of a connection."""
         client = self.engine.new_client(client_id, identity, clean=True)
-        client.local = deliver
+        client.local = local
         self.engine.clients[client_id] = client
         return client
 

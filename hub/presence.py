@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from hexa.hub import metrics, topics
@@ -56,6 +57,8 @@ class _Lanes:
         lane = self._lanes.get(uid)
         if lane is None:
             assert self._tg is not None, "lanes are not running"
+            if self._tg.cancel_scope.cancel_called:  # stopping: no new work
+                return False
             lane = self._lanes[uid] = deque(((kind, job),))
             self._tg.start_soon(self._drain, uid, lane, name=f"device-lane-{uid}")
             return True
@@ -71,12 +74,18 @@ class _Lanes:
 
     async def _drain(self, uid: str, lane: deque[tuple[str, Job]]) -> None:
         try:
+            handled = 0
             while lane:
                 try:
                     await lane[0][1]()
                 except Exception:
                     log.exception("handling a message of %s failed", uid)
                 lane.popleft()  # only now: a non-empty lane means "a worker is on it"
+                handled += 1
+                if handled % 16 == 0:
+                    # jobs that change nothing never suspend: a flooded lane would
+                    # otherwise neither let others run nor notice it was cancelled
+                    await anyio.lowlevel.checkpoint()
         finally:
             if self._lanes.get(uid) is lane:
                 del self._lanes[uid]

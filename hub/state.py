@@ -187,11 +187,15 @@ class StateWriter:
                 self._due.clear()
                 await self._drain()
         finally:
+            # what was gathered, once: writes still arriving (devices flooding the hub
+            # while it stops) must not keep shutdown waiting
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self._drain()
+                await self._drain(passes=1)
 
-    async def _drain(self) -> None:
-        while self._next is not None:
+    async def _drain(self, passes: int | None = None) -> None:
+        while self._next is not None and passes != 0:
+            if passes is not None:
+                passes -= 1
             batch, self._next = self._next, None
             try:
                 await self._commit(batch)

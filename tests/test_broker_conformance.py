@@ -8,17 +8,22 @@ terms (authenticated clients, the hub's ACLs)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import struct
+import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from support.accounts import User, integration_token, register
 from support.checks import NEGATIVE_WAIT_S
-from support.devices import online_device
-from support.hubs import RunningHub
+from support.devices import claimed_device, online_device
+from support.hubs import RunningHub, spawned_hub
 from support.rawmqtt import Raw, build, connect_packet, mqtt_str
 
 
@@ -258,3 +263,85 @@ def test_hub_serves_on_after_malformed_floods(hub: RunningHub, raws: Any) -> Non
         assert httpx.get(hub.base + "/healthz", timeout=10).status_code == 200
     finally:
         m.close()
+
+
+# --- load: slow subscribers, floods, SIGTERM -----------------------------------------------
+def _metric(hub: RunningHub, name: str) -> float:
+    text = httpx.get(hub.base + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+@pytest.mark.timeout(120)
+def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
+    hub: RunningHub, raws: Any
+) -> None:
+    """A QoS 1 subscriber slower than the publisher, but acknowledging, gets every message
+    and stays connected: the publisher is paced to it instead of filling its queue."""
+    user = register(hub)
+    _dev, m = online_device(hub, user)
+    slow_before = _metric(hub, "hexa_mqtt_slow_consumers_total")
+    try:
+        sub, _ = _integration(hub, raws, user)
+        assert sub.subscribe(f"hexa/{m.uid}/report", 1) == 1
+        total = hub.settings.mqtt_max_queued_messages * 2
+        payload = json.dumps({"relays": [False] * 3, "inputs": [False] * 3})
+        infos = [m.c.publish(f"hexa/{m.uid}/report", payload, qos=1) for _ in range(total)]
+        got = 0
+        while got < total:
+            publish = sub.read_publish(10)
+            assert publish is not None, f"only {got} of {total} arrived"
+            got += 1
+            assert publish.packet_id is not None
+            sub.puback(publish.packet_id)
+            if got % 32 == 0:
+                time.sleep(0.01)  # slower than the device publishes
+        for info in infos:
+            info.wait_for_publish(10)
+        assert sub.alive()
+        assert _metric(hub, "hexa_mqtt_slow_consumers_total") == slow_before
+    finally:
+        m.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_a_flood_stops_the_hub_within_5_s(tmp_path: Path, db_kind: str) -> None:
+    """A hub whose broker is flooded by many connections stops within 5 s of SIGTERM."""
+    with spawned_hub(db_kind, tmp_path) as h:
+        user = register(h)
+        p, _dev = claimed_device(h, user)
+        uid, token = p["device_uid"], p["device_token"]
+        stop = threading.Event()
+        floods = []
+        for i in range(8):
+            r = Raw(h)
+            assert r.connect(f"flood{i}-{uid}", uid, token, keepalive=0) == 0
+            floods.append(r)
+        burst = b"".join(
+            build(0x30, mqtt_str(f"hexa/{uid}/report") + b'{"relays":[true,false,true]}')
+            for _ in range(2000)
+        )
+
+        def flood(r: Raw) -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    r.sock.sendall(burst)
+
+        threads = [threading.Thread(target=flood, args=(r,), daemon=True) for r in floods]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(3)
+            started = time.monotonic()
+            h.proc.send_signal(signal.SIGTERM)
+            h.proc.wait(30)
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            for r in floods:
+                r.close()
+        assert h.proc.returncode == 0, h.proc.returncode
+        assert took < 5, f"SIGTERM took {took:.1f} s"
