@@ -311,6 +311,7 @@ class Engine:
                     return False
                 reader.feed(data)
         except codec.ProtocolError as exc:
+            metrics.PROTOCOL_ERRORS.inc()
             log.info(
                 "closing MQTT connection of client %s from %s: %s",
                 printable(client.client_id),
@@ -340,6 +341,9 @@ class Engine:
         elif await self.access.may_publish(client.identity, topic):
             congested = await self.route(client, topic, payload, qos, retain)
             if congested:  # wait for slow subscribers rather than fill their queues
+                for subscriber in congested:
+                    kind = "client" if isinstance(subscriber, Outbox) else "hub"
+                    metrics.PUBLISHER_WAITS.labels(kind).inc()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(PACE_LIMIT_S):
                         for subscriber in congested:

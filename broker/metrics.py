@@ -35,3 +35,13 @@ SESSIONS = Gauge(
     "Broker sessions: connected, or persisted while their client is away",
     ["state"],
 )
+PUBLISHER_WAITS = Counter(
+    "hexa_mqtt_publisher_waits_total",
+    "Publishes held until a congested subscriber caught up (a client whose queue is half "
+    "full while it keeps acknowledging, or the hub itself)",
+    ["subscriber"],
+)
+PROTOCOL_ERRORS = Counter(
+    "hexa_mqtt_protocol_errors_total",
+    "Connections closed because the client broke MQTT 3.1.1 (malformed or forbidden packets)",
+)

@@ -121,6 +121,8 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         try:
             await self._serve(listener_name, conn)
         except (codec.ProtocolError, TimeoutError, OSError) as exc:
+            if isinstance(exc, codec.ProtocolError):
+                metrics.PROTOCOL_ERRORS.inc()
             log.info("MQTT connection from %s closed: %s", conn.peer, printable(str(exc)))
         except Exception:  # a defect of ours: this connection ends, the broker serves on
             log.exception("MQTT connection from %s failed", conn.peer)

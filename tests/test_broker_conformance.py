@@ -38,6 +38,15 @@ def _integration(hub: RunningHub, raws: Any, user: User, **kw: Any) -> tuple[Raw
     return r, it
 
 
+def _metric(hub: RunningHub, name: str) -> float:
+    text = httpx.get(hub.base + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
 def _command_ok(hub: RunningHub, user: User, device_id: str) -> None:
     with hub.api(user.access_token) as c:
         r = c.post(f"/devices/{device_id}/relays/0", json={"state": True})
@@ -214,13 +223,15 @@ MALFORMED_CONNECT = {
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_AFTER_CONNECT))
 def test_malformed_packet_closes_only_its_connection(hub: RunningHub, raws: Any, case: str) -> None:
-    """Each malformed packet closes the connection that sent it; others carry on."""
+    """Each malformed packet closes the connection that sent it (counted); others carry on."""
     user = register(hub)
+    errors_before = _metric(hub, "hexa_mqtt_protocol_errors_total")
     bystander = raws(_connected(hub, user))
     bad = raws(_connected(hub, user))
     bad.sock.sendall(MALFORMED_AFTER_CONNECT[case])
     assert bad.closed_by_peer(5), case
     assert bystander.alive()
+    assert _metric(hub, "hexa_mqtt_protocol_errors_total") > errors_before
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_CONNECT))
@@ -266,15 +277,6 @@ def test_hub_serves_on_after_malformed_floods(hub: RunningHub, raws: Any) -> Non
 
 
 # --- load: slow subscribers, floods, SIGTERM -----------------------------------------------
-def _metric(hub: RunningHub, name: str) -> float:
-    text = httpx.get(hub.base + "/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
-
-
 @pytest.mark.timeout(120)
 def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
     hub: RunningHub, raws: Any
@@ -284,6 +286,7 @@ def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
     user = register(hub)
     _dev, m = online_device(hub, user)
     slow_before = _metric(hub, "hexa_mqtt_slow_consumers_total")
+    waits_before = _metric(hub, 'hexa_mqtt_publisher_waits_total{subscriber="client"}')
     try:
         sub, _ = _integration(hub, raws, user)
         assert sub.subscribe(f"hexa/{m.uid}/report", 1) == 1
@@ -297,12 +300,13 @@ def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
             got += 1
             assert publish.packet_id is not None
             sub.puback(publish.packet_id)
-            if got % 32 == 0:
-                time.sleep(0.01)  # slower than the device publishes
+            if got % 16 == 0:
+                time.sleep(0.02)  # ~800 messages/s: slower than the device publishes
         for info in infos:
             info.wait_for_publish(10)
         assert sub.alive()
         assert _metric(hub, "hexa_mqtt_slow_consumers_total") == slow_before
+        assert _metric(hub, 'hexa_mqtt_publisher_waits_total{subscriber="client"}') > waits_before
     finally:
         m.close()
 
