@@ -15,6 +15,8 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from hexa.broker.waiters import Waiters
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
@@ -65,7 +67,7 @@ class Connection:
         self.peer = "?"
         self.last_read = time.monotonic()
         self._ended = False
-        self._ended_waiters: list[asyncio.Future[None]] | None = None
+        self._ended_waiters = Waiters()
         #: close after this long without a byte from the client (0: never)
         #: since when deliveries back up (None: they do not)
         self.stalled_since: float | None = None
@@ -171,17 +173,9 @@ class Connection:
     def end(self) -> None:
         """Mark the connection over (after everything about it is done)."""
         self._ended = True
-        for waiter in self._ended_waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-        self._ended_waiters = None
+        self._ended_waiters.wake()
 
     async def wait_ended(self) -> None:
         """Return once :meth:`end` was called."""
-        if self._ended:
-            return
-        waiter = self._loop.create_future()
-        if self._ended_waiters is None:
-            self._ended_waiters = []
-        self._ended_waiters.append(waiter)
-        await waiter
+        if not self._ended:
+            await self._ended_waiters.wait()

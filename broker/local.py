@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.engine import Client
+from hexa.broker.waiters import Waiters
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
 
@@ -47,7 +48,7 @@ class LocalBus:
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._session: Client | None = None
         self._attached = asyncio.Event()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = Waiters()
 
     @property
     def connected(self) -> bool:
@@ -85,19 +86,7 @@ class LocalBus:
         """Return once the hub has caught up (its queue down to ``QUEUE_LOW``)."""
         if self._queue.qsize() <= QUEUE_LOW:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._waiters.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self._queue
@@ -115,13 +104,13 @@ class LocalBus:
                 await self._dispatch(await queue.get())
                 handled += 1
                 if self._waiters and queue.qsize() <= QUEUE_LOW:
-                    self._wake()
+                    self._waiters.wake()
                 if handled % BATCH == 0:
                     await asyncio.sleep(0)  # a full queue never suspends get(): yield
         finally:
             self._session = None
             self._attached.clear()
-            self._wake()
+            self._waiters.wake()
             self.broker.detach_local(session)
 
     async def connected_since(self, generation: int) -> int:

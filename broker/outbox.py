@@ -13,13 +13,13 @@ to the pace of their slowest subscriber instead of filling the queue in one burs
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hexa.broker import codec
+from hexa.broker.waiters import Waiters
 
 Sink = Callable[[bytes], None]
 #: a client that acknowledged nothing for this long is not waited for
@@ -62,7 +62,7 @@ class Outbox:
         self.received: set[int] | None = None
         self.sink: Sink | None = None
         self._next_id = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = Waiters()
         #: when the client last acknowledged something (or connected)
         self.progressed_at = 0.0
 
@@ -82,19 +82,7 @@ class Outbox:
         """Return once the queue is below half full (or the session is gone or away)."""
         if not self.congested:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        await self._waiters.wait()
 
     @property
     def backlog(self) -> int:
@@ -147,7 +135,7 @@ class Outbox:
         while sink is not None and queue and len(self.inflight) < self.max_inflight:
             self._send(queue.popleft(), sink)
         if self._waiters and not self.congested:
-            self._wake()
+            self._waiters.wake()
 
     # --- inbound QoS 2 (MQTT-4.3.3): routed on PUBLISH, its id remembered until PUBREL
     def first_receipt(self, pid: int) -> bool:
@@ -208,10 +196,10 @@ class Outbox:
 
     def detach(self) -> None:
         self.sink = None
-        self._wake()
+        self._waiters.wake()
 
     def clear(self) -> None:
         self.inflight.clear()
         self.queue = None
         self.received = None
-        self._wake()
+        self._waiters.wake()

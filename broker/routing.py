@@ -120,26 +120,28 @@ class Subscriptions(Generic[S]):
             multi = children.get("#")
             if multi is not None:  # "a/#" matches "a" too (MQTT-4.7.1-2)
                 _merge(found, multi.subscribers)
-        level = levels[i]
-        child = children.get(level)
-        if child is not None:
-            if i + 1 == len(levels):
-                _merge(found, child.subscribers)
-                grand = child.children.get("#")
-                if grand is not None:
-                    _merge(found, grand.subscribers)
-            elif child.children:
-                self._walk(child, levels, i + 1, found, dollar)
+        self._descend(children.get(levels[i]), levels, i, found, dollar)
         if wild_ok:
-            single = children.get("+")
-            if single is not None:
-                if i + 1 == len(levels):
-                    _merge(found, single.subscribers)
-                    grand = single.children.get("#")
-                    if grand is not None:
-                        _merge(found, grand.subscribers)
-                elif single.children:
-                    self._walk(single, levels, i + 1, found, dollar)
+            self._descend(children.get("+"), levels, i, found, dollar)
+
+    def _descend(
+        self,
+        node: _Node[S] | None,
+        levels: list[str],
+        i: int,
+        found: dict[str, tuple[S, int]],
+        dollar: bool,
+    ) -> None:
+        """Continue the walk at ``node``, the child matching level ``i`` (by name or +)."""
+        if node is None:
+            return
+        if i + 1 == len(levels):
+            _merge(found, node.subscribers)
+            grand = node.children.get("#")
+            if grand is not None:
+                _merge(found, grand.subscribers)
+        elif node.children:
+            self._walk(node, levels, i + 1, found, dollar)
 
     def filters(self) -> Iterator[str]:
         """Every filter with at least one subscriber."""
