@@ -223,6 +223,9 @@ class IntegrationCreate(Body):
         str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     ]
     org_id: uuid.UUID
+    #: what will connect with it; ``home_assistant`` connections are audited as such,
+    #: ``alexa`` tokens authorize Alexa directives
+    kind: Literal["generic", "home_assistant", "alexa"] = "generic"
 
 
 def iso(value: datetime | None) -> str | None:

@@ -9,6 +9,9 @@ from tortoise import fields
 
 from hexa.models.base import TimestampedModel
 
+#: the kinds of integration token (contract §6)
+INTEGRATION_KINDS = ("generic", "home_assistant", "alexa")
+
 
 class IntegrationToken(TimestampedModel):
     """A named token: the MQTT username is name, the password the token itself.
@@ -22,6 +25,8 @@ class IntegrationToken(TimestampedModel):
         "models.Organization", related_name="integration_tokens", on_delete=fields.CASCADE
     )
     name = fields.CharField(max_length=100)
+    #: what connects with it, one of INTEGRATION_KINDS
+    kind = fields.CharField(max_length=16, default="generic", db_default="generic")
     token_hash = fields.CharField(max_length=64, unique=True)
     created_by: fields.ForeignKeyNullableRelation[Any] = fields.ForeignKeyField(
         "models.User", related_name="integration_tokens", null=True, on_delete=fields.SET_NULL

@@ -606,6 +606,30 @@ def test_integration_token_names_are_per_organization(hub: RunningHub) -> None:
         assert created[user.id]["id"] in ids and created[other.id]["id"] not in ids
 
 
+def test_integration_token_kinds(hub: RunningHub) -> None:
+    """A token's kind defaults to generic, takes home_assistant or alexa, is listed with the
+    token, and anything else is a 400 validation_error."""
+    user = register(hub)
+    with hub.api(user.access_token) as c:
+        tag = uuid.uuid4().hex[:8]
+        plain = ok(
+            c.post("/integrations/tokens", json={"name": f"p-{tag}", "org_id": user.org_id}), 201
+        )
+        assert plain["kind"] == "generic"
+        for kind in ("home_assistant", "alexa", "generic"):
+            body = {"name": f"{kind}-{tag}", "org_id": user.org_id, "kind": kind}
+            assert ok(c.post("/integrations/tokens", json=body), 201)["kind"] == kind
+        bad = {"name": f"x-{tag}", "org_id": user.org_id, "kind": "homekit"}
+        assert_error(c.post("/integrations/tokens", json=bad), 400, "validation_error")
+        listed = {t["name"]: t["kind"] for t in ok(c.get("/integrations/tokens"))["items"]}
+    assert listed == {
+        f"p-{tag}": "generic",
+        f"home_assistant-{tag}": "home_assistant",
+        f"alexa-{tag}": "alexa",
+        f"generic-{tag}": "generic",
+    }
+
+
 def test_same_named_integration_tokens_stay_in_their_organizations(
     hub: RunningHub, track: Any
 ) -> None:

@@ -23,6 +23,7 @@ class IntegrationTokenPublic(BaseModel):
     id: uuid.UUID
     name: str
     org_id: uuid.UUID
+    kind: str
     created_at: Timestamp
     last_used_at: Timestamp | None
 
@@ -38,6 +39,7 @@ def _fields(row: IntegrationToken) -> dict[str, Any]:
         "id": row.id,
         "name": row.name,
         "org_id": row.org_id,
+        "kind": row.kind,
         "created_at": row.created_at,
         "last_used_at": row.last_used_at,
     }
@@ -55,6 +57,7 @@ async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> Inte
         row = await IntegrationToken.create(
             org_id=body.org_id,
             name=body.name,
+            kind=body.kind,
             token_hash=token_hash(token),
             created_by_id=principal.id,
         )
