@@ -18,6 +18,7 @@ from hexa.hub.events import (
     DeviceCredentialsRevoked,
     DeviceDeleted,
     DeviceReleased,
+    DeviceUpdated,
     Events,
 )
 from hexa.hub.security import new_token, token_hash, utcnow
@@ -237,6 +238,7 @@ class Registry:
             request_id,
             {"changes": {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in changes.items()}},
         )
+        await self.events.publish(DeviceUpdated(device, dict(changes)))
         return device
 
     async def release(

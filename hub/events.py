@@ -45,6 +45,13 @@ class DeviceClaimed(DeviceEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceUpdated(DeviceEvent):
+    """The device's name, placement or relay names changed (``changes`` as given)."""
+
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceReleased(DeviceEvent):
     """The device left its organization (its token died with it)."""
 

@@ -22,6 +22,7 @@ from hexa.hub.events import (
     DeviceClaimed,
     DeviceDeleted,
     DeviceEvent,
+    DeviceReleased,
     Events,
     IntegrationRevoked,
 )
@@ -195,7 +196,7 @@ class Hub:
                     is_default=True,
                     **default_rule(device),
                 )
-        else:
+        elif isinstance(event, DeviceReleased | DeviceDeleted):
             await Schedule.filter(device_id=device.id).update(
                 enabled=False, next_execution=None, last_result="device_removed"
             )
@@ -205,6 +206,8 @@ class Hub:
                     [rule.trigger, rule.conditions, rule.actions]
                 ):
                     await Automation.filter(id=rule.id).update(enabled=False)
+        else:
+            return
         self.automations.invalidate()
 
     async def _clear_retained(self, topic: str) -> None:

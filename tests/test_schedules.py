@@ -497,6 +497,17 @@ def test_removing_the_device_disables_its_schedules(hub: RunningHub, how: str) -
         assert c.get("/schedules", params={"enabled": "false"}).json()["total"] == 2
 
 
+def test_renaming_the_device_keeps_its_schedules(hub: RunningHub) -> None:
+    """Renaming a device or its relays changes nothing about the schedules that use it."""
+    user = register(hub)
+    _, dev = claimed_device(hub, user)
+    s = create(hub, user, dev["id"])
+    with hub.api(user.access_token) as c:
+        body = {"name": "Porch", "relay_names": ["Lamp", None, "Fan"]}
+        assert c.patch(f"/devices/{dev['id']}", json=body).status_code == 200
+        assert c.get(f"/schedules/{s['id']}").json() == s
+
+
 @pytest.mark.parametrize("how", ["release", "delete"])
 def test_schedule_disabled_by_device_removal_has_no_next_execution(
     hub: RunningHub, how: str
