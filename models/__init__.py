@@ -3,6 +3,7 @@
 from hexa.models.audit import AuditEntry
 from hexa.models.automation import Automation, AutomationRun, Schedule
 from hexa.models.devices import Device, DeviceInput, RelayState
+from hexa.models.homekit import HomeKitAccessory, HomeKitBridge
 from hexa.models.idempotency import IdempotencyRecord
 from hexa.models.integrations import IntegrationToken
 from hexa.models.invitations import Invitation
@@ -16,6 +17,8 @@ __all__ = [
     "AutomationRun",
     "Device",
     "DeviceInput",
+    "HomeKitAccessory",
+    "HomeKitBridge",
     "IdempotencyRecord",
     "IntegrationToken",
     "Invitation",
