@@ -37,8 +37,10 @@ class Bridge(Protocol):
         ...
 
 
+from hexa.bridges.home_assistant import HomeAssistant  # noqa: E402  (needs Bridge above)
+
 #: every bridge of the hub, in start order
-BRIDGES: tuple[type[Bridge], ...] = ()
+BRIDGES: tuple[type[Bridge], ...] = (HomeAssistant,)
 
 
 def enabled(hub: Hub, known: tuple[type[Bridge], ...] = BRIDGES) -> list[Service]:

@@ -51,13 +51,16 @@ _HA_STATUS = topics.HA_STATUS.format()
 
 @functools.lru_cache(maxsize=1 << 16)
 def topic_device(topic: str) -> str | None:
-    """The device a concrete topic is about (hexa/<uid>/… or an HA discovery topic)."""
+    """The device a concrete topic is about: hexa/<uid>/…, or a Home Assistant discovery
+    config (a relay's switch or an input event's device trigger), so that both are
+    delivered to the device's organization only."""
     uid = topics.device_of(topic)
     if uid is not None:
         return uid
-    params = topics.HA_SWITCH_CONFIG.parse(topic)
-    if params is not None:
-        return topics.uid_of_ha_object(params["object_id"])
+    for config in topics.HA_CONFIGS:
+        params = config.parse(topic)
+        if params is not None:
+            return topics.uid_of_ha_object(params["object_id"])
     return None
 
 

@@ -68,6 +68,8 @@ class EmbeddedBroker:
             sessions_per_identity=s.mqtt_max_sessions_per_identity,
             queued_messages=s.mqtt_max_queued_messages,
             inflight_messages=s.mqtt_max_inflight_messages,
+            device_publish_rate=s.mqtt_device_publish_rate,
+            integration_publish_rate=s.mqtt_integration_publish_rate,
         )
         engine = Engine(Access(self.gate), max_payload=s.max_mqtt_payload_bytes, limits=limits)
         broker = HexaBroker(self._config(), engine=engine)

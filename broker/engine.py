@@ -16,7 +16,9 @@ Limits and what happens when one bites (each counted in a metric):
 - a persistent session away keeps its newest ``max_queued`` QoS 1/2 messages;
 - payloads above ``max_payload`` and retained intents are acknowledged and dropped;
 - a client's packets are handled a bounded batch at a time, so one flooding client
-  takes its turn with the others.
+  takes its turn with the others;
+- a device or integration publishing faster than its rate waits before its next packet
+  is read (``broker.ratelimit``): its socket fills, nothing is dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hexa.broker.acl import Identity, Kind
 from hexa.broker.connection import Connection, Outgoing
 from hexa.broker.outbox import Outbox
 from hexa.broker.plugins import Access
+from hexa.broker.ratelimit import TokenBucket
 from hexa.broker.routing import RetainedStore, Subscriptions, matches
 from hexa.hub import topics
 from hexa.hub.logs import printable
@@ -75,6 +78,17 @@ class Limits:
     sessions_per_identity: int = 16
     queued_messages: int = 1000
     inflight_messages: int = 32
+    #: publishes a second one session may make, by kind of identity (0: unlimited);
+    #: the hub's own sessions are never limited
+    device_publish_rate: float = 100.0
+    integration_publish_rate: float = 1000.0
+
+    def publish_rate(self, kind: Kind) -> float:
+        if kind is Kind.DEVICE:
+            return self.device_publish_rate
+        if kind is Kind.INTEGRATION:
+            return self.integration_publish_rate
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +115,8 @@ class Client:
     disconnected_at: float | None = None
     #: a session attached in process (the hub's own) takes its deliveries here
     local: LocalSession | None = None
+    #: its publish rate, when limited
+    bucket: TokenBucket | None = None
 
     @property
     def sender(self) -> str:
@@ -126,7 +142,11 @@ class Engine:
         outbox = Outbox(
             max_inflight=self.limits.inflight_messages, max_queued=self.limits.queued_messages
         )
-        return Client(client_id, identity, clean, outbox)
+        client = Client(client_id, identity, clean, outbox)
+        rate = self.limits.publish_rate(identity.kind)
+        if rate > 0:
+            client.bucket = TokenBucket(rate, time.monotonic())
+        return client
 
     # --- subscriptions
     async def subscribe(self, client: Client, flt: str, qos: int) -> int:
@@ -324,6 +344,12 @@ class Engine:
         self, client: Client, flags: int, body: bytes, send: Callable[[bytes], None]
     ) -> None:
         topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+        bucket = client.bucket
+        if bucket is not None:
+            wait = bucket.take(time.monotonic())
+            if wait:  # over its rate: its next packets stay in its socket meanwhile
+                metrics.PUBLISHES_THROTTLED.labels(client.identity.kind.value).inc()
+                await asyncio.sleep(wait)
         if qos == 2:
             assert pid is not None
             if not client.outbox.first_receipt(pid):  # a resend: routed once (MQTT-4.3.3)

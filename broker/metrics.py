@@ -41,6 +41,12 @@ PUBLISHER_WAITS = Counter(
     "full while it keeps acknowledging, or the hub itself)",
     ["subscriber"],
 )
+PUBLISHES_THROTTLED = Counter(
+    "hexa_mqtt_publishes_throttled_total",
+    "Publishes a device or integration made faster than its rate "
+    "(HEXA_MQTT_*_PUBLISH_RATE): the client was read no further until it was due",
+    ["kind"],
+)
 PROTOCOL_ERRORS = Counter(
     "hexa_mqtt_protocol_errors_total",
     "Connections closed because the client broke MQTT 3.1.1 (malformed or forbidden packets)",

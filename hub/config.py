@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import stat
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -121,6 +123,15 @@ def _secret(name: str, raw: str) -> str | None:
     return raw
 
 
+def _uuid(name: str, raw: str) -> uuid.UUID | None:
+    if not raw:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise SettingError(name, raw, "must be an organization id (a UUID)") from None
+
+
 def _text(_name: str, raw: str) -> str | None:
     return raw or None
 
@@ -176,6 +187,15 @@ class Settings:
     trust_proxy: bool = False
     enforce_https: bool = False
     log_level: str = "INFO"
+    ha_discovery: bool = True
+    ha_broker_url: str | None = None
+    ha_username: str | None = None
+    ha_password: str | None = None
+    ha_org_id: uuid.UUID | None = None
+    ha_ca_file: Path | None = None
+    ha_cert_file: Path | None = None
+    ha_key_file: Path | None = None
+    ha_tls_insecure: bool = False
     secrets_generated: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -245,6 +265,15 @@ _PARSERS: dict[str, Parser] = {
     "trust_proxy": _bool,
     "enforce_https": _bool,
     "log_level": _log_level,
+    "ha_discovery": _bool,
+    "ha_broker_url": _broker_url,
+    "ha_username": _text,
+    "ha_password": _text,
+    "ha_org_id": _uuid,
+    "ha_ca_file": _optional_path,
+    "ha_cert_file": _optional_path,
+    "ha_key_file": _optional_path,
+    "ha_tls_insecure": _bool,
 }
 
 
@@ -285,9 +314,53 @@ def load_settings(
         path = getattr(settings, name)
         if path is not None and not path.is_file():
             raise SettingError(env_name(name), str(path), "file not found")
+    if settings.ha_broker_url is not None:
+        ha_tls_context(settings)  # a bad HEXA_HA_* setting stops start-up here, in one line
     if with_secrets:
         settings = _with_stored_secrets(settings)
     return settings
+
+
+def ha_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of the outbound Home Assistant bridge (None: plain MQTT): the
+    private CA of ``HEXA_HA_CA_FILE`` (else the system's), the client certificate of
+    ``HEXA_HA_CERT_FILE``/``HEXA_HA_KEY_FILE``, and no verification at all only with
+    ``HEXA_HA_TLS_INSECURE``. Raises :class:`SettingError` naming the setting."""
+    if settings.ha_broker_url is None:
+        return None
+    if settings.ha_org_id is None:
+        raise SettingError(
+            "HEXA_HA_ORG_ID", None, "required with HEXA_HA_BROKER_URL (whose devices to show)"
+        )
+    if (settings.ha_cert_file is None) != (settings.ha_key_file is None):
+        missing = "HEXA_HA_KEY_FILE" if settings.ha_key_file is None else "HEXA_HA_CERT_FILE"
+        raise SettingError(missing, None, "a client certificate needs both the cert and the key")
+    tls = settings.ha_broker_url.startswith("mqtts://")
+    for name in ("ha_ca_file", "ha_cert_file", "ha_key_file"):
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        if not tls:
+            raise SettingError(env_name(name), str(path), "needs an mqtts:// HEXA_HA_BROKER_URL")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise SettingError(env_name(name), str(path), "file not found or not readable")
+    if not tls:
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ha_ca_file) if settings.ha_ca_file else None
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingError("HEXA_HA_CA_FILE", str(settings.ha_ca_file), str(exc)) from None
+    if settings.ha_cert_file is not None and settings.ha_key_file is not None:
+        try:
+            context.load_cert_chain(str(settings.ha_cert_file), str(settings.ha_key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingError("HEXA_HA_CERT_FILE", str(settings.ha_cert_file), str(exc)) from None
+    if settings.ha_tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 _GENERATED = ("device_provision_key", "jwt_secret")

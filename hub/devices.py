@@ -17,6 +17,7 @@ from hexa.hub.events import (
     DeviceClaimed,
     DeviceCredentialsRevoked,
     DeviceDeleted,
+    DeviceLeaving,
     DeviceReleased,
     DeviceUpdated,
     Events,
@@ -250,6 +251,7 @@ class Registry:
         # device was this organization's is locked out), and the next owner, who claims it
         # with the code printed on it, is given a fresh token to install. The claim code
         # stays valid.
+        await self.events.publish(DeviceLeaving(device))
         await Device.filter(id=device.id).update(
             org_id=None,
             site_id=None,
@@ -267,6 +269,7 @@ class Registry:
         self, principal: Principal, device_id: uuid.UUID, *, request_id: str | None = None
     ) -> None:
         device = await self.get_for(principal, device_id, "manage_devices")
+        await self.events.publish(DeviceLeaving(device))
         await Device.filter(id=device.id).update(
             deleted_at=utcnow(), token_hash=token_hash(new_token()), claim_code_hash=None
         )

@@ -62,6 +62,17 @@ class DeviceDeleted(DeviceEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceLeaving(Event):
+    """The device is about to leave its organization (a release or a delete): published
+    before the change, while ``device`` (the row as it is) still belongs to its
+    organization, so that what only that organization may receive (Home Assistant's
+    removing discovery configs) still reaches it. Not a :class:`DeviceEvent`: nothing has
+    changed yet."""
+
+    device: Device
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceCredentialsRevoked(Event):
     """A device's token stopped working (release, delete, rotation): end its sessions."""
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from tortoise.exceptions import OperationalError
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
@@ -25,6 +26,7 @@ from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import BusLike, Message
 from hexa.hub.state import DeviceCache, DeviceInfo, StateWriter
+from hexa.models import IntegrationToken
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ MAX_QUEUED_PER_DEVICE = 32
 LATE_ACK_MEMORY = 1024
 #: sealed intent ids remembered, so that a replayed copy is not attributed again
 SEALS_REMEMBERED = 10_000
+#: integration tokens whose source is remembered
+SOURCES_REMEMBERED = 4096
+#: the audit source of intents from an integration token, by the token's kind (§6);
+#: other kinds publish as plain MQTT clients
+INTEGRATION_SOURCES = {"home_assistant": "home_assistant"}
 
 
 @dataclass
@@ -81,6 +88,8 @@ class RelayService:
         self._writer = StateWriter()
         self._seal_key = seal_key
         self._seen_seals: OrderedDict[str, None] = OrderedDict()
+        #: integration token id → the source its intents are audited with
+        self._sources: OrderedDict[str, str] = OrderedDict()
         self._executing = 0
         self._intake = {
             topic: inbox.on(topic, self._on_intent, kind="intent", malformed=self._on_bad_intent)
@@ -120,7 +129,7 @@ class RelayService:
         uid = params["uid"]
         if self._retained(msg):
             return
-        intent = self._attributed(intent, msg)
+        intent = await self._attributed(intent, msg)
         index = int(params["index"]) if "index" in params else None
         queue = self._queues.get(uid)
         if queue is None:
@@ -151,9 +160,11 @@ class RelayService:
             log.warning("refused retained intent on %s", printable(msg.topic))
         return msg.retain
 
-    def _attributed(self, intent: topics.Intent, msg: Message) -> topics.Intent:
+    async def _attributed(self, intent: topics.Intent, msg: Message) -> topics.Intent:
         """Who asked and where come from the publisher, never from what it claims: only
-        the hub's own intents (its session in-process, else its seal) keep them."""
+        the hub's own intents (its session in-process, else its seal) keep them. An
+        integration's intents carry the source of its token's kind (``home_assistant``
+        for a Home Assistant token, else ``mqtt``)."""
         sender = msg.sender
         if sender is not None:
             trusted = sender.startswith("hub:")
@@ -164,8 +175,25 @@ class RelayService:
             return intent
         kind, _, ident = (sender or "").partition(":")
         if kind == "integration":
-            return topics.unattributed(intent, actor_type="integration", actor_id=ident)
+            plain = topics.unattributed(intent, actor_type="integration", actor_id=ident)
+            source = await self._integration_source(ident)
+            return plain if source == plain.source else plain.model_copy(update={"source": source})
         return topics.unattributed(intent, actor_type="mqtt_client", actor_id=None)
+
+    async def _integration_source(self, token_id: str) -> str:
+        """The audit source of an integration token's intents, by its kind (a token's kind
+        never changes, so it is looked up once)."""
+        source = self._sources.get(token_id)
+        if source is None:
+            try:
+                kinds = await IntegrationToken.filter(id=token_id).values_list("kind", flat=True)
+            except (ValueError, OperationalError):  # not a token id, or the database is away
+                return "mqtt"
+            source = INTEGRATION_SOURCES.get(str(kinds[0]) if kinds else "", "mqtt")
+            self._sources[token_id] = source
+            if len(self._sources) > SOURCES_REMEMBERED:
+                self._sources.popitem(last=False)
+        return source
 
     def _first_seen(self, intent: topics.Intent) -> bool:
         if intent.intent_id in self._seen_seals:

@@ -120,6 +120,18 @@ def ha_object_id(uid: str, index: int) -> str:
     return f"hexa_{uid}_{index}"
 
 
+def ha_trigger_object_id(uid: str, input_index: int, event: str) -> str:
+    """The object id of one input event's Home Assistant device trigger."""
+    return f"hexa_{uid}_input{input_index}_{event}"
+
+
+# greedy: the uid is everything before the one ``_input<n>_<event>`` suffix the id ends in
+# (no proper suffix of such a suffix is one itself, so every uid parses back to itself)
+_HA_TRIGGER_RE = re.compile(
+    r"^hexa_(?P<uid>.+)_input(?:0|[1-9][0-9]?)_(?:press|hold|double_press)$"
+)
+
+
 # --- payloads ---------------------------------------------------------------------------
 class _Ours(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -382,9 +394,12 @@ def iso_now() -> str:
 
 
 def uid_of_ha_object(object_id: str) -> str | None:
-    """The device uid inside ``hexa_<uid>_<n>``, or None."""
+    """The device uid inside ``hexa_<uid>_<n>`` or ``hexa_<uid>_input<n>_<event>``, or None."""
     if not object_id.startswith("hexa_"):
         return None
+    trigger = _HA_TRIGGER_RE.match(object_id)
+    if trigger is not None:
+        return trigger["uid"] if UID_RE.match(trigger["uid"]) else None
     uid, _, index = object_id[5:].rpartition("_")
     if not index.isdigit() or not UID_RE.match(uid):
         return None
@@ -437,6 +452,11 @@ HUB_STATUS: Topic[bool] = Topic(
 HA_SWITCH_CONFIG: Topic[Any] = Topic(
     "ha_switch_config", "homeassistant/switch/{object_id}/config", True
 )
+HA_TRIGGER_CONFIG: Topic[Any] = Topic(
+    "ha_trigger_config", "homeassistant/device_automation/{object_id}/config", True
+)
+#: the discovery config topics, by component
+HA_CONFIGS: tuple[Topic[Any], ...] = (HA_SWITCH_CONFIG, HA_TRIGGER_CONFIG)
 HA_STATUS: Topic[bool] = Topic(
     "ha_status", "homeassistant/status", codec=Codec(decode_availability, encode_availability)
 )

@@ -279,10 +279,16 @@ def test_hub_serves_on_after_malformed_floods(hub: RunningHub, raws: Any) -> Non
 # --- load: slow subscribers, floods, SIGTERM -----------------------------------------------
 @pytest.mark.timeout(120)
 def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
-    hub: RunningHub, raws: Any
+    tmp_path: Path, db_kind: str, raws: Any
 ) -> None:
     """A QoS 1 subscriber slower than the publisher, but acknowledging, gets every message
-    and stays connected: the publisher is paced to it instead of filling its queue."""
+    and stays connected: the publisher is paced to it instead of filling its queue. (The
+    device's own publish rate is lifted so that it can outrun the subscriber.)"""
+    with spawned_hub(db_kind, tmp_path, mqtt_device_publish_rate="0") as hub:
+        _slow_subscriber_paces_publisher(hub, raws)
+
+
+def _slow_subscriber_paces_publisher(hub: RunningHub, raws: Any) -> None:
     user = register(hub)
     _dev, m = online_device(hub, user)
     slow_before = _metric(hub, "hexa_mqtt_slow_consumers_total")
@@ -312,9 +318,40 @@ def test_slow_subscriber_that_keeps_acknowledging_paces_publishers(
 
 
 @pytest.mark.timeout(120)
+def test_a_device_over_its_publish_rate_is_slowed_and_loses_nothing(
+    hub: RunningHub, raws: Any
+) -> None:
+    """A device that sends four times its rate (HEXA_MQTT_DEVICE_PUBLISH_RATE, 100/s) in one
+    burst is read at its rate: every message arrives, in order, the throttle metric counts
+    it, and the hub serves other devices' commands meanwhile."""
+    user = register(hub)
+    flooder, _ = claimed_device(hub, user)
+    _other, m = online_device(hub, user)
+    uid = flooder["device_uid"]
+    before = _metric(hub, 'hexa_mqtt_publishes_throttled_total{kind="device"}')
+    try:
+        sub, _ = _integration(hub, raws, user)
+        assert sub.subscribe(f"hexa/{uid}/report", 0) == 0
+        r = raws(Raw(hub))
+        assert r.connect(_cid("flood"), uid, flooder["device_token"]) == 0
+        total = 4 * int(hub.settings.mqtt_device_publish_rate)
+        bodies = [json.dumps({"relays": [n % 2 == 0, False, False]}).encode() for n in range(total)]
+        r.sock.sendall(b"".join(build(0x30, mqtt_str(f"hexa/{uid}/report") + b) for b in bodies))
+        got = [sub.read_publish(10) for _ in range(total // 4)]
+        _command_ok(hub, user, _other["id"])  # while the flooder is still being read
+        got += [sub.read_publish(10) for _ in range(total - len(got))]
+        assert [g.payload if g else None for g in got] == bodies
+        assert r.alive()
+        assert _metric(hub, 'hexa_mqtt_publishes_throttled_total{kind="device"}') > before
+    finally:
+        m.close()
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_during_a_flood_stops_the_hub_within_5_s(tmp_path: Path, db_kind: str) -> None:
-    """A hub whose broker is flooded by many connections stops within 5 s of SIGTERM."""
-    with spawned_hub(db_kind, tmp_path) as h:
+    """A hub whose broker is flooded by many connections stops within 5 s of SIGTERM (the
+    devices' publish rate lifted, so that the flood reaches the hub)."""
+    with spawned_hub(db_kind, tmp_path, mqtt_device_publish_rate="0") as h:
         user = register(h)
         p, _dev = claimed_device(h, user)
         uid, token = p["device_uid"], p["device_token"]

@@ -10,6 +10,7 @@ import pytest
 
 from hexa.broker import codec
 from hexa.broker.outbox import Outbox
+from hexa.broker.ratelimit import TokenBucket
 from hexa.broker.routing import RetainedStore, Subscriptions, matches
 
 
@@ -235,3 +236,25 @@ def test_packet_ids_skip_those_in_flight() -> None:
         if len(box.inflight) == 3:
             box.puback(next(iter(box.inflight)))
         assert 1 <= pid <= 65535
+
+
+# --- the publish rate ------------------------------------------------------------------------
+def test_token_bucket_allows_a_seconds_worth_then_the_rate() -> None:
+    """A fresh bucket lets ``rate`` publishes through at once; each further one owes 1/rate s
+    more, waits add up while the flood lasts, and a quiet second refills it (never beyond)."""
+    bucket = TokenBucket(10, now=0.0)
+    assert [bucket.take(0.0) for _ in range(10)] == [0.0] * 10
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.0) == pytest.approx(0.2)
+    assert bucket.take(0.3) == pytest.approx(0.0)  # the owed tokens arrived: due at once
+    assert bucket.take(100.0) == 0.0  # a long pause refills to one second's worth only
+    assert [bucket.take(100.0) for _ in range(9)] == [0.0] * 9
+    assert bucket.take(100.0) > 0
+
+
+def test_token_bucket_below_one_a_second_keeps_one_token() -> None:
+    """A rate under 1/s still lets one publish through after a quiet period."""
+    bucket = TokenBucket(0.5, now=0.0)
+    assert bucket.take(0.0) == 0.0
+    assert bucket.take(0.0) == pytest.approx(2.0)
+    assert bucket.take(10.0) == 0.0

@@ -42,6 +42,9 @@ def test_flags_override_environment(tmp_path: Path) -> None:
         ("HEXA_MQTT_TLS_CERT", "/nonexistent.pem", "HEXA_MQTT_TLS"),
         ("HEXA_BROKER_CA_FILE", "/nonexistent-ca.pem", "HEXA_BROKER_CA_FILE"),
         ("HEXA_EVENT_LOOP", "trio", "HEXA_EVENT_LOOP"),
+        ("HEXA_MQTT_DEVICE_PUBLISH_RATE", "-1", "HEXA_MQTT_DEVICE_PUBLISH_RATE"),
+        ("HEXA_MQTT_INTEGRATION_PUBLISH_RATE", "fast", "HEXA_MQTT_INTEGRATION_PUBLISH_RATE"),
+        ("HEXA_MQTT_INTEGRATION_PUBLISH_RATE", "nan", "HEXA_MQTT_INTEGRATION_PUBLISH_RATE"),
     ],
 )
 def test_bad_setting_names_itself(tmp_path: Path, name: str, value: str, needle: str) -> None:

@@ -130,4 +130,3 @@ def test_only_enabled_bridges_are_started() -> None:
     off: Any = SimpleNamespace(settings=SimpleNamespace(recorder=False))
     assert len(bridges.enabled(on, (_Recorder,))) == 1
     assert bridges.enabled(off, (_Recorder,)) == []
-    assert bridges.enabled(off) == []  # no bridge is built in yet

@@ -175,6 +175,9 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "HEXA_JWT_SECRET": uuid.uuid4().hex * 2,
             "HEXA_LOG_LEVEL": "WARNING",
             "HEXA_COMMAND_TIMEOUT_MS": "5000",
+            # one integration client offers all the intents: measure the hub, not the
+            # per-client publish limit that protects it from a runaway integration
+            "HEXA_MQTT_INTEGRATION_PUBLISH_RATE": "0",
         }
         if args.bench_database_url:
             env["HEXA_DATABASE_URL"] = args.bench_database_url

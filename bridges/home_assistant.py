@@ -1,0 +1,145 @@
+"""Home Assistant MQTT discovery on the hub's own bus (contract §6).
+
+Home Assistant connects to the hub's broker (embedded, or the external one the hub uses)
+with an integration token of kind ``home_assistant`` and finds every claimed device by
+itself: a switch per relay and a device trigger per input event, kept as retained
+configs under ``homeassistant/``. The broker's ACL delivers each device's configs only to
+integrations of its organization. The configs follow the devices: republished on claim,
+rename and relay rename, removed on release and delete, and republished with the current
+states after Home Assistant's birth and whenever the hub (re)connects to its bus.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from hexa.bridges.home_assistant_config import DeviceView
+from hexa.bridges.home_assistant_sync import Births, Discovery
+from hexa.hub import topics
+from hexa.hub.errors import BusUnavailable
+from hexa.hub.events import (
+    DeviceClaimed,
+    DeviceDeleted,
+    DeviceEvent,
+    DeviceLeaving,
+    DeviceReleased,
+    DeviceUpdated,
+)
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import Message
+
+if TYPE_CHECKING:
+    from hexa.hub.config import Settings
+    from hexa.hub.runtime import Hub
+
+log = logging.getLogger(__name__)
+
+
+class HomeAssistant:
+    """Discovery configs, and states after a birth, on the hub's own bus."""
+
+    name: ClassVar[str] = "home_assistant"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.discovery = Discovery(self._publish)
+        self.births = Births()
+        self._on_status = inbox.on(topics.HA_STATUS, self._status)
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.ha_discovery
+
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        await self.hub.bus.publish(topic, payload, retain=retain)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        events = self.hub.events
+        unsubscribe: list[Callable[[], None]] = [
+            events.subscribe(DeviceClaimed, self._on_claimed),
+            events.subscribe(DeviceUpdated, self._on_updated),
+            # Removal has to happen here, before the registry moves the device out of its
+            # organization: afterwards the broker's delivery ACL no longer maps the
+            # device to that organization and refuses the empty configs to its Home
+            # Assistant, which would keep the entities. (The retained copies are cleared
+            # again after the change; by then nobody else may receive them anyway.)
+            events.subscribe(DeviceLeaving, self._on_leaving),
+            events.subscribe(DeviceReleased, self._on_left),
+            events.subscribe(DeviceDeleted, self._on_left),
+        ]
+        await self.hub.bus.subscribe(topics.HA_STATUS.filter(), self._on_status)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.births.run, self.republish)
+                tg.start_soon(self._after_connects)
+                task_status.started()
+        finally:
+            for undo in unsubscribe:
+                undo()
+            with anyio.CancelScope(shield=True):
+                await self.hub.bus.unsubscribe(topics.HA_STATUS.filter(), self._on_status)
+
+    async def _after_connects(self) -> None:
+        """Home Assistant's birth is not retained: a hub that connects after Home
+        Assistant (its start, a bus reconnect, a broker that lost its retained messages)
+        publishes everything on its own."""
+        generation = 0
+        while True:
+            generation = await self.hub.bus.connected_since(generation)
+            try:
+                count = await self.republish()
+            except Exception:  # the bus or the database went away: the next connect retries
+                log.warning("Home Assistant discovery not published", exc_info=True)
+            else:
+                log.info("Home Assistant discovery published for %d devices", count)
+
+    async def republish(self) -> int:
+        """Every claimed device's configs and current state."""
+        return await self.discovery.republish(self._states)
+
+    async def _states(self, view: DeviceView) -> None:
+        device = await self.hub.cache.get(view.uid)
+        if device is None:
+            return
+        await self.hub.relay.publish_state(device)
+        await self.hub.bus.publish(
+            topics.AVAILABILITY.format(uid=device.uid),
+            topics.encode_availability(device.online),
+            retain=True,
+        )
+
+    async def _status(self, params: dict[str, str], online: bool, msg: Message) -> None:
+        if online:
+            self.births.heard()
+
+    async def _on_claimed(self, event: DeviceClaimed) -> None:
+        self.discovery.settled(event.device.device_uid)
+        view = await self._reconcile(event)
+        if view is not None:
+            await self._states(view)
+
+    async def _on_updated(self, event: DeviceUpdated) -> None:
+        await self._reconcile(event)
+
+    async def _on_leaving(self, event: DeviceLeaving) -> None:
+        self.discovery.leaving(event.device.device_uid)
+        await self._reconcile(event)
+
+    async def _on_left(self, event: DeviceEvent) -> None:
+        self.discovery.settled(event.device.device_uid)
+        await self._reconcile(event)
+
+    async def _reconcile(self, event: DeviceEvent | DeviceLeaving) -> DeviceView | None:
+        device = event.device
+        try:
+            return await self.discovery.reconcile(
+                device.device_uid, relay_count=device.relay_count, input_count=device.input_count
+            )
+        except BusUnavailable:  # published again when the bus is back
+            log.warning("discovery of %s not published: bus down", device.device_uid)
+            return None

@@ -1,0 +1,135 @@
+"""Keeping one broker's Home Assistant discovery configs equal to the devices they describe.
+
+Both Home Assistant bridges (discovery on the hub's own bus, and the outbound bridge to a
+separate broker) use :class:`Discovery` to publish a device's configs, remove them, and
+republish everything, and :class:`Births` to answer Home Assistant's birth messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from hexa.bridges.home_assistant_config import DeviceView, config_topics, configs, encode, load
+from hexa.models import Device
+
+log = logging.getLogger(__name__)
+
+#: publish one retained message: (topic, payload, retain)
+Publish = Callable[[str, bytes, bool], Awaitable[None]]
+
+#: a republish follows Home Assistant's birth by this long, plus up to BIRTH_JITTER_S, so
+#: that the births of a flood (several HA instances, a restart loop) make one republish
+BIRTH_DELAY_S = 1.0
+BIRTH_JITTER_S = 1.0
+
+
+class Discovery:
+    """The discovery configs one broker holds for the hub's devices (of one organization,
+    when ``org_id`` is given).
+
+    :meth:`reconcile` is the one operation: it re-reads the device and publishes what it
+    should have now — its configs if it is claimed (and of the organization), empty
+    retained payloads for every config it should not have. It runs under one lock and
+    reads ownership inside it, so a republish (after a birth) and a release cannot
+    interleave: whichever runs second sees the other's result. A device that is leaving
+    its organization (:meth:`leaving`, from the moment before the change until
+    :meth:`settled`) counts as gone, although the database still names its organization.
+    """
+
+    def __init__(self, publish: Publish, *, org_id: uuid.UUID | None = None) -> None:
+        self._publish = publish
+        self.org_id = org_id
+        self._lock = asyncio.Lock()
+        self._leaving: set[str] = set()
+        #: uid → the config topics this broker was last given for it
+        self._published: dict[str, frozenset[str]] = {}
+
+    def leaving(self, uid: str) -> None:
+        """The device is about to leave its organization: treat it as gone from now."""
+        self._leaving.add(uid)
+
+    def settled(self, uid: str) -> None:
+        """The device's organization is what the database says (after a release,
+        delete or claim)."""
+        self._leaving.discard(uid)
+
+    async def wanted(self, uid: str) -> DeviceView | None:
+        """The device, if this broker should describe it now."""
+        if uid in self._leaving:
+            return None
+        return await load(uid, self.org_id)
+
+    async def reconcile(
+        self, uid: str, *, relay_count: int = 0, input_count: int = 0
+    ) -> DeviceView | None:
+        """Publish the device's configs, or remove them; the device if it is described.
+        ``relay_count`` and ``input_count`` name the topics to remove when this broker's
+        configs for the device are not known (published before the hub started)."""
+        async with self._lock:
+            view = await self.wanted(uid)
+            wanted = configs(view) if view is not None else {}
+            before = self._published.get(uid)
+            if before is None:
+                before = frozenset(config_topics(uid, relay_count, input_count))
+            for topic in sorted(before - wanted.keys()):
+                await self._publish(topic, encode(None), True)
+            for topic, config in wanted.items():
+                await self._publish(topic, encode(config), True)
+            self._published[uid] = frozenset(wanted)
+            return view
+
+    async def uids(self) -> list[str]:
+        """The claimed, live devices (of the organization)."""
+        query = Device.filter(deleted_at=None, org_id__isnull=False)
+        if self.org_id is not None:
+            query = query.filter(org_id=self.org_id)
+        return [str(uid) for uid in await query.values_list("device_uid", flat=True)]
+
+    async def republish(self, states: Callable[[DeviceView], Awaitable[None]]) -> int:
+        """Every device's configs, then its current ``states``; returns how many devices.
+        Each device is reconciled on its own, so a release meanwhile is never undone."""
+        count = 0
+        for uid in await self.uids():
+            view = await self.reconcile(uid)
+            if view is not None:
+                await states(view)
+                count += 1
+        return count
+
+
+class Births:
+    """Home Assistant's birth (``homeassistant/status`` = ``online``) asks for every config
+    again; births heard within a short delay are answered by one republish."""
+
+    def __init__(self, delay_s: float = BIRTH_DELAY_S, jitter_s: float = BIRTH_JITTER_S) -> None:
+        self.delay_s = delay_s
+        self.jitter_s = jitter_s
+        self._due = asyncio.Event()
+
+    def heard(self) -> None:
+        self._due.set()
+
+    async def run(
+        self,
+        republish: Callable[[], Awaitable[object]],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``republish`` a little after each burst of births, until cancelled."""
+        task_status.started()
+        while True:
+            await self._due.wait()
+            # jitter: hubs that hear the same birth do not all answer at the same instant
+            await anyio.sleep(self.delay_s + random.uniform(0, self.jitter_s))
+            self._due.clear()  # births heard until now are answered by this republish
+            try:
+                await republish()
+            except Exception:  # the bus or the database went away: the next birth retries
+                log.warning("Home Assistant discovery not republished", exc_info=True)
