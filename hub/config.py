@@ -69,6 +69,17 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
+def _rate(name: str, raw: str) -> float:
+    """A rate a second; 0 turns the limit off."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError(name, raw, "must be a number (0: unlimited)") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingError(name, raw, "must be a finite number >= 0 (0: unlimited)")
+    return value
+
+
 def _bool(name: str, raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -181,6 +192,8 @@ class Settings:
     mqtt_max_sessions_per_identity: int = 16
     mqtt_max_queued_messages: int = 1000
     mqtt_max_inflight_messages: int = 32
+    mqtt_device_publish_rate: float = 100.0
+    mqtt_integration_publish_rate: float = 1000.0
     login_max_failures: int = 5
     login_window_s: int = 900
     idempotency_ttl_s: int = 24 * 3600
@@ -259,6 +272,8 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_max_sessions_per_identity": _positive_int,
     "mqtt_max_queued_messages": _positive_int,
     "mqtt_max_inflight_messages": _packet_ids,
+    "mqtt_device_publish_rate": _rate,
+    "mqtt_integration_publish_rate": _rate,
     "login_max_failures": _positive_int,
     "login_window_s": _positive_int,
     "idempotency_ttl_s": _positive_int,
