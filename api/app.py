@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -105,7 +106,9 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
-def create_app(hub: Hub) -> FastAPI:
+def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The API over ``hub``; ``routers`` are extra ``/api/v1`` routes the composition root
+    hands in (the bridges' HTTP endpoints: the API does not import bridges)."""
     app = FastAPI(
         title="Hexa Hub",
         version=__version__,
@@ -122,6 +125,8 @@ def create_app(hub: Hub) -> FastAPI:
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
     v1.include_router(invitations.router)
+    for extra in routers:
+        v1.include_router(extra)
     app.include_router(v1)
     app.include_router(health.router)
     app.include_router(device_gateway.router)

@@ -343,6 +343,7 @@ async def serve(
     from hexa.api.app import services as api_services
     from hexa.api.http_protocol import http_protocol
     from hexa.api.middleware import purge_idempotency_records
+    from hexa.bridges.alexa import AlexaBridge
     from hexa.broker.embedded import EmbeddedBroker
     from hexa.hub import db
     from hexa.hub.mqtt.bus import BrokerAddress
@@ -399,7 +400,7 @@ async def serve(
                 hub.mqtt_port, hub.mqtt_tls_port = broker.port, broker.tls_port
             hub.http_port = http_sock.getsockname()[1]
             await hub.prepare()
-            app = create_app(hub)
+            app = create_app(hub, routers=[AlexaBridge(hub).router()])
             config = uvicorn.Config(
                 app,
                 lifespan="off",
