@@ -200,6 +200,8 @@ class SmartHome:
 
     # --- the directives ------------------------------------------------------------------
     async def _discover(self, directive: Directive, account: Account) -> dict[str, Any]:
+        if not account.roles:  # a user without memberships: nothing to ask the database
+            return event("Alexa.Discovery", "Discover.Response", payload={"endpoints": []})
         devices = await Device.filter(
             org_id__in=list(account.roles), deleted_at=None, org__deleted_at__isnull=True
         ).order_by("created_at", "id")

@@ -25,7 +25,7 @@ import pytest
 from support.accounts import User, add_member, audit, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.devices import claimed_device, online_device, resource_relays
-from support.hubs import JWT_SECRET, RunningHub
+from support.hubs import JWT_SECRET, RunningHub, free_port
 from support.mqtt import MqttDevice
 
 SCHEMA_ENV = "HEXA_ALEXA_SCHEMA"
@@ -98,9 +98,14 @@ def post(hub: RunningHub, body: bytes | dict[str, Any]) -> dict[str, Any]:
         timeout=15,
     )
     assert r.status_code == 200, r.text
-    answer = dict(r.json())
+    return seen(dict(r.json()))
+
+
+def seen(answer: dict[str, Any]) -> dict[str, Any]:
+    """Keep an answer for the schema test; with Amazon's schema at hand, validate it at
+    once, so that a failure names the test that got it."""
     ANSWERS.append(answer)
-    if AMAZON is not None:  # each answer at once, so a failure names the test that got it
+    if AMAZON is not None:
         problems = [e.message for e in AMAZON.iter_errors(answer)]
         assert not problems, f"not valid by Amazon's schema: {problems[:3]}\n{answer}"
     return answer
@@ -566,6 +571,64 @@ def test_accept_grant(hub: RunningHub, owner: User) -> None:
         payload={"grant": {"type": "OAuth2.AuthorizationCode"}},
     )
     check_error(post(hub, no_code), "ACCEPT_GRANT_FAILED", namespace="Alexa.Authorization")
+
+
+# --- the Lambda function of docs/alexa.md ----------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "alexa.md"
+
+
+def documented_lambda(monkeypatch: pytest.MonkeyPatch, **env: str) -> Any:
+    """The Lambda function of docs/alexa.md, loaded with ``env`` as its environment."""
+    source = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert source is not None, "docs/alexa.md has no Python example"
+    monkeypatch.delenv("HEXA_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    namespace: dict[str, Any] = {"__name__": "alexa_lambda"}
+    exec(compile(source.group(1), str(DOCS), "exec"), namespace)  # noqa: S102 - our own docs
+    return namespace["lambda_handler"]
+
+
+def test_the_documented_lambda_forwards_directives(
+    hub: RunningHub,
+    owner: User,
+    switch: tuple[dict[str, Any], MqttDevice],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The docs' Lambda passes a directive to the hub and the hub's answer back; with
+    HEXA_TOKEN it puts that integration token in place of the token account linking
+    gave Alexa; a hub that does not answer becomes BRIDGE_UNREACHABLE."""
+    dev, m = switch
+    endpoint = eid(dev["device_uid"], 0)
+    handler = documented_lambda(monkeypatch, HEXA_HUB_URL=hub.base + "/")
+    answer = seen(handler(directive("Alexa.Discovery", "Discover", token=owner.access_token), None))
+    check_header(answer, "Alexa.Discovery", "Discover.Response")
+    assert len(answer["event"]["payload"]["endpoints"]) == 3
+
+    amazons_token = "Atza|" + uuid.uuid4().hex  # what Login with Amazon linking gives Alexa
+    handler = documented_lambda(
+        monkeypatch, HEXA_HUB_URL=hub.base, HEXA_TOKEN=alexa_token(hub, owner)
+    )
+    turn_on = directive(
+        "Alexa.PowerController",
+        "TurnOn",
+        token=amazons_token,
+        endpoint_id=endpoint,
+        correlation="l",
+    )
+    answer = seen(handler(turn_on, None))
+    assert check_header(answer, "Alexa", "Response")["correlationToken"] == "l"
+    assert state_of(answer) == ("ON", "OK") and m.relays[0] is True
+    grant = seen(
+        handler(directive("Alexa.Authorization", "AcceptGrant", token=amazons_token), None)
+    )
+    check_header(grant, "Alexa.Authorization", "AcceptGrant.Response")
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    handler = documented_lambda(monkeypatch, HEXA_HUB_URL=closed)
+    answer = seen(handler(turn_on, None))
+    check_error(answer, "BRIDGE_UNREACHABLE", correlation="l")
+    assert answer["event"]["endpoint"] == {"endpointId": endpoint}
 
 
 def test_the_route_is_in_the_api_document(hub: RunningHub) -> None:
