@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from support.accounts import User, integration_token, register
 from support.checks import NEGATIVE_WAIT_S
 from support.devices import online_device
-from support.hubs import RunningHub, free_port
+from support.hubs import RunningHub, free_port, spawned_hub
 from support.mqtt import MqttDevice
 
 from hexa.client import (
@@ -293,6 +300,107 @@ async def test_deleted_token_ends_the_session_with_connection_lost(
         async with client:
             raise AssertionError("a deleted token connected")
     assert m.commands == []
+
+
+@pytest.mark.anyio
+async def test_taken_over_session_is_lost_and_the_client_reconnects(
+    hub: RunningHub, track: Any
+) -> None:
+    """A second connection with the same client id takes the session over: the first
+    client's messages() raises ConnectionLost; entered again, the same client gets the
+    retained state anew and switches relays."""
+    _, _, m, it = device_with_token(hub, track)
+    identifier = f"kitchen-{uuid.uuid4().hex[:8]}"
+
+    def client() -> HexaClient:
+        return HexaClient(
+            "127.0.0.1",
+            hub.mqtt_port,
+            token_name=it["name"],
+            token=it["token"],
+            identifier=identifier,
+        )
+
+    first = client()
+    async with first:
+        inbox = Inbox(first)
+        await inbox.wait_for(lambda x: isinstance(x, DeviceState) and x.uid == m.uid)
+        async with client():
+            done, _ = await asyncio.wait([inbox.task], timeout=WAIT_S)
+            assert done, "the first connection was not closed by the takeover"
+            assert isinstance(inbox.task.exception(), ConnectionLost)
+    async with first:
+        again = Inbox(first)
+        state = await again.wait_for(lambda x: isinstance(x, DeviceState) and x.uid == m.uid)
+        assert isinstance(state, DeviceState) and state.retained
+        assert (await first.set_relay(m.uid, 2, True)).relays == (False, False, True)
+        await again.stop()
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hexa-client-test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_verified_against_a_private_ca(db_kind: str, tmp_path: Path, track: Any) -> None:
+    """Over the hub's MQTT/TLS listener the client connects with an SSLContext trusting
+    the hub's CA and switches a relay; verified against the system's CAs instead
+    (tls=True) the certificate is refused with a ConnectError."""
+    cert, key = _certificate(tmp_path)
+    tls_port = free_port()
+    options = {"mqtt_tls_cert": str(cert), "mqtt_tls_key": str(key), "mqtt_tls_port": str(tls_port)}
+    with spawned_hub(db_kind, tmp_path, **options) as tls_hub:
+        owner = register(tls_hub)
+        _, m = online_device(tls_hub, owner, track)
+        it = integration_token(tls_hub, owner)
+
+        async def check() -> None:
+            context = ssl.create_default_context(cafile=str(cert))
+            async with HexaClient(
+                "127.0.0.1", tls_port, tls=context, token_name=it["name"], token=it["token"]
+            ) as client:
+                assert client.port == tls_port
+                inbox = Inbox(client)
+                assert await inbox.wait_for(lambda x: x == HubStatus(online=True, retained=True))
+                result = await client.set_relay(m.uid, 0, True)
+                assert (result.status, result.relays) == ("applied", (True, False, False))
+                await inbox.stop()
+            with pytest.raises(ConnectError, match="certificate") as unverified:
+                async with HexaClient(
+                    "127.0.0.1", tls_port, tls=True, token_name=it["name"], token=it["token"]
+                ):
+                    raise AssertionError("a certificate no system CA signed was accepted")
+            assert not isinstance(unverified.value, AuthenticationError)
+
+        asyncio.run(check())
+        m.close()
 
 
 # --- decoding and topics, without a hub --------------------------------------------------
