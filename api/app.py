@@ -22,6 +22,7 @@ from hexa.api.routers import (
     automations,
     devices,
     health,
+    homekit,
     integrations,
     invitations,
     schedules,
@@ -124,6 +125,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
+    v1.include_router(homekit.router)
     v1.include_router(invitations.router)
     for extra in routers:
         v1.include_router(extra)

@@ -38,9 +38,10 @@ class Bridge(Protocol):
 
 
 from hexa.bridges.home_assistant import HomeAssistant  # noqa: E402  (needs Bridge above)
+from hexa.bridges.homekit import HomeKit  # noqa: E402  (after Bridge, which it satisfies)
 
 #: every bridge of the hub, in start order
-BRIDGES: tuple[type[Bridge], ...] = (HomeAssistant,)
+BRIDGES: tuple[type[Bridge], ...] = (HomeAssistant, HomeKit)
 
 
 def enabled(hub: Hub, known: tuple[type[Bridge], ...] = BRIDGES) -> list[Service]:

@@ -174,6 +174,7 @@ class Settings:
     embedded_bus: str = "local"
     event_loop: str = "uvloop"
     public_host: str | None = None
+    homekit_bind: str | None = None
     device_provision_key: str | None = None
     jwt_secret: str | None = None
     admin_email: str | None = None
@@ -254,6 +255,7 @@ _PARSERS: dict[str, Parser] = {
     "embedded_bus": _embedded_bus,
     "event_loop": _event_loop,
     "public_host": _text,
+    "homekit_bind": _text,
     "device_provision_key": _secret,
     "jwt_secret": _secret,
     "admin_email": _text,

@@ -1,0 +1,615 @@
+"""The HomeKit bridge: one HAP bridge per organization that enables it (contract §6).
+
+Each enabled organization gets a HAP server (HAP-python, adapted in
+:mod:`hexa.bridges.homekit_hap`) with one bridged accessory per claimed device and one
+``Switch`` per relay. It changes relays only by publishing intents (source ``homekit``)
+and answers a controller once the relay service's result is in. It learns relay state
+and availability from the bus's retained ``hexa/<uid>/relay/<n>/state`` and
+``hexa/<uid>/availability`` topics, so it works when the relay service runs in another
+process, and device lifecycle from the hub's typed events. Settings come from the
+database through :mod:`hexa.hub.homekit`, where the REST API stores them.
+
+Everything runs in the hub's event loop, in tasks of this bridge's task group: a bridge
+per organization, each with its state saver, its mDNS advertiser and its write queue.
+mDNS is best effort: where multicast does not work the bridge is still reachable at its
+address and port, and a zeroconf failure never stops the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from pyhap.accessory import Bridge
+from pyhap.util import get_local_address
+from zeroconf import Error as ZeroconfError
+from zeroconf.asyncio import AsyncZeroconf
+
+from hexa.bridges.homekit_hap import (
+    COMMUNICATION_FAILURE,
+    NO_SUCH_RESOURCE,
+    RESOURCE_BUSY,
+    SUCCESS,
+    TIMED_OUT,
+    DeviceAccessory,
+    HubDriver,
+    RelayWrite,
+    WriteRequest,
+    hap_name,
+)
+from hexa.hub import topics
+from hexa.hub.commands import Origin, RelayAction
+from hexa.hub.errors import BusUnavailable, Conflict, HubError, ValidationFailed
+from hexa.hub.events import DeviceEvent
+from hexa.hub.homekit import MAX_DEVICES, HomeKitChanged
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import Message
+from hexa.models import Device, HomeKitAccessory, HomeKitBridge, Organization, RelayState
+
+if TYPE_CHECKING:
+    from hexa.hub.config import Settings
+    from hexa.hub.runtime import Hub
+
+log = logging.getLogger(__name__)
+
+#: what zeroconf raises where multicast does not work (no interface, no route, a name clash)
+MDNS_ERRORS = (OSError, ZeroconfError)
+#: controller writes waiting for their relay results, per bridge (more: -70403 busy)
+MAX_PENDING_WRITES = 64
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a device looks like to HomeKit; a change rebuilds its accessory."""
+
+    uid: str
+    name: str
+    model: str
+    fw_version: str | None
+    relay_names: tuple[str, ...]
+
+
+class Advertiser:
+    """mDNS for every bridge of the hub, through one zeroconf instance made on first use.
+
+    Best effort by design: a host without multicast (a container, a VPN) must still serve
+    controllers that pair by address, so every failure is logged once and otherwise
+    ignored."""
+
+    def __init__(self) -> None:
+        self._zeroconf: AsyncZeroconf | None = None
+        self._broken = False
+        self._registered: dict[int, Any] = {}
+
+    async def _instance(self) -> AsyncZeroconf | None:
+        if self._zeroconf is None and not self._broken:
+            try:
+                self._zeroconf = AsyncZeroconf()
+            except MDNS_ERRORS as exc:  # zeroconf raises OSError and its own errors
+                self._broken = True
+                log.warning("HomeKit: no mDNS on this host (%s); pair by address and port", exc)
+        return self._zeroconf
+
+    async def advertise(self, driver: HubDriver) -> None:
+        """Register the bridge's ``_hap._tcp`` record, or update it."""
+        zeroconf = await self._instance()
+        if zeroconf is None:
+            return
+        info = driver.service_info()
+        try:
+            if driver.port in self._registered:
+                await zeroconf.async_update_service(info)
+            else:
+                await zeroconf.async_register_service(info, cooperating_responders=True)
+            self._registered[driver.port] = info
+        except MDNS_ERRORS as exc:  # a network without multicast: reachable by address
+            log.warning("HomeKit: mDNS advertising on port %d failed: %s", driver.port, exc)
+
+    async def withdraw(self, driver: HubDriver) -> None:
+        info = self._registered.pop(driver.port, None)
+        if info is None or self._zeroconf is None:
+            return
+        try:
+            await self._zeroconf.async_unregister_service(info)
+        except MDNS_ERRORS as exc:  # the record simply expires (TTL)
+            log.info("HomeKit: mDNS record on port %d not withdrawn: %s", driver.port, exc)
+
+    async def close(self) -> None:
+        if self._zeroconf is not None:
+            try:
+                await self._zeroconf.async_close()
+            except MDNS_ERRORS as exc:  # closing a broken socket
+                log.info("HomeKit: zeroconf did not close cleanly: %s", exc)
+            self._zeroconf = None
+
+
+class OrgBridge:
+    """The HAP bridge of one organization, from bind to stop."""
+
+    def __init__(self, homekit: HomeKit, row: HomeKitBridge, display_name: str) -> None:
+        self.homekit = homekit
+        self.hub = homekit.hub
+        self.org_id: uuid.UUID = row.org_id
+        self.row = row
+        self.display_name = display_name
+        self.driver: HubDriver | None = None
+        self._specs: dict[int, _Spec] = {}
+        self._skipped: set[uuid.UUID] = set()
+        self._sync_lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._readvertise = asyncio.Event()
+        self._saved = asyncio.Event()
+        self._writes: asyncio.Queue[WriteRequest] = asyncio.Queue(MAX_PENDING_WRITES)
+        self._scope: anyio.CancelScope | None = None
+        self._stopped = anyio.Event()
+
+    @property
+    def port(self) -> int | None:
+        return None if self.driver is None else self.driver.port
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind, build the accessories, serve; ``task_status.started()`` once controllers
+        can connect. A failure after that stops this bridge only, logged."""
+        started = False
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                sock = self._bind()
+                driver = self.driver = HubDriver(
+                    sock=sock,
+                    addresses=self.homekit.addresses(),
+                    hap_id=self.row.hap_id,
+                    setup_code=self.row.setup_code,
+                    setup_id=self.row.setup_id,
+                    hap_state=self.row.hap_state,
+                    on_change=self._dirty.set,
+                    on_advertise=self._readvertise.set,
+                    on_write=self._accept,
+                )
+                driver.add_accessory(Bridge(driver, self.display_name))
+                driver.bridge.set_info_service(
+                    manufacturer="Hexa",
+                    model="Hexa Hub HomeKit bridge",
+                    serial_number=str(self.org_id),
+                )
+                try:
+                    await self.sync()
+                    await driver.async_start()
+                    self.row.port = driver.port
+                    await self._save()
+                    await self.homekit.advertiser.advertise(driver)
+                    log.info("HomeKit bridge of %s on port %d", self.org_id, driver.port)
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._keep_saved)
+                        tg.start_soon(self._keep_advertised)
+                        tg.start_soon(self._serve_writes, tg)
+                        started = True
+                        task_status.started()
+                        await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        await self._shutdown(driver)
+        except Exception:
+            if not started:
+                raise  # the caller's answer (a port that is taken)
+            log.exception("the HomeKit bridge of %s failed", self.org_id)
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._stopped.wait()
+
+    async def _shutdown(self, driver: HubDriver) -> None:
+        await driver.async_stop()
+        for request in self._pending_requests():
+            request.answer()
+        await self.homekit.advertiser.withdraw(driver)
+        if self._dirty.is_set():
+            await self._save()
+        self.homekit.forget(self)
+
+    def _pending_requests(self) -> list[WriteRequest]:
+        pending = []
+        while not self._writes.empty():
+            request = self._writes.get_nowait()
+            for write in request.writes:
+                if write.status is None:
+                    write.status = COMMUNICATION_FAILURE
+            pending.append(request)
+        return pending
+
+    def _bind(self) -> socket.socket:
+        """The listening socket: the port asked for (or the one chosen before); when that
+        was "any free port" and it is taken now, another free one."""
+        host = self.homekit.bind_host()
+        fixed = self.row.requested_port
+        wanted = fixed or self.row.port or 0
+        try:
+            return _listen(host, wanted)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and not fixed:
+                log.warning(
+                    "HomeKit: port %d of %s is taken; moving to a free port (controllers "
+                    "find it again through mDNS)",
+                    wanted,
+                    self.org_id,
+                )
+                return _listen(host, 0)
+            if exc.errno == errno.EADDRINUSE:
+                raise Conflict(
+                    f"port {wanted} on {host} is taken: choose another (0 picks a free one)",
+                    details={"field": "port"},
+                ) from None
+            raise ValidationFailed(
+                f"cannot listen on {host}:{wanted}: {exc.strerror or exc}",
+                details={"field": "port"},
+            ) from None
+
+    # --- state saving and advertising ---------------------------------------------------
+    async def _keep_saved(self) -> None:
+        while True:
+            await self._dirty.wait()
+            try:
+                await self._save()
+            except Exception:
+                log.warning("HomeKit state of %s not saved (retried)", self.org_id, exc_info=True)
+                await anyio.sleep(1)
+
+    async def _save(self) -> None:
+        assert self.driver is not None
+        self._dirty.clear()
+        state = self.driver.snapshot()
+        self.row.hap_state = state
+        await HomeKitBridge.filter(id=self.row.id).update(hap_state=state, port=self.driver.port)
+
+    async def _keep_advertised(self) -> None:
+        while True:
+            await self._readvertise.wait()
+            self._readvertise.clear()
+            assert self.driver is not None
+            await self.homekit.advertiser.advertise(self.driver)
+
+    async def forget_pairings(self) -> None:
+        """Forget every controller, end their sessions, and save before answering."""
+        assert self.driver is not None
+        self.driver.forget_pairings()
+        await self._save()
+
+    # --- accessories ----------------------------------------------------------------------
+    async def sync(self) -> None:
+        """Make the bridged accessories match the organization's devices: a stored AID
+        for each (at most ``MAX_DEVICES``), accessories built or rebuilt where a device
+        changed, removed where it left; then the configuration number follows."""
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        driver = self.driver
+        assert driver is not None
+        devices = await Device.filter(org_id=self.org_id, deleted_at=None).order_by(
+            "claimed_at", "created_at"
+        )
+        live = {d.id: d for d in devices}
+        rows = await HomeKitAccessory.filter(bridge_id=self.row.id)
+        gone = [r.id for r in rows if r.device_id not in live]
+        if gone:
+            await HomeKitAccessory.filter(id__in=gone).delete()
+        aids = {r.device_id: r.aid for r in rows if r.device_id in live}
+        for device in devices:
+            if device.id in aids:
+                continue
+            if len(aids) >= MAX_DEVICES:
+                await self._not_bridged(device)
+                continue
+            aids[device.id] = await self._allocate(device)
+        relays = await RelayState.filter(device_id__in=list(aids)).order_by("index")
+        names: dict[uuid.UUID, dict[int, str | None]] = {}
+        states: dict[uuid.UUID, dict[int, bool]] = {}
+        for relay in relays:
+            names.setdefault(relay.device_id, {})[relay.index] = relay.name
+            states.setdefault(relay.device_id, {})[relay.index] = relay.state
+        bridge = driver.bridge
+        wanted: dict[int, _Spec] = {}
+        for device_id, aid in aids.items():
+            device = live[device_id]
+            spec = _spec_of(device, names.get(device_id, {}))
+            wanted[aid] = spec
+            if self._specs.get(aid) == spec and aid in bridge.accessories:
+                continue
+            old = bridge.accessories.get(aid)
+            current = states.get(device_id, {})
+            relay_states = [current.get(i, False) for i in range(device.relay_count)]
+            if isinstance(old, DeviceAccessory) and len(old.relay_chars) == len(relay_states):
+                relay_states = [bool(c.get_value()) for c in old.relay_chars]
+            bridge.accessories.pop(aid, None)
+            accessory = DeviceAccessory(
+                driver,
+                aid=aid,
+                uid=spec.uid,
+                name=spec.name,
+                model=spec.model,
+                fw_version=spec.fw_version,
+                relay_names=list(spec.relay_names),
+                relays=relay_states,
+                online=device.online if old is None else old.online,
+            )
+            bridge.add_accessory(accessory)
+            self.homekit.index(accessory, self)
+        for aid in [a for a in bridge.accessories if a not in wanted]:
+            gone_accessory = bridge.accessories.pop(aid)
+            self.homekit.unindex(gone_accessory)
+        self._specs = wanted
+        self._skipped &= set(live)
+        if driver.aio_stop_event is not None:  # started: tell controllers
+            driver.refresh()
+
+    async def _allocate(self, device: Device) -> int:
+        """A new AID for ``device``, never one used before in this bridge."""
+        aid = self.row.next_aid
+        self.row.next_aid = aid + 1
+        await HomeKitBridge.filter(id=self.row.id).update(next_aid=self.row.next_aid)
+        await HomeKitAccessory.create(bridge_id=self.row.id, device_id=device.id, aid=aid)
+        return aid
+
+    async def _not_bridged(self, device: Device) -> None:
+        if device.id in self._skipped:
+            return
+        self._skipped.add(device.id)
+        reason = f"a HomeKit bridge serves at most {MAX_DEVICES} devices"
+        log.warning(
+            "HomeKit: device %s of %s not bridged: %s", device.device_uid, self.org_id, reason
+        )
+        await self.hub.audit.record(
+            action="homekit_not_bridged",
+            source="homekit",
+            actor_type="system",
+            device_id=device.id,
+            org_id=self.org_id,
+            details={"reason": reason, "limit": MAX_DEVICES},
+        )
+
+    # --- writes from controllers ----------------------------------------------------------
+    def _accept(self, request: WriteRequest) -> bool:
+        try:
+            self._writes.put_nowait(request)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def _serve_writes(self, tg: TaskGroup) -> None:
+        while True:
+            request = await self._writes.get()
+            tg.start_soon(self._write, request)
+
+    async def _write(self, request: WriteRequest) -> None:
+        async with anyio.create_task_group() as tg:
+            for write in request.writes:
+                if write.status is None:
+                    tg.start_soon(self._switch, write, request.controller)
+        request.answer()
+
+    async def _switch(self, write: RelayWrite, controller: str | None) -> None:
+        accessory = write.accessory
+        assert accessory is not None and self.driver is not None
+        if self.driver.bridge.accessories.get(write.aid) is not accessory:
+            write.status = NO_SUCH_RESOURCE  # released or rebuilt since the controller asked
+            return
+        origin = Origin(source="homekit", actor_type="homekit_controller", actor_id=controller)
+        try:
+            result = await self.hub.commands.submit(
+                accessory.uid, RelayAction.of(write.index, write.value), origin
+            )
+        except BusUnavailable:
+            write.status = COMMUNICATION_FAILURE
+            return
+        write.status = _status_of(result)
+        if result.status == "applied" and result.relays is not None:
+            for index, state in enumerate(result.relays[: len(accessory.relay_chars)]):
+                accessory.relay_chars[index].set_value(state)
+
+
+class HomeKit:
+    """The HomeKit extension of the hub: the bridges of every organization that enabled
+    one, started with the hub and changed as settings and devices change."""
+
+    name: ClassVar[str] = "homekit"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.advertiser = Advertiser()
+        self._bridges: dict[uuid.UUID, OrgBridge] = {}
+        self._accessories: dict[str, tuple[DeviceAccessory, OrgBridge]] = {}
+        self._tg: TaskGroup | None = None
+        self._org_locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._on_relay_state = inbox.on(topics.RELAY_STATE, self._relay_state)
+        self._on_availability = inbox.on(topics.AVAILABILITY, self._availability)
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        """Always on: each organization turns its own bridge on (``PUT /orgs/{id}/homekit``)."""
+        return True
+
+    def bind_host(self) -> str:
+        settings = self.hub.settings
+        return settings.homekit_bind or settings.http_host
+
+    def addresses(self) -> list[str]:
+        """The addresses controllers are told (mDNS): the bind address, or this host's
+        address when the bridge listens on every interface."""
+        host = self.bind_host()
+        if host not in ("", "0.0.0.0", "::"):  # noqa: S104 - compared, not bound
+            return [host]
+        try:
+            return [get_local_address()]
+        except OSError:  # no route: only the loopback is known
+            return ["127.0.0.1"]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        events = self.hub.events
+        unsubscribe: list[Callable[[], None]] = [
+            events.subscribe(HomeKitChanged, self._changed),
+            events.subscribe(DeviceEvent, self._device_changed),
+        ]
+        await self.hub.bus.subscribe(topics.RELAY_STATE.filter(), self._on_relay_state)
+        await self.hub.bus.subscribe(topics.AVAILABILITY.filter(), self._on_availability)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                rows = await HomeKitBridge.filter(
+                    enabled=True, org__deleted_at__isnull=True
+                ).prefetch_related("org")
+                for row in rows:
+                    try:
+                        await self._start(row)
+                    except (HubError, OSError) as exc:
+                        log.error("the HomeKit bridge of %s did not start: %s", row.org_id, exc)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            for undo in unsubscribe:
+                undo()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.hub.bus.unsubscribe(topics.RELAY_STATE.filter(), self._on_relay_state)
+                await self.hub.bus.unsubscribe(topics.AVAILABILITY.filter(), self._on_availability)
+                await self.advertiser.close()
+
+    async def _start(self, row: HomeKitBridge) -> None:
+        assert self._tg is not None
+        org = row.org if isinstance(row.org, Organization) else await row.org
+        bridge = OrgBridge(self, row, hap_name(f"Hexa {org.name}", "Hexa"))
+        self._bridges[row.org_id] = bridge
+        try:
+            await self._tg.start(bridge.run)
+        except BaseException:
+            self.forget(bridge)
+            raise
+
+    def forget(self, bridge: OrgBridge) -> None:
+        if self._bridges.get(bridge.org_id) is bridge:
+            del self._bridges[bridge.org_id]
+        for uid, (_, owner) in list(self._accessories.items()):
+            if owner is bridge:
+                del self._accessories[uid]
+
+    def index(self, accessory: DeviceAccessory, bridge: OrgBridge) -> None:
+        self._accessories[accessory.uid] = (accessory, bridge)
+
+    def unindex(self, accessory: Any) -> None:
+        if not isinstance(accessory, DeviceAccessory):
+            return
+        found = self._accessories.get(accessory.uid)
+        if found is not None and found[0] is accessory:
+            del self._accessories[accessory.uid]
+
+    # --- settings -----------------------------------------------------------------------
+    async def _changed(self, event: HomeKitChanged) -> None:
+        lock = self._org_locks.setdefault(event.org_id, asyncio.Lock())
+        async with lock:
+            try:
+                applied = await self._apply(event)
+            except Exception as exc:
+                if not isinstance(exc, HubError):
+                    log.exception("HomeKit settings of %s not applied", event.org_id)
+                if not event.reply.done():
+                    event.reply.set_exception(exc)
+                return
+        if applied and not event.reply.done():
+            event.reply.set_result(None)
+
+    async def _apply(self, event: HomeKitChanged) -> bool:
+        """Apply the stored settings; False when there was nothing to act on here (the
+        pairings of a bridge that is not running: the database alone holds them)."""
+        running = self._bridges.get(event.org_id)
+        if event.forget_pairings:
+            if running is None:
+                return False
+            await running.forget_pairings()
+            return True
+        row = await HomeKitBridge.get_or_none(
+            org_id=event.org_id, org__deleted_at__isnull=True
+        ).prefetch_related("org")
+        if running is not None:
+            moved = bool(row and row.requested_port and row.requested_port != running.port)
+            if row is not None and row.enabled and not moved:
+                return True
+            await running.stop()
+        if row is not None and row.enabled:
+            await self._start(row)
+        return True
+
+    # --- devices ----------------------------------------------------------------------------
+    async def _device_changed(self, event: DeviceEvent) -> None:
+        device = event.device
+        owners = {b for b in self._bridges.values() if b.org_id == device.org_id}
+        found = self._accessories.get(device.device_uid)
+        if found is not None:
+            owners.add(found[1])
+        for bridge in owners:
+            await bridge.sync()
+
+    async def _relay_state(self, params: dict[str, str], state: bool, msg: Message) -> None:
+        found = self._accessories.get(params["uid"])
+        if found is None:
+            return
+        chars = found[0].relay_chars
+        index = int(params["index"])
+        if index < len(chars):
+            chars[index].set_value(state)
+
+    async def _availability(self, params: dict[str, str], online: bool, msg: Message) -> None:
+        found = self._accessories.get(params["uid"])
+        if found is not None:
+            found[0].online = online
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _spec_of(device: Device, relay_names: dict[int, str | None]) -> _Spec:
+    name = hap_name(device.name or "", hap_name(device.device_uid, "Hexa device"))
+    return _Spec(
+        uid=device.device_uid,
+        name=name,
+        model=hap_name(device.model, "Hexa"),
+        fw_version=device.fw_version,
+        relay_names=tuple(
+            hap_name(relay_names.get(i) or "", f"{name} {i + 1}") for i in range(device.relay_count)
+        ),
+    )
+
+
+def _status_of(result: topics.Result) -> int:
+    """The HAP status of a relay service's result."""
+    if result.status == "applied":
+        return SUCCESS
+    if result.status == "timeout":
+        return TIMED_OUT
+    if result.status == "rejected":
+        error = result.error or ""
+        if error.startswith("unknown device"):
+            return NO_SUCH_RESOURCE
+        if error.startswith("device busy"):
+            return RESOURCE_BUSY
+    return COMMUNICATION_FAILURE  # offline, or refused by the device

@@ -1,0 +1,173 @@
+"""HomeKit settings of organizations: where the REST API and the HomeKit bridge meet.
+
+The API may not import ``bridges`` (architecture.md), and the bridge serves many
+organizations from one hub process, so the per-organization state lives here, in the
+database, and the two talk through the hub's typed events: the API stores a change and
+publishes :class:`HomeKitChanged`; the bridge (``hexa.bridges.homekit``) applies it — starts,
+stops or moves an organization's HAP server, forgets its controllers — and answers on the
+event's ``reply``. So the API needs no handle on the bridge, a hub process without the
+bridge still stores settings (the bridge applies them when it starts), and what the API
+answers (the port chosen, whether anyone is paired) is read back from the database, the
+one place that survives restarts and backups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from hexa.hub.errors import HubError
+from hexa.hub.events import Event, Events
+from hexa.models import HomeKitAccessory, HomeKitBridge
+
+#: devices one bridge serves: HAP allows 150 accessories per bridge, the bridge included
+MAX_DEVICES = 149
+#: the HAP accessory category of a bridge (HAP specification, table 12-3)
+CATEGORY_BRIDGE = 2
+#: setup codes HAP forbids (HAP specification, 4.2.1.1)
+_TRIVIAL_CODES = frozenset(
+    {f"{d}" * 8 for d in "0123456789"} | {"12345678", "87654321"},
+)
+_SETUP_ID_ALPHABET = string.digits + string.ascii_uppercase
+
+
+def _pending_reply() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(frozen=True, slots=True)
+class HomeKitChanged(Event):
+    """An organization's HomeKit settings changed (enabled, disabled, port, or its
+    controllers forgotten): the bridge applies the stored settings and resolves ``reply``
+    with None, or with the :class:`HubError` that stopped it (a port that is taken)."""
+
+    org_id: uuid.UUID
+    forget_pairings: bool = False
+    reply: asyncio.Future[None] = field(default_factory=_pending_reply)
+
+
+@dataclass(frozen=True, slots=True)
+class HomeKitView:
+    """What ``GET /orgs/{id}/homekit`` answers."""
+
+    enabled: bool
+    port: int | None
+    hap_id: str | None
+    setup_code: str | None
+    setup_uri: str | None
+    paired: bool
+    accessories: int
+
+
+def new_setup_code() -> str:
+    """A random setup code ``XXX-XX-XXX`` that HAP accepts (not a trivial one)."""
+    while True:
+        digits = f"{secrets.randbelow(10**8):08d}"
+        if digits not in _TRIVIAL_CODES:
+            return f"{digits[:3]}-{digits[3:5]}-{digits[5:]}"
+
+
+def new_setup_id() -> str:
+    """Four characters (0-9, A-Z) that end the setup URI and tell bridges apart."""
+    return "".join(secrets.choice(_SETUP_ID_ALPHABET) for _ in range(4))
+
+
+def new_hap_id() -> str:
+    """A random accessory id, shaped like a MAC address (``AA:BB:CC:DD:EE:FF``)."""
+    return ":".join(f"{b:02X}" for b in secrets.token_bytes(6))
+
+
+def _base36(value: int) -> str:
+    digits = ""
+    while value:
+        value, rest = divmod(value, 36)
+        digits = _SETUP_ID_ALPHABET[rest] + digits
+    return digits or "0"
+
+
+def setup_uri(setup_code: str, setup_id: str, category: int = CATEGORY_BRIDGE) -> str:
+    """The ``X-HM://`` setup payload a QR code carries (HAP specification, 4.2.1.2):
+    version 0, the category, the "IP" flag and the setup code in 45 bits, in base 36 and
+    padded to 9 characters, followed by the setup id."""
+    payload = (category & 0xFF) << 31 | (2 & 0xF) << 27 | int(setup_code.replace("-", ""))
+    return "X-HM://" + _base36(payload).rjust(9, "0") + setup_id
+
+
+def paired_in(hap_state: dict[str, Any] | None) -> bool:
+    """Whether a stored HAP state holds at least one paired controller."""
+    return bool((hap_state or {}).get("paired_clients"))
+
+
+async def view(org_id: uuid.UUID) -> HomeKitView:
+    """The organization's HomeKit settings and status, as stored."""
+    row = await HomeKitBridge.get_or_none(org_id=org_id)
+    if row is None:
+        return HomeKitView(False, None, None, None, None, False, 0)
+    return HomeKitView(
+        enabled=row.enabled,
+        port=row.port,
+        hap_id=row.hap_id,
+        setup_code=row.setup_code,
+        setup_uri=setup_uri(row.setup_code, row.setup_id),
+        paired=paired_in(row.hap_state),
+        accessories=await HomeKitAccessory.filter(bridge_id=row.id).count() if row.enabled else 0,
+    )
+
+
+async def configure(
+    events: Events, org_id: uuid.UUID, *, enabled: bool, port: int | None
+) -> HomeKitView:
+    """Enable or disable the organization's bridge (``port``: None keeps the one asked for
+    before, 0 asks for any free one) and have the bridge apply it. The first enabling
+    gives the bridge its identity: accessory id and setup code."""
+    row = await HomeKitBridge.get_or_none(org_id=org_id)
+    if row is None:
+        if not enabled:
+            return await view(org_id)
+        row = await HomeKitBridge.create(
+            org_id=org_id,
+            hap_id=new_hap_id(),
+            setup_code=new_setup_code(),
+            setup_id=new_setup_id(),
+        )
+    row.enabled = enabled
+    if port is not None:
+        row.requested_port = port
+        if port:
+            row.port = port
+    await row.save(update_fields=["enabled", "requested_port", "port", "updated_at"])
+    await _ask_bridge(events, HomeKitChanged(org_id))
+    return await view(org_id)
+
+
+async def forget_pairings(events: Events, org_id: uuid.UUID) -> HomeKitView:
+    """Forget every controller paired with the organization's bridge: they lose access at
+    once and the bridge can be paired again with its setup code."""
+    if not await _ask_bridge(events, HomeKitChanged(org_id, forget_pairings=True)):
+        # no bridge runs in this process: forget them in the stored state
+        row = await HomeKitBridge.get_or_none(org_id=org_id)
+        if row is not None and row.hap_state is not None:
+            state = dict(row.hap_state)
+            for key in ("paired_clients", "client_properties", "client_uuid_to_bytes"):
+                state[key] = {}
+            row.hap_state = state
+            await row.save(update_fields=["hap_state", "updated_at"])
+    return await view(org_id)
+
+
+async def _ask_bridge(events: Events, change: HomeKitChanged) -> bool:
+    """Publish ``change``; True once a bridge applied it, raising what stopped it."""
+    await events.publish(change)
+    if not change.reply.done():
+        change.reply.cancel()
+        return False
+    error = change.reply.exception()
+    if error is not None:
+        if isinstance(error, HubError):
+            raise error
+        raise HubError("the HomeKit bridge failed to apply the change") from error
+    return True

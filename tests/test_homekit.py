@@ -1,0 +1,506 @@
+"""The HomeKit bridge (contract §6) driven by aiohomekit, a real HomeKit controller, against
+a real hub: pairing by address with the setup code, the accessories a controller sees,
+switching relays of a simulated paho device, events, restarts, forgotten pairings, stable
+AIDs, the 149-device limit, and the answers to bad input. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohomekit.characteristic_cache import CharacteristicCacheMemory
+from aiohomekit.controller.ip.controller import IpController
+from aiohomekit.controller.ip.discovery import IpDiscovery
+from aiohomekit.controller.ip.pairing import IpPairing
+from aiohomekit.exceptions import AccessoryDisconnectedError, AuthenticationError
+from aiohomekit.model import Categories
+from aiohomekit.model.feature_flags import FeatureFlags
+from aiohomekit.model.status_flags import StatusFlags
+from aiohomekit.uuid import normalize_uuid
+from aiohomekit.zeroconf import HomeKitService
+from support.accounts import User, add_member, audit, register
+from support.checks import assert_error, ok
+from support.databases import new_database_url
+from support.devices import claimed_device, online_device, resource_relays
+from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawn_hub, stop_hub
+from support.mqtt import MqttDevice
+
+from hexa.hub.homekit import MAX_DEVICES, setup_uri
+
+pytestmark = pytest.mark.anyio
+
+SWITCH = normalize_uuid("49")
+ON = normalize_uuid("25")
+NAME = normalize_uuid("23")
+INFO = {
+    "manufacturer": normalize_uuid("20"),
+    "model": normalize_uuid("21"),
+    "serial": normalize_uuid("30"),
+    "firmware": normalize_uuid("52"),
+}
+COMMUNICATION_FAILURE = -70402
+NO_SUCH_RESOURCE = -70409
+
+
+# --- helpers -------------------------------------------------------------------------------
+def enable(hub: RunningHub, user: User, org_id: str | None = None, **body: Any) -> dict[str, Any]:
+    """``PUT /orgs/{id}/homekit {"enabled": true, …}``; the answer."""
+    with hub.api(user.access_token) as c:
+        return dict(
+            ok(c.put(f"/orgs/{org_id or user.org_id}/homekit", json={"enabled": True, **body}))
+        )
+
+
+def homekit_of(hub: RunningHub, user: User) -> dict[str, Any]:
+    with hub.api(user.access_token) as c:
+        return dict(ok(c.get(f"/orgs/{user.org_id}/homekit")))
+
+
+def controller() -> IpController:
+    return IpController(char_cache=CharacteristicCacheMemory(), zeroconf_instance=None)
+
+
+def description(bridge: dict[str, Any]) -> HomeKitService:
+    """What mDNS would tell a controller about the bridge: its address is given instead."""
+    return HomeKitService(
+        name="Hexa",
+        id=bridge["hap_id"].lower(),
+        model="Hexa Hub",
+        feature_flags=FeatureFlags(0),
+        status_flags=StatusFlags.UNPAIRED,
+        config_num=1,
+        state_num=1,
+        category=Categories.BRIDGE,
+        protocol_version="1.1",
+        type="_hap._tcp.local.",
+        address="127.0.0.1",
+        addresses=["127.0.0.1"],
+        port=bridge["port"],
+    )
+
+
+async def pair(bridge: dict[str, Any], code: str | None = None) -> IpPairing:
+    """Pair a new controller by address and port with the setup code."""
+    discovery = IpDiscovery(controller(), description(bridge))
+    try:
+        finish = await discovery.async_start_pairing(f"t-{uuid.uuid4().hex[:6]}")
+        return await finish(code or bridge["setup_code"])
+    finally:
+        await discovery.close()
+
+
+def reconnect(pairing: IpPairing) -> IpPairing:
+    """The same pairing (keys and address) in a new controller, as after its restart."""
+    return IpPairing(controller(), dict(pairing.pairing_data))
+
+
+@contextlib.asynccontextmanager
+async def paired(bridge: dict[str, Any]) -> AsyncIterator[IpPairing]:
+    pairing = await pair(bridge)
+    try:
+        yield pairing
+    finally:
+        await pairing.close()
+
+
+def info_of(accessory: dict[str, Any]) -> dict[str, Any]:
+    values = {}
+    for service in accessory["services"]:
+        for char in service["characteristics"]:
+            for key, kind in INFO.items():
+                if normalize_uuid(char["type"]) == kind:
+                    values[key] = char.get("value")
+    return values
+
+
+def switches(accessory: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each Switch service as {"name", "on", "iid"} (the iid of its On)."""
+    found = []
+    for service in accessory["services"]:
+        if normalize_uuid(service["type"]) != SWITCH:
+            continue
+        chars = {normalize_uuid(c["type"]): c for c in service["characteristics"]}
+        found.append(
+            {"name": chars[NAME]["value"], "on": chars[ON]["value"], "iid": chars[ON]["iid"]}
+        )
+    return found
+
+
+def by_serial(accessories: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {info_of(a).get("serial"): a for a in accessories if a["aid"] != 1}
+
+
+async def accessories_of(pairing: IpPairing) -> dict[str, dict[str, Any]]:
+    return by_serial(await pairing.list_accessories_and_characteristics())
+
+
+def events_of(pairing: IpPairing) -> asyncio.Queue[dict[Any, Any]]:
+    queue: asyncio.Queue[dict[Any, Any]] = asyncio.Queue()
+    pairing.dispatcher_connect(queue.put_nowait)
+    return queue
+
+
+async def value_event(
+    queue: asyncio.Queue[dict[Any, Any]], key: tuple[int, int], value: Any, timeout: float = 5
+) -> bool:
+    """Whether an event brings ``value`` for ``key`` before the deadline (the others are
+    skipped: aiohomekit also reports the controller's own writes)."""
+
+    async def find() -> bool:
+        while True:
+            event = await queue.get()
+            if event.get(key, {}).get("value") == value:
+                return True
+
+    try:
+        return await asyncio.wait_for(find(), timeout)
+    except TimeoutError:
+        return False
+
+
+def switch_rest(hub: RunningHub, user: User, device_id: str, index: int, state: bool) -> None:
+    with hub.api(user.access_token) as c:
+        ok(c.post(f"/devices/{device_id}/relays/{index}", json={"state": state}))
+
+
+def release(hub: RunningHub, user: User, device_id: str) -> None:
+    with hub.api(user.access_token) as c:
+        ok(c.post(f"/devices/{device_id}/release"))
+
+
+# --- settings ----------------------------------------------------------------------------
+def test_settings_and_setup_payload(hub: RunningHub) -> None:
+    """GET answers a disabled bridge before it was enabled; PUT enables it on a free port
+    with a HAP setup code and an X-HM:// URI that encodes it; the identity stays when the
+    bridge is disabled and enabled again."""
+    user = register(hub)
+    assert homekit_of(hub, user) == {
+        "enabled": False,
+        "port": None,
+        "hap_id": None,
+        "setup_code": None,
+        "setup_uri": None,
+        "paired": False,
+        "accessories": 0,
+    }
+    first = enable(hub, user, port=0)
+    assert first["enabled"] is True and first["paired"] is False and first["accessories"] == 0
+    assert isinstance(first["port"], int) and first["port"] > 0
+    assert re.fullmatch(r"\d{3}-\d{2}-\d{3}", first["setup_code"])
+    assert re.fullmatch(r"([0-9A-F]{2}:){5}[0-9A-F]{2}", first["hap_id"])
+    uri = first["setup_uri"]
+    assert re.fullmatch(r"X-HM://[0-9A-Z]{13}", uri)
+    payload = int(uri[7:16], 36)
+    assert payload & 0x7FFFFFF == int(first["setup_code"].replace("-", ""))
+    assert (payload >> 31) & 0xFF == 2  # category: bridge
+    assert uri == setup_uri(first["setup_code"], uri[-4:])
+    with hub.api(user.access_token) as c:
+        off = ok(c.put(f"/orgs/{user.org_id}/homekit", json={"enabled": False}))
+    assert off["enabled"] is False and off["setup_code"] == first["setup_code"]
+    with pytest.raises(ConnectionRefusedError):  # nothing serves the port now
+        socket.create_connection(("127.0.0.1", first["port"]), timeout=2).close()
+    again = enable(hub, user)
+    assert {k: again[k] for k in ("hap_id", "setup_code", "setup_uri", "port")} == {
+        k: first[k] for k in ("hap_id", "setup_code", "setup_uri", "port")
+    }
+
+
+def test_settings_need_admin_of_the_org(hub: RunningHub) -> None:
+    """Only admins and owners of the organization see or change its bridge: a viewer or
+    operator gets 403, another tenant 404; bad bodies are 400 and a taken port 409."""
+    owner, operator, stranger = register(hub), register(hub), register(hub)
+    add_member(hub, owner, operator, "operator")
+    with hub.api(operator.access_token) as c:
+        assert_error(c.get(f"/orgs/{owner.org_id}/homekit"), 403, "forbidden")
+        assert_error(c.put(f"/orgs/{owner.org_id}/homekit", json={"enabled": True}), 403)
+        assert_error(c.delete(f"/orgs/{owner.org_id}/homekit/pairings"), 403)
+    with hub.api(stranger.access_token) as c:
+        assert_error(c.get(f"/orgs/{owner.org_id}/homekit"), 404, "not_found")
+        assert_error(c.put(f"/orgs/{owner.org_id}/homekit", json={"enabled": True}), 404)
+    with hub.api(owner.access_token) as c:
+        for body in ({"enabled": True, "port": 70000}, {"enabled": "maybe"}, {"port": 0}):
+            assert_error(c.put(f"/orgs/{owner.org_id}/homekit", json=body), 400)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            r = c.put(f"/orgs/{owner.org_id}/homekit", json={"enabled": True, "port": port})
+            assert_error(r, 409, "conflict")
+            assert str(port) in r.json()["message"]
+    assert homekit_of(hub, owner)["enabled"] is True  # stored: it starts once the port is free
+
+
+# --- a controller's view and writes -------------------------------------------------------
+async def test_pair_list_switch_and_events(hub: RunningHub, track: Any) -> None:
+    """A controller pairs by address with the setup code and sees one accessory per device
+    (Hexa, model, uid, firmware) with a named Switch per relay; its write switches the
+    relay through the relay service (the device acks) and is audited as homekit; a change
+    made through REST reaches it as an event."""
+    user = register(hub)
+    dev, device = online_device(hub, user, track)
+    with hub.api(user.access_token) as c:
+        ok(c.patch(f"/devices/{dev['id']}", json={"name": "Kitchen"}))
+    bridge = enable(hub, user)
+    assert bridge["accessories"] == 1
+    async with paired(bridge) as pairing:
+        assert (await asyncio.to_thread(homekit_of, hub, user))["paired"] is True
+        accessory = (await accessories_of(pairing))[device.uid]
+        assert info_of(accessory) == {
+            "manufacturer": "Hexa",
+            "model": "hexa-mini-switch-v1",
+            "serial": device.uid,
+            "firmware": "1.0.0",
+        }
+        relays = switches(accessory)
+        assert [r["on"] for r in relays] == [False, False, False]
+        assert len({r["name"] for r in relays}) == 3
+        aid = accessory["aid"]
+        answer = await pairing.put_characteristics([(aid, relays[1]["iid"], True)])
+        assert answer == {}  # 204: applied
+        assert device.commands[-1]["relay_index"] == 1 and device.commands[-1]["state"] is True
+        assert await asyncio.to_thread(resource_relays, hub, user, dev["id"]) == [
+            False,
+            True,
+            False,
+        ]
+        entries = await asyncio.to_thread(audit, hub, user, action="relay_command")
+        assert any(e["source"] == "homekit" for e in entries["items"]), entries
+        read = await pairing.get_characteristics([(aid, relays[1]["iid"])])
+        assert read[(aid, relays[1]["iid"])]["value"] is True
+
+        events = events_of(pairing)
+        key = (aid, relays[2]["iid"])
+        await pairing.subscribe([key])
+        await asyncio.to_thread(switch_rest, hub, user, dev["id"], 2, True)
+        assert await value_event(events, key, True)
+        await asyncio.to_thread(switch_rest, hub, user, dev["id"], 2, False)
+        assert await value_event(events, key, False)
+
+
+async def test_offline_device_answers_communication_failure(hub: RunningHub, track: Any) -> None:
+    """A write to a device that is not connected answers -70402 and sends nothing; a read
+    of it answers -70402 too (Home shows "No Response")."""
+    user = register(hub)
+    _, dev = claimed_device(hub, user)
+    bridge = enable(hub, user)
+    async with paired(bridge) as pairing:
+        accessory = next(iter((await accessories_of(pairing)).values()))
+        key = (accessory["aid"], switches(accessory)[0]["iid"])
+        answer = await pairing.put_characteristics([(*key, True)])
+        assert answer[key]["status"] == COMMUNICATION_FAILURE
+        read = await pairing.get_characteristics([key])
+        assert read[key]["status"] == COMMUNICATION_FAILURE
+    assert resource_relays(hub, user, dev["id"]) == [False, False, False]
+
+
+async def test_released_device_and_stable_aids(hub: RunningHub, track: Any) -> None:
+    """Releasing a device removes its accessory (configuration number bumped) and a write
+    to it answers -70409 without a command; the other device keeps its AID, and a newly
+    claimed one gets an AID never used before."""
+    user = register(hub)
+    dev_a, a = online_device(hub, user, track)
+    _, b = online_device(hub, user, track)
+    bridge = enable(hub, user)
+    async with paired(bridge) as pairing:
+        before = await accessories_of(pairing)
+        aid_a, aid_b = before[a.uid]["aid"], before[b.uid]["aid"]
+        key = (aid_a, switches(before[a.uid])[0]["iid"])
+        await asyncio.to_thread(release, hub, user, dev_a["id"])
+        sent = len(a.commands)
+        answer = await pairing.put_characteristics([(*key, True)])
+        assert answer[key]["status"] == NO_SUCH_RESOURCE
+        assert len(a.commands) == sent
+        _, c = online_device(hub, user, track)
+        after = await accessories_of(pairing)
+        assert set(after) == {b.uid, c.uid}
+        assert after[b.uid]["aid"] == aid_b
+        assert after[c.uid]["aid"] not in (aid_a, aid_b)
+    assert homekit_of(hub, user)["accessories"] == 2
+
+
+async def test_renamed_relay_reaches_controllers(hub: RunningHub, track: Any) -> None:
+    """Renaming a device's relay renames its Switch for controllers."""
+    user = register(hub)
+    dev, device = online_device(hub, user, track)
+    bridge = enable(hub, user)
+    async with paired(bridge) as pairing:
+        with hub.api(user.access_token) as c:
+            ok(c.patch(f"/devices/{dev['id']}", json={"relay_names": ["Lamp", None, "Fan"]}))
+        accessory = (await accessories_of(pairing))[device.uid]
+        names = [r["name"] for r in switches(accessory)]
+        assert names[0] == "Lamp" and names[2] == "Fan" and names[1]
+
+
+# --- bad input ---------------------------------------------------------------------------
+async def test_unpaired_controller_gets_nothing(hub: RunningHub, track: Any) -> None:
+    """A controller with a wrong setup code does not pair; one with keys the bridge never
+    paired cannot open a session; an unencrypted write is refused; nothing switches."""
+    user = register(hub)
+    dev, device = online_device(hub, user, track)
+    bridge = enable(hub, user)
+    code = bridge["setup_code"]
+    wrong = f"{(int(code[0]) + 1) % 10}{code[1:]}"
+    with pytest.raises(AuthenticationError):
+        await pair(bridge, wrong)
+    async with paired(bridge) as genuine:
+        accessory = (await accessories_of(genuine))[device.uid]
+        data = dict(genuine.pairing_data)
+    stranger = dict(data)
+    stranger["iOSDeviceLTSK"] = "11" * 32
+    stranger["iOSDeviceLTPK"] = "22" * 32
+    stranger["iOSPairingId"] = str(uuid.uuid4())
+    forged = IpPairing(controller(), stranger)
+    with pytest.raises((AuthenticationError, AccessoryDisconnectedError)):
+        await forged.put_characteristics([(accessory["aid"], switches(accessory)[0]["iid"], True)])
+    with contextlib.suppress(AuthenticationError, AccessoryDisconnectedError):
+        await forged.close()  # re-raises what its connection met
+    body = json.dumps({"characteristics": [{"aid": accessory["aid"], "iid": 9, "value": True}]})
+    r = httpx.put(
+        f"http://127.0.0.1:{bridge['port']}/characteristics",
+        content=body,
+        headers={"Content-Type": "application/hap+json"},
+        timeout=5,
+    )
+    assert r.status_code in (401, 470)
+    assert device.commands == []
+    assert resource_relays(hub, user, dev["id"]) == [False, False, False]
+
+
+async def test_controller_vanishing_mid_write(hub: RunningHub, track: Any) -> None:
+    """A controller that drops its connection while its write waits for a slow device
+    leaves the bridge serving: the intent completes, and controllers go on working."""
+    user = register(hub)
+    dev, device = online_device(hub, user, track, auto_ack=False)
+    bridge = enable(hub, user)
+    pairing = await pair(bridge)
+    accessory = (await accessories_of(pairing))[device.uid]
+    key = (accessory["aid"], switches(accessory)[0]["iid"])
+    write = asyncio.ensure_future(pairing.put_characteristics([(*key, True)]))
+    for _ in range(200):
+        if device.commands:
+            break
+        await asyncio.sleep(0.02)
+    assert device.commands, "the write never reached the device"
+    transport = pairing.connection.transport
+    assert transport is not None
+    transport.abort()  # gone without a word
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(write, COMMAND_TIMEOUT_MS / 1000 + 5)
+    await pairing.close()
+    device.auto_ack = True
+    again = reconnect(pairing)
+    try:
+        answer = await again.put_characteristics([(*key, True)])
+        assert answer == {}
+        read = await again.get_characteristics([key])
+        assert read[key]["value"] is True
+    finally:
+        await again.close()
+    assert resource_relays(hub, user, dev["id"])[0] is True
+
+
+async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
+    """DELETE /orgs/{id}/homekit/pairings ends every controller's access at once; the setup
+    code pairs a new one."""
+    user = register(hub)
+    online_device(hub, user, track)
+    bridge = enable(hub, user)
+    old = await pair(bridge)
+    await old.list_accessories_and_characteristics()
+    with hub.api(user.access_token) as c:
+        forgotten = ok(c.delete(f"/orgs/{user.org_id}/homekit/pairings"))
+    assert forgotten["paired"] is False
+    await old.close()
+    with pytest.raises((AuthenticationError, AccessoryDisconnectedError)):
+        await reconnect(old).list_accessories_and_characteristics()
+    async with paired(bridge) as fresh:
+        assert len(await fresh.list_accessories_and_characteristics()) == 2
+    assert homekit_of(hub, user)["paired"] is True
+
+
+def test_at_most_149_devices(hub: RunningHub) -> None:
+    """The 150th device of an organization is not bridged: the bridge keeps 149 and the
+    audit log says why; releasing one device makes room for it."""
+    user = register(hub)
+    bridge = enable(hub, user)
+    devices = [claimed_device(hub, user)[1] for _ in range(MAX_DEVICES + 1)]
+    assert homekit_of(hub, user)["accessories"] == MAX_DEVICES
+    entries = audit(hub, user, action="homekit_not_bridged")["items"]
+    assert [e["device_id"] for e in entries] == [devices[-1]["id"]]
+    assert str(MAX_DEVICES) in entries[0]["details"]["reason"]
+
+    async def count() -> int:
+        async with paired(bridge) as pairing:
+            return len(await pairing.list_accessories_and_characteristics())
+
+    assert asyncio.run(count()) == MAX_DEVICES + 1  # the bridge itself, and 149
+    release(hub, user, devices[0]["id"])
+    assert homekit_of(hub, user)["accessories"] == MAX_DEVICES
+
+
+# --- restarts ----------------------------------------------------------------------------
+def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[..., Any]) -> None:
+    """After `hexa serve` restarts, the bridge is back on the same port with the same
+    identity and accessory ids, and the controller paired before goes on without pairing
+    again: it reads, switches and gets events."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    data = tmp_path / "data"
+    try:
+        first = spawn_hub(url, data)
+        try:
+            user = register(first)
+            dev, device = online_device(first, user, track)
+            bridge = enable(first, user)
+
+            async def before() -> tuple[dict[str, Any], dict[str, Any]]:
+                async with paired(bridge) as pairing:
+                    accessory = (await accessories_of(pairing))[device.uid]
+                    return dict(pairing.pairing_data), accessory
+
+            pairing_data, accessory = asyncio.run(before())
+            device.close()
+        finally:
+            stop_hub(first)
+        second = spawn_hub(url, data)
+        try:
+            again = homekit_of(second, user)
+            assert again["paired"] is True
+            assert {k: again[k] for k in ("port", "hap_id", "setup_code")} == {
+                k: bridge[k] for k in ("port", "hap_id", "setup_code")
+            }
+            device = track(MqttDevice(second, device.uid, dev["device_token"]))
+            assert device.ok()
+
+            async def after() -> None:
+                pairing = IpPairing(controller(), pairing_data)
+                try:
+                    listed = await accessories_of(pairing)
+                    assert listed[device.uid]["aid"] == accessory["aid"]
+                    key = (accessory["aid"], switches(accessory)[0]["iid"])
+                    events = events_of(pairing)
+                    await pairing.subscribe([key])
+                    for _ in range(100):
+                        read = await pairing.get_characteristics([key])
+                        if read[key].get("status") is None:
+                            break
+                        await asyncio.sleep(0.05)  # until the hub has seen the device online
+                    assert await pairing.put_characteristics([(*key, True)]) == {}
+                    await asyncio.to_thread(switch_rest, second, user, dev["id"], 0, False)
+                    assert await value_event(events, key, False)
+                finally:
+                    await pairing.close()
+
+            asyncio.run(after())
+        finally:
+            stop_hub(second)
+    finally:
+        drop()
