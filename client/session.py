@@ -232,8 +232,10 @@ class HexaClient:
             conn.dropped += 1
             if conn.dropped == 1 or conn.dropped % 1000 == 0:
                 log.warning(
-                    "messages() is not keeping up: %d messages dropped (oldest first)",
+                    "messages() is not keeping up: dropped the oldest waiting message "
+                    "(%d so far; queue_size is %d)",
                     conn.dropped,
+                    conn.queue.maxsize,
                 )
         conn.queue.put_nowait(message)
 

@@ -274,6 +274,36 @@ async def test_malformed_payload_is_logged_and_skipped(
 
 
 @pytest.mark.anyio
+async def test_unread_messages_beyond_queue_size_drop_the_oldest(
+    hub: RunningHub, track: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nobody iterating, a client keeps only its newest queue_size messages and says
+    once that it dropped some; set_relay still gets its result."""
+    _, _, m, it = device_with_token(hub, track)
+    with caplog.at_level(logging.WARNING, logger="hexa.client"):
+        async with HexaClient(
+            "127.0.0.1", hub.mqtt_port, token_name=it["name"], token=it["token"], queue_size=2
+        ) as client:
+            # the retained replay (hub status, state, 3 relay states, availability) comes
+            # first; the hub publishes the relay state, the state, then the result
+            result = await client.set_relay(m.uid, 1, True)
+            assert result.status == "applied"
+            kept = []
+            async for message in client.messages():
+                kept.append(message)
+                if len(kept) == 2:
+                    break
+    state, last = kept
+    assert isinstance(state, DeviceState) and not state.retained
+    assert state.relays == (False, True, False)
+    assert last == result
+    dropped = [r.getMessage() for r in caplog.records if r.name == "hexa.client"]
+    assert len(dropped) == 1 and "dropped the oldest" in dropped[0] and "1 so far" in dropped[0], (
+        dropped
+    )
+
+
+@pytest.mark.anyio
 async def test_deleted_token_ends_the_session_with_connection_lost(
     hub: RunningHub, track: Any
 ) -> None:
