@@ -38,10 +38,11 @@ class Bridge(Protocol):
 
 
 from hexa.bridges.home_assistant import HomeAssistant  # noqa: E402  (needs Bridge above)
+from hexa.bridges.home_assistant_remote import RemoteHomeAssistant  # noqa: E402
 from hexa.bridges.homekit import HomeKit  # noqa: E402  (after Bridge, which it satisfies)
 
 #: every bridge of the hub, in start order
-BRIDGES: tuple[type[Bridge], ...] = (HomeAssistant, HomeKit)
+BRIDGES: tuple[type[Bridge], ...] = (HomeAssistant, RemoteHomeAssistant, HomeKit)
 
 
 def enabled(hub: Hub, known: tuple[type[Bridge], ...] = BRIDGES) -> list[Service]:

@@ -1,0 +1,431 @@
+"""The outbound Home Assistant bridge: one organization's devices on a separate broker.
+
+For a Home Assistant that has its own broker (its Mosquitto add-on, a broker in another
+network), the hub connects to it as a client (``HEXA_HA_*`` settings, contract §6) and
+publishes there what Home Assistant needs: the discovery configs, the relay states and
+aggregate state, the devices' availability (all retained), the input events, and its own
+``hexa/hub/status`` backed by its will. It takes intents from there
+(``hexa/+/relay/+/set``, ``hexa/+/relays/set``) for that organization's devices only and
+puts them on its own bus as ``home_assistant``; it answers ``homeassistant/status`` births
+with a republish. When the broker goes away it reconnects with back-off and publishes
+everything again, and clears the retained configs of devices that left meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+import aiomqtt
+import anyio
+from anyio.abc import TaskStatus
+
+from hexa.bridges.home_assistant_config import DeviceView, configs
+from hexa.bridges.home_assistant_sync import Births, Discovery
+from hexa.hub import metrics, topics
+from hexa.hub.config import ha_tls_context
+from hexa.hub.errors import BusUnavailable
+from hexa.hub.events import (
+    DeviceClaimed,
+    DeviceDeleted,
+    DeviceEvent,
+    DeviceLeaving,
+    DeviceReleased,
+    DeviceUpdated,
+)
+from hexa.hub.logs import printable
+from hexa.hub.mqtt.busapi import Message
+from hexa.models import Device
+
+if TYPE_CHECKING:
+    from hexa.hub.config import Settings
+    from hexa.hub.runtime import Hub
+
+log = logging.getLogger(__name__)
+
+#: reconnect back-off: doubles from the first to the last, with ±20 % jitter
+MIN_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 60.0
+#: how long one MQTT operation on the Home Assistant broker may take
+OPERATION_TIMEOUT_S = 10.0
+#: messages waiting for the Home Assistant broker; beyond it everything is republished
+MAX_PENDING = 10_000
+
+#: what the hub forwards from its bus to Home Assistant's, for the organization's devices
+#: (the first three retained, as on the hub's bus)
+RETAINED: tuple[topics.Topic[Any], ...] = (topics.RELAY_STATE, topics.STATE, topics.AVAILABILITY)
+MIRRORED: tuple[topics.Topic[Any], ...] = (*RETAINED, topics.INPUT_EVENT)
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One message to pass on as it is."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class _Device:
+    """A device whose configs to bring up to date (or remove)."""
+
+    uid: str
+    relay_count: int
+    input_count: int
+    with_states: bool = False
+
+
+_Job = _Forward | _Device
+
+
+class RemoteHomeAssistant:
+    """Discovery, state and intents for one organization on a separate broker."""
+
+    name: ClassVar[str] = "home_assistant_remote"
+
+    def __init__(self, hub: Hub) -> None:
+        settings = hub.settings
+        assert settings.ha_broker_url is not None and settings.ha_org_id is not None
+        self.hub = hub
+        self.org_id: uuid.UUID = settings.ha_org_id
+        url = urlsplit(settings.ha_broker_url)
+        self.tls: ssl.SSLContext | None = ha_tls_context(settings)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or (8883 if self.tls is not None else 1883)
+        self.username = settings.ha_username
+        self.password = settings.ha_password
+        self.client_id = f"hexa-hub-{hub.instance}-ha"
+        self.discovery = Discovery(self._publish, org_id=self.org_id)
+        self.births = Births()
+        self._client: aiomqtt.Client | None = None
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING)
+        self._overflow = False
+        #: devices whose leftovers this session already clears
+        self._pruned: set[str] = set()
+        #: how many sessions with the broker became ready
+        self.sessions = 0
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.ha_broker_url is not None
+
+    @property
+    def where(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Ready at once: Home Assistant's broker being away is no
+        reason to hold up the hub; the bridge keeps trying in the background."""
+        events = self.hub.events
+        undo: list[Callable[[], None]] = [
+            events.subscribe(DeviceClaimed, self._on_claimed),
+            events.subscribe(DeviceUpdated, self._on_changed),
+            events.subscribe(DeviceLeaving, self._on_leaving),
+            events.subscribe(DeviceReleased, self._on_left),
+            events.subscribe(DeviceDeleted, self._on_left),
+        ]
+        for topic in MIRRORED:
+            await self.hub.bus.subscribe(topic.filter(), self._on_hub_message)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.births.run, self.republish)
+                tg.start_soon(self._connect_forever)
+                task_status.started()
+        finally:
+            for unsubscribe in undo:
+                unsubscribe()
+            with anyio.CancelScope(shield=True):
+                for topic in MIRRORED:
+                    await self.hub.bus.unsubscribe(topic.filter(), self._on_hub_message)
+
+    async def _connect_forever(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while True:
+            connected = self.sessions
+            try:
+                await self._connect_once()
+            except Exception as exc:  # a lost dependency: retried below, with back-off
+                if _network_error(exc):
+                    log.warning("Home Assistant broker %s: %s", self.where, _describe(exc))
+                else:
+                    log.exception("Home Assistant bridge to %s failed", self.where)
+            if self.sessions != connected:
+                backoff = MIN_BACKOFF_S  # it had connected: start the back-off over
+            delay = backoff * random.uniform(0.8, 1.2)
+            log.info("reconnecting to the Home Assistant broker in %.1f s", delay)
+            await anyio.sleep(delay)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _new_client(self) -> aiomqtt.Client:
+        hub_status = topics.HUB_STATUS.format()
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=True,
+            will=aiomqtt.Will(hub_status, topics.encode_availability(False), qos=1, retain=True),
+            tls_context=self.tls,
+            # hostname checking is part of the context; aiomqtt must not turn it back on
+            tls_insecure=None if self.tls is None else not self.tls.check_hostname,
+            keepalive=30,
+            timeout=OPERATION_TIMEOUT_S,
+        )
+
+    async def _connect_once(self) -> None:
+        async with self._new_client() as client:
+            hub_status = topics.HUB_STATUS.format()
+            await client.publish(hub_status, topics.encode_availability(True), qos=1, retain=True)
+            for flt in (
+                topics.RELAY_SET.filter(),
+                topics.RELAYS_SET.filter(),
+                topics.HA_STATUS.format(),
+                *(config.filter() for config in topics.HA_CONFIGS),
+            ):
+                await client.subscribe(flt, qos=1)
+            while not self._jobs.empty():  # a full republish below covers them
+                self._jobs.get_nowait()
+            self._overflow = False
+            self._pruned.clear()
+            self._client = client
+            self.sessions += 1
+            log.info("connected to the Home Assistant broker %s", self.where)
+            try:
+                async with anyio.create_task_group() as tg:
+                    # Home Assistant's birth is not retained: a bridge that connects after
+                    # Home Assistant publishes everything on its own
+                    tg.start_soon(self.republish)
+                    tg.start_soon(self._work)
+                    async for message in client.messages:
+                        await self._on_remote(message)
+            finally:
+                self._client = None
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    try:  # a clean goodbye: the will only covers a lost connection
+                        await client.publish(
+                            hub_status, topics.encode_availability(False), qos=1, retain=True
+                        )
+                    except aiomqtt.MqttError:
+                        pass
+
+    # --- publishing there ---------------------------------------------------------------
+    async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        client = self._client
+        if client is None:
+            raise BusUnavailable("not connected to the Home Assistant broker")
+        try:
+            await client.publish(topic, payload, qos=1, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise BusUnavailable(f"Home Assistant broker: {exc}") from None
+
+    async def republish(self) -> int:
+        """Every configuration and state of the organization's devices (after a connect
+        or a birth); returns how many devices."""
+        if self._client is None:
+            return 0
+        count = await self.discovery.republish(self._states)
+        log.info("Home Assistant discovery published for %d devices on %s", count, self.where)
+        return count
+
+    async def _states(self, view: DeviceView) -> None:
+        device = await self.hub.cache.get(view.uid)
+        if device is None:
+            return
+        for index, on in enumerate(device.relays):
+            await self._publish(
+                topics.RELAY_STATE.format(uid=device.uid, index=index),
+                topics.encode_onoff(on),
+                True,
+            )
+        state = topics.DeviceState(
+            relays=device.relays,
+            inputs=device.inputs,
+            online=device.online,
+            updated_at=topics.iso_now(),
+        )
+        await self._publish(topics.STATE.format(uid=device.uid), topics.encode(state), True)
+        await self._publish(
+            topics.AVAILABILITY.format(uid=device.uid),
+            topics.encode_availability(device.online),
+            True,
+        )
+
+    async def _clear_states(self, uid: str, relay_count: int) -> None:
+        """A device that left the organization leaves no retained state behind there."""
+        for index in range(relay_count):
+            await self._publish(topics.RELAY_STATE.format(uid=uid, index=index), b"", True)
+        await self._publish(topics.STATE.format(uid=uid), b"", True)
+        await self._publish(topics.AVAILABILITY.format(uid=uid), b"", True)
+
+    async def _work(self) -> None:
+        """Send what the hub's events and bus asked for, in order, while connected."""
+        while True:
+            job = await self._jobs.get()
+            if self._overflow:
+                self._overflow = False
+                while not self._jobs.empty():
+                    self._jobs.get_nowait()
+                await self.republish()
+                continue
+            if isinstance(job, _Forward):
+                await self._publish(job.topic, job.payload, job.retain)
+                continue
+            view = await self.discovery.reconcile(
+                job.uid, relay_count=job.relay_count, input_count=job.input_count
+            )
+            if view is None:
+                await self._clear_states(job.uid, job.relay_count)
+            elif job.with_states:
+                await self._states(view)
+
+    def _enqueue(self, job: _Job) -> None:
+        if self._client is None:
+            return  # the next connect publishes everything
+        try:
+            self._jobs.put_nowait(job)
+        except asyncio.QueueFull:
+            self._overflow = True
+
+    # --- what the hub hears -------------------------------------------------------------
+    def _device_job(self, event: DeviceEvent | DeviceLeaving, *, with_states: bool) -> None:
+        device = event.device
+        self._enqueue(
+            _Device(device.device_uid, device.relay_count, device.input_count, with_states)
+        )
+
+    async def _on_claimed(self, event: DeviceClaimed) -> None:
+        self.discovery.settled(event.device.device_uid)
+        self._device_job(event, with_states=True)
+
+    async def _on_changed(self, event: DeviceUpdated) -> None:
+        self._device_job(event, with_states=False)
+
+    async def _on_leaving(self, event: DeviceLeaving) -> None:
+        self.discovery.leaving(event.device.device_uid)
+        self._device_job(event, with_states=False)
+
+    async def _on_left(self, event: DeviceEvent) -> None:
+        self.discovery.settled(event.device.device_uid)
+        self._device_job(event, with_states=False)
+
+    async def _on_hub_message(self, msg: Message) -> None:
+        """State, availability and input events of the organization's devices."""
+        if self._client is None:
+            return
+        uid = topics.device_of(msg.topic)
+        if uid is None:
+            return
+        device = self.hub.cache.peek(uid) or await self.hub.cache.get(uid)
+        if device is None or device.org_id != self.org_id:
+            return
+        retain = any(t.parse(msg.topic) is not None for t in RETAINED)
+        self._enqueue(_Forward(msg.topic, bytes(msg.payload), retain))
+
+    # --- what Home Assistant's broker sends -------------------------------------------
+    async def _on_remote(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        data = bytes(data)
+        if topic == topics.HA_STATUS.format():
+            try:
+                if topics.HA_STATUS.decode(data):
+                    self.births.heard()
+            except topics.PayloadError:
+                log.info("ignored Home Assistant status %s", printable(data[:32]))
+            return
+        for config in topics.HA_CONFIGS:
+            params = config.parse(topic)
+            if params is not None:
+                if message.retain and data:
+                    await self._prune(topic, params["object_id"])
+                return
+        for intent_topic in topics.INTENT_TOPICS:
+            params = intent_topic.parse(topic)
+            if params is not None:
+                await self._forward_intent(intent_topic, params, data, message.retain, topic)
+                return
+
+    async def _prune(self, topic: str, object_id: str) -> None:
+        """A retained config found on connect that should not be there any more (its
+        device was released or deleted while the bridge was away, or has fewer relays
+        now) is cleared. Configs of devices this hub does not know are left alone: they
+        may be another hub's."""
+        uid = topics.uid_of_ha_object(object_id)
+        if uid is None:
+            return
+        view = await self.discovery.wanted(uid)
+        if view is not None and topic in configs(view):
+            return
+        if view is not None:  # a config the device no longer has (fewer relays)
+            log.info("clearing stale Home Assistant config %s", printable(topic))
+            self._enqueue(_Forward(topic, b"", True))
+            return
+        device = await Device.get_or_none(device_uid=uid)  # deleted ones too
+        if device is None or uid in self._pruned:
+            return
+        self._pruned.add(uid)
+        log.info("clearing Home Assistant configs and states of %s, gone meanwhile", uid)
+        self._enqueue(_Device(uid, device.relay_count, device.input_count))
+
+    async def _forward_intent(
+        self,
+        intent_topic: topics.Topic[topics.Intent],
+        params: dict[str, str],
+        data: bytes,
+        retained: bool,
+        topic: str,
+    ) -> None:
+        """An intent from Home Assistant goes on the hub's bus as ``home_assistant``, for
+        the organization's devices only; anything else is dropped here."""
+        if retained:  # a retained command would replay on every connect: refused
+            metrics.INTENTS_REFUSED.labels("retained").inc()
+            log.warning("refused retained intent from Home Assistant on %s", printable(topic))
+            return
+        uid = params["uid"]
+        device = await self.hub.cache.get(uid)
+        if device is None or device.org_id != self.org_id:
+            metrics.INTENTS_REFUSED.labels("not_allowed").inc()
+            log.info("refused Home Assistant intent for %s: not this organization's", uid)
+            return
+        try:
+            asked = intent_topic.decode(data)
+        except topics.PayloadError as exc:
+            metrics.INTENTS_REFUSED.labels("malformed").inc()
+            log.info("refused Home Assistant intent on %s: %s", printable(topic), exc)
+            return
+        intent = topics.Intent(
+            state=asked.state,
+            source="home_assistant",
+            intent_id=asked.intent_id,
+            actor_type="integration",
+        )
+        sealed = topics.seal_intent(intent, topic, self.hub.commands.seal_key)
+        try:
+            await self.hub.bus.publish(topic, topics.encode_intent(sealed))
+        except BusUnavailable:
+            log.warning("Home Assistant intent for %s dropped: the hub's bus is down", uid)
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception of a group) is the broker or network failing."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_network_error(e) for e in exc.exceptions)
+    return isinstance(exc, aiomqtt.MqttError | BusUnavailable | OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
