@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: what zeroconf raises where multicast does not work (no interface, no route, a name clash)
 MDNS_ERRORS = (OSError, ZeroconfError)
+#: ``HEXA_HOMEKIT_BIND`` values that keep the bridges of this hub process off
+OFF = frozenset({"off", "none", "disabled"})
 #: controller writes waiting for their relay results, per bridge (more: -70403 busy)
 MAX_PENDING_WRITES = 64
 
@@ -437,8 +439,9 @@ class HomeKit:
 
     @classmethod
     def enabled(cls, settings: Settings) -> bool:
-        """Always on: each organization turns its own bridge on (``PUT /orgs/{id}/homekit``)."""
-        return True
+        """On unless ``HEXA_HOMEKIT_BIND=off`` (for all but one instance of a scaled-out
+        hub): each organization turns its own bridge on (``PUT /orgs/{id}/homekit``)."""
+        return (settings.homekit_bind or "").lower() not in OFF
 
     def bind_host(self) -> str:
         settings = self.hub.settings
@@ -595,7 +598,8 @@ def _spec_of(device: Device, relay_names: dict[int, str | None]) -> _Spec:
         model=hap_name(device.model, "Hexa"),
         fw_version=device.fw_version,
         relay_names=tuple(
-            hap_name(relay_names.get(i) or "", f"{name} {i + 1}") for i in range(device.relay_count)
+            hap_name(relay_names.get(i) or "", f"{name} relay {i + 1}")
+            for i in range(device.relay_count)
         ),
     )
 

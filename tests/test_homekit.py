@@ -28,11 +28,12 @@ from aiohomekit.model.status_flags import StatusFlags
 from aiohomekit.uuid import normalize_uuid
 from aiohomekit.zeroconf import HomeKitService
 from support.accounts import User, add_member, audit, register
-from support.checks import assert_error, ok
+from support.checks import assert_error, ok, wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device, online_device, resource_relays
 from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
 from hexa.hub.homekit import MAX_DEVICES, setup_uri
 
@@ -239,6 +240,65 @@ def test_settings_need_admin_of_the_org(hub: RunningHub) -> None:
     assert homekit_of(hub, owner)["enabled"] is True  # stored: it starts once the port is free
 
 
+def test_moving_to_another_port(hub: RunningHub) -> None:
+    """PUT with another port moves the running bridge there; the old port is closed."""
+    user = register(hub)
+    first = enable(hub, user)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        wanted = probe.getsockname()[1]
+    moved = enable(hub, user, port=wanted)
+    assert moved["port"] == wanted and moved["hap_id"] == first["hap_id"]
+    socket.create_connection(("127.0.0.1", wanted), timeout=2).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", first["port"]), timeout=2).close()
+
+
+async def test_found_through_mdns(hub: RunningHub, track: Any) -> None:
+    """Controllers find the bridge through mDNS (_hap._tcp) with its id, port and the
+    bridge category, pair with what they found, and see it advertised as paired and its
+    configuration number rise when a device is claimed."""
+    user = register(hub)
+    bridge = enable(hub, user)
+    ident = bridge["hap_id"].lower()
+    zeroconf = AsyncZeroconf()
+    # aiohomekit listens to a browser its host application runs (as Home Assistant does)
+    browser = AsyncServiceBrowser(
+        zeroconf.zeroconf, ["_hap._tcp.local."], handlers=[lambda **_: None]
+    )
+    finder = IpController(char_cache=CharacteristicCacheMemory(), zeroconf_instance=zeroconf)
+    await finder.async_start()
+    try:
+        found = await finder.async_find(ident, timeout=15)
+        assert found.description.port == bridge["port"]
+        assert found.description.category == Categories.BRIDGE
+        assert found.description.status_flags & StatusFlags.UNPAIRED
+        config = found.description.config_num
+        finish = await found.async_start_pairing("mdns")
+        pairing = await finish(bridge["setup_code"])
+        try:
+            assert await until(lambda: not finder.discoveries[ident].description.status_flags)
+            await asyncio.to_thread(claimed_device, hub, user)
+            assert await until(lambda: finder.discoveries[ident].description.config_num > config)
+        finally:
+            await pairing.close()
+    finally:
+        await finder.async_stop()
+        await browser.async_cancel()
+        await zeroconf.async_close()
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 15) -> bool:
+    """Whether ``predicate`` holds before the deadline (checked every 50 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 # --- a controller's view and writes -------------------------------------------------------
 async def test_pair_list_switch_and_events(hub: RunningHub, track: Any) -> None:
     """A controller pairs by address with the setup code and sees one accessory per device
@@ -272,8 +332,12 @@ async def test_pair_list_switch_and_events(hub: RunningHub, track: Any) -> None:
             True,
             False,
         ]
-        entries = await asyncio.to_thread(audit, hub, user, action="relay_command")
-        assert any(e["source"] == "homekit" for e in entries["items"]), entries
+
+        def audited() -> bool:
+            entries = audit(hub, user, action="relay_command", device_id=dev["id"])["items"]
+            return any(e["source"] == "homekit" for e in entries)
+
+        assert await asyncio.to_thread(wait_until, audited)  # the audit log is written in batches
         read = await pairing.get_characteristics([(aid, relays[1]["iid"])])
         assert read[(aid, relays[1]["iid"])]["value"] is True
 
@@ -434,7 +498,7 @@ def test_at_most_149_devices(hub: RunningHub) -> None:
     bridge = enable(hub, user)
     devices = [claimed_device(hub, user)[1] for _ in range(MAX_DEVICES + 1)]
     assert homekit_of(hub, user)["accessories"] == MAX_DEVICES
-    entries = audit(hub, user, action="homekit_not_bridged")["items"]
+    entries = wait_until(lambda: audit(hub, user, action="homekit_not_bridged")["items"])
     assert [e["device_id"] for e in entries] == [devices[-1]["id"]]
     assert str(MAX_DEVICES) in entries[0]["details"]["reason"]
 
