@@ -49,8 +49,10 @@ NO_RETAIN = tuple(t.filter() for t in topics.INTENT_TOPICS)
 MAX_UNSENT_BYTES = 1024 * 1024
 #: a client backed up this long is disconnected even if only QoS 0 is dropped meanwhile
 STALL_LIMIT_S = 10.0
-#: packets of one client handled before the others get a turn
-BATCH = 32
+#: publishes of one client handled before the others get a turn (acknowledgements and
+#: pings are cheap and do not count): the longer, the less switching; the shorter, the
+#: less one flooding client delays everyone else
+BATCH = 8
 #: how long a publisher waits for a congested subscriber per message; one that stays
 #: congested fills its queue and is disconnected as a slow consumer
 PACE_LIMIT_S = 1.0
@@ -286,11 +288,16 @@ class Engine:
         MQTT-3.14.4-3)."""
         outbox = client.outbox
         send = conn.send
+        budget = BATCH
         try:
             while True:
-                for handled, (kind, flags, body) in enumerate(reader.packets(), 1):
+                for kind, flags, body in reader.packets():
                     if kind == codec.PUBLISH:
                         await self._publish(client, flags, body, send)
+                        budget -= 1
+                        if not budget:
+                            budget = BATCH
+                            await asyncio.sleep(0)  # the other clients' turn
                     elif kind == codec.PUBACK:
                         codec.check_flags(kind, flags)
                         outbox.puback(codec.packet_id(body))
@@ -324,8 +331,6 @@ class Engine:
                         raise codec.ProtocolError("a second CONNECT (MQTT-3.1.0-2)")
                     else:  # a server-to-client or reserved packet type
                         codec.check_flags(kind, flags)
-                    if handled % BATCH == 0:
-                        await asyncio.sleep(0)  # the other clients' turn
                 data = await conn.read()
                 if not data:
                     return False

@@ -305,18 +305,20 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         if self._left >= TRIM_AFTER_LEAVING and self._trim is None:
             # once the wave of departures is over, not in the middle of it
             self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim_now)
+        will = client.will
         await self.engine.publish_will(client)  # MQTT-3.1.2-8
         if client.clean and self.engine.clients.get(cid) is client and cid not in self._live:
             self._drop(client)
-        # Presence: a device whose last connection ended is offline, will or not.
+        # Presence: a device whose last connection ended is offline, will or not. (Not
+        # judged by the retained availability: a device may have said "online" without
+        # retaining it, so only a will that just said "offline" makes this one redundant.)
         identity = client.identity
         if identity.kind is Kind.DEVICE and not any(
             c in self._live for c in self._owned.get(identity.key, ())
         ):
             topic = topics.AVAILABILITY.format(uid=identity.name)
             offline = topics.encode_availability(False)
-            retained = self.engine.retained.get(topic)
-            if retained is None or retained.payload != offline:
+            if will is None or will.topic != topic or will.payload != offline or not will.retain:
                 await self.engine.route(None, topic, offline, 1, True)
         self._count_sessions()
 

@@ -810,6 +810,50 @@ async def _flood(
     return out
 
 
+def _rtt_main(host: str, port: int, seconds: float, result: Any) -> None:
+    result.put(rtt(host, port, 1_000_000, warmup=50, max_seconds=seconds))
+
+
+def fairness(
+    host: str,
+    port: int,
+    flooders: int = 100,
+    seconds: float = 5.0,
+    *,
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
+    """A QoS 1 request/reply round trip (three other clients, ``rtt``) measured while
+    ``flooders`` connections publish QoS 0 as fast as their sockets take: what one client's
+    flood does to everyone else's latency. The prober runs in a process of its own."""
+    ctx = mp.get_context("spawn")
+    result: Any = ctx.Queue()
+    prober = ctx.Process(target=_rtt_main, args=(host, port, seconds, result), daemon=True)
+
+    async def body(
+        pubs: list[_Publisher], sink: Sink, pids: dict[str, int | None]
+    ) -> dict[str, Any]:
+        prober.start()
+        await asyncio.sleep(0.5)  # the prober connects and warms up before the flood
+        flood = await _flood(pubs, sink, seconds, 10, pids, 10.0)
+        probe = await asyncio.get_running_loop().run_in_executor(None, result.get, True, 60)
+        return {
+            "others_p50_ms": probe.get("p50_ms"),
+            "others_p99_ms": probe.get("p99_ms"),
+            "others_max_ms": probe.get("max_ms"),
+            "others_round_trips": probe.get("round_trips"),
+            "others_timeouts": probe.get("timeouts"),
+            "flood_delivered_per_s": flood["delivered_per_s"],
+        }
+
+    topics = [[f"bench/{i}/state"] for i in range(flooders)]
+    try:
+        return _with_load(host, port, ["bench/+/state"], topics, 0, broker_pid, body)
+    finally:
+        prober.join(10)
+        if prober.is_alive():
+            prober.kill()
+
+
 def fanout(
     host: str,
     port: int,
@@ -1106,6 +1150,10 @@ def _flood_test(b: Broker, quick: bool) -> dict[str, Any]:
     return fanin(b.host, b.port, 100, 0, seconds, flood=True, drain_limit_s=drain, broker_pid=b.pid)
 
 
+def _fairness_test(b: Broker, quick: bool) -> dict[str, Any]:
+    return fairness(b.host, b.port, 100, 2.0 if quick else 5.0, broker_pid=b.pid)
+
+
 TESTS: dict[str, tuple[Runner, list[Metric]]] = {
     "rtt": (
         _rtt_test,
@@ -1152,6 +1200,14 @@ TESTS: dict[str, tuple[Runner, list[Metric]]] = {
             ("flood QoS 0, 100 devices: delivered (msg/s)", "delivered_per_s"),
             ("flood: delivered incl. backlog drain (msg/s)", "delivered_per_s_with_drain"),
             ("flood: broker RSS at its end (MB)", "broker_rss_mb"),
+        ],
+    ),
+    "fairness": (
+        _fairness_test,
+        [
+            ("during a flood from 100 clients: others' QoS 1 RTT p50 (ms)", "others_p50_ms"),
+            ("during a flood from 100 clients: others' QoS 1 RTT p99 (ms)", "others_p99_ms"),
+            ("during a flood from 100 clients: others' round trips", "others_round_trips"),
         ],
     ),
 }

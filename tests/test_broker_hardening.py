@@ -281,6 +281,30 @@ def test_silent_device_is_dropped_and_its_will_published(hub: RunningHub, raws: 
     assert res.status_code == 503 and res.json()["code"] == "device_offline", res.text
 
 
+def test_device_back_without_a_will_is_offline_again_after_disconnect(
+    hub: RunningHub, raws: Any
+) -> None:
+    """A device whose will left a retained "offline", back without a will and saying "online"
+    without retaining it, is offline again once it DISCONNECTs: the broker's presence is not
+    fooled by the stale retained value."""
+    user = register(hub)
+    p, dev = claimed_device(hub, user)
+    uid, token = p["device_uid"], p["device_token"]
+    r = raws(Raw(hub))
+    will = (f"hexa/{uid}/availability", b"offline", True)
+    assert r.connect(f"dev-{uid}", uid, token, will=will) == 0
+    r.publish(f"hexa/{uid}/availability", b"online", qos=0)
+    assert wait_until(lambda: online(hub, user, dev["id"]), 5)
+    r.close()  # the will: a retained "offline"
+    assert wait_until(lambda: not online(hub, user, dev["id"]), 5)
+    again = raws(Raw(hub))
+    assert again.connect(f"dev-{uid}", uid, token) == 0
+    again.publish(f"hexa/{uid}/availability", b"online", qos=0)
+    assert wait_until(lambda: online(hub, user, dev["id"]), 5)
+    again.disconnect()
+    assert wait_until(lambda: not online(hub, user, dev["id"]), 5)
+
+
 def test_device_without_will_is_offline_after_disconnect(hub: RunningHub, raws: Any) -> None:
     """A device that set no will, or left with DISCONNECT, is offline once its session ends."""
     user = register(hub)
