@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 MDNS_ERRORS = (OSError, ZeroconfError)
 #: ``HEXA_HOMEKIT_BIND`` values that keep the bridges of this hub process off
 OFF = frozenset({"off", "none", "disabled"})
+#: a controller gives up on a request after 10 s (HAP-python answers within 9 s): a write
+#: whose result is later than this answers "timed out" (HEXA_COMMAND_TIMEOUT_MS above 7 s)
+WRITE_DEADLINE_S = 9.0
 #: controller writes waiting for their relay results, per bridge (more: -70403 busy)
 MAX_PENDING_WRITES = 64
 
@@ -408,12 +411,16 @@ class OrgBridge:
             write.status = NO_SUCH_RESOURCE  # released or rebuilt since the controller asked
             return
         origin = Origin(source="homekit", actor_type="homekit_controller", actor_id=controller)
-        try:
-            result = await self.hub.commands.submit(
-                accessory.uid, RelayAction.of(write.index, write.value), origin
-            )
-        except BusUnavailable:
-            write.status = COMMUNICATION_FAILURE
+        action = RelayAction.of(write.index, write.value)
+        result = None
+        with anyio.move_on_after(WRITE_DEADLINE_S):
+            try:
+                result = await self.hub.commands.submit(accessory.uid, action, origin)
+            except BusUnavailable:
+                write.status = COMMUNICATION_FAILURE
+                return
+        if result is None:  # still on its way: the relay service records how it ends
+            write.status = TIMED_OUT
             return
         write.status = _status_of(result)
         if result.status == "applied" and result.relays is not None:

@@ -14,6 +14,7 @@ one place that survives restarts and backups.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import string
 import uuid
@@ -134,13 +135,22 @@ async def configure(
             setup_code=new_setup_code(),
             setup_id=new_setup_id(),
         )
+    before = (row.enabled, row.requested_port, row.port)
     row.enabled = enabled
     if port is not None:
         row.requested_port = port
         if port:
             row.port = port
     await row.save(update_fields=["enabled", "requested_port", "port", "updated_at"])
-    await _ask_bridge(events, HomeKitChanged(org_id))
+    try:
+        await _ask_bridge(events, HomeKitChanged(org_id))
+    except HubError:
+        # refused (a port that is taken): nothing changes, the bridge as it was runs on
+        row.enabled, row.requested_port, row.port = before
+        await row.save(update_fields=["enabled", "requested_port", "port", "updated_at"])
+        with contextlib.suppress(HubError):
+            await _ask_bridge(events, HomeKitChanged(org_id))
+        raise
     return await view(org_id)
 
 

@@ -237,7 +237,17 @@ def test_settings_need_admin_of_the_org(hub: RunningHub) -> None:
             r = c.put(f"/orgs/{owner.org_id}/homekit", json={"enabled": True, "port": port})
             assert_error(r, 409, "conflict")
             assert str(port) in r.json()["message"]
-    assert homekit_of(hub, owner)["enabled"] is True  # stored: it starts once the port is free
+    assert homekit_of(hub, owner)["enabled"] is False  # refused: nothing changed
+    running = enable(hub, owner)
+    with hub.api(owner.access_token) as c, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = c.put(
+            f"/orgs/{owner.org_id}/homekit", json={"enabled": True, "port": taken.getsockname()[1]}
+        )
+        assert_error(r, 409, "conflict")
+    assert homekit_of(hub, owner) == running  # still where it was, still serving
+    socket.create_connection(("127.0.0.1", running["port"]), timeout=2).close()
 
 
 def test_moving_to_another_port(hub: RunningHub) -> None:
@@ -534,6 +544,7 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
             device.close()
         finally:
             stop_hub(first)
+        assert first.proc.returncode == 0  # SIGTERM with a bridge running: a clean exit
         second = spawn_hub(url, data)
         try:
             again = homekit_of(second, user)
