@@ -151,7 +151,6 @@ class OrgBridge:
         self._sync_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._readvertise = asyncio.Event()
-        self._saved = asyncio.Event()
         self._writes: asyncio.Queue[WriteRequest] = asyncio.Queue(MAX_PENDING_WRITES)
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()

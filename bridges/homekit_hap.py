@@ -219,6 +219,13 @@ class _Server(HAPServer):  # type: ignore[misc]  # HAP-python ships no types
         )
         self.async_cleanup_connections()
 
+    def close(self) -> None:
+        """Stop serving: close the connections and the socket (started or not)."""
+        if self.server is None:
+            self._sock.close()
+            return
+        self.async_stop()
+
 
 class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no types
     """An ``AccessoryDriver`` whose state lives in the database and whose work runs in
@@ -302,7 +309,7 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         self.stop_event.set()
         if self.aio_stop_event is not None:
             self.aio_stop_event.set()
-            self.http_server.async_stop()
+        self.http_server.close()
 
     def refresh(self) -> bool:
         """After accessories changed: bump the configuration number if what controllers
