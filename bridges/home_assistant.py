@@ -50,6 +50,7 @@ class HomeAssistant:
         self.discovery = Discovery(self._publish)
         self.births = Births()
         self._on_status = inbox.on(topics.HA_STATUS, self._status)
+        self._on_report = inbox.on(topics.REPORT, self._report)
 
     @classmethod
     def enabled(cls, settings: Settings) -> bool:
@@ -73,6 +74,7 @@ class HomeAssistant:
             events.subscribe(DeviceDeleted, self._on_left),
         ]
         await self.hub.bus.subscribe(topics.HA_STATUS.filter(), self._on_status)
+        await self.hub.bus.subscribe(topics.REPORT.filter(), self._on_report)
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.births.run, self.republish)
@@ -83,6 +85,7 @@ class HomeAssistant:
                 undo()
             with anyio.CancelScope(shield=True):
                 await self.hub.bus.unsubscribe(topics.HA_STATUS.filter(), self._on_status)
+                await self.hub.bus.unsubscribe(topics.REPORT.filter(), self._on_report)
 
     async def _after_connects(self) -> None:
         """Home Assistant's birth is not retained: a hub that connects after Home
@@ -116,6 +119,16 @@ class HomeAssistant:
     async def _status(self, params: dict[str, str], online: bool, msg: Message) -> None:
         if online:
             self.births.heard()
+
+    async def _report(self, params: dict[str, str], report: topics.Report, msg: Message) -> None:
+        """A new firmware version (the device's first report after its claim, or an
+        update) is shown as the device's ``sw_version``."""
+        uid = params["uid"]
+        if self.discovery.outdated(uid, report.fw_version):
+            try:
+                await self.discovery.reconcile(uid, fw_version=report.fw_version)
+            except BusUnavailable:
+                log.warning("discovery of %s not republished: bus down", uid)
 
     async def _on_claimed(self, event: DeviceClaimed) -> None:
         self.discovery.settled(event.device.device_uid)

@@ -19,7 +19,7 @@ import random
 import ssl
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -41,6 +41,7 @@ from hexa.hub.events import (
     DeviceUpdated,
 )
 from hexa.hub.logs import printable
+from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Message
 from hexa.models import Device
 
@@ -81,6 +82,8 @@ class _Device:
     relay_count: int
     input_count: int
     with_states: bool = False
+    #: a version the device just reported
+    fw_version: str | None = None
 
 
 _Job = _Forward | _Device
@@ -106,6 +109,7 @@ class RemoteHomeAssistant:
         self.discovery = Discovery(self._publish, org_id=self.org_id)
         self.births = Births()
         self._client: aiomqtt.Client | None = None
+        self._on_report = inbox.on(topics.REPORT, self._report)
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING)
         self._overflow = False
         #: devices whose leftovers this session already clears
@@ -135,6 +139,7 @@ class RemoteHomeAssistant:
         ]
         for topic in MIRRORED:
             await self.hub.bus.subscribe(topic.filter(), self._on_hub_message)
+        await self.hub.bus.subscribe(topics.REPORT.filter(), self._on_report)
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.births.run, self.republish)
@@ -146,6 +151,7 @@ class RemoteHomeAssistant:
             with anyio.CancelScope(shield=True):
                 for topic in MIRRORED:
                     await self.hub.bus.unsubscribe(topic.filter(), self._on_hub_message)
+                await self.hub.bus.unsubscribe(topics.REPORT.filter(), self._on_report)
 
     async def _connect_forever(self) -> None:
         backoff = MIN_BACKOFF_S
@@ -282,7 +288,10 @@ class RemoteHomeAssistant:
                 await self._publish(job.topic, job.payload, job.retain)
                 continue
             view = await self.discovery.reconcile(
-                job.uid, relay_count=job.relay_count, input_count=job.input_count
+                job.uid,
+                relay_count=job.relay_count,
+                input_count=job.input_count,
+                fw_version=job.fw_version,
             )
             if view is None:
                 await self._clear_states(job.uid, job.relay_count)
@@ -318,6 +327,15 @@ class RemoteHomeAssistant:
     async def _on_left(self, event: DeviceEvent) -> None:
         self.discovery.settled(event.device.device_uid)
         self._device_job(event, with_states=False)
+
+    async def _report(self, params: dict[str, str], report: topics.Report, msg: Message) -> None:
+        """A device's new firmware version goes into its configs' ``sw_version``."""
+        uid = params["uid"]
+        if self.discovery.outdated(uid, report.fw_version):
+            device = await self.hub.cache.get(uid)
+            if device is not None:
+                job = _Device(uid, device.relay_count, device.input_count)
+                self._enqueue(replace(job, fw_version=report.fw_version))
 
     async def _on_hub_message(self, msg: Message) -> None:
         """State, availability and input events of the organization's devices."""

@@ -12,6 +12,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import anyio
 from anyio.abc import TaskStatus
@@ -50,6 +51,8 @@ class Discovery:
         self._leaving: set[str] = set()
         #: uid → the config topics this broker was last given for it
         self._published: dict[str, frozenset[str]] = {}
+        #: uid → the firmware version its configs were last published with
+        self._versions: dict[str, str | None] = {}
 
     def leaving(self, uid: str) -> None:
         """The device is about to leave its organization: treat it as gone from now."""
@@ -67,13 +70,21 @@ class Discovery:
         return await load(uid, self.org_id)
 
     async def reconcile(
-        self, uid: str, *, relay_count: int = 0, input_count: int = 0
+        self,
+        uid: str,
+        *,
+        relay_count: int = 0,
+        input_count: int = 0,
+        fw_version: str | None = None,
     ) -> DeviceView | None:
         """Publish the device's configs, or remove them; the device if it is described.
         ``relay_count`` and ``input_count`` name the topics to remove when this broker's
-        configs for the device are not known (published before the hub started)."""
+        configs for the device are not known (published before the hub started);
+        ``fw_version`` is a version the device just reported (it may not be stored yet)."""
         async with self._lock:
             view = await self.wanted(uid)
+            if view is not None and fw_version:
+                view = replace(view, sw_version=fw_version)
             wanted = configs(view) if view is not None else {}
             before = self._published.get(uid)
             if before is None:
@@ -83,7 +94,16 @@ class Discovery:
             for topic, config in wanted.items():
                 await self._publish(topic, encode(config), True)
             self._published[uid] = frozenset(wanted)
+            if view is None:
+                self._versions.pop(uid, None)
+            else:
+                self._versions[uid] = view.sw_version
             return view
+
+    def outdated(self, uid: str, fw_version: str | None) -> bool:
+        """Whether the device's configs name another firmware version than it reports
+        (a device reports its version once connected, after it was claimed)."""
+        return bool(fw_version) and uid in self._versions and self._versions[uid] != fw_version
 
     async def uids(self) -> list[str]:
         """The claimed, live devices (of the organization)."""

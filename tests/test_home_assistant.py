@@ -101,6 +101,10 @@ def test_claimed_switch_is_discovered_as_three_switches_and_nine_triggers(
     dev, device = online_device(hub, user, track)
     uid = dev["device_uid"]
     for n in range(3):
+        # claimed before it ever connected, then republished with the version it reports
+        assert wait_until(
+            lambda n=n: latest(ha, switch_topic(uid, n))["device"].get("sw_version") == "1.0.0", 5
+        )
         config = latest(ha, switch_topic(uid, n))
         assert config == {
             "name": f"Relay {n + 1}",
@@ -118,7 +122,7 @@ def test_claimed_switch_is_discovered_as_three_switches_and_nine_triggers(
                 "name": dev["name"],
                 "manufacturer": "Hexa",
                 "model": "hexa-mini-switch-v1",
-                **({"sw_version": dev["fw_version"]} if dev.get("fw_version") else {}),
+                "sw_version": "1.0.0",
             },
             "origin": {"name": "Hexa Hub", "sw_version": __version__},
         }
@@ -199,7 +203,7 @@ def test_odd_names_make_valid_configs(
     assert wait_until(lambda: latest(ha, switch_topic(uid, 0))["name"] == name, 5)
     config = latest(ha, switch_topic(uid, 0))
     assert config["device"]["name"] == name and config["unique_id"] == f"hexa_{uid}_0"
-    assert latest(ha, switch_topic(uid, 2))["name"] == "B"
+    assert wait_until(lambda: latest(ha, switch_topic(uid, 2))["name"] == "B", 5)
 
 
 def test_rename_and_relay_rename_republish(hub: RunningHub, track: Callable[[Any], Any]) -> None:
@@ -380,3 +384,118 @@ def test_generic_integration_of_the_org_also_gets_configs(
     for topic in (switch_topic(uid, 0), trigger_topic(uid, 1, "press")):
         found = client.wait_for(lambda t, p, r, topic=topic: t == topic and r, 5)
         assert found and json.loads(found[1])
+
+
+# --- a real Home Assistant -----------------------------------------------------------------
+def _real_home_assistant() -> Any:
+    """The harness class of a real Home Assistant Core, from the folder that
+    HEXA_TEST_HA_HARNESS names (its ``ha_harness.py``; the Home Assistant venv as that
+    harness finds it, e.g. through HA_REAL_VENV)."""
+    import os
+    import sys
+
+    folder = os.environ.get("HEXA_TEST_HA_HARNESS")
+    if not folder:
+        pytest.skip("set HEXA_TEST_HA_HARNESS to a real Home Assistant harness folder")
+    sys.path.insert(0, folder)
+    try:
+        from ha_harness import RealHomeAssistant  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(folder)
+    return RealHomeAssistant()
+
+
+def test_real_home_assistant_shows_and_switches_the_relays(
+    hub: RunningHub, track: Callable[[Any], Any]
+) -> None:
+    """With a hub and one simulated hexa-mini-switch-v1, an unmodified Home Assistant Core
+    shows three switches and the nine input triggers without any YAML, switches the
+    relays, runs an automation on an input trigger, follows a relay rename, and drops the
+    device when it is released."""
+    ha = _real_home_assistant()
+    user = register(hub)
+    token = ha_token(hub, user)
+    dev, device = online_device(hub, user, track)
+    uid = dev["device_uid"]
+    ha.start("127.0.0.1", hub.mqtt_port, token["name"], token["token"], client_id="ha-real")
+    try:
+        with ha.dump_on_failure():
+            entities = [ha.wait_for_unique_id(f"hexa_{uid}_{n}", timeout=30) for n in range(3)]
+            assert all(e.startswith("switch.") for e in entities), entities
+            for entity in entities:
+                ha.wait_for_state(entity, "off", timeout=20)  # available: device and hub online
+            registered = ha.device_by_identifier(f"hexa_{uid}")
+            assert registered is not None
+            assert (registered["manufacturer"], registered["model"]) == (
+                "Hexa",
+                "hexa-mini-switch-v1",
+            )
+            ha.wait_for(  # reported by the device after its claim
+                lambda: (ha.device_by_identifier(f"hexa_{uid}") or {}).get("sw_version") == "1.0.0",
+                timeout=15,
+                what="the firmware version",
+            )
+
+            def mqtt_triggers() -> list[dict[str, Any]]:
+                listed = ha.device_triggers(registered["id"])
+                return [t for t in listed if t["domain"] == "mqtt"]
+
+            found = ha.wait_for(
+                lambda: t if len(t := mqtt_triggers()) >= 9 else None,
+                timeout=20,
+                what="nine device triggers",
+            )
+            pairs = {(t["type"], t["subtype"]) for t in found}
+            assert pairs == {
+                (kind, f"button_{n + 1}")
+                for n in range(3)
+                for kind in ("button_short_press", "button_long_press", "button_double_press")
+            }
+            # Home Assistant switches relay 1: the device gets the command, HA the state
+            ha.call_service("switch", "turn_on", {"entity_id": entities[1]})
+            ha.wait_for_state(entities[1], "on", timeout=10)
+            assert device.relays == [False, True, False]
+            # an automation on input 1's press switches relay 3
+            press = next(
+                {k: v for k, v in t.items() if k != "metadata"}
+                for t in found
+                if (t["type"], t["subtype"]) == ("button_short_press", "button_1")
+            )
+            ha.add_automation(
+                {
+                    "id": "hexa_press",
+                    "alias": "press turns relay 3 on",
+                    "triggers": [press],
+                    "actions": [{"action": "switch.turn_on", "target": {"entity_id": entities[2]}}],
+                }
+            )
+            for _ in range(10):  # HA subscribes to the event topic a moment after loading
+                device.event(0, "press")
+                if wait_until(lambda: device.relays[2], 1.5):
+                    break
+            assert device.relays == [False, True, True]
+            ha.wait_for_state(entities[2], "on", timeout=10)
+            with hub.api(user.access_token) as c:
+                r = c.patch(f"/devices/{dev['id']}", json={"relay_names": ["Ceiling"]})
+            assert r.status_code == 200, r.text
+            ha.wait_for(
+                lambda: (
+                    (ha.state(entities[0]) or {})
+                    .get("attributes", {})
+                    .get("friendly_name", "")
+                    .endswith("Ceiling")
+                ),
+                timeout=15,
+                what="the renamed relay",
+            )
+            with hub.api(user.access_token) as c:
+                assert c.post(f"/devices/{dev['id']}/release").status_code == 200
+            for entity in entities:
+                ha.wait_for_gone(entity, timeout=20)
+            ha.wait_for(
+                lambda: ha.device_by_identifier(f"hexa_{uid}") is None,
+                timeout=20,
+                what="the released device gone",
+            )
+    finally:
+        ha.stop()
