@@ -9,6 +9,7 @@ The test suite checks that both agree.
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias, cast
@@ -186,9 +187,13 @@ class _Fields:
 
     def number(self, key: str) -> float:
         value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        try:  # an integer of 400 digits is valid JSON but no float: OverflowError
+            number = float(value) if isinstance(value, int | float) else math.nan
+        except OverflowError:
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
             raise self.fail(f"{key}: expected a non-negative number")
-        return float(value)
+        return number
 
     def count(self, key: str) -> int:
         value = self._get(key)

@@ -207,13 +207,22 @@ class HexaClient:
             yield item
 
     async def _read(self, conn: _Connection) -> None:
+        """Runs for as long as the connection does. However it stops, it ends the
+        connection for the caller: a reader that died quietly would leave
+        :meth:`messages` and every waiting intent hanging on a live-looking client."""
+        where = f"{self.host}:{self.port}"
         try:
             async for raw in conn.mqtt.messages:
                 payload = raw.payload
                 if isinstance(payload, bytes | bytearray):
                     self._handle(conn, str(raw.topic), bytes(payload), bool(raw.retain))
         except aiomqtt.MqttError as exc:
-            self._end(conn, ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}"))
+            self._end(conn, ConnectionLost(f"connection to {where} lost: {exc}"))
+        except Exception as exc:  # a bug of this client: say so, and end (no silent hang)
+            log.exception("hexa.client stopped reading from %s", where)
+            self._end(conn, ConnectionLost(f"stopped reading from {where}: {exc!r}"))
+        else:
+            self._end(conn, ConnectionLost(f"connection to {where} ended"))
 
     def _handle(self, conn: _Connection, topic: str, payload: bytes, retain: bool) -> None:
         try:

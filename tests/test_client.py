@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from support.accounts import User, integration_token, register
-from support.checks import NEGATIVE_WAIT_S
 from support.devices import online_device
 from support.hubs import RunningHub, free_port, spawned_hub
 from support.mqtt import MqttDevice
@@ -81,8 +80,9 @@ class Inbox:
         return [m for m in self.received if getattr(m, "uid", None) == uid]
 
     async def stop(self) -> None:
+        """Stop collecting; a ConnectionLost that already ended it is the test's to check."""
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
             await self.task
 
 
@@ -230,22 +230,52 @@ async def test_another_orgs_device_is_invisible_and_cannot_be_switched(
     """A client of another organization sees its own device but nothing of the first
     org's device, even while that one switches; its intent for that device is dropped by
     the broker, so set_relay raises ResultTimeout and the device is never commanded."""
-    _, _, theirs, _ = device_with_token(hub, track)
+    _, _, theirs, their_it = device_with_token(hub, track)
     _, _, mine, it = device_with_token(hub, track)
-    async with connected(hub, it) as (client, inbox):
+    async with connected(hub, it) as (client, inbox), connected(hub, their_it) as (_, witness):
         await inbox.wait_for(lambda x: isinstance(x, DeviceState) and x.uid == mine.uid)
+        await witness.wait_for(lambda x: x == Availability(theirs.uid, True, retained=True))
         with pytest.raises(ResultTimeout) as unanswered:
             await client.set_relay(theirs.uid, 0, True, within=1.0)
         assert unanswered.value.uid == theirs.uid and unanswered.value.intent_id
         await asyncio.to_thread(theirs.event, 1, "press")
         await asyncio.to_thread(theirs.drop)
-        # a round trip on the same connection: the broker has handled everything before it
+        # Once their own organization's client has the event and the offline availability,
+        # the broker has routed both to every subscriber; the result of a round trip on our
+        # connection then comes after anything routed to us before it, in order.
+        await witness.wait_for(lambda x: x == InputEvent(theirs.uid, 1, "press"))
+        await witness.wait_for(lambda x: x == Availability(theirs.uid, False))
         own = await client.set_relay(mine.uid, 0, True)
         assert own.status == "applied"
-        await asyncio.sleep(NEGATIVE_WAIT_S)  # nothing is expected to arrive
+        await inbox.wait_for(lambda x: x == own)
         assert inbox.about(theirs.uid) == []
         assert inbox.about(mine.uid)
     assert theirs.commands == []
+
+
+@pytest.mark.anyio
+async def test_a_failing_reader_ends_the_session_instead_of_hanging(
+    hub: RunningHub, track: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should reading fail for an unforeseen reason (here decoding raises a bug of its own),
+    the client logs it and ends the session: messages() and set_relay raise
+    ConnectionLost naming the cause, rather than waiting forever on a dead reader."""
+    _, _, m, it = device_with_token(hub, track)
+
+    def broken(topic: str, payload: bytes, retain: bool = False) -> Message | None:
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(codec, "decode", broken)
+    with caplog.at_level(logging.ERROR, logger="hexa.client"):
+        async with connected(hub, it) as (client, inbox):
+            done, _ = await asyncio.wait([inbox.task], timeout=WAIT_S)
+            assert done, "messages() went on waiting after the reader failed"
+            lost = inbox.task.exception()
+            assert isinstance(lost, ConnectionLost) and "decoder bug" in str(lost)
+            with pytest.raises(ConnectionLost):
+                await client.set_relay(m.uid, 0, True)
+    assert any("stopped reading" in r.getMessage() for r in caplog.records), caplog.records
+    assert m.commands == []
 
 
 @pytest.mark.anyio
@@ -491,6 +521,18 @@ def test_decode_reads_every_topic_the_client_subscribes_to() -> None:
             "hexa/hx-1/result",
             b'{"intent_id": "i", "ok": true, "status": "applied", "latency_ms": "fast"}',
             "latency_ms",
+        ),
+        (
+            "hexa/hx-1/result",
+            b'{"intent_id": "i", "ok": true, "status": "applied", "latency_ms": 1e999}',
+            "latency_ms: expected a non-negative number",
+        ),
+        (
+            "hexa/hx-1/result",
+            b'{"intent_id": "i", "ok": true, "status": "applied", "latency_ms": 1'
+            + b"0" * 400
+            + b"}",
+            "latency_ms: expected a non-negative number",
         ),
     ],
 )
