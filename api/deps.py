@@ -23,10 +23,9 @@ from hexa.hub.access import (
     Scope,
     fetch,
     in_visible_orgs,
-    load_principal,
+    principal_for_token,
 )
 from hexa.hub.errors import Unauthorized
-from hexa.hub.security import decode_access_token
 
 #: the access-checked fetch and its scopes live with the access rules (hexa.hub.access);
 #: routers take them from here with the other dependencies
@@ -69,8 +68,7 @@ async def get_principal(
         raise Unauthorized("missing bearer token")
     hub: Hub = request.app.state.hub
     assert hub.settings.jwt_secret is not None
-    claims = decode_access_token(hub.settings.jwt_secret, credentials.credentials)
-    principal = await load_principal(claims.user_id)
+    principal = await principal_for_token(hub.settings.jwt_secret, credentials.credentials)
     request.state.principal = principal
     return principal
 

@@ -22,16 +22,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import jwt
-
 from hexa.bridges.alexa_messages import (
     EXPIRED_AUTHORIZATION_CREDENTIAL,
     INVALID_AUTHORIZATION_CREDENTIAL,
     AlexaError,
 )
-from hexa.hub.access import Role, load_principal
-from hexa.hub.errors import Unauthorized
-from hexa.hub.security import JWT_ALGORITHM, JWT_AUDIENCE, decode_access_token, token_hash
+from hexa.hub.access import Role, principal_for_token
+from hexa.hub.errors import CredentialExpired, Unauthorized
+from hexa.hub.security import token_hash
 from hexa.models import IntegrationToken
 
 #: the integration-token kind Alexa may use (contract §6)
@@ -61,36 +59,14 @@ async def authenticate(token: object, jwt_secret: str) -> Account:
 
 
 async def _user(token: str, secret: str) -> Account:
+    """A Hexa access token, checked exactly as REST checks one."""
     try:
-        claims = decode_access_token(secret, token)
-    except Unauthorized:
-        if _expired_but_ours(token, secret):
-            raise AlexaError(
-                EXPIRED_AUTHORIZATION_CREDENTIAL, "the access token has expired"
-            ) from None
-        raise AlexaError(INVALID_AUTHORIZATION_CREDENTIAL, "invalid access token") from None
-    try:
-        principal = await load_principal(claims.user_id)
-    except Unauthorized:
-        raise AlexaError(
-            INVALID_AUTHORIZATION_CREDENTIAL, "the account is unknown or disabled"
-        ) from None
+        principal = await principal_for_token(secret, token)
+    except CredentialExpired:
+        raise AlexaError(EXPIRED_AUTHORIZATION_CREDENTIAL, "the access token has expired") from None
+    except Unauthorized as exc:
+        raise AlexaError(INVALID_AUTHORIZATION_CREDENTIAL, exc.message) from None
     return Account(dict(principal.roles), "user", str(principal.id))
-
-
-def _expired_but_ours(token: str, secret: str) -> bool:
-    """True for an access token this hub signed whose only fault is its age."""
-    try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[JWT_ALGORITHM],
-            audience=JWT_AUDIENCE,
-            options={"verify_exp": False, "require": ["exp", "sub", "iat", "aud"]},
-        )
-    except jwt.InvalidTokenError:
-        return False
-    return claims.get("typ") == "access"
 
 
 async def _integration(token: str) -> Account:

@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
 from hexa.hub.errors import Forbidden, NotFound, Unauthorized
+from hexa.hub.security import decode_access_token
 from hexa.models import (
     Area,
     Automation,
@@ -130,6 +131,13 @@ async def load_principal(user_id: uuid.UUID) -> Principal:
         raise Unauthorized("user is unknown or disabled")
     memberships = await Membership.filter(user_id=user.id, org__deleted_at__isnull=True).all()
     return Principal(user=user, roles={m.org_id: Role.parse(m.role) for m in memberships})
+
+
+async def principal_for_token(secret: str, token: str) -> Principal:
+    """The user an access token stands for, with their roles: how REST, and the bridges
+    that take a Hexa access token (Alexa), authenticate a caller. Raises Unauthorized
+    (CredentialExpired for a token that has only run out)."""
+    return await load_principal(decode_access_token(secret, token).user_id)
 
 
 #: ids per query in :func:`load_grants` (below SQLite's and PostgreSQL's parameter limits)

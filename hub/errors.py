@@ -30,6 +30,12 @@ class Unauthorized(HubError):
     code = "unauthorized"
 
 
+class CredentialExpired(Unauthorized):
+    """Credentials the hub issued, valid in every way but their age (an access token past
+    its expiry). Told apart because a client refreshes these instead of asking the person
+    to log in again: Alexa, for one, reacts to the two differently."""
+
+
 class Forbidden(HubError):
     """Authenticated, but the role does not allow this."""
 

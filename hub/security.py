@@ -8,12 +8,13 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from hexa.hub.errors import Unauthorized
+from hexa.hub.errors import CredentialExpired, Unauthorized
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
 JWT_ALGORITHM = "HS256"
@@ -73,23 +74,36 @@ def issue_access_token(secret: str, user_id: uuid.UUID, ttl_s: int) -> str:
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
 
 
+def _access_claims(secret: str, token: str, *, verify_exp: bool) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(
+        token,
+        secret,
+        algorithms=[JWT_ALGORITHM],  # never accept "none" or another algorithm
+        audience=JWT_AUDIENCE,
+        options={"require": ["exp", "sub", "iat", "aud"], "verify_exp": verify_exp},
+    )
+    if claims.get("typ") != "access":
+        raise Unauthorized("not an access token")
+    return claims
+
+
 def decode_access_token(secret: str, token: str) -> AccessClaims:
-    """Verify an access JWT; raises :class:`Unauthorized` for anything wrong with it."""
+    """Verify an access JWT; raises :class:`CredentialExpired` for an access token of this
+    hub past its expiry and :class:`Unauthorized` for anything else wrong with it."""
     try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[JWT_ALGORITHM],  # never accept "none" or another algorithm
-            audience=JWT_AUDIENCE,
-            options={"require": ["exp", "sub", "iat", "aud"]},
-        )
-        if claims.get("typ") != "access":
-            raise Unauthorized("not an access token")
+        claims = _access_claims(secret, token, verify_exp=True)
         return AccessClaims(
             user_id=uuid.UUID(claims["sub"]),
             expires_at=datetime.fromtimestamp(claims["exp"], UTC),
         )
     except jwt.ExpiredSignatureError:
-        raise Unauthorized("access token expired") from None
+        pass
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise Unauthorized("invalid access token") from None
+    # PyJWT checks the expiry before the audience: only a token that is an access token of
+    # this hub in every other respect is "expired"; a forged or foreign one stays invalid
+    try:
+        _access_claims(secret, token, verify_exp=False)
+    except (jwt.InvalidTokenError, ValueError, TypeError):
+        raise Unauthorized("invalid access token") from None
+    raise CredentialExpired("access token expired")

@@ -479,10 +479,11 @@ def test_unknown_and_foreign_endpoints_do_not_exist(
     assert resource_relays(hub, stranger, foreign["id"]) == [False, False, False]
 
 
-def _access_token(user_id: str, *, secret: str = JWT_SECRET, age: timedelta) -> str:
-    """An access token as the hub issues them, issued ``age`` ago with a 15-minute life."""
+def _access_token(user_id: str, *, secret: str = JWT_SECRET, age: timedelta, **claims: str) -> str:
+    """An access token as the hub issues them, issued ``age`` ago with a 15-minute life
+    (``claims`` replace the hub's, e.g. another audience)."""
     issued = datetime.now(UTC) - age
-    claims = {
+    standard = {
         "sub": user_id,
         "iat": int(issued.timestamp()),
         "exp": int((issued + timedelta(minutes=15)).timestamp()),
@@ -490,15 +491,17 @@ def _access_token(user_id: str, *, secret: str = JWT_SECRET, age: timedelta) -> 
         "typ": "access",
         "jti": uuid.uuid4().hex,
     }
-    return jwt.encode(claims, secret, algorithm="HS256")
+    return jwt.encode({**standard, **claims}, secret, algorithm="HS256")
 
 
 def test_expired_and_forged_tokens(
     hub: RunningHub, owner: User, switch: tuple[dict[str, Any], MqttDevice]
 ) -> None:
     """An expired access token of this hub: EXPIRED_AUTHORIZATION_CREDENTIAL (Alexa then
-    refreshes it). A token signed with another key, an unknown opaque token, a missing
-    token and a refresh token: INVALID_AUTHORIZATION_CREDENTIAL. Nothing is switched."""
+    refreshes it). A token signed with another key, an expired token of ours that is no
+    access token (another audience or type), an unknown opaque token, a missing token and
+    a refresh token: INVALID_AUTHORIZATION_CREDENTIAL. No answer repeats the token, and
+    nothing is switched."""
     dev, m = switch
     endpoint = eid(dev["device_uid"], 0)
     before = commands_seen(m)
@@ -511,20 +514,23 @@ def test_expired_and_forged_tokens(
     )
     fresh_but_forged = _access_token(owner.id, secret="another-secret-" * 4, age=timedelta())
     expired_and_forged = _access_token(owner.id, secret="another-secret-" * 4, age=timedelta(1))
+    expired_elsewhere = _access_token(owner.id, age=timedelta(hours=1), aud="another-api")
+    expired_refresh = _access_token(owner.id, age=timedelta(hours=1), typ="refresh")
     for token in (
         fresh_but_forged,
         expired_and_forged,
+        expired_elsewhere,
+        expired_refresh,
         "hxi_" + uuid.uuid4().hex,
         owner.refresh_token,
         owner.access_token + "x",
         _access_token(str(uuid.uuid4()), age=timedelta()),  # nobody's
     ):
-        check_error(discover(hub, token), "INVALID_AUTHORIZATION_CREDENTIAL")
-        check_error(
-            power(hub, token, endpoint, correlation="f"),
-            "INVALID_AUTHORIZATION_CREDENTIAL",
-            correlation="f",
-        )
+        refused = discover(hub, token)
+        check_error(refused, "INVALID_AUTHORIZATION_CREDENTIAL")
+        refused_power = power(hub, token, endpoint, correlation="f")
+        check_error(refused_power, "INVALID_AUTHORIZATION_CREDENTIAL", correlation="f")
+        assert token not in json.dumps(refused) + json.dumps(refused_power)
     no_scope = directive("Alexa.PowerController", "TurnOn", endpoint_id=endpoint)
     check_error(post(hub, no_scope), "INVALID_AUTHORIZATION_CREDENTIAL")
     assert not wait_until(lambda: commands_seen(m) > before, NEGATIVE_WAIT_S)
