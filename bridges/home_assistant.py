@@ -30,8 +30,9 @@ from hexa.hub.events import (
     DeviceReleased,
     DeviceUpdated,
 )
+from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
-from hexa.hub.mqtt.busapi import Message
+from hexa.hub.mqtt.busapi import Handler, Message
 
 if TYPE_CHECKING:
     from hexa.hub.config import Settings
@@ -47,9 +48,11 @@ class HomeAssistant:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.discovery = Discovery(self._publish)
+        self.prefix = hub.settings.ha_discovery_prefix
+        self.discovery = Discovery(self._publish, prefix=self.prefix)
         self.births = Births()
-        self._on_status = inbox.on(topics.HA_STATUS, self._status)
+        self._status_topic = topics.ha_topic(topics.HA_STATUS.format(), self.prefix)
+        self._on_status = self._status_handler()
         self._on_report = inbox.on(topics.REPORT, self._report)
 
     @classmethod
@@ -73,7 +76,7 @@ class HomeAssistant:
             events.subscribe(DeviceReleased, self._on_left),
             events.subscribe(DeviceDeleted, self._on_left),
         ]
-        await self.hub.bus.subscribe(topics.HA_STATUS.filter(), self._on_status)
+        await self.hub.bus.subscribe(self._status_topic, self._on_status)
         await self.hub.bus.subscribe(topics.REPORT.filter(), self._on_report)
         try:
             async with anyio.create_task_group() as tg:
@@ -84,7 +87,7 @@ class HomeAssistant:
             for undo in unsubscribe:
                 undo()
             with anyio.CancelScope(shield=True):
-                await self.hub.bus.unsubscribe(topics.HA_STATUS.filter(), self._on_status)
+                await self.hub.bus.unsubscribe(self._status_topic, self._on_status)
                 await self.hub.bus.unsubscribe(topics.REPORT.filter(), self._on_report)
 
     async def _after_connects(self) -> None:
@@ -116,9 +119,21 @@ class HomeAssistant:
             retain=True,
         )
 
-    async def _status(self, params: dict[str, str], online: bool, msg: Message) -> None:
-        if online:
-            self.births.heard()
+    def _status_handler(self) -> Handler:
+        """Home Assistant's status (under the configured prefix): ``online`` is a birth."""
+
+        async def on_status(msg: Message) -> None:
+            if msg.topic != self._status_topic:
+                return
+            try:
+                online = topics.HA_STATUS.decode(msg.payload)
+            except topics.PayloadError:
+                log.info("ignored Home Assistant status %s", printable(bytes(msg.payload[:32])))
+                return
+            if online:
+                self.births.heard()
+
+        return on_status
 
     async def _report(self, params: dict[str, str], report: topics.Report, msg: Message) -> None:
         """A new firmware version (the device's first report after its claim, or an

@@ -73,27 +73,32 @@ async def load(uid: str, org_id: uuid.UUID | None = None) -> DeviceView | None:
     )
 
 
-def switch_topic(uid: str, index: int) -> str:
-    return topics.HA_SWITCH_CONFIG.format(object_id=topics.ha_object_id(uid, index))
+def switch_topic(uid: str, index: int, prefix: str = topics.HA_PREFIX) -> str:
+    topic = topics.HA_SWITCH_CONFIG.format(object_id=topics.ha_object_id(uid, index))
+    return topics.ha_topic(topic, prefix)
 
 
-def trigger_topic(uid: str, input_index: int, event: str) -> str:
-    return topics.HA_TRIGGER_CONFIG.format(
+def trigger_topic(uid: str, input_index: int, event: str, prefix: str = topics.HA_PREFIX) -> str:
+    topic = topics.HA_TRIGGER_CONFIG.format(
         object_id=topics.ha_trigger_object_id(uid, input_index, event)
     )
+    return topics.ha_topic(topic, prefix)
 
 
-def config_topics(uid: str, relay_count: int, input_count: int) -> Iterator[str]:
+def config_topics(
+    uid: str, relay_count: int, input_count: int, prefix: str = topics.HA_PREFIX
+) -> Iterator[str]:
     """Every discovery topic of a device with these many relays and inputs."""
     for index in range(relay_count):
-        yield switch_topic(uid, index)
+        yield switch_topic(uid, index, prefix)
     for index in range(input_count):
         for event in TRIGGER_TYPES:
-            yield trigger_topic(uid, index, event)
+            yield trigger_topic(uid, index, event, prefix)
 
 
-def configs(view: DeviceView) -> Configs:
-    """Every discovery config of the device, by topic (contract §6)."""
+def configs(view: DeviceView, prefix: str = topics.HA_PREFIX) -> Configs:
+    """Every discovery config of the device, by topic (contract §6), under the
+    discovery ``prefix``."""
     uid = view.uid
     device: dict[str, Any] = {
         "identifiers": [f"hexa_{uid}"],
@@ -112,7 +117,7 @@ def configs(view: DeviceView) -> Configs:
     ]
     out: Configs = {}
     for index, name in enumerate(view.relay_names):
-        out[switch_topic(uid, index)] = {
+        out[switch_topic(uid, index, prefix)] = {
             "name": name,
             "unique_id": topics.ha_object_id(uid, index),
             "command_topic": topics.RELAY_SET.format(uid=uid, index=index),
@@ -128,7 +133,7 @@ def configs(view: DeviceView) -> Configs:
         }
     for index in range(view.input_count):
         for event, kind in TRIGGER_TYPES.items():
-            out[trigger_topic(uid, index, event)] = {
+            out[trigger_topic(uid, index, event, prefix)] = {
                 "automation_type": "trigger",
                 "topic": topics.INPUT_EVENT.format(uid=uid, index=index),
                 "type": kind,

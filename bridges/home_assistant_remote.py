@@ -106,7 +106,9 @@ class RemoteHomeAssistant:
         self.username = settings.ha_username
         self.password = settings.ha_password
         self.client_id = f"hexa-hub-{hub.instance}-ha"
-        self.discovery = Discovery(self._publish, org_id=self.org_id)
+        self.prefix = settings.ha_discovery_prefix
+        self.discovery = Discovery(self._publish, org_id=self.org_id, prefix=self.prefix)
+        self._status_topic = topics.ha_topic(topics.HA_STATUS.format(), self.prefix)
         self.births = Births()
         self._client: aiomqtt.Client | None = None
         self._on_report = inbox.on(topics.REPORT, self._report)
@@ -196,8 +198,8 @@ class RemoteHomeAssistant:
             for flt in (
                 topics.RELAY_SET.filter(),
                 topics.RELAYS_SET.filter(),
-                topics.HA_STATUS.format(),
-                *(config.filter() for config in topics.HA_CONFIGS),
+                self._status_topic,
+                *(topics.ha_topic(config.filter(), self.prefix) for config in topics.HA_CONFIGS),
             ):
                 await client.subscribe(flt, qos=1)
             while not self._jobs.empty():  # a full republish below covers them
@@ -356,19 +358,18 @@ class RemoteHomeAssistant:
         payload = message.payload
         data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
         data = bytes(data)
-        if topic == topics.HA_STATUS.format():
+        if topic == self._status_topic:
             try:
                 if topics.HA_STATUS.decode(data):
                     self.births.heard()
             except topics.PayloadError:
                 log.info("ignored Home Assistant status %s", printable(data[:32]))
             return
-        for config in topics.HA_CONFIGS:
-            params = config.parse(topic)
-            if params is not None:
-                if message.retain and data:
-                    await self._prune(topic, params["object_id"])
-                return
+        object_id = topics.ha_config_object(topic)
+        if object_id is not None:
+            if message.retain and data:
+                await self._prune(topic, object_id)
+            return
         for intent_topic in topics.INTENT_TOPICS:
             params = intent_topic.parse(topic)
             if params is not None:
@@ -384,7 +385,7 @@ class RemoteHomeAssistant:
         if uid is None:
             return
         view = await self.discovery.wanted(uid)
-        if view is not None and topic in configs(view):
+        if view is not None and topic in configs(view, self.prefix):
             return
         if view is not None:  # a config the device no longer has (fewer relays)
             log.info("clearing stale Home Assistant config %s", printable(topic))

@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from hexa.bridges.home_assistant_config import DeviceView, config_topics, configs, encode, load
+from hexa.hub import topics
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,17 @@ class Discovery:
     :meth:`settled`) counts as gone, although the database still names its organization.
     """
 
-    def __init__(self, publish: Publish, *, org_id: uuid.UUID | None = None) -> None:
+    def __init__(
+        self,
+        publish: Publish,
+        *,
+        org_id: uuid.UUID | None = None,
+        prefix: str = topics.HA_PREFIX,
+    ) -> None:
         self._publish = publish
         self.org_id = org_id
+        #: Home Assistant's discovery prefix
+        self.prefix = prefix
         self._lock = asyncio.Lock()
         self._leaving: set[str] = set()
         #: uid → the config topics this broker was last given for it
@@ -85,10 +94,10 @@ class Discovery:
             view = await self.wanted(uid)
             if view is not None and fw_version:
                 view = replace(view, sw_version=fw_version)
-            wanted = configs(view) if view is not None else {}
+            wanted = configs(view, self.prefix) if view is not None else {}
             before = self._published.get(uid)
             if before is None:
-                before = frozenset(config_topics(uid, relay_count, input_count))
+                before = frozenset(config_topics(uid, relay_count, input_count, self.prefix))
             for topic in sorted(before - wanted.keys()):
                 await self._publish(topic, encode(None), True)
             for topic, config in wanted.items():

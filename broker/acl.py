@@ -3,8 +3,10 @@
 - a device may publish only its own ack, report, event and availability, and subscribe
   only to its own cmd (and ``hexa/hub/status``);
 - an integration may subscribe to ``hexa/#`` and ``homeassistant/#`` (or narrower
-  filters), receives only its organization's devices and ``hexa/hub/status``, and may
-  publish only intents for its organization's devices and ``homeassistant/status``;
+  filters; also under the configured discovery prefix), receives only its
+  organization's devices (their discovery configs included) and ``hexa/hub/status``,
+  and may publish only intents for its organization's devices and
+  ``homeassistant/status``;
 - the hub may do everything; anybody else nothing.
 """
 
@@ -47,6 +49,13 @@ OrgOf = Callable[[str], uuid.UUID | None]
 
 _HUB_STATUS = topics.HUB_STATUS.format()
 _HA_STATUS = topics.HA_STATUS.format()
+_HA_PREFIX = topics.HA_PREFIX
+
+
+def _ha_status(topic: str, ha_prefix: str) -> bool:
+    """Whether ``topic`` is Home Assistant's birth topic (its default, or under the
+    discovery prefix the hub is configured with)."""
+    return topic == _HA_STATUS or topic == topics.ha_topic(_HA_STATUS, ha_prefix)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -57,11 +66,8 @@ def topic_device(topic: str) -> str | None:
     uid = topics.device_of(topic)
     if uid is not None:
         return uid
-    for config in topics.HA_CONFIGS:
-        params = config.parse(topic)
-        if params is not None:
-            return topics.uid_of_ha_object(params["object_id"])
-    return None
+    object_id = topics.ha_config_object(topic)  # under any discovery prefix
+    return None if object_id is None else topics.uid_of_ha_object(object_id)
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -83,12 +89,14 @@ def _in_org(identity: Identity, uid: str | None, org_of: OrgOf) -> bool:
         return False
 
 
-def may_publish(identity: Identity, topic: str, org_of: OrgOf) -> bool:
+def may_publish(
+    identity: Identity, topic: str, org_of: OrgOf, *, ha_prefix: str = _HA_PREFIX
+) -> bool:
     if identity.kind is Kind.HUB:
         return True
     if identity.kind is Kind.DEVICE:
         return topic in _device_publishes(identity.name)
-    if topic == _HA_STATUS:
+    if _ha_status(topic, ha_prefix):
         return True
     for t in topics.INTENT_TOPICS:
         params = t.parse(topic)
@@ -97,7 +105,9 @@ def may_publish(identity: Identity, topic: str, org_of: OrgOf) -> bool:
     return False
 
 
-def may_subscribe(identity: Identity, flt: str, org_of: OrgOf) -> bool:
+def may_subscribe(
+    identity: Identity, flt: str, org_of: OrgOf, *, ha_prefix: str = _HA_PREFIX
+) -> bool:
     if identity.kind is Kind.HUB:
         return True
     if flt == _HUB_STATUS:
@@ -105,8 +115,8 @@ def may_subscribe(identity: Identity, flt: str, org_of: OrgOf) -> bool:
     if identity.kind is Kind.DEVICE:
         return flt == topics.CMD.format(uid=identity.name)
     parts = flt.split("/")
-    if parts[0] == "homeassistant":
-        return True
+    if parts[0] in (_HA_PREFIX, ha_prefix):
+        return True  # what is delivered is filtered per message (may_receive)
     if parts[0] != topics.ROOT or len(parts) < 2:
         return False
     second = parts[1]
@@ -115,13 +125,15 @@ def may_subscribe(identity: Identity, flt: str, org_of: OrgOf) -> bool:
     return _in_org(identity, second, org_of)
 
 
-def may_receive(identity: Identity, topic: str, org_of: OrgOf) -> bool:
+def may_receive(
+    identity: Identity, topic: str, org_of: OrgOf, *, ha_prefix: str = _HA_PREFIX
+) -> bool:
     if identity.kind is Kind.HUB:
         return True
     if topic == _HUB_STATUS:
         return True
     if identity.kind is Kind.DEVICE:
         return topic == _device_cmd(identity.name)
-    if topic == _HA_STATUS:
+    if _ha_status(topic, ha_prefix):
         return True
     return _in_org(identity, topic_device(topic), org_of)

@@ -71,7 +71,8 @@ class EmbeddedBroker:
             device_publish_rate=s.mqtt_device_publish_rate,
             integration_publish_rate=s.mqtt_integration_publish_rate,
         )
-        engine = Engine(Access(self.gate), max_payload=s.max_mqtt_payload_bytes, limits=limits)
+        access = Access(self.gate, ha_prefix=s.ha_discovery_prefix)
+        engine = Engine(access, max_payload=s.max_mqtt_payload_bytes, limits=limits)
         broker = HexaBroker(self._config(), engine=engine)
         names = {type(p).__name__ for p in broker.plugins_manager.plugins}
         if names != {HexaAuthPlugin.__name__}:

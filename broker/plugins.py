@@ -44,8 +44,10 @@ class Access:
     """contract.md §3 on publish, subscribe and delivery (see :mod:`hexa.broker.acl`),
     for one identity at a time; denials are counted and logged."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, *, ha_prefix: str = topics.HA_PREFIX) -> None:
         self.gate = gate
+        #: Home Assistant's discovery prefix (``HEXA_HA_DISCOVERY_PREFIX``)
+        self.ha_prefix = ha_prefix
 
     async def may_publish(self, identity: acl.Identity, topic: str) -> bool:
         if identity.kind is acl.Kind.HUB:
@@ -53,7 +55,10 @@ class Access:
         if identity.kind is acl.Kind.INTEGRATION:
             await self.gate.load_org(topics.device_of(topic))
         return self._decided(
-            acl.may_publish(identity, topic, self.gate.org_of), "publish", identity, topic
+            acl.may_publish(identity, topic, self.gate.org_of, ha_prefix=self.ha_prefix),
+            "publish",
+            identity,
+            topic,
         )
 
     async def may_subscribe(self, identity: acl.Identity, flt: str) -> bool:
@@ -65,7 +70,10 @@ class Access:
                 parts[1] if len(parts) > 1 and topics.UID_RE.match(parts[1]) else None
             )
         return self._decided(
-            acl.may_subscribe(identity, flt, self.gate.org_of), "subscribe", identity, flt
+            acl.may_subscribe(identity, flt, self.gate.org_of, ha_prefix=self.ha_prefix),
+            "subscribe",
+            identity,
+            flt,
         )
 
     async def prepare_receive(self, topic: str) -> None:
@@ -76,7 +84,7 @@ class Access:
         """After :meth:`prepare_receive` for the topic: whether ``identity`` receives it."""
         if identity.kind is acl.Kind.HUB:
             return True
-        return acl.may_receive(identity, topic, self.gate.org_of)
+        return acl.may_receive(identity, topic, self.gate.org_of, ha_prefix=self.ha_prefix)
 
     def _decided(self, allowed: bool, action: str, identity: acl.Identity, topic: str) -> bool:
         if not allowed:

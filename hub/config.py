@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import ssl
 import stat
@@ -143,6 +144,13 @@ def _uuid(name: str, raw: str) -> uuid.UUID | None:
         raise SettingError(name, raw, "must be an organization id (a UUID)") from None
 
 
+def _discovery_prefix(name: str, raw: str) -> str:
+    """Home Assistant's discovery prefix: one topic level, not the hub's own."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw) or raw == "hexa":
+        raise SettingError(name, raw, "must be one topic level (letters, digits, _ or -)")
+    return raw
+
+
 def _text(_name: str, raw: str) -> str | None:
     return raw or None
 
@@ -202,6 +210,7 @@ class Settings:
     enforce_https: bool = False
     log_level: str = "INFO"
     ha_discovery: bool = True
+    ha_discovery_prefix: str = "homeassistant"
     ha_broker_url: str | None = None
     ha_username: str | None = None
     ha_password: str | None = None
@@ -283,6 +292,7 @@ _PARSERS: dict[str, Parser] = {
     "enforce_https": _bool,
     "log_level": _log_level,
     "ha_discovery": _bool,
+    "ha_discovery_prefix": _discovery_prefix,
     "ha_broker_url": _broker_url,
     "ha_username": _text,
     "ha_password": _text,

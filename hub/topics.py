@@ -457,9 +457,34 @@ HA_TRIGGER_CONFIG: Topic[Any] = Topic(
 )
 #: the discovery config topics, by component
 HA_CONFIGS: tuple[Topic[Any], ...] = (HA_SWITCH_CONFIG, HA_TRIGGER_CONFIG)
+#: Home Assistant's default discovery prefix, the first level of the topics above
+#: (``HEXA_HA_DISCOVERY_PREFIX`` may name another: :func:`ha_topic`)
+HA_PREFIX = "homeassistant"
 HA_STATUS: Topic[bool] = Topic(
     "ha_status", "homeassistant/status", codec=Codec(decode_availability, encode_availability)
 )
+
+
+def ha_topic(topic: str, prefix: str) -> str:
+    """A Home Assistant topic or filter (formatted from the topics above) under the
+    discovery ``prefix`` instead of ``homeassistant``."""
+    if prefix == HA_PREFIX or not topic.startswith(HA_PREFIX + "/"):
+        return topic
+    return prefix + topic[len(HA_PREFIX) :]
+
+
+def ha_config_object(topic: str) -> str | None:
+    """The object id of a discovery config topic (a switch or a device trigger) under
+    any discovery prefix, or None."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[3] != "config" or parts[0] == ROOT:
+        return None
+    for config in HA_CONFIGS:
+        params = config.parse("/".join([HA_PREFIX, *parts[1:]]))
+        if params is not None:
+            return params["object_id"]
+    return None
+
 
 DEVICE_TOPICS: tuple[Topic[Any], ...] = (CMD, ACK, REPORT, EVENT, AVAILABILITY)
 INTENT_TOPICS: tuple[Topic[Intent], ...] = (RELAY_SET, RELAYS_SET)

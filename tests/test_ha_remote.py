@@ -484,6 +484,25 @@ def test_tls_with_private_ca_and_client_certificate(home: Home, tmp_path: Path) 
         broker.stop()
 
 
+def test_another_discovery_prefix_on_the_remote_broker(home: Home, broker: Mosquitto) -> None:
+    """With HEXA_HA_DISCOVERY_PREFIX the configs go under that prefix there, and a birth
+    on <prefix>/status is answered."""
+    hub = bridged_hub(home, broker, ha_discovery_prefix="ha-test")
+    try:
+        ha = Watcher(broker, "ha-test/#", "homeassistant/#")
+        uid = home.devices[0]["device_uid"]
+        topic = f"ha-test/switch/hexa_{uid}_0/config"
+        assert ha.has(topic)
+        assert ha.has(f"ha-test/device_automation/hexa_{uid}_input0_press/config")
+        before = ha.count(topic)
+        ha.publish("ha-test/status", "online")
+        assert wait_until(lambda: ha.count(topic) > before, 10)
+        assert not [t for t, _, _ in list(ha.msgs) if t.startswith("homeassistant/")]
+        ha.close()
+    finally:
+        stop_hub(hub)
+
+
 # --- settings ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("env", "needle"),
@@ -497,6 +516,8 @@ def test_tls_with_private_ca_and_client_certificate(home: Home, tmp_path: Path) 
         ({"HEXA_HA_CERT_FILE": "{cert}", "HEXA_HA_KEY_FILE": "{garbage}"}, "HEXA_HA_CERT_FILE"),
         ({"HEXA_HA_CA_FILE": "{ca}", "HEXA_HA_BROKER_URL": "mqtt://h:1"}, "mqtts://"),
         ({"HEXA_HA_TLS_INSECURE": "maybe"}, "HEXA_HA_TLS_INSECURE"),
+        ({"HEXA_HA_DISCOVERY_PREFIX": "home/assistant"}, "HEXA_HA_DISCOVERY_PREFIX"),
+        ({"HEXA_HA_DISCOVERY_PREFIX": "hexa"}, "HEXA_HA_DISCOVERY_PREFIX"),
     ],
 )
 def test_bad_ha_settings_name_themselves(tmp_path: Path, env: dict[str, str], needle: str) -> None:

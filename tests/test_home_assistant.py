@@ -499,3 +499,54 @@ def test_real_home_assistant_shows_and_switches_the_relays(
             )
     finally:
         ha.stop()
+
+
+# --- another discovery prefix --------------------------------------------------------------
+def test_topics_under_another_discovery_prefix() -> None:
+    """A configured prefix replaces only the first level; config topics map to their
+    device under any prefix, and other topics do not."""
+    from hexa.broker.acl import topic_device
+    from hexa.hub import topics
+
+    assert topics.ha_topic("homeassistant/status", "ha") == "ha/status"
+    assert topics.ha_topic("homeassistant/switch/+/config", "homeassistant") == (
+        "homeassistant/switch/+/config"
+    )
+    assert topics.ha_topic("hexa/hub/status", "ha") == "hexa/hub/status"
+    assert topic_device("ha/switch/hexa_hx-1_input0_2/config") == "hx-1_input0"
+    assert topic_device("ha/device_automation/hexa_hx-1_input0_hold/config") == "hx-1"
+    assert topic_device("ha/device_automation/hexa_x_input0_double_press/config") == "x"
+    assert topic_device("hexa/switch/hexa_hx-1_0/config") is None
+    assert topic_device("ha/light/hexa_hx-1_0/config") is None
+    assert topic_device("ha/switch/other_0/config") is None
+
+
+def test_another_discovery_prefix_end_to_end(db_kind: str, tmp_path: Any) -> None:
+    """With HEXA_HA_DISCOVERY_PREFIX, configs go under that prefix (switches and
+    triggers, to the device's organization only) and a birth on <prefix>/status is
+    answered."""
+    from support.hubs import spawned_hub
+
+    with spawned_hub(db_kind, tmp_path, ha_discovery_prefix="ha-test") as other_hub:
+        user, stranger = register(other_hub), register(other_hub)
+        token = ha_token(other_hub, user)
+        ha = MqttClient(other_hub, token["name"], token["token"])
+        theirs_token = ha_token(other_hub, stranger)
+        theirs = MqttClient(other_hub, theirs_token["name"], theirs_token["token"])
+        try:
+            assert ha.ok() and ha.subscribe("ha-test/#")
+            assert theirs.ok() and theirs.subscribe("ha-test/#")
+            _, dev = claimed_device(other_hub, user)
+            uid = dev["device_uid"]
+            switch = f"ha-test/switch/hexa_{uid}_1/config"
+            assert ha.wait_for(lambda t, p, r: t == switch, 5)
+            trig = f"ha-test/device_automation/hexa_{uid}_input2_hold/config"
+            assert ha.wait_for(lambda t, p, r: t == trig, 5)
+            count = len(configs_of(ha, switch))
+            ha.publish("ha-test/status", "online")
+            assert wait_until(lambda: len(configs_of(ha, switch)) > count, BIRTH_ANSWER_S)
+            assert not ha.messages(lambda t, p, r: t.startswith("homeassistant/"))
+            assert not theirs.messages(lambda t, p, r: uid in t)
+        finally:
+            ha.close()
+            theirs.close()
