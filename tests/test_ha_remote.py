@@ -503,6 +503,35 @@ def test_another_discovery_prefix_on_the_remote_broker(home: Home, broker: Mosqu
         stop_hub(hub)
 
 
+def test_discovery_on_an_external_broker_the_hub_uses(
+    db_kind: str, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A hub whose own bus is an external broker (HEXA_BROKER_URL) keeps the discovery
+    configs there too: published on claim, republished after a birth, removed on
+    release."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    hub = spawn_hub(url, tmp_path / "data", broker_url=f"mqtt://127.0.0.1:{broker.port}")
+    try:
+        user = register(hub)
+        ha = Watcher(broker)
+        _, dev = claimed_device(hub, user)
+        uid = dev["device_uid"]
+        topic = switch(uid, 2)
+        assert ha.has(topic) and ha.has(trigger(uid, 0, "double_press"))
+        before = ha.count(topic)
+        ha.publish("homeassistant/status", "online")
+        assert wait_until(lambda: ha.count(topic) > before, 10)
+        with hub.api(user.access_token) as c:
+            assert c.post(f"/devices/{dev['id']}/release").status_code == 200
+        assert ha.has(topic, lambda p: p == b"") and ha.has(
+            trigger(uid, 0, "hold"), lambda p: p == b""
+        )
+        ha.close()
+    finally:
+        stop_hub(hub)
+        drop()
+
+
 # --- settings ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("env", "needle"),
