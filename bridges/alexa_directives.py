@@ -49,6 +49,7 @@ from hexa.bridges.alexa_messages import (
 )
 from hexa.hub.access import PERMISSIONS
 from hexa.hub.commands import Origin, RelayAction
+from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateLimited
 from hexa.models import Device, RelayState
 
 if TYPE_CHECKING:
@@ -235,23 +236,25 @@ class SmartHome:
     async def _power(self, directive: Directive, account: Account) -> dict[str, Any]:
         target = await self._endpoint(directive, account, "command_relays")
         device = target.device
-        result = await self.hub.commands.submit(
-            device.device_uid,
-            RelayAction.of(target.index, directive.name == "TurnOn"),
-            Origin(
-                SOURCE,
-                actor_type=account.actor_type,
-                actor_id=account.actor_id,
-                request_id=directive.request_id,
-            ),
+        origin = Origin(
+            SOURCE,
+            actor_type=account.actor_type,
+            actor_id=account.actor_id,
+            request_id=directive.request_id,
         )
-        if result.status in ("offline", "timeout"):
-            why = "is offline" if result.status == "offline" else "did not answer in time"
-            raise AlexaError(ENDPOINT_UNREACHABLE, f"the device {why}")
-        if result.status != "applied" or result.relays is None:
-            if result.error and result.error.startswith("device busy"):
-                raise AlexaError(ENDPOINT_BUSY, result.error)
-            raise AlexaError(INTERNAL_ERROR, f"the device refused: {result.error or 'rejected'}")
+        action = RelayAction.of(target.index, directive.name == "TurnOn")
+        # the relay service's outcomes, as REST sees them (hub.commands.execute), in
+        # Alexa's words
+        try:
+            result = await self.hub.commands.execute(device.device_uid, action, origin)
+        except (DeviceOffline, DeviceTimeout) as exc:
+            raise AlexaError(ENDPOINT_UNREACHABLE, exc.message) from None
+        except RateLimited as exc:  # the device said it is busy
+            raise AlexaError(ENDPOINT_BUSY, exc.message) from None
+        except CommandRejected as exc:
+            raise AlexaError(INTERNAL_ERROR, exc.message) from None
+        if result.relays is None or target.index >= len(result.relays):
+            raise AlexaError(INTERNAL_ERROR, "the device acknowledged without that relay's state")
         return event(
             "Alexa",
             "Response",

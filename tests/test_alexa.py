@@ -280,6 +280,7 @@ def test_discovery_lists_one_switch_per_relay_of_the_accounts_devices(
 
 
 def test_discovery_without_devices_is_an_empty_list(hub: RunningHub, owner: User) -> None:
+    """An account whose organizations have no devices discovers an empty endpoint list."""
     answer = discover(hub, owner.access_token)
     check_header(answer, "Alexa.Discovery", "Discover.Response")
     assert answer["event"]["payload"] == {"endpoints": []}
@@ -312,6 +313,8 @@ def test_turn_on_switches_the_relay_and_answers_after_the_ack(
 def test_report_state_gives_the_relays_state_and_connectivity(
     hub: RunningHub, owner: User, switch: tuple[dict[str, Any], MqttDevice]
 ) -> None:
+    """ReportState: a StateReport for the endpoint with its relay's state and OK
+    connectivity, the correlation token echoed."""
     dev, _ = switch
     assert state_of(power(hub, owner.access_token, eid(dev["device_uid"], 2)))[0] == "ON"
     answer = report_state(hub, owner.access_token, eid(dev["device_uid"], 2))
@@ -382,6 +385,8 @@ def test_an_offline_device_is_unreachable(hub: RunningHub, owner: User) -> None:
 def test_a_device_that_never_acknowledges_is_unreachable(
     hub: RunningHub, owner: User, track: Callable[[MqttDevice], MqttDevice]
 ) -> None:
+    """A device that gets the command but never acknowledges it: ENDPOINT_UNREACHABLE
+    once the command timeout is over, the relays unchanged, audited as a timeout."""
     dev, m = online_device(hub, owner, track, auto_ack=False)
     answer = power(hub, owner.access_token, eid(dev["device_uid"], 0), correlation="slow")
     check_error(answer, "ENDPOINT_UNREACHABLE", correlation="slow")
@@ -420,12 +425,16 @@ def test_a_device_that_never_acknowledges_is_unreachable(
     ],
 )
 def test_malformed_directives_are_invalid(hub: RunningHub, body: bytes) -> None:
+    """A body that is not a v3 directive is INVALID_DIRECTIVE with HTTP 200, never a 4xx
+    or 5xx (Alexa would read either as the skill being down)."""
     check_error(post(hub, body), "INVALID_DIRECTIVE")
 
 
 def test_unknown_directives_are_invalid_and_echo_the_correlation_token(
     hub: RunningHub, owner: User, switch: tuple[dict[str, Any], MqttDevice]
 ) -> None:
+    """Directives of interfaces the hub does not offer, and a control directive without
+    an endpoint id, are INVALID_DIRECTIVE with the correlation token; nothing switches."""
     dev, m = switch
     before = commands_seen(m)
     endpoint = eid(dev["device_uid"], 0)
@@ -477,6 +486,38 @@ def test_unknown_and_foreign_endpoints_do_not_exist(
         )
     assert not wait_until(lambda: fm.commands, NEGATIVE_WAIT_S)
     assert resource_relays(hub, stranger, foreign["id"]) == [False, False, False]
+
+
+def test_released_and_deleted_devices_and_deleted_tokens(
+    hub: RunningHub, owner: User, track: Callable[[MqttDevice], MqttDevice]
+) -> None:
+    """A released device and a deleted one leave discovery and answer NO_SUCH_ENDPOINT
+    (their devices get no command); a deleted alexa integration token is
+    INVALID_AUTHORIZATION_CREDENTIAL from then on."""
+    released, rm = online_device(hub, owner, track)
+    deleted, dm = online_device(hub, owner, track)
+    token = alexa_token(hub, owner)
+    listed = discover(hub, token)["event"]["payload"]["endpoints"]
+    assert {eid(released["device_uid"], 0), eid(deleted["device_uid"], 0)} <= {
+        e["endpointId"] for e in listed
+    }
+    with hub.api(owner.access_token) as c:
+        assert c.post(f"/devices/{released['id']}/release").status_code == 200
+        assert c.delete(f"/devices/{deleted['id']}").status_code == 204
+    assert discover(hub, token)["event"]["payload"]["endpoints"] == []
+    for dev in (released, deleted):
+        endpoint = eid(dev["device_uid"], 0)
+        check_error(
+            power(hub, token, endpoint, correlation="gone"), "NO_SUCH_ENDPOINT", "Alexa", "gone"
+        )
+        check_error(report_state(hub, token, endpoint), "NO_SUCH_ENDPOINT", "Alexa", "rs")
+    assert not wait_until(lambda: rm.commands or dm.commands, NEGATIVE_WAIT_S)
+
+    with hub.api(owner.access_token) as c:
+        tokens = c.get("/integrations/tokens").json()["items"]
+        (mine,) = [t for t in tokens if t["kind"] == "alexa"]
+        assert c.delete(f"/integrations/tokens/{mine['id']}").status_code == 204
+    check_error(discover(hub, token), "INVALID_AUTHORIZATION_CREDENTIAL")
 
 
 def _access_token(user_id: str, *, secret: str = JWT_SECRET, age: timedelta, **claims: str) -> str:
@@ -638,6 +679,7 @@ def test_the_documented_lambda_forwards_directives(
 
 
 def test_the_route_is_in_the_api_document(hub: RunningHub) -> None:
+    """/openapi.json documents the route with the directive as its request body."""
     doc = httpx.get(f"{hub.base}/openapi.json", timeout=15).json()
     operation = doc["paths"]["/api/v1/alexa/smart-home"]["post"]
     body = operation["requestBody"]["content"]["application/json"]["schema"]
