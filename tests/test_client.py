@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import ssl
@@ -19,14 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support.accounts import User, integration_token, register
 from support.devices import online_device
 from support.hubs import RunningHub, free_port, spawned_hub
 from support.mqtt import MqttDevice
+from support.tls import self_signed
 
 from hexa.client import (
     AuthenticationError,
@@ -396,43 +392,11 @@ async def test_taken_over_session_is_lost_and_the_client_reconnects(
         await again.stop()
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hexa-client-test")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_verified_against_a_private_ca(db_kind: str, tmp_path: Path, track: Any) -> None:
     """Over the hub's MQTT/TLS listener the client connects with an SSLContext trusting
     the hub's CA and switches a relay; verified against the system's CAs instead
     (tls=True) the certificate is refused with a ConnectError."""
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed(tmp_path)
     tls_port = free_port()
     options = {"mqtt_tls_cert": str(cert), "mqtt_tls_key": str(key), "mqtt_tls_port": str(tls_port)}
     with spawned_hub(db_kind, tmp_path, **options) as tls_hub:

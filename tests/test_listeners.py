@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import ssl
 import threading
@@ -15,56 +13,21 @@ from typing import Any
 import anyio
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support.accounts import integration_token, register
 from support.checks import wait_until
 from support.databases import new_database_url
 from support.devices import claim, online_device, provision
 from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
+from support.tls import self_signed
 
 from hexa.hub.mqtt import client as hexa_mqtt
 from hexa.hub.mqtt.bus import BrokerAddress, Bus
 from hexa.hub.mqtt.busapi import Message
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hexa-test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture
 def tls_hub(db_kind: str, tmp_path: Path) -> Iterator[tuple[RunningHub, Path, int, int]]:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     tls_port, ws_port = free_port(), free_port()
     url, drop = new_database_url(db_kind, tmp_path)
     hub = spawn_hub(
