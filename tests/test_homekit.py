@@ -542,10 +542,16 @@ def test_at_most_149_devices(hub: RunningHub) -> None:
 
 
 # --- restarts ----------------------------------------------------------------------------
+def threads_of(hub: RunningHub) -> list[str]:
+    """The names of the threads of a spawned hub's process (Linux)."""
+    tasks = Path(f"/proc/{hub.proc.pid}/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+
+
 def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[..., Any]) -> None:
     """After `hexa serve` restarts, the bridge is back on the same port with the same
     identity and accessory ids, and the controller paired before goes on without pairing
-    again: it reads, switches and gets events."""
+    again: it reads, switches and gets events. The bridge adds no thread to the process."""
     url, drop = new_database_url(db_kind, tmp_path)
     data = tmp_path / "data"
     try:
@@ -553,6 +559,7 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
         try:
             user = register(first)
             dev, device = online_device(first, user, track)
+            threads = threads_of(first)
             bridge = enable(first, user)
 
             async def before() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -561,6 +568,8 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
                     return dict(pairing.pairing_data), accessory
 
             pairing_data, accessory = asyncio.run(before())
+            # HAP-python and zeroconf run on the hub's event loop: no thread of their own
+            assert threads_of(first) == threads
             device.close()
         finally:
             stop_hub(first)
