@@ -47,9 +47,16 @@ from hexa.bridges.alexa_messages import (
     parse_endpoint_id,
     power_state,
 )
-from hexa.hub.access import PERMISSIONS
+from hexa.hub.access import require_role
 from hexa.hub.commands import Origin, RelayAction
-from hexa.hub.errors import CommandRejected, DeviceOffline, DeviceTimeout, RateLimited
+from hexa.hub.errors import (
+    CommandRejected,
+    DeviceOffline,
+    DeviceTimeout,
+    Forbidden,
+    NotFound,
+    RateLimited,
+)
 from hexa.models import Device, RelayState
 
 if TYPE_CHECKING:
@@ -310,16 +317,14 @@ class SmartHome:
             device = await Device.get_or_none(
                 device_uid=parsed[0], deleted_at=None, org__deleted_at__isnull=True
             )
-        role = None if device is None else account.role_in(device.org_id)
-        if parsed is None or device is None or role is None or parsed[1] >= device.relay_count:
+        if parsed is None or device is None or parsed[1] >= device.relay_count:
             raise AlexaError(NO_SUCH_ENDPOINT, "no such endpoint")
-        needed = PERMISSIONS[action]
-        if role < needed:
-            raise AlexaError(
-                INSUFFICIENT_PERMISSIONS,
-                f"{action.replace('_', ' ')} needs the {needed.name} role, "
-                f"the account has {role.name}",
-            )
+        try:  # tenancy and roles exactly as for REST: another org's device does not exist
+            require_role(account.role_in(device.org_id), action, "endpoint")
+        except NotFound:
+            raise AlexaError(NO_SUCH_ENDPOINT, "no such endpoint") from None
+        except Forbidden as exc:
+            raise AlexaError(INSUFFICIENT_PERMISSIONS, exc.message) from None
         return _Endpoint(device, parsed[1], directive.endpoint_id)
 
 

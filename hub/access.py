@@ -59,6 +59,20 @@ PERMISSIONS: dict[str, Role] = {
 }
 
 
+def require_role(role: Role | None, action: str, kind: str = "organization") -> None:
+    """The one check of a caller's role in an object's organization against ``action``:
+    NotFound when they have none (the object does not exist for them), Forbidden when it
+    is too low. Callers that are not users (an Alexa integration token) use it too."""
+    needed = PERMISSIONS[action]
+    if role is None:
+        raise NotFound(kind)
+    if role < needed:
+        raise Forbidden(
+            f"{action.replace('_', ' ')} needs the {needed.name} role",
+            details={"required_role": needed.name, "role": role.name},
+        )
+
+
 @dataclass(frozen=True)
 class Grants:
     """What a user may see and do: platform admin or not, and a role per organization."""
@@ -103,17 +117,8 @@ class Principal:
 
     def require(self, org_id: uuid.UUID | None, action: str, kind: str = "organization") -> None:
         """Raise NotFound when the org is invisible, Forbidden when the role is too low."""
-        needed = PERMISSIONS[action]
-        if self.is_platform_admin:
-            return
-        role = self.role_in(org_id)
-        if role is None:
-            raise NotFound(kind)
-        if role < needed:
-            raise Forbidden(
-                f"{action.replace('_', ' ')} needs the {needed.name} role",
-                details={"required_role": needed.name, "role": role.name},
-            )
+        if not self.is_platform_admin:
+            require_role(self.role_in(org_id), action, kind)
 
     @property
     def grants(self) -> Grants:
