@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from support.accounts import User, add_member, audit, register
+from support.accounts import User, add_member, admin_token, audit, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.devices import claimed_device, online_device, resource_relays
 from support.hubs import JWT_SECRET, RunningHub, free_port
@@ -598,6 +598,38 @@ def test_a_viewer_discovers_and_reads_but_may_not_switch(
     assert audit(hub, owner, source="alexa", device_id=dev["id"])["total"] == 0
     assert state_of(power(hub, operator.access_token, endpoint)) == ("ON", "OK")
     assert m.relays[1] is True
+
+
+def test_platform_admins_reach_their_memberships_only_and_disabled_users_nothing(
+    hub: RunningHub, owner: User, switch: tuple[dict[str, Any], MqttDevice]
+) -> None:
+    """A platform admin who is no member of the owner's organization neither discovers
+    nor switches its device (NO_SUCH_ENDPOINT); a user disabled by the platform admin is
+    INVALID_AUTHORIZATION_CREDENTIAL with a token issued before. No command is sent."""
+    dev, m = switch
+    endpoint = eid(dev["device_uid"], 0)
+    admin = admin_token(hub)
+    listed = discover(hub, admin)["event"]["payload"]["endpoints"]
+    assert endpoint not in [e["endpointId"] for e in listed]
+    check_error(power(hub, admin, endpoint, correlation="a"), "NO_SUCH_ENDPOINT", "Alexa", "a")
+
+    operator = register(hub)
+    add_member(hub, owner, operator, "operator")
+    assert endpoint in [
+        e["endpointId"]
+        for e in discover(hub, operator.access_token)["event"]["payload"]["endpoints"]
+    ]
+    with hub.api(admin) as c:
+        r = c.patch(f"/admin/users/{operator.id}", json={"is_active": False})
+        assert r.status_code == 200, r.text
+    check_error(discover(hub, operator.access_token), "INVALID_AUTHORIZATION_CREDENTIAL")
+    check_error(
+        power(hub, operator.access_token, endpoint, correlation="d"),
+        "INVALID_AUTHORIZATION_CREDENTIAL",
+        correlation="d",
+    )
+    assert not wait_until(lambda: m.commands, NEGATIVE_WAIT_S)
+    assert m.relays == [False, False, False]
 
 
 # --- account linking -------------------------------------------------------------------------
