@@ -53,6 +53,15 @@ _REFUSED_CREDENTIALS = (4, 5)
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _again(lost: ConnectionLost) -> ConnectionLost:
+    """A new ConnectionLost saying the same, for each place one loss is raised (every
+    iterator, every waiting or later intent): an exception instance raised again and again
+    collects every raiser's frames in its traceback."""
+    fresh = ConnectionLost(*lost.args)
+    fresh.__cause__ = lost.__cause__
+    return fresh
+
+
 @dataclass(frozen=True)
 class _End:
     """Queued after the last message: the connection ended (``error``) or was closed."""
@@ -202,7 +211,7 @@ class HexaClient:
             if isinstance(item, _End):
                 queue.put_nowait(item)  # so that any other waiting iterator ends too
                 if item.error is not None:
-                    raise item.error
+                    raise _again(item.error)
                 return
             yield item
 
@@ -256,7 +265,7 @@ class HexaClient:
         failure = error or ConnectionLost("the client was closed")
         for waiter in conn.pending.values():
             if not waiter.done():
-                waiter.set_exception(failure)
+                waiter.set_exception(_again(failure))
         if conn.queue.full():
             conn.queue.get_nowait()
         conn.queue.put_nowait(_End(error))
@@ -302,7 +311,7 @@ class HexaClient:
     ) -> RelayResult:
         conn = self._connected()
         if conn.error is not None:
-            raise conn.error
+            raise _again(conn.error)
         intent_id = uuid.uuid4().hex
         waiter: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
         conn.pending[intent_id] = waiter  # before publishing: the result can be quick

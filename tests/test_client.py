@@ -349,8 +349,12 @@ async def test_deleted_token_ends_the_session_with_connection_lost(
         done, _ = await asyncio.wait([inbox.task], timeout=WAIT_S)
         assert done, "messages() did not end when the connection was closed"
         assert isinstance(inbox.task.exception(), ConnectionLost)
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost) as first:
             await client.set_relay(m.uid, 0, True)
+        with pytest.raises(ConnectionLost) as second:
+            await client.set_relay(m.uid, 1, True)
+        assert str(first.value) == str(second.value) == str(inbox.task.exception())
+        assert first.value is not second.value  # each raise its own traceback
     with pytest.raises(AuthenticationError):
         async with client:
             raise AssertionError("a deleted token connected")
