@@ -35,6 +35,7 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from hexa.bridges.homekit_hap import (
     COMMUNICATION_FAILURE,
+    MAX_NAME,
     NO_SUCH_RESOURCE,
     RESOURCE_BUSY,
     SUCCESS,
@@ -604,10 +605,16 @@ def _spec_of(device: Device, relay_names: dict[int, str | None]) -> _Spec:
         model=hap_name(device.model, "Hexa"),
         fw_version=device.fw_version,
         relay_names=tuple(
-            hap_name(relay_names.get(i) or "", f"{name} relay {i + 1}")
+            hap_name(relay_names.get(i) or "", _unnamed_relay(name, i))
             for i in range(device.relay_count)
         ),
     )
+
+
+def _unnamed_relay(device_name: str, index: int) -> str:
+    """``<device name> relay <n>`` (n from 1), the device name shortened to fit."""
+    suffix = f" relay {index + 1}"
+    return device_name[: MAX_NAME - len(suffix)].rstrip() + suffix
 
 
 def _status_of(result: topics.Result) -> int:

@@ -23,9 +23,11 @@ the behaviour (pairing, writes, events, restarts) against a real controller.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -41,6 +43,8 @@ from pyhap.encoder import AccessoryEncoder
 from pyhap.hap_handler import HAPResponse, HAPServerHandler
 from pyhap.hap_protocol import HAPServerProtocol
 from pyhap.hap_server import HAPServer
+from pyhap.hsrp import Server as SrpServer
+from pyhap.params import get_srp_context
 from pyhap.util import from_hap_json, to_hap_json
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,7 @@ MAX_NAME = 64
 def hap_name(name: str, fallback: str) -> str:
     """A name HomeKit shows: printable, trimmed, at most 64 characters."""
     cleaned = "".join(c for c in name if c.isprintable()).strip()[:MAX_NAME].strip()
-    return cleaned or fallback
+    return cleaned or fallback[:MAX_NAME]
 
 
 class DeviceAccessory(Accessory):  # type: ignore[misc]  # HAP-python ships no types
@@ -151,6 +155,43 @@ def answer_of(writes: list[RelayWrite]) -> dict[str, Any] | None:
             for w in writes
         ]
     }
+
+
+class _SessionKey(int):
+    """An SRP session key that keeps all 64 bytes through HAP-python's ``long_to_bytes``
+    (which drops leading zero bytes of an int, but asks the int for its length)."""
+
+    def bit_length(self) -> int:
+        return 512
+
+
+class PairSetupSrp(SrpServer):  # type: ignore[misc]  # HAP-python ships no types
+    """HAP-python's SRP-6a server with the padding HAP uses, as iOS and aiohomekit do.
+
+    HAP-python hashes the premaster secret S without padding it to the length of N,
+    keeps the session key K as an int and sends B as an int's bytes; whenever S, K or B
+    starts with a zero byte (about one exchange in 85) the proofs differ and a controller
+    with the right setup code is refused. Here S is padded, K keeps its 64 bytes, and b
+    is drawn again until B fills all 384 bytes."""
+
+    B: int
+    S: int
+    N_len: int
+
+    def __init__(self, ctx: dict[str, Any], username: bytes, password: bytes) -> None:
+        super().__init__(ctx, username, password)
+        while self.B.bit_length() <= self.N_len - 8:
+            self.b = int.from_bytes(os.urandom(ctx["secret_len"]), "big")
+            self.B = self._derive_B()
+        self.Bb = self.B.to_bytes(self.N_len // 8, "big")
+
+    def set_A(self, bytes_A: bytes) -> None:
+        super().set_A(bytes_A)
+        self.Sb = self.S.to_bytes(self.N_len // 8, "big")
+        self.Kb = self._digest(self.Sb)
+        self.K = _SessionKey(int.from_bytes(self.Kb, "big"))
+        self.M = self._get_M()
+        self.HAMK = self._get_HAMK()
 
 
 class _Handler(HAPServerHandler):  # type: ignore[misc]  # HAP-python ships no types
@@ -274,6 +315,11 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
     def bridge(self) -> Bridge:
         assert isinstance(self.accessory, Bridge)
         return self.accessory
+
+    def setup_srp_verifier(self) -> None:
+        """A new SRP exchange for pair-setup, padded as HAP requires (see :class:`PairSetupSrp`)."""
+        context = get_srp_context(3072, hashlib.sha512, 16)
+        self._srp_verifier = PairSetupSrp(context, b"Pair-Setup", self.state.pincode)
 
     def add_accessory(self, accessory: Accessory) -> None:
         """Take the bridge (AID 1); its state was loaded from the database already."""
