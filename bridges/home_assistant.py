@@ -139,9 +139,9 @@ class HomeAssistant:
         """A new firmware version (the device's first report after its claim, or an
         update) is shown as the device's ``sw_version``."""
         uid = params["uid"]
-        if self.discovery.outdated(uid, report.fw_version):
+        if self.discovery.reported(uid, report.fw_version):
             try:
-                await self.discovery.reconcile(uid, fw_version=report.fw_version)
+                await self.discovery.reconcile(uid)
             except BusUnavailable:
                 log.warning("discovery of %s not republished: bus down", uid)
 

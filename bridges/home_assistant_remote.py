@@ -19,7 +19,7 @@ import random
 import ssl
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -82,8 +82,6 @@ class _Device:
     relay_count: int
     input_count: int
     with_states: bool = False
-    #: a version the device just reported
-    fw_version: str | None = None
 
 
 _Job = _Forward | _Device
@@ -293,7 +291,6 @@ class RemoteHomeAssistant:
                 job.uid,
                 relay_count=job.relay_count,
                 input_count=job.input_count,
-                fw_version=job.fw_version,
             )
             if view is None:
                 await self._clear_states(job.uid, job.relay_count)
@@ -333,11 +330,10 @@ class RemoteHomeAssistant:
     async def _report(self, params: dict[str, str], report: topics.Report, msg: Message) -> None:
         """A device's new firmware version goes into its configs' ``sw_version``."""
         uid = params["uid"]
-        if self.discovery.outdated(uid, report.fw_version):
+        if self.discovery.reported(uid, report.fw_version):
             device = await self.hub.cache.get(uid)
             if device is not None:
-                job = _Device(uid, device.relay_count, device.input_count)
-                self._enqueue(replace(job, fw_version=report.fw_version))
+                self._enqueue(_Device(uid, device.relay_count, device.input_count))
 
     async def _on_hub_message(self, msg: Message) -> None:
         """State, availability and input events of the organization's devices."""

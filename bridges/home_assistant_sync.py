@@ -62,6 +62,8 @@ class Discovery:
         self._published: dict[str, frozenset[str]] = {}
         #: uid → the firmware version its configs were last published with
         self._versions: dict[str, str | None] = {}
+        #: uid → the firmware version the device last reported
+        self._reported: dict[str, str] = {}
 
     def leaving(self, uid: str) -> None:
         """The device is about to leave its organization: treat it as gone from now."""
@@ -84,35 +86,45 @@ class Discovery:
         *,
         relay_count: int = 0,
         input_count: int = 0,
-        fw_version: str | None = None,
     ) -> DeviceView | None:
         """Publish the device's configs, or remove them; the device if it is described.
         ``relay_count`` and ``input_count`` name the topics to remove when this broker's
-        configs for the device are not known (published before the hub started);
-        ``fw_version`` is a version the device just reported (it may not be stored yet)."""
+        configs for the device are not known (published before the hub started)."""
         async with self._lock:
-            view = await self.wanted(uid)
-            if view is not None and fw_version:
-                view = replace(view, sw_version=fw_version)
-            wanted = configs(view, self.prefix) if view is not None else {}
-            before = self._published.get(uid)
-            if before is None:
-                before = frozenset(config_topics(uid, relay_count, input_count, self.prefix))
-            for topic in sorted(before - wanted.keys()):
-                await self._publish(topic, encode(None), True)
-            for topic, config in wanted.items():
-                await self._publish(topic, encode(config), True)
-            self._published[uid] = frozenset(wanted)
-            if view is None:
-                self._versions.pop(uid, None)
-            else:
-                self._versions[uid] = view.sw_version
-            return view
+            while True:
+                view = await self.wanted(uid)
+                reported = self._reported.get(uid)
+                if view is not None and reported:  # it may not be stored yet
+                    view = replace(view, sw_version=reported)
+                await self._publish_configs(uid, view, relay_count, input_count)
+                # a version reported meanwhile found the old one recorded: once more
+                if view is None or self._reported.get(uid) == reported:
+                    return view
 
-    def outdated(self, uid: str, fw_version: str | None) -> bool:
-        """Whether the device's configs name another firmware version than it reports
-        (a device reports its version once connected, after it was claimed)."""
-        return bool(fw_version) and uid in self._versions and self._versions[uid] != fw_version
+    async def _publish_configs(
+        self, uid: str, view: DeviceView | None, relay_count: int, input_count: int
+    ) -> None:
+        wanted = configs(view, self.prefix) if view is not None else {}
+        before = self._published.get(uid)
+        if before is None:
+            before = frozenset(config_topics(uid, relay_count, input_count, self.prefix))
+        for topic in sorted(before - wanted.keys()):
+            await self._publish(topic, encode(None), True)
+        for topic, config in wanted.items():
+            await self._publish(topic, encode(config), True)
+        self._published[uid] = frozenset(wanted)
+        if view is None:
+            self._versions.pop(uid, None)
+        else:
+            self._versions[uid] = view.sw_version
+
+    def reported(self, uid: str, fw_version: str | None) -> bool:
+        """Note the firmware version a device reports (once connected, so usually after
+        its claim); whether its published configs name another one."""
+        if not fw_version:
+            return False
+        self._reported[uid] = fw_version
+        return uid in self._versions and self._versions[uid] != fw_version
 
     async def uids(self) -> list[str]:
         """The claimed, live devices (of the organization)."""

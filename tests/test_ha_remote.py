@@ -352,6 +352,10 @@ def test_intents_from_home_assistant_are_forwarded_for_its_organization_only(
         devices += [mine, theirs]
         assert mine.ok() and theirs.ok()
         assert ha.has(f"hexa/{uid}/availability", lambda p: p == b"online")
+        # the version the device reports on connecting shows in its configs
+        assert ha.has(
+            switch(uid, 0), lambda p: json.loads(p)["device"].get("sw_version") == "1.0.0"
+        )
         ha.publish(f"hexa/{theirs.uid}/relay/0/set", "ON")
         ha.publish(f"hexa/{theirs.uid}/relays/set", "ON")
         ha.publish(f"hexa/{uid}/relay/1/set", "SIDEWAYS")
