@@ -511,8 +511,8 @@ def test_discovery_on_an_external_broker_the_hub_uses(
     db_kind: str, broker: Mosquitto, tmp_path: Path
 ) -> None:
     """A hub whose own bus is an external broker (HEXA_BROKER_URL) keeps the discovery
-    configs there too: published on claim, republished after a birth, removed on
-    release."""
+    configs there too: published on claim, republished after a birth and after the broker
+    restarted empty (the hub reconnects), removed on release."""
     url, drop = new_database_url(db_kind, tmp_path)
     hub = spawn_hub(url, tmp_path / "data", broker_url=f"mqtt://127.0.0.1:{broker.port}")
     try:
@@ -525,6 +525,11 @@ def test_discovery_on_an_external_broker_the_hub_uses(
         before = ha.count(topic)
         ha.publish("homeassistant/status", "online")
         assert wait_until(lambda: ha.count(topic) > before, 10)
+        ha.close()
+        broker.stop()  # its retained messages go with it (no persistence)
+        broker.start()
+        ha = Watcher(broker)
+        assert ha.has(topic, timeout=30) and ha.has(trigger(uid, 0, "hold"))
         with hub.api(user.access_token) as c:
             assert c.post(f"/devices/{dev['id']}/release").status_code == 200
         assert ha.has(topic, lambda p: p == b"") and ha.has(
