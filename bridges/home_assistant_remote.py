@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 #: reconnect back-off: doubles from the first to the last, with ±20 % jitter
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
+#: a session that lasted this long starts the back-off over (one that a broker drops at
+#: once, say for a refused subscription, keeps backing off)
+STABLE_S = 30.0
 #: how long one MQTT operation on the Home Assistant broker may take
 OPERATION_TIMEOUT_S = 10.0
 #: messages waiting for the Home Assistant broker; beyond it everything is republished
@@ -156,7 +160,7 @@ class RemoteHomeAssistant:
     async def _connect_forever(self) -> None:
         backoff = MIN_BACKOFF_S
         while True:
-            connected = self.sessions
+            connected, began = self.sessions, time.monotonic()
             try:
                 await self._connect_once()
             except Exception as exc:  # a lost dependency: retried below, with back-off
@@ -164,8 +168,8 @@ class RemoteHomeAssistant:
                     log.warning("Home Assistant broker %s: %s", self.where, _describe(exc))
                 else:
                     log.exception("Home Assistant bridge to %s failed", self.where)
-            if self.sessions != connected:
-                backoff = MIN_BACKOFF_S  # it had connected: start the back-off over
+            if self.sessions != connected and time.monotonic() - began > STABLE_S:
+                backoff = MIN_BACKOFF_S  # it had been connected a while: start over
             delay = backoff * random.uniform(0.8, 1.2)
             log.info("reconnecting to the Home Assistant broker in %.1f s", delay)
             await anyio.sleep(delay)
