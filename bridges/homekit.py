@@ -405,10 +405,14 @@ class OrgBridge:
         request.answer()
 
     async def _switch(self, write: RelayWrite, controller: str | None) -> None:
-        accessory = write.accessory
-        assert accessory is not None and self.driver is not None
-        if self.driver.bridge.accessories.get(write.aid) is not accessory:
-            write.status = NO_SUCH_RESOURCE  # released or rebuilt since the controller asked
+        asked = write.accessory
+        assert asked is not None and self.driver is not None
+        accessory = self.driver.bridge.accessories.get(write.aid)
+        if not isinstance(accessory, DeviceAccessory) or accessory.uid != asked.uid:
+            write.status = NO_SUCH_RESOURCE  # released since the controller asked
+            return
+        if write.index >= len(accessory.relay_chars):
+            write.status = NO_SUCH_RESOURCE
             return
         origin = Origin(source="homekit", actor_type="homekit_controller", actor_id=controller)
         action = RelayAction.of(write.index, write.value)

@@ -11,6 +11,9 @@ tasks and answers a controller's write with whatever a synchronous setter did. H
 - **no tasks of its own**: ``async_start``/``async_stop`` only open and close the HAP
   server on a socket the owner bound (so port 0 works and a taken port is one clear
   error); mDNS is the owner's, so that a network without multicast never stops a bridge;
+- **pair-setup that works every time**: HAP-python's SRP exchange drops leading zero
+  bytes that controllers keep, refusing the right setup code about once in 85 tries;
+  :class:`PairSetupSrp` pads as HAP requires;
 - **writes answered after the fact**: a controller's ``PUT /characteristics`` on a relay
   is handed to the owner (``on_write``, a bounded queue drained by a supervised task), and
   its HTTP answer waits for the relay service's result; the HAP status says what
