@@ -641,3 +641,41 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
             stop_hub(second)
     finally:
         drop()
+
+
+def test_taken_port_at_start_and_bridges_off(db_kind: str, tmp_path: Path) -> None:
+    """A bridge whose port (picked by the hub) is taken when the hub starts moves to a
+    free one; with HEXA_HOMEKIT_BIND=off a hub runs no bridge and still stores settings."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    data = tmp_path / "data"
+    try:
+        first = spawn_hub(url, data)
+        try:
+            user = register(first)
+            before = enable(first, user)
+        finally:
+            stop_hub(first)
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", before["port"]))
+            squatter.listen(1)
+            second = spawn_hub(url, data)
+            try:
+                moved = homekit_of(second, user)
+                assert moved["enabled"] is True and moved["port"] != before["port"]
+                assert moved["hap_id"] == before["hap_id"]
+                socket.create_connection(("127.0.0.1", moved["port"]), timeout=2).close()
+            finally:
+                stop_hub(second)
+        third = spawn_hub(url, data, homekit_bind="off")
+        try:
+            with third.api(user.access_token) as c:
+                off = ok(c.put(f"/orgs/{user.org_id}/homekit", json={"enabled": False}))
+                assert off["enabled"] is False
+                on = ok(c.put(f"/orgs/{user.org_id}/homekit", json={"enabled": True}))
+            assert on["enabled"] is True and on["port"] == moved["port"]
+            with pytest.raises(ConnectionRefusedError):  # stored, not served here
+                socket.create_connection(("127.0.0.1", moved["port"]), timeout=2).close()
+        finally:
+            stop_hub(third)
+    finally:
+        drop()
