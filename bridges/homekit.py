@@ -152,7 +152,9 @@ class OrgBridge:
         self._sync_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._readvertise = asyncio.Event()
-        self._writes: asyncio.Queue[WriteRequest] = asyncio.Queue(MAX_PENDING_WRITES)
+        #: handed over by HAP-python's request handler; ``_unanswered`` bounds them
+        self._writes: asyncio.Queue[WriteRequest] = asyncio.Queue()
+        self._unanswered = 0
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
 
@@ -386,10 +388,11 @@ class OrgBridge:
 
     # --- writes from controllers ----------------------------------------------------------
     def _accept(self, request: WriteRequest) -> bool:
-        try:
-            self._writes.put_nowait(request)
-        except asyncio.QueueFull:
+        """Take a controller's write unless ``MAX_PENDING_WRITES`` are still unanswered."""
+        if self._unanswered >= MAX_PENDING_WRITES:
             return False
+        self._unanswered += 1
+        self._writes.put_nowait(request)
         return True
 
     async def _serve_writes(self, tg: TaskGroup) -> None:
@@ -398,11 +401,14 @@ class OrgBridge:
             tg.start_soon(self._write, request)
 
     async def _write(self, request: WriteRequest) -> None:
-        async with anyio.create_task_group() as tg:
-            for write in request.writes:
-                if write.status is None:
-                    tg.start_soon(self._switch, write, request.controller)
-        request.answer()
+        try:
+            async with anyio.create_task_group() as tg:
+                for write in request.writes:
+                    if write.status is None:
+                        tg.start_soon(self._switch, write, request.controller)
+            request.answer()
+        finally:
+            self._unanswered -= 1
 
     async def _switch(self, write: RelayWrite, controller: str | None) -> None:
         asked = write.accessory
