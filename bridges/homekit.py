@@ -451,6 +451,8 @@ class HomeKit:
         self._accessories: dict[str, tuple[DeviceAccessory, OrgBridge]] = {}
         self._tg: TaskGroup | None = None
         self._org_locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._bus_lock = asyncio.Lock()
+        self._following = False
         self._on_relay_state = inbox.on(topics.RELAY_STATE, self._relay_state)
         self._on_availability = inbox.on(topics.AVAILABILITY, self._availability)
 
@@ -481,8 +483,6 @@ class HomeKit:
             events.subscribe(HomeKitChanged, self._changed),
             events.subscribe(DeviceEvent, self._device_changed),
         ]
-        await self.hub.bus.subscribe(topics.RELAY_STATE.filter(), self._on_relay_state)
-        await self.hub.bus.subscribe(topics.AVAILABILITY.filter(), self._on_availability)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -494,15 +494,32 @@ class HomeKit:
                         await self._start(row)
                     except (HubError, OSError) as exc:
                         log.error("the HomeKit bridge of %s did not start: %s", row.org_id, exc)
+                await self._follow_bus()
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             for undo in unsubscribe:
                 undo()
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.hub.bus.unsubscribe(topics.RELAY_STATE.filter(), self._on_relay_state)
-                await self.hub.bus.unsubscribe(topics.AVAILABILITY.filter(), self._on_availability)
+                await self._follow_bus()
                 await self.advertiser.close()
+
+    async def _follow_bus(self) -> None:
+        """Hear relay states and availability on the bus while a bridge runs, and only
+        then: a hub without HomeKit bridges pays nothing per message."""
+        async with self._bus_lock:
+            wanted = bool(self._bridges)
+            if wanted == self._following:
+                return
+            for topic, handler in (
+                (topics.RELAY_STATE, self._on_relay_state),
+                (topics.AVAILABILITY, self._on_availability),
+            ):
+                if wanted:  # retained messages bring the current states at once
+                    await self.hub.bus.subscribe(topic.filter(), handler)
+                else:
+                    await self.hub.bus.unsubscribe(topic.filter(), handler)
+            self._following = wanted
 
     async def _start(self, row: HomeKitBridge) -> None:
         assert self._tg is not None
@@ -544,6 +561,8 @@ class HomeKit:
                 if not event.reply.done():
                     event.reply.set_exception(exc)
                 return
+            finally:
+                await self._follow_bus()
         if applied and not event.reply.done():
             event.reply.set_result(None)
 
