@@ -39,6 +39,7 @@ from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
+from hexa.bridges.homekit import MAX_PENDING_WRITES
 from hexa.bridges.homekit_hap import PairSetupSrp
 from hexa.hub.homekit import MAX_DEVICES, setup_uri
 
@@ -56,6 +57,8 @@ INFO = {
     "firmware": normalize_uuid("52"),
 }
 COMMUNICATION_FAILURE = -70402
+RESOURCE_BUSY = -70403
+TIMED_OUT = -70408
 NO_SUCH_RESOURCE = -70409
 
 
@@ -533,6 +536,30 @@ async def test_controller_vanishing_mid_write(hub: RunningHub, track: Any) -> No
     finally:
         await again.close()
     assert resource_relays(hub, user, dev["id"])[0] is True
+
+
+async def test_too_many_unanswered_writes(hub: RunningHub, track: Any) -> None:
+    """With 64 writes waiting for devices that do not answer, the 65th answers -70403
+    (busy) at once; the others answer -70408 (timed out) after the command timeout."""
+    user = register(hub)
+    silent = [online_device(hub, user, track, auto_ack=False)[1] for _ in range(3)]
+    bridge = enable(hub, user)
+    first = await pair(bridge)
+    listed = await accessories_of(first)
+    keys = [(listed[d.uid]["aid"], switches(listed[d.uid])[0]["iid"]) for d in silent]
+    sessions = [first] + [reconnect(first) for _ in range(MAX_PENDING_WRITES)]
+    try:
+        for session in sessions[1:]:  # each its own HAP session (connection)
+            await session.get_characteristics([keys[0]])
+        answers = await asyncio.gather(
+            *(s.put_characteristics([(*keys[i % 3], True)]) for i, s in enumerate(sessions))
+        )
+    finally:
+        for session in sessions:
+            await session.close()
+    statuses = sorted(answer[key]["status"] for answer in answers for key in answer)
+    assert statuses.count(RESOURCE_BUSY) >= 1, statuses
+    assert set(statuses) == {RESOURCE_BUSY, TIMED_OUT}, statuses
 
 
 async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
