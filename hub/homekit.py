@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tortoise.exceptions import IntegrityError
+
 from hexa.hub.errors import HubError
 from hexa.hub.events import Event, Events
 from hexa.models import HomeKitAccessory, HomeKitBridge
@@ -129,12 +131,15 @@ async def configure(
     if row is None:
         if not enabled:
             return await view(org_id)
-        row = await HomeKitBridge.create(
-            org_id=org_id,
-            hap_id=new_hap_id(),
-            setup_code=new_setup_code(),
-            setup_id=new_setup_id(),
-        )
+        try:
+            row = await HomeKitBridge.create(
+                org_id=org_id,
+                hap_id=new_hap_id(),
+                setup_code=new_setup_code(),
+                setup_id=new_setup_id(),
+            )
+        except IntegrityError:  # a concurrent first PUT made it: use that one
+            row = await HomeKitBridge.get(org_id=org_id)
     before = (row.enabled, row.requested_port, row.port)
     row.enabled = enabled
     if port is not None:
