@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -95,6 +96,57 @@ def test_taken_port_is_one_line(tmp_path: Path, which: str) -> None:
     if which == "MQTT":  # often Mosquitto: the hub can use it instead of its own broker
         assert "Mosquitto" in lines[0]
         assert f"HEXA_BROKER_URL=mqtt://USER:PASSWORD@127.0.0.1:{port}" in lines[0]
+
+
+def _unique_indexes(url: str, table: str) -> set[tuple[str, ...]]:
+    """The column tuples of ``table``'s unique indexes, read from the database itself."""
+    if url.startswith("sqlite://"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as db:
+            found = set()
+            for _seq, name, unique, *_ in db.execute(f'PRAGMA index_list("{table}")'):
+                if unique:
+                    cols = db.execute(f'PRAGMA index_info("{name}")').fetchall()
+                    found.add(tuple(c[2] for c in cols))
+            return found
+
+    import asyncio
+
+    import asyncpg
+
+    async def read() -> set[tuple[str, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                "SELECT array_agg(a.attname ORDER BY k.n) AS cols FROM pg_index i "
+                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = $1::regclass AND i.indisunique AND NOT i.indisprimary "
+                "GROUP BY i.indexrelid",
+                table,
+            )
+            return {tuple(r["cols"]) for r in rows}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_reverting_a_column_keeps_the_tables_unique_indexes(database: str, tmp_path: Path) -> None:
+    """Reverting the migration that added integration tokens' kind (SQLite rebuilds the table
+    for it) leaves the (org_id, name) uniqueness of the migration before it in place."""
+    env = {"HEXA_DATA_DIR": str(tmp_path), "HEXA_DATABASE_URL": database}
+    names = sorted(p.stem for p in Path(__file__).parents[1].joinpath("migrations").glob("0*.py"))
+    assert run(["migrate"], env).returncode == 0
+    before = _unique_indexes(database, "integration_tokens")
+    assert ("org_id", "name") in before
+    back = len(names) - names.index("0004_integration_kind")
+    down = run(["migrate", "--down", str(back)], env)
+    assert down.returncode == 0, down.stderr
+    assert _unique_indexes(database, "integration_tokens") == before
+    assert run(["migrate"], env).returncode == 0
+    assert _unique_indexes(database, "integration_tokens") == before
 
 
 def test_migrate_up_down_up(database: str, tmp_path: Path) -> None:
