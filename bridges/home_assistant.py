@@ -109,15 +109,15 @@ class HomeAssistant:
         return await self.discovery.republish(self._states)
 
     async def _states(self, view: DeviceView) -> None:
+        """The device's relay states, retained, for a Home Assistant that just
+        subscribed. Not its availability: on this bus that topic is the device's own
+        (its ``online`` and its will, retained by the broker, and the hub's ``online``
+        after a reconnect). Publishing the hub's cached view of it here could overwrite a
+        fresher ``online`` from a device that is connecting at this moment with a stale
+        ``offline``."""
         device = await self.hub.cache.get(view.uid)
-        if device is None:
-            return
-        await self.hub.relay.publish_state(device)
-        await self.hub.bus.publish(
-            topics.AVAILABILITY.format(uid=device.uid),
-            topics.encode_availability(device.online),
-            retain=True,
-        )
+        if device is not None:
+            await self.hub.relay.publish_state(device)
 
     def _status_handler(self) -> Handler:
         """Home Assistant's status (under the configured prefix): ``online`` is a birth."""

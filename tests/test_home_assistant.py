@@ -262,6 +262,8 @@ def test_birth_flood_is_answered_by_one_republish_with_states(
     assert latest(ha, topic)
     before = len(configs_of(ha, topic))
     states_before = len(ha.messages(lambda t, p, r: t == f"hexa/{uid}/relay/0/state"))
+    availability = ha.messages(lambda t, p, r: t == f"hexa/{uid}/availability")
+    assert availability and availability[-1][1] == b"online"
     for _ in range(30):
         ha.publish("homeassistant/status", "online")
     assert wait_until(lambda: len(configs_of(ha, topic)) > before, BIRTH_ANSWER_S)
@@ -276,7 +278,40 @@ def test_birth_flood_is_answered_by_one_republish_with_states(
     # the whole burst is answered by that one republish: nothing else follows it
     wait_until(lambda: len(configs_of(ha, topic)) > before + 1, BIRTH_ANSWER_S / 2)
     assert len(configs_of(ha, topic)) == before + 1
-    assert ha.messages(lambda t, p, r: t == f"hexa/{uid}/availability")
+    # the device's availability stays the device's own: the republish adds none
+    assert ha.messages(lambda t, p, r: t == f"hexa/{uid}/availability") == availability
+
+
+def test_a_birth_leaves_availability_to_the_devices(
+    hub: RunningHub, track: Callable[[Any], Any]
+) -> None:
+    """The republish after a birth never speaks for a device's availability: a claimed
+    device that never connected gets no retained ``offline`` from the hub (which could
+    overwrite the ``online`` of a device connecting at that moment), and a connected one
+    keeps its own retained ``online``."""
+    user = register(hub)
+    ha = home_assistant(hub, user, track)
+    _, quiet = claimed_device(hub, user)
+    connected, _ = online_device(hub, user, track)
+    uids = (quiet["device_uid"], connected["device_uid"])
+    for uid in uids:
+        assert latest(ha, switch_topic(uid, 0))
+
+    def states(uid: str) -> int:
+        return len(ha.messages(lambda t, p, r: t == f"hexa/{uid}/relay/2/state"))
+
+    before = {uid: states(uid) for uid in uids}
+    ha.publish("homeassistant/status", "online")
+    for uid in uids:  # the republish reached each device's last relay state
+        assert wait_until(lambda uid=uid: states(uid) > before[uid], BIRTH_ANSWER_S)
+    barrier(ha, hub, user)
+    assert not ha.messages(lambda t, p, r: t == f"hexa/{quiet['device_uid']}/availability")
+    late = home_assistant(hub, user, track)
+    online = f"hexa/{connected['device_uid']}/availability"
+    found = late.wait_for(lambda t, p, r: t == online and r, 5)
+    assert found and found[1] == b"online"
+    barrier(late, hub, user)
+    assert not late.messages(lambda t, p, r: t == f"hexa/{quiet['device_uid']}/availability")
 
 
 def test_retained_birth_is_answered(hub: RunningHub, track: Callable[[Any], Any]) -> None:
