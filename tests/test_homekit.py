@@ -39,8 +39,8 @@ from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
-from hexa.bridges.homekit import MAX_PENDING_WRITES
 from hexa.bridges.homekit_hap import PairSetupSrp
+from hexa.bridges.homekit_org import MAX_PENDING_WRITES
 from hexa.hub.homekit import MAX_DEVICES, setup_uri
 
 pytestmark = pytest.mark.anyio
