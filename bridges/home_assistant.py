@@ -12,7 +12,6 @@ states after Home Assistant's birth and whenever the hub (re)connects to its bus
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio
@@ -22,17 +21,10 @@ from hexa.bridges.home_assistant_config import DeviceView
 from hexa.bridges.home_assistant_sync import Births, Discovery
 from hexa.hub import topics
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.events import (
-    DeviceClaimed,
-    DeviceDeleted,
-    DeviceEvent,
-    DeviceLeaving,
-    DeviceReleased,
-    DeviceUpdated,
-)
 from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Handler, Message
+from hexa.models import Device
 
 if TYPE_CHECKING:
     from hexa.hub.config import Settings
@@ -63,19 +55,7 @@ class HomeAssistant:
         await self.hub.bus.publish(topic, payload, retain=retain)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        events = self.hub.events
-        unsubscribe: list[Callable[[], None]] = [
-            events.subscribe(DeviceClaimed, self._on_claimed),
-            events.subscribe(DeviceUpdated, self._on_updated),
-            # Removal has to happen here, before the registry moves the device out of its
-            # organization: afterwards the broker's delivery ACL no longer maps the
-            # device to that organization and refuses the empty configs to its Home
-            # Assistant, which would keep the entities. (The retained copies are cleared
-            # again after the change; by then nobody else may receive them anyway.)
-            events.subscribe(DeviceLeaving, self._on_leaving),
-            events.subscribe(DeviceReleased, self._on_left),
-            events.subscribe(DeviceDeleted, self._on_left),
-        ]
+        unfollow = self.discovery.follow(self.hub.events, self._changed)
         await self.hub.bus.subscribe(self._status_topic, self._on_status)
         await self.hub.bus.subscribe(topics.REPORT.filter(), self._on_report)
         try:
@@ -84,8 +64,7 @@ class HomeAssistant:
                 tg.start_soon(self._after_connects)
                 task_status.started()
         finally:
-            for undo in unsubscribe:
-                undo()
+            unfollow()
             with anyio.CancelScope(shield=True):
                 await self.hub.bus.unsubscribe(self._status_topic, self._on_status)
                 await self.hub.bus.unsubscribe(topics.REPORT.filter(), self._on_report)
@@ -145,29 +124,14 @@ class HomeAssistant:
             except BusUnavailable:
                 log.warning("discovery of %s not republished: bus down", uid)
 
-    async def _on_claimed(self, event: DeviceClaimed) -> None:
-        self.discovery.settled(event.device.device_uid)
-        view = await self._reconcile(event)
-        if view is not None:
-            await self._states(view)
-
-    async def _on_updated(self, event: DeviceUpdated) -> None:
-        await self._reconcile(event)
-
-    async def _on_leaving(self, event: DeviceLeaving) -> None:
-        self.discovery.leaving(event.device.device_uid)
-        await self._reconcile(event)
-
-    async def _on_left(self, event: DeviceEvent) -> None:
-        self.discovery.settled(event.device.device_uid)
-        await self._reconcile(event)
-
-    async def _reconcile(self, event: DeviceEvent | DeviceLeaving) -> DeviceView | None:
-        device = event.device
+    async def _changed(self, device: Device, with_states: bool) -> None:
+        """A device event: its configs now (and its states, after a claim)."""
         try:
-            return await self.discovery.reconcile(
+            view = await self.discovery.reconcile(
                 device.device_uid, relay_count=device.relay_count, input_count=device.input_count
             )
         except BusUnavailable:  # published again when the bus is back
             log.warning("discovery of %s not published: bus down", device.device_uid)
-            return None
+            return
+        if view is not None and with_states:
+            await self._states(view)

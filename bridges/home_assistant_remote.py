@@ -19,7 +19,6 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
@@ -33,14 +32,6 @@ from hexa.bridges.home_assistant_sync import Births, Discovery
 from hexa.hub import metrics, topics
 from hexa.hub.config import ha_tls_context
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.events import (
-    DeviceClaimed,
-    DeviceDeleted,
-    DeviceEvent,
-    DeviceLeaving,
-    DeviceReleased,
-    DeviceUpdated,
-)
 from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Message
@@ -133,14 +124,7 @@ class RemoteHomeAssistant:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Ready at once: Home Assistant's broker being away is no
         reason to hold up the hub; the bridge keeps trying in the background."""
-        events = self.hub.events
-        undo: list[Callable[[], None]] = [
-            events.subscribe(DeviceClaimed, self._on_claimed),
-            events.subscribe(DeviceUpdated, self._on_changed),
-            events.subscribe(DeviceLeaving, self._on_leaving),
-            events.subscribe(DeviceReleased, self._on_left),
-            events.subscribe(DeviceDeleted, self._on_left),
-        ]
+        unfollow = self.discovery.follow(self.hub.events, self._changed)
         for topic in MIRRORED:
             await self.hub.bus.subscribe(topic.filter(), self._on_hub_message)
         await self.hub.bus.subscribe(topics.REPORT.filter(), self._on_report)
@@ -150,8 +134,7 @@ class RemoteHomeAssistant:
                 tg.start_soon(self._connect_forever)
                 task_status.started()
         finally:
-            for unsubscribe in undo:
-                unsubscribe()
+            unfollow()
             with anyio.CancelScope(shield=True):
                 for topic in MIRRORED:
                     await self.hub.bus.unsubscribe(topic.filter(), self._on_hub_message)
@@ -310,26 +293,11 @@ class RemoteHomeAssistant:
             self._overflow = True
 
     # --- what the hub hears -------------------------------------------------------------
-    def _device_job(self, event: DeviceEvent | DeviceLeaving, *, with_states: bool) -> None:
-        device = event.device
+    async def _changed(self, device: Device, with_states: bool) -> None:
+        """A device event: its configs (and states, after a claim) are sent in turn."""
         self._enqueue(
             _Device(device.device_uid, device.relay_count, device.input_count, with_states)
         )
-
-    async def _on_claimed(self, event: DeviceClaimed) -> None:
-        self.discovery.settled(event.device.device_uid)
-        self._device_job(event, with_states=True)
-
-    async def _on_changed(self, event: DeviceUpdated) -> None:
-        self._device_job(event, with_states=False)
-
-    async def _on_leaving(self, event: DeviceLeaving) -> None:
-        self.discovery.leaving(event.device.device_uid)
-        self._device_job(event, with_states=False)
-
-    async def _on_left(self, event: DeviceEvent) -> None:
-        self.discovery.settled(event.device.device_uid)
-        self._device_job(event, with_states=False)
 
     async def _report(self, params: dict[str, str], report: topics.Report, msg: Message) -> None:
         """A device's new firmware version goes into its configs' ``sw_version``."""

@@ -19,12 +19,24 @@ from anyio.abc import TaskStatus
 
 from hexa.bridges.home_assistant_config import DeviceView, config_topics, configs, encode, load
 from hexa.hub import topics
+from hexa.hub.events import (
+    DeviceClaimed,
+    DeviceDeleted,
+    DeviceEvent,
+    DeviceLeaving,
+    DeviceReleased,
+    DeviceUpdated,
+    Events,
+)
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
 
 #: publish one retained message: (topic, payload, retain)
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
+#: bring one device's discovery up to date: (the device as its event names it, whether
+#: its current states go along, as for a claim)
+Changed = Callable[[Device, bool], Awaitable[None]]
 
 #: a republish follows Home Assistant's birth by this long, plus up to BIRTH_JITTER_S, so
 #: that the births of a flood (several HA instances, a restart loop) make one republish
@@ -64,6 +76,45 @@ class Discovery:
         self._versions: dict[str, str | None] = {}
         #: uid → the firmware version the device last reported
         self._reported: dict[str, str] = {}
+
+    def follow(self, events: Events, changed: Changed) -> Callable[[], None]:
+        """Call ``changed`` for every device event that changes what this broker should
+        describe, after noting whether the device is leaving; returns what unsubscribes.
+
+        A release or delete is handled twice: at :class:`DeviceLeaving`, before the
+        registry moves the device out of its organization (afterwards the hub broker's
+        delivery ACL no longer maps the device to that organization and would refuse the
+        empty configs to its Home Assistant, which would keep the entities), and again
+        once the change is made (by then nobody else may receive them anyway)."""
+
+        async def on_claimed(event: DeviceClaimed) -> None:
+            self.settled(event.device.device_uid)
+            await changed(event.device, True)
+
+        async def on_updated(event: DeviceUpdated) -> None:
+            await changed(event.device, False)
+
+        async def on_leaving(event: DeviceLeaving) -> None:
+            self.leaving(event.device.device_uid)
+            await changed(event.device, False)
+
+        async def on_left(event: DeviceEvent) -> None:
+            self.settled(event.device.device_uid)
+            await changed(event.device, False)
+
+        undo = [
+            events.subscribe(DeviceClaimed, on_claimed),
+            events.subscribe(DeviceUpdated, on_updated),
+            events.subscribe(DeviceLeaving, on_leaving),
+            events.subscribe(DeviceReleased, on_left),
+            events.subscribe(DeviceDeleted, on_left),
+        ]
+
+        def unsubscribe() -> None:
+            for step in undo:
+                step()
+
+        return unsubscribe
 
     def leaving(self, uid: str) -> None:
         """The device is about to leave its organization: treat it as gone from now."""
