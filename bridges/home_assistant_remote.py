@@ -35,6 +35,7 @@ from hexa.hub.errors import BusUnavailable
 from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Message
+from hexa.hub.relay import state_messages
 from hexa.models import Device
 
 if TYPE_CHECKING:
@@ -235,19 +236,9 @@ class RemoteHomeAssistant:
         device = await self.hub.cache.get(view.uid)
         if device is None:
             return
-        for index, on in enumerate(device.relays):
-            await self._publish(
-                topics.RELAY_STATE.format(uid=device.uid, index=index),
-                topics.encode_onoff(on),
-                True,
-            )
-        state = topics.DeviceState(
-            relays=device.relays,
-            inputs=device.inputs,
-            online=device.online,
-            updated_at=topics.iso_now(),
-        )
-        await self._publish(topics.STATE.format(uid=device.uid), topics.encode(state), True)
+        for topic, payload in state_messages(device):
+            await self._publish(topic, payload, True)
+        # here, unlike on the hub's bus, the hub is the only one to speak for the device
         await self._publish(
             topics.AVAILABILITY.format(uid=device.uid),
             topics.encode_availability(device.online),

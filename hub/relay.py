@@ -64,6 +64,29 @@ def _changes(old: list[bool], new: list[bool] | None) -> dict[int, bool]:
     return {i: n for i, (o, n) in enumerate(zip(old, new, strict=False)) if o != n}
 
 
+def state_messages(device: DeviceInfo, only: list[int] | None = None) -> list[tuple[str, bytes]]:
+    """The retained state of a device as (topic, payload): each relay's (``only``: those
+    that changed) and the aggregate. One place builds them for every broker they go to
+    (the hub's bus, and Home Assistant's own broker)."""
+    indexes = range(device.relay_count) if only is None else only
+    state = topics.DeviceState(
+        relays=device.relays,
+        inputs=device.inputs,
+        online=device.online,
+        updated_at=topics.iso_now(),
+    )
+    return [
+        *(
+            (
+                topics.RELAY_STATE.format(uid=device.uid, index=i),
+                topics.encode_onoff(device.relays[i]),
+            )
+            for i in indexes
+        ),
+        (topics.STATE.format(uid=device.uid), topics.encode(state)),
+    ]
+
+
 class RelayService:
     """Consumes intents and acks; publishes commands, states and results."""
 
@@ -374,29 +397,12 @@ class RelayService:
 
     async def publish_state(self, device: DeviceInfo, only: list[int] | None = None) -> None:
         """Retained per-relay and aggregate state (``only``: the relays that changed)."""
-        indexes = range(device.relay_count) if only is None else only
         try:
             await asyncio.gather(
                 *(
-                    self.bus.publish(
-                        topics.RELAY_STATE.format(uid=device.uid, index=i),
-                        topics.encode_onoff(device.relays[i]),
-                        retain=True,
-                    )
-                    for i in indexes
-                ),
-                self.bus.publish(
-                    topics.STATE.format(uid=device.uid),
-                    topics.encode(
-                        topics.DeviceState(
-                            relays=device.relays,
-                            inputs=device.inputs,
-                            online=device.online,
-                            updated_at=topics.iso_now(),
-                        )
-                    ),
-                    retain=True,
-                ),
+                    self.bus.publish(topic, payload, retain=True)
+                    for topic, payload in state_messages(device, only)
+                )
             )
         except BusUnavailable:
             log.warning(
