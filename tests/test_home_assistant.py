@@ -390,14 +390,18 @@ def test_a_birth_does_not_bring_back_a_released_device(
     user = register(hub)
     ha = home_assistant(hub, user, track)
     devices = [claimed_device(hub, user)[1] for _ in range(3)]
+    witness = switch_topic(claimed_device(hub, user)[1]["device_uid"], 0)  # stays claimed
     for d in devices:
         assert latest(ha, trigger_topic(d["device_uid"], 2, "double_press"))
+    assert latest(ha, witness)
     with hub.api(user.access_token) as c:
         for d in devices:
             ha.publish("homeassistant/status", "online")
             assert c.post(f"/devices/{d['id']}/release").status_code == 200
+    before = len(configs_of(ha, witness))
     ha.publish("homeassistant/status", "online")
-    wait_until(lambda: False, BIRTH_ANSWER_S / 2)  # let the republishes run
+    # a republish ran after every release
+    assert wait_until(lambda: len(configs_of(ha, witness)) > before, BIRTH_ANSWER_S)
     barrier(ha, hub, user)
     for d in devices:
         for topic in all_topics(d["device_uid"]):
