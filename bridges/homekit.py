@@ -33,7 +33,7 @@ from hexa.bridges.homekit_org import OrgBridge
 from hexa.hub import topics
 from hexa.hub.errors import HubError
 from hexa.hub.events import DeviceEvent
-from hexa.hub.homekit import HomeKitChanged
+from hexa.hub.homekit import HomeKitChanged, seal_stored_states
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Message
 from hexa.models import HomeKitBridge, Organization
@@ -71,6 +71,13 @@ class HomeKit:
         hub): each organization turns its own bridge on (``PUT /orgs/{id}/homekit``)."""
         return (settings.homekit_bind or "").lower() not in OFF
 
+    @property
+    def secret(self) -> str:
+        """The hub's secret, which seals the bridges' HAP keys in the database."""
+        secret = self.hub.settings.jwt_secret
+        assert secret is not None  # generated or set before the hub starts
+        return secret
+
     def bind_host(self) -> str:
         settings = self.hub.settings
         return settings.homekit_bind or settings.http_host
@@ -95,6 +102,8 @@ class HomeKit:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if sealed := await seal_stored_states(self.secret):
+                    log.info("HomeKit: sealed the keys of %d bridges stored in clear", sealed)
                 rows = await HomeKitBridge.filter(
                     enabled=True, org__deleted_at__isnull=True
                 ).prefetch_related("org")

@@ -37,7 +37,7 @@ from hexa.bridges.homekit_hap import (
 from hexa.hub import topics
 from hexa.hub.commands import Origin, RelayAction
 from hexa.hub.errors import BusUnavailable, Conflict, ValidationFailed
-from hexa.hub.homekit import MAX_DEVICES
+from hexa.hub.homekit import MAX_DEVICES, open_state, seal_state
 from hexa.models import Device, HomeKitAccessory, HomeKitBridge, RelayState
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class OrgBridge:
                     hap_id=self.row.hap_id,
                     setup_code=self.row.setup_code,
                     setup_id=self.row.setup_id,
-                    hap_state=self.row.hap_state,
+                    hap_state=open_state(self.homekit.secret, self.org_id, self.row.hap_state),
                     on_change=self._dirty.set,
                     on_advertise=self._readvertise.set,
                     on_write=self._accept,
@@ -202,9 +202,9 @@ class OrgBridge:
     async def _save(self) -> None:
         assert self.driver is not None
         self._dirty.clear()
-        state = self.driver.snapshot()
-        self.row.hap_state = state
-        await HomeKitBridge.filter(id=self.row.id).update(hap_state=state, port=self.driver.port)
+        stored = seal_state(self.homekit.secret, self.org_id, self.driver.snapshot())
+        self.row.hap_state = stored
+        await HomeKitBridge.filter(id=self.row.id).update(hap_state=stored, port=self.driver.port)
 
     async def _keep_advertised(self) -> None:
         while True:

@@ -9,12 +9,18 @@ event's ``reply``. So the API needs no handle on the bridge, a hub process witho
 bridge still stores settings (the bridge applies them when it starts), and what the API
 answers (the port chosen, whether anyone is paired) is read back from the database, the
 one place that survives restarts and backups.
+
+The HAP state holds the bridge's long-term private key (whoever has it can pose as the
+bridge to every paired controller), so it is stored sealed (:mod:`hexa.hub.sealing`,
+with the hub's secret, bound to its organization) as ``{"sealed": "v1:…"}``. A state an
+older hub stored in clear is still read, and sealed when the hub starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import string
 import uuid
@@ -23,8 +29,9 @@ from typing import Any
 
 from tortoise.exceptions import IntegrityError
 
-from hexa.hub.errors import HubError
+from hexa.hub.errors import Conflict, HubError
 from hexa.hub.events import Event, Events
+from hexa.hub.sealing import Sealer
 from hexa.models import HomeKitAccessory, HomeKitBridge
 
 #: devices one bridge serves: HAP allows 150 accessories per bridge, the bridge included
@@ -36,6 +43,8 @@ _TRIVIAL_CODES = frozenset(
     {f"{d}" * 8 for d in "0123456789"} | {"12345678", "87654321"},
 )
 _SETUP_ID_ALPHABET = string.digits + string.ascii_uppercase
+#: the key under which a stored HAP state keeps its sealed form
+_SEALED = "sealed"
 
 
 def _pending_reply() -> asyncio.Future[None]:
@@ -100,12 +109,61 @@ def setup_uri(setup_code: str, setup_id: str, category: int = CATEGORY_BRIDGE) -
     return "X-HM://" + _base36(payload).rjust(9, "0") + setup_id
 
 
-def paired_in(hap_state: dict[str, Any] | None) -> bool:
-    """Whether a stored HAP state holds at least one paired controller."""
-    return bool((hap_state or {}).get("paired_clients"))
+@functools.cache
+def _sealer(secret: str) -> Sealer:
+    return Sealer(secret, b"hexa homekit state v1")
 
 
-async def view(org_id: uuid.UUID) -> HomeKitView:
+def seal_state(secret: str, org_id: uuid.UUID, state: dict[str, Any]) -> dict[str, Any]:
+    """What to store for the organization's HAP ``state``: sealed, bound to the org."""
+    return {_SEALED: _sealer(secret).seal(state, org_id.bytes)}
+
+
+def is_sealed(stored: dict[str, Any] | None) -> bool:
+    return stored is not None and isinstance(stored.get(_SEALED), str)
+
+
+def open_state(
+    secret: str, org_id: uuid.UUID, stored: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The HAP state of a stored row (None before the bridge first ran; one an older hub
+    stored in clear as it is). Raises :class:`Conflict` when it was sealed with another
+    secret: starting with fresh keys would silently cut off every paired controller."""
+    if stored is None or not is_sealed(stored):
+        return stored
+    state = _sealer(secret).open(stored[_SEALED], org_id.bytes)
+    if state is None:
+        raise Conflict(
+            "the HomeKit keys of this organization were stored with another hub secret "
+            "(HEXA_JWT_SECRET or secrets.json): restore that secret, or forget the "
+            "pairings to give the bridge new keys",
+            details={"reason": "homekit_state_unreadable"},
+        )
+    return state
+
+
+def paired_in(secret: str, org_id: uuid.UUID, stored: dict[str, Any] | None) -> bool:
+    """Whether a stored HAP state holds at least one paired controller (not when it
+    cannot be opened: no controller can reach that bridge)."""
+    try:
+        state = open_state(secret, org_id, stored)
+    except Conflict:
+        return False
+    return bool((state or {}).get("paired_clients"))
+
+
+async def seal_stored_states(secret: str) -> int:
+    """Seal the HAP states an older hub stored in clear; how many there were."""
+    sealed = 0
+    for row in await HomeKitBridge.filter(hap_state__isnull=False):
+        if row.hap_state is not None and not is_sealed(row.hap_state):
+            row.hap_state = seal_state(secret, row.org_id, row.hap_state)
+            await row.save(update_fields=["hap_state", "updated_at"])
+            sealed += 1
+    return sealed
+
+
+async def view(secret: str, org_id: uuid.UUID) -> HomeKitView:
     """The organization's HomeKit settings and status, as stored."""
     row = await HomeKitBridge.get_or_none(org_id=org_id)
     if row is None:
@@ -116,13 +174,13 @@ async def view(org_id: uuid.UUID) -> HomeKitView:
         hap_id=row.hap_id,
         setup_code=row.setup_code,
         setup_uri=setup_uri(row.setup_code, row.setup_id),
-        paired=paired_in(row.hap_state),
+        paired=paired_in(secret, org_id, row.hap_state),
         accessories=await HomeKitAccessory.filter(bridge_id=row.id).count() if row.enabled else 0,
     )
 
 
 async def configure(
-    events: Events, org_id: uuid.UUID, *, enabled: bool, port: int | None
+    events: Events, secret: str, org_id: uuid.UUID, *, enabled: bool, port: int | None
 ) -> HomeKitView:
     """Enable or disable the organization's bridge (``port``: None keeps the one asked for
     before, 0 asks for any free one) and have the bridge apply it. The first enabling
@@ -130,7 +188,7 @@ async def configure(
     row = await HomeKitBridge.get_or_none(org_id=org_id)
     if row is None:
         if not enabled:
-            return await view(org_id)
+            return await view(secret, org_id)
         try:
             row = await HomeKitBridge.create(
                 org_id=org_id,
@@ -156,22 +214,29 @@ async def configure(
         with contextlib.suppress(HubError):
             await _ask_bridge(events, HomeKitChanged(org_id))
         raise
-    return await view(org_id)
+    return await view(secret, org_id)
 
 
-async def forget_pairings(events: Events, org_id: uuid.UUID) -> HomeKitView:
+async def forget_pairings(events: Events, secret: str, org_id: uuid.UUID) -> HomeKitView:
     """Forget every controller paired with the organization's bridge: they lose access at
-    once and the bridge can be paired again with its setup code."""
+    once and the bridge can be paired again with its setup code. A state sealed with
+    another secret is dropped whole: the bridge starts again with new keys."""
     if not await _ask_bridge(events, HomeKitChanged(org_id, forget_pairings=True)):
         # no bridge runs in this process: forget them in the stored state
         row = await HomeKitBridge.get_or_none(org_id=org_id)
         if row is not None and row.hap_state is not None:
-            state = dict(row.hap_state)
-            for key in ("paired_clients", "client_properties", "client_uuid_to_bytes"):
-                state[key] = {}
-            row.hap_state = state
+            try:
+                state = open_state(secret, org_id, row.hap_state)
+            except Conflict:
+                state = None
+            if state is not None:
+                for key in ("paired_clients", "client_properties", "client_uuid_to_bytes"):
+                    state[key] = {}
+            row.hap_state = None if state is None else seal_state(secret, org_id, state)
             await row.save(update_fields=["hap_state", "updated_at"])
-    return await view(org_id)
+            with contextlib.suppress(HubError):  # a bridge its old keys kept stopped starts
+                await _ask_bridge(events, HomeKitChanged(org_id))
+    return await view(secret, org_id)
 
 
 async def _ask_bridge(events: Events, change: HomeKitChanged) -> bool:

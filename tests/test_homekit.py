@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
 import socket
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,13 +37,13 @@ from support.accounts import User, add_member, audit, register
 from support.checks import assert_error, ok, wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device, online_device, resource_relays
-from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawn_hub, stop_hub
+from support.hubs import COMMAND_TIMEOUT_MS, JWT_SECRET, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
 from hexa.bridges.homekit_hap import PairSetupSrp
 from hexa.bridges.homekit_org import MAX_PENDING_WRITES
-from hexa.hub.homekit import MAX_DEVICES, setup_uri
+from hexa.hub.homekit import MAX_DEVICES, open_state, setup_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -602,6 +604,48 @@ def test_at_most_149_devices(hub: RunningHub) -> None:
 
 
 # --- restarts ----------------------------------------------------------------------------
+def stored_state(url: str, org_id: str) -> str:
+    """The organization's ``homekit_bridges.hap_state`` as the database holds it."""
+    return _sql(
+        url,
+        "SELECT hap_state FROM homekit_bridges WHERE org_id = ?",
+        "SELECT hap_state::text FROM homekit_bridges WHERE org_id = $1::uuid",
+        org_id,
+    )
+
+
+def store_state(url: str, org_id: str, text: str) -> None:
+    """Write ``hap_state`` as an older hub would have."""
+    _sql(
+        url,
+        "UPDATE homekit_bridges SET hap_state = ? WHERE org_id = ? RETURNING id",
+        "UPDATE homekit_bridges SET hap_state = $2::jsonb WHERE org_id = $1::uuid RETURNING id",
+        org_id,
+        text,
+        sqlite_args=(text, org_id),
+    )
+
+
+def _sql(
+    url: str, sqlite: str, postgres: str, *args: str, sqlite_args: tuple[str, ...] = ()
+) -> str:
+    """The first column of the one row ``sqlite`` or ``postgres`` (by ``url``) answers."""
+    if url.startswith("sqlite://"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite://"))) as conn, conn:
+            row = conn.execute(sqlite, sqlite_args or args).fetchone()
+        return str(row[0])
+    import asyncpg
+
+    async def run() -> str:
+        conn = await asyncpg.connect(url.replace("postgres://", "postgresql://", 1))
+        try:
+            return str(await conn.fetchval(postgres, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def threads_of(hub: RunningHub) -> list[str]:
     """The names of the threads of a spawned hub's process (Linux)."""
     tasks = Path(f"/proc/{hub.proc.pid}/task")
@@ -634,10 +678,17 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
         finally:
             stop_hub(first)
         assert first.proc.returncode == 0  # SIGTERM with a bridge running: a clean exit
+        # the HAP keys are stored sealed; a state an older hub stored in clear still opens
+        sealed = stored_state(url, user.org_id)
+        assert set(json.loads(sealed)) == {"sealed"} and "private_key" not in sealed
+        clear = open_state(JWT_SECRET, uuid.UUID(user.org_id), json.loads(sealed))
+        assert clear is not None and clear["private_key"] and clear["paired_clients"]
+        store_state(url, user.org_id, json.dumps(clear))
         second = spawn_hub(url, data)
         try:
             again = homekit_of(second, user)
             assert again["paired"] is True
+            assert set(json.loads(stored_state(url, user.org_id))) == {"sealed"}  # at start
             assert {k: again[k] for k in ("port", "hap_id", "setup_code")} == {
                 k: bridge[k] for k in ("port", "hap_id", "setup_code")
             }
@@ -704,5 +755,54 @@ def test_taken_port_at_start_and_bridges_off(db_kind: str, tmp_path: Path) -> No
                 socket.create_connection(("127.0.0.1", moved["port"]), timeout=2).close()
         finally:
             stop_hub(third)
+    finally:
+        drop()
+
+
+def test_keys_sealed_with_another_secret(db_kind: str, tmp_path: Path) -> None:
+    """A hub whose secret is not the one the bridge's keys were sealed with does not start
+    that bridge with new keys (its controllers would be cut off without a word): it says
+    why in its log, answers the bridge as unpaired, and forgetting the pairings starts the
+    bridge again with new keys that pair with the setup code."""
+    url, drop = new_database_url(db_kind, tmp_path)
+    try:
+        first = spawn_hub(url, tmp_path / "first")
+        try:
+            user = register(first)
+            claimed_device(first, user)
+            bridge = enable(first, user)
+
+            async def pair_once() -> None:
+                async with paired(bridge) as pairing:
+                    assert len(await pairing.list_accessories_and_characteristics()) == 2
+
+            asyncio.run(pair_once())
+        finally:
+            stop_hub(first)
+        log = tmp_path / "other.log"
+        other = spawn_hub(url, tmp_path / "other", log=log, jwt_secret="another-" + "s" * 40)
+        try:
+            assert wait_until(lambda: "stored with another hub secret" in log.read_text())
+            with other.api() as c:
+                login = {"email": user.email, "password": user.password}
+                token = ok(c.post("/auth/login", json=login))["access_token"]
+            with other.api(token) as c:
+                seen = ok(c.get(f"/orgs/{user.org_id}/homekit"))
+                assert seen["enabled"] is True and seen["paired"] is False
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", bridge["port"]), timeout=2).close()
+                fresh = ok(c.delete(f"/orgs/{user.org_id}/homekit/pairings"))
+            assert {k: fresh[k] for k in ("port", "hap_id", "setup_code")} == {
+                k: bridge[k] for k in ("port", "hap_id", "setup_code")
+            }
+
+            async def pair_again() -> None:
+                async with paired(fresh) as pairing:
+                    assert len(await pairing.list_accessories_and_characteristics()) == 2
+
+            asyncio.run(pair_again())
+            assert homekit_of(other, dataclasses.replace(user, access_token=token))["paired"]
+        finally:
+            stop_hub(other)
     finally:
         drop()

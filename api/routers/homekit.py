@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -13,6 +13,9 @@ from pydantic import BaseModel, Field
 from hexa.api.deps import ORGANIZATION, HubDep, PrincipalDep, fetch
 from hexa.api.schemas import Body
 from hexa.hub import homekit
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
 
 router = APIRouter(tags=["homekit"])
 
@@ -39,14 +42,20 @@ class HomeKitPublic(BaseModel):
     accessories: int
 
 
+def _secret(hub: Hub) -> str:
+    """The hub's secret, which seals the bridges' HAP keys in the database."""
+    assert hub.settings.jwt_secret is not None  # generated or set before the API serves
+    return hub.settings.jwt_secret
+
+
 def _public(found: homekit.HomeKitView) -> HomeKitPublic:
     return HomeKitPublic.model_validate(dataclasses.asdict(found))
 
 
 @router.get("/orgs/{org_id}/homekit")
-async def get_homekit(org_id: uuid.UUID, principal: PrincipalDep) -> HomeKitPublic:
+async def get_homekit(org_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
-    return _public(await homekit.view(org_id))
+    return _public(await homekit.view(_secret(hub), org_id))
 
 
 @router.put("/orgs/{org_id}/homekit")
@@ -54,7 +63,9 @@ async def put_homekit(
     org_id: uuid.UUID, body: HomeKitSettings, principal: PrincipalDep, hub: HubDep
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
-    found = await homekit.configure(hub.events, org_id, enabled=body.enabled, port=body.port)
+    found = await homekit.configure(
+        hub.events, _secret(hub), org_id, enabled=body.enabled, port=body.port
+    )
     return _public(found)
 
 
@@ -63,4 +74,4 @@ async def forget_homekit_pairings(
     org_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
-    return _public(await homekit.forget_pairings(hub.events, org_id))
+    return _public(await homekit.forget_pairings(hub.events, _secret(hub), org_id))
