@@ -80,7 +80,16 @@ class _Device:
     with_states: bool = False
 
 
-_Job = _Forward | _Device
+@dataclass(frozen=True)
+class _Republish:
+    """Every config and state of the organization's devices."""
+
+
+#: What the one writer to Home Assistant's broker sends, in the order asked. A republish
+#: is one of them rather than a task of its own, so that the states it reads from the hub
+#: never overtake a newer state forwarded meanwhile: whatever changed after it read a
+#: state is forwarded after it.
+_Job = _Forward | _Device | _Republish
 
 
 class RemoteHomeAssistant:
@@ -108,6 +117,9 @@ class RemoteHomeAssistant:
         self._on_report = inbox.on(topics.REPORT, self._report)
         self._jobs: asyncio.Queue[_Job] = asyncio.Queue(MAX_PENDING)
         self._overflow = False
+        #: uid → the availability each device last published on the hub's bus (retained
+        #: there, so known from the start): what a republish mirrors
+        self._availability: dict[str, bytes] = {}
         #: devices whose leftovers this session already clears
         self._pruned: set[str] = set()
         #: how many sessions with the broker became ready
@@ -188,18 +200,18 @@ class RemoteHomeAssistant:
                 *(topics.ha_topic(config.filter(), self.prefix) for config in topics.HA_CONFIGS),
             ):
                 await client.subscribe(flt, qos=1)
-            while not self._jobs.empty():  # a full republish below covers them
+            while not self._jobs.empty():  # the full republish below covers them
                 self._jobs.get_nowait()
             self._overflow = False
             self._pruned.clear()
             self._client = client
             self.sessions += 1
             log.info("connected to the Home Assistant broker %s", self.where)
+            # Home Assistant's birth is not retained: a bridge that connects after Home
+            # Assistant publishes everything on its own
+            await self.republish()
             try:
                 async with anyio.create_task_group() as tg:
-                    # Home Assistant's birth is not retained: a bridge that connects after
-                    # Home Assistant publishes everything on its own
-                    tg.start_soon(self.republish)
                     tg.start_soon(self._work)
                     async for message in client.messages:
                         await self._on_remote(message)
@@ -223,14 +235,14 @@ class RemoteHomeAssistant:
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"Home Assistant broker: {exc}") from None
 
-    async def republish(self) -> int:
-        """Every configuration and state of the organization's devices (after a connect
-        or a birth); returns how many devices."""
-        if self._client is None:
-            return 0
+    async def republish(self) -> None:
+        """Ask for every configuration and state of the organization's devices (after a
+        connect or a birth); nothing while disconnected, as the next connect asks."""
+        self._enqueue(_Republish())
+
+    async def _republish_now(self) -> None:
         count = await self.discovery.republish(self._states)
         log.info("Home Assistant discovery published for %d devices on %s", count, self.where)
-        return count
 
     async def _states(self, view: DeviceView) -> None:
         device = await self.hub.cache.get(view.uid)
@@ -238,12 +250,12 @@ class RemoteHomeAssistant:
             return
         for topic, payload in state_messages(device):
             await self._publish(topic, payload, True)
-        # here, unlike on the hub's bus, the hub is the only one to speak for the device
-        await self._publish(
-            topics.AVAILABILITY.format(uid=device.uid),
-            topics.encode_availability(device.online),
-            True,
-        )
+        # Here, unlike on the hub's bus, the hub is the only one to speak for the device:
+        # what the device last said (the cache may not have heard it yet), else the cache.
+        availability = self._availability.get(device.uid)
+        if availability is None:
+            availability = topics.encode_availability(device.online)
+        await self._publish(topics.AVAILABILITY.format(uid=device.uid), availability, True)
 
     async def _clear_states(self, uid: str, relay_count: int) -> None:
         """A device that left the organization leaves no retained state behind there."""
@@ -260,7 +272,9 @@ class RemoteHomeAssistant:
                 self._overflow = False
                 while not self._jobs.empty():
                     self._jobs.get_nowait()
-                await self.republish()
+                job = _Republish()
+            if isinstance(job, _Republish):
+                await self._republish_now()
                 continue
             if isinstance(job, _Forward):
                 await self._publish(job.topic, job.payload, job.retain)
@@ -300,10 +314,17 @@ class RemoteHomeAssistant:
 
     async def _on_hub_message(self, msg: Message) -> None:
         """State, availability and input events of the organization's devices."""
-        if self._client is None:
-            return
         uid = topics.device_of(msg.topic)
         if uid is None:
+            return
+        if topics.AVAILABILITY.parse(msg.topic) is not None:
+            # noted for every device (one may join the organization later), and while
+            # disconnected too: the republish on connect mirrors it
+            if msg.payload:
+                self._availability[uid] = bytes(msg.payload)
+            else:
+                self._availability.pop(uid, None)
+        if self._client is None:
             return
         device = self.hub.cache.peek(uid) or await self.hub.cache.get(uid)
         if device is None or device.org_id != self.org_id:

@@ -357,6 +357,12 @@ def test_intents_from_home_assistant_are_forwarded_for_its_organization_only(
         assert ha.has(
             switch(uid, 0), lambda p: json.loads(p)["device"].get("sw_version") == "1.0.0"
         )
+        # a birth's republish mirrors the availability the device published
+        availability = f"hexa/{uid}/availability"
+        before = ha.count(availability)
+        ha.publish("homeassistant/status", "online")
+        assert wait_until(lambda: ha.count(availability) > before, 10)
+        assert ha.last(availability) == b"online"
         ha.publish(f"hexa/{theirs.uid}/relay/0/set", "ON")
         ha.publish(f"hexa/{theirs.uid}/relays/set", "ON")
         ha.publish(f"hexa/{uid}/relay/1/set", "SIDEWAYS")
