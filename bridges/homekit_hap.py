@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -287,6 +288,7 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         on_change: Callable[[], None],
         on_advertise: Callable[[], None],
         on_write: Callable[[WriteRequest], bool],
+        on_pairing: Callable[[str, bool], None],
     ) -> None:
         port = sock.getsockname()[1]
         super().__init__(
@@ -309,6 +311,7 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         self._on_change = on_change
         self._on_advertise = on_advertise
         self._on_write = on_write
+        self._on_pairing = on_pairing
 
     @property
     def port(self) -> int:
@@ -368,6 +371,21 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         self._on_change()
         self._on_advertise()
         return True
+
+    def pair(
+        self, client_username_bytes: bytes, client_public: bytes, client_permissions: bytes
+    ) -> bool:
+        """A controller paired (pair-setup, or a paired admin adding another): the owner
+        audits it, by the pairing id that its writes are audited with."""
+        paired: bool = super().pair(client_username_bytes, client_public, client_permissions)
+        if paired:
+            self._on_pairing(str(uuid.UUID(client_username_bytes.decode())), True)
+        return paired
+
+    def unpair(self, client_uuid: uuid.UUID) -> None:
+        """A paired admin removed a controller (itself, when a home removes the bridge)."""
+        super().unpair(client_uuid)
+        self._on_pairing(str(client_uuid), False)
 
     def forget_pairings(self) -> None:
         """Forget every paired controller and end their sessions."""

@@ -81,6 +81,8 @@ class OrgBridge:
         #: handed over by HAP-python's request handler; ``_unanswered`` bounds them
         self._writes: asyncio.Queue[WriteRequest] = asyncio.Queue()
         self._unanswered = 0
+        #: controllers paired (True) or removed (False) through HAP, for the audit log
+        self._pairings: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
 
@@ -107,6 +109,7 @@ class OrgBridge:
                     on_change=self._dirty.set,
                     on_advertise=self._readvertise.set,
                     on_write=self._accept,
+                    on_pairing=self._paired,
                 )
                 driver.add_accessory(Bridge(driver, self.display_name))
                 driver.bridge.set_info_service(
@@ -124,6 +127,7 @@ class OrgBridge:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._keep_saved)
                         tg.start_soon(self._keep_advertised)
+                        tg.start_soon(self._audit_pairings)
                         tg.start_soon(self._serve_writes, tg)
                         started = True
                         task_status.started()
@@ -212,6 +216,20 @@ class OrgBridge:
             self._readvertise.clear()
             assert self.driver is not None
             await self.homekit.advertiser.advertise(self.driver)
+
+    def _paired(self, controller: str, added: bool) -> None:
+        self._pairings.put_nowait((controller, added))
+
+    async def _audit_pairings(self) -> None:
+        while True:
+            controller, added = await self._pairings.get()
+            await self.hub.audit.record(
+                action="homekit.controller_paired" if added else "homekit.controller_unpaired",
+                source="homekit",
+                actor_type="homekit_controller",
+                actor_id=controller,
+                org_id=self.org_id,
+            )
 
     async def forget_pairings(self) -> None:
         """Forget every controller, end their sessions, and save before answering."""

@@ -566,7 +566,8 @@ async def test_too_many_unanswered_writes(hub: RunningHub, track: Any) -> None:
 
 async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
     """DELETE /orgs/{id}/homekit/pairings ends every controller's access at once; the setup
-    code pairs a new one."""
+    code pairs a new one; a home that removes the bridge leaves it unpaired. The audit log
+    has the settings changes by their user and each pairing by its controller's id."""
     user = register(hub)
     online_device(hub, user, track)
     bridge = enable(hub, user)
@@ -580,7 +581,26 @@ async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
         await reconnect(old).list_accessories_and_characteristics()
     async with paired(bridge) as fresh:
         assert len(await fresh.list_accessories_and_characteristics()) == 2
-    assert homekit_of(hub, user)["paired"] is True
+        assert (await asyncio.to_thread(homekit_of, hub, user))["paired"] is True
+        fresh_id = fresh.pairing_data["iOSPairingId"].lower()
+        await fresh.remove_pairing(fresh_id)  # the home removes the bridge
+    assert homekit_of(hub, user)["paired"] is False
+
+    def entries(action: str) -> list[dict[str, Any]]:
+        return list(audit(hub, user, action=action)["items"])
+
+    by_user = {"actor_type": "user", "actor_id": user.id, "source": "api"}
+    for action in ("homekit.enabled", "homekit.pairings_forgotten"):
+        found = await asyncio.to_thread(wait_until, lambda a=action: entries(a))
+        assert [{k: e[k] for k in by_user} for e in found] == [by_user], action
+    assert await asyncio.to_thread(wait_until, lambda: entries("homekit.controller_unpaired"))
+    found = entries("homekit.controller_paired") + entries("homekit.controller_unpaired")
+    assert len(found) == 3  # the old controller and the fresh one paired; the fresh one left
+    assert {(e["action"], e["actor_id"]) for e in found} >= {
+        ("homekit.controller_paired", fresh_id),
+        ("homekit.controller_unpaired", fresh_id),
+    }
+    assert {(e["source"], e["actor_type"]) for e in found} == {("homekit", "homekit_controller")}
 
 
 def test_at_most_149_devices(hub: RunningHub) -> None:

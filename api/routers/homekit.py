@@ -7,10 +7,11 @@ import dataclasses
 import uuid
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from hexa.api.deps import ORGANIZATION, HubDep, PrincipalDep, fetch
+from hexa.api.errors import request_id_of
 from hexa.api.schemas import Body
 from hexa.hub import homekit
 
@@ -60,18 +61,37 @@ async def get_homekit(org_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -
 
 @router.put("/orgs/{org_id}/homekit")
 async def put_homekit(
-    org_id: uuid.UUID, body: HomeKitSettings, principal: PrincipalDep, hub: HubDep
+    org_id: uuid.UUID,
+    body: HomeKitSettings,
+    request: Request,
+    principal: PrincipalDep,
+    hub: HubDep,
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
     found = await homekit.configure(
         hub.events, _secret(hub), org_id, enabled=body.enabled, port=body.port
+    )
+    action = "homekit.enabled" if found.enabled else "homekit.disabled"
+    await hub.audit.by_user(
+        principal.id,
+        action,
+        org_id=org_id,
+        request_id=request_id_of(request),
+        details={"port": found.port},
     )
     return _public(found)
 
 
 @router.delete("/orgs/{org_id}/homekit/pairings")
 async def forget_homekit_pairings(
-    org_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+    org_id: uuid.UUID, request: Request, principal: PrincipalDep, hub: HubDep
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
-    return _public(await homekit.forget_pairings(hub.events, _secret(hub), org_id))
+    found = await homekit.forget_pairings(hub.events, _secret(hub), org_id)
+    await hub.audit.by_user(
+        principal.id,
+        "homekit.pairings_forgotten",
+        org_id=org_id,
+        request_id=request_id_of(request),
+    )
+    return _public(found)
