@@ -32,7 +32,7 @@ from hexa.bridges.homekit_mdns import Advertiser
 from hexa.bridges.homekit_org import OrgBridge
 from hexa.hub import topics
 from hexa.hub.errors import HubError
-from hexa.hub.events import DeviceEvent
+from hexa.hub.events import DeviceEvent, DeviceLeaving
 from hexa.hub.homekit import HomeKitChanged, seal_stored_states
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Message
@@ -98,6 +98,7 @@ class HomeKit:
         unsubscribe: list[Callable[[], None]] = [
             events.subscribe(HomeKitChanged, self._changed),
             events.subscribe(DeviceEvent, self._device_changed),
+            events.subscribe(DeviceLeaving, self._device_leaving),
         ]
         try:
             async with anyio.create_task_group() as tg:
@@ -214,6 +215,14 @@ class HomeKit:
             owners.add(found[1])
         for bridge in owners:
             await bridge.sync()
+
+    async def _device_leaving(self, event: DeviceLeaving) -> None:
+        """A device is about to be released or deleted: its accessory goes at once, so a
+        controller's write that comes before the change is stored and synced answers
+        -70409 instead of switching a device that is leaving the organization."""
+        found = self._accessories.get(event.device.device_uid)
+        if found is not None:
+            found[1].withdraw(found[0])
 
     async def _relay_state(self, params: dict[str, str], state: bool, msg: Message) -> None:
         found = self._accessories.get(params["uid"])

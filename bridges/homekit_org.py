@@ -305,6 +305,15 @@ class OrgBridge:
         if driver.aio_stop_event is not None:  # started: tell controllers
             driver.refresh()
 
+    def withdraw(self, accessory: DeviceAccessory) -> None:
+        """Take ``accessory`` out now (its device is leaving): the sync that follows the
+        change removes it for good (should the change fail, the next sync of the
+        organization puts it back with its AID)."""
+        assert self.driver is not None
+        if self.driver.bridge.accessories.get(accessory.aid) is accessory:
+            del self.driver.bridge.accessories[accessory.aid]
+        self.homekit.unindex(accessory)
+
     async def _allocate(self, device: Device) -> int:
         """A new AID for ``device``, never one used before in this bridge."""
         aid = self.row.next_aid
