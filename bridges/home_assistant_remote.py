@@ -299,7 +299,11 @@ class RemoteHomeAssistant:
 
     # --- what the hub hears -------------------------------------------------------------
     async def _changed(self, device: Device, with_states: bool) -> None:
-        """A device event: its configs (and states, after a claim) are sent in turn."""
+        """A device event: its configs (and states, after a claim) are sent in turn.
+        Another organization's device that was never shown there is left out: even its
+        removal would tell that broker the device's uid."""
+        if device.org_id != self.org_id and not self.discovery.describes(device.device_uid):
+            return
         self._enqueue(
             _Device(device.device_uid, device.relay_count, device.input_count, with_states)
         )

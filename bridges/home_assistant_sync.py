@@ -116,6 +116,10 @@ class Discovery:
 
         return unsubscribe
 
+    def describes(self, uid: str) -> bool:
+        """Whether this broker was given configs for the device (and not their removal)."""
+        return bool(self._published.get(uid))
+
     def leaving(self, uid: str) -> None:
         """The device is about to leave its organization: treat it as gone from now."""
         self._leaving.add(uid)

@@ -388,6 +388,37 @@ def test_intents_from_home_assistant_are_forwarded_for_its_organization_only(
         stop_hub(hub)
 
 
+def test_another_organizations_devices_never_reach_the_remote_broker(
+    home: Home, broker: Mosquitto
+) -> None:
+    """Claims, renames, releases and deletes in another organization send nothing to Home
+    Assistant's broker, not even an empty config that would name the device's uid."""
+    hub = bridged_hub(home, broker)
+    ha = Watcher(broker)
+    try:
+        user = login(hub, home.user)
+        other = register(hub)
+        p, dev = claimed_device(hub, other)
+        _, gone = claimed_device(hub, other)
+        with hub.api(other.access_token) as c:
+            assert c.patch(f"/devices/{dev['id']}", json={"name": "Shed"}).status_code == 200
+            assert c.post(f"/devices/{dev['id']}/release").status_code == 200
+            assert c.delete(f"/devices/{gone['id']}").status_code == 204
+        # then a change of the organization's own device, which the bridge sends after them
+        mine = home.devices[0]
+        with hub.api(user.access_token) as c:
+            r = c.patch(f"/devices/{mine['id']}", json={"name": "Hall 2"})
+        assert r.status_code == 200, r.text
+        assert ha.has(switch(mine["device_uid"], 2), lambda p: b'"Hall 2"' in p)
+        for uid in (p["device_uid"], gone["device_uid"]):
+            assert not [t for t, _, _ in list(ha.msgs) if uid in t], uid
+    finally:
+        with hub.api(login(hub, home.user).access_token) as c:
+            c.patch(f"/devices/{home.devices[0]['id']}", json={"name": "Hall"})
+        ha.close()
+        stop_hub(hub)
+
+
 def test_birth_republishes_and_the_bridge_reconnects_to_a_restarted_broker(
     home: Home, broker: Mosquitto
 ) -> None:
