@@ -17,7 +17,8 @@ tasks and answers a controller's write with whatever a synchronous setter did. H
 - **writes answered after the fact**: a controller's ``PUT /characteristics`` on a relay
   is handed to the owner (``on_write``, a bounded queue drained by a supervised task), and
   its HTTP answer waits for the relay service's result; the HAP status says what
-  happened (-70402 for an offline device, -70409 for a device no longer bridged).
+  happened (-70402 for an offline device, -70409 for a device no longer bridged); a
+  timed write runs only with a ``pid`` its connection prepared and that has not expired.
 
 Everything that reaches into HAP-python's internals is in this module; the tests pin
 the behaviour (pairing, writes, events, restarts) against a real controller.
@@ -33,6 +34,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -408,7 +410,10 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         body once every write is done."""
         queries: list[dict[str, Any]] = list(query.get("characteristics") or [])
         self._notify(queries, client_addr)
-        writes = [self._write_of(q, client_addr) for q in queries if "value" in q]
+        if "pid" in query and not self._prepared(query["pid"], client_addr):
+            writes = [_invalid(q) for q in queries if "value" in q]  # unknown or expired
+        else:
+            writes = [self._write_of(q, client_addr) for q in queries if "value" in q]
         request = WriteRequest(writes, controller)
         if all(w.status is not None for w in writes):
             request.answer()
@@ -419,10 +424,16 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
             request.answer()
         return request.reply
 
+    def _prepared(self, pid: Any, client_addr: tuple[str, int]) -> bool:
+        """Whether a timed write's ``pid`` was prepared by this connection (``/prepare``,
+        which HAP-python handles) and has not expired; either way it is used up."""
+        expires = self.prepared_writes.get(client_addr, {}).pop(pid, None)
+        return expires is not None and time.time() <= expires
+
     def _write_of(self, query: dict[str, Any], client_addr: tuple[str, int]) -> RelayWrite:
         aid, iid, value = query.get("aid"), query.get("iid"), query.get("value")
         if not isinstance(aid, int) or not isinstance(iid, int):
-            return RelayWrite(-1, -1, status=INVALID_VALUE)
+            return _invalid(query)
         accessory = self.bridge if aid == STANDALONE_AID else self.bridge.accessories.get(aid)
         char = None if accessory is None else accessory.get_characteristic(aid, iid)
         if char is None:
@@ -438,3 +449,11 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
         if not isinstance(value, bool | int) or value not in (0, 1):
             return RelayWrite(aid, iid, status=INVALID_VALUE)
         return RelayWrite(aid, iid, accessory=accessory, index=index, value=bool(value))
+
+
+def _invalid(query: dict[str, Any]) -> RelayWrite:
+    """The answer -70410 (invalid value in request) for one characteristic of a write."""
+    aid, iid = query.get("aid"), query.get("iid")
+    if isinstance(aid, int) and isinstance(iid, int):
+        return RelayWrite(aid, iid, status=INVALID_VALUE)
+    return RelayWrite(-1, -1, status=INVALID_VALUE)

@@ -62,6 +62,7 @@ COMMUNICATION_FAILURE = -70402
 RESOURCE_BUSY = -70403
 TIMED_OUT = -70408
 NO_SUCH_RESOURCE = -70409
+INVALID_VALUE = -70410
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -505,6 +506,28 @@ async def test_unpaired_controller_gets_nothing(hub: RunningHub, track: Any) -> 
     assert r.status_code in (401, 470)
     assert device.commands == []
     assert resource_relays(hub, user, dev["id"]) == [False, False, False]
+
+
+async def test_timed_writes(hub: RunningHub, track: Any) -> None:
+    """A timed write (HAP's ``/prepare``, then the write with its ``pid``) switches the
+    relay; one whose ``pid`` was never prepared answers -70410 and switches nothing."""
+    user = register(hub)
+    _, device = online_device(hub, user, track)
+    bridge = enable(hub, user)
+    async with paired(bridge) as pairing:
+        accessory = (await accessories_of(pairing))[device.uid]
+        write = {"aid": accessory["aid"], "iid": switches(accessory)[0]["iid"], "value": True}
+        connection = pairing.connection
+        stale = await connection.put_json(
+            "/characteristics", {"characteristics": [write], "pid": 7}
+        )
+        assert [c["status"] for c in stale["characteristics"]] == [INVALID_VALUE]
+        assert device.commands == []
+        prepared = await connection.put_json("/prepare", {"ttl": 5000, "pid": 8})
+        assert prepared == {"status": 0}
+        done = await connection.put_json("/characteristics", {"characteristics": [write], "pid": 8})
+        assert done == {}
+        assert [(c["relay_index"], c["state"]) for c in device.commands] == [(0, True)]
 
 
 async def test_controller_vanishing_mid_write(hub: RunningHub, track: Any) -> None:
