@@ -21,7 +21,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
 
 import aiomqtt
 import anyio
@@ -34,6 +33,7 @@ from hexa.hub.config import ha_tls_context
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.bus import BrokerAddress
 from hexa.hub.mqtt.busapi import Message
 from hexa.hub.relay import state_messages
 from hexa.models import Device
@@ -102,12 +102,12 @@ class RemoteHomeAssistant:
         assert settings.ha_broker_url is not None and settings.ha_org_id is not None
         self.hub = hub
         self.org_id: uuid.UUID = settings.ha_org_id
-        url = urlsplit(settings.ha_broker_url)
         self.tls: ssl.SSLContext | None = ha_tls_context(settings)
-        self.host = url.hostname or "127.0.0.1"
-        self.port = url.port or (8883 if self.tls is not None else 1883)
-        self.username = settings.ha_username
-        self.password = settings.ha_password
+        # read as the hub reads HEXA_BROKER_URL: credentials in the URL count too
+        address = BrokerAddress.from_url(settings.ha_broker_url)
+        self.host, self.port = address.host, address.port
+        self.username = settings.ha_username or address.username
+        self.password = settings.ha_password or address.password
         self.client_id = f"hexa-hub-{hub.instance}-ha"
         self.prefix = settings.ha_discovery_prefix
         self.discovery = Discovery(self._publish, org_id=self.org_id, prefix=self.prefix)

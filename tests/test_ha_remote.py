@@ -118,11 +118,15 @@ def make_pki(folder: Path, label: str = "Hexa test CA") -> Pki:
 
 class Mosquitto:
     """A private Mosquitto: a plain listener (Home Assistant's side in these tests) and,
-    with ``pki``, a TLS listener that requires a client certificate (the hub's side)."""
+    with ``pki``, a TLS listener that requires a client certificate (the hub's side); with
+    ``users`` (name → password), only those may connect."""
 
-    def __init__(self, folder: Path, pki: Pki | None = None) -> None:
+    def __init__(
+        self, folder: Path, pki: Pki | None = None, users: dict[str, str] | None = None
+    ) -> None:
         self.folder = folder
         self.pki = pki
+        self.users = users or {}
         self.port = free_port()
         self.tls_port = free_port() if pki is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -131,7 +135,7 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         lines = [
             "per_listener_settings false",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if self.users else 'true'}",
             "persistence false",
             # started as root, Mosquitto would become "mosquitto" and not read the files here
             f"user {getpass.getuser()}",
@@ -145,6 +149,12 @@ class Mosquitto:
                 f"keyfile {self.pki.server_key}",
                 "require_certificate true",
             ]
+        if self.users:
+            passwd = self.folder / "passwd"
+            passwd.write_text("")
+            for name, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwd), name, password], check=True)
+            lines.append(f"password_file {passwd}")
         conf = self.folder / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         log = (self.folder / "mosquitto.log").open("ab")
@@ -180,6 +190,9 @@ class Watcher:
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"ha-{uuid.uuid4().hex[:8]}"
         )
         self.c.on_message = lambda c, u, m: self.msgs.append((m.topic, m.payload, bool(m.retain)))
+        for name, password in broker.users.items():  # the first user, if any
+            self.c.username_pw_set(name, password)
+            break
         self.c.connect("127.0.0.1", broker.port)
         self.c.loop_start()
         for flt in filters or ("homeassistant/#", "hexa/#"):
@@ -417,6 +430,34 @@ def test_another_organizations_devices_never_reach_the_remote_broker(
             c.patch(f"/devices/{home.devices[0]['id']}", json={"name": "Hall"})
         ha.close()
         stop_hub(hub)
+
+
+def test_a_broker_with_passwords_takes_the_hub_with_either_spelling(
+    home: Home, tmp_path: Path
+) -> None:
+    """A broker that refuses anonymous clients takes the hub with HEXA_HA_USERNAME and
+    HEXA_HA_PASSWORD, or with the user and password in HEXA_HA_BROKER_URL (as
+    HEXA_BROKER_URL takes them); the hub's log never shows the password."""
+    password = "s3cret/pw"
+    broker = Mosquitto(tmp_path / "auth", users={"hexa": password}).start()
+    spellings = [
+        {"ha_username": "hexa", "ha_password": password},
+        {"ha_broker_url": f"mqtt://hexa:s3cret%2Fpw@127.0.0.1:{broker.port}"},
+    ]
+    try:
+        for spelling in spellings:
+            ha = Watcher(broker, "hexa/hub/status")
+            hub = bridged_hub(home, broker, **spelling)
+            try:
+                assert ha.has("hexa/hub/status", lambda p: p == b"online", 20), spelling
+            finally:
+                stop_hub(hub)
+                ha.close()
+            log = (home.data / "hub.log").read_text()
+            assert "connected to the Home Assistant broker" in log
+            assert password not in log and "s3cret" not in log
+    finally:
+        broker.stop()
 
 
 def test_birth_republishes_and_the_bridge_reconnects_to_a_restarted_broker(
