@@ -392,7 +392,8 @@ class HubDriver(AccessoryDriver):  # type: ignore[misc]  # HAP-python ships no t
     def forget_pairings(self) -> None:
         """Forget every paired controller and end their sessions."""
         for key in list(self.state.paired_clients):
-            self.state.remove_paired_client(key)
+            if key in self.state.paired_clients:  # the last admin takes the others along
+                self.state.remove_paired_client(key)
         for protocol in list(self.http_server.connections.values()):
             protocol.close()
         self._on_change()

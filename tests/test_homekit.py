@@ -588,14 +588,17 @@ async def test_too_many_unanswered_writes(hub: RunningHub, track: Any) -> None:
 
 
 async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
-    """DELETE /orgs/{id}/homekit/pairings ends every controller's access at once; the setup
-    code pairs a new one; a home that removes the bridge leaves it unpaired. The audit log
-    has the settings changes by their user and each pairing by its controller's id."""
+    """DELETE /orgs/{id}/homekit/pairings ends every controller's access at once (the ones
+    a home shared the bridge with too); the setup code pairs a new one; a home that removes
+    the bridge leaves it unpaired. The audit log has the settings changes by their user
+    and each pairing by its controller's id."""
     user = register(hub)
     online_device(hub, user, track)
     bridge = enable(hub, user)
     old = await pair(bridge)
     await old.list_accessories_and_characteristics()
+    shared = str(uuid.uuid4()).upper()  # the home shared with another person
+    assert await old.add_pairing(shared, "ab" * 32, "User")
     with hub.api(user.access_token) as c:
         forgotten = ok(c.delete(f"/orgs/{user.org_id}/homekit/pairings"))
     assert forgotten["paired"] is False
@@ -618,8 +621,9 @@ async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
         assert [{k: e[k] for k in by_user} for e in found] == [by_user], action
     assert await asyncio.to_thread(wait_until, lambda: entries("homekit.controller_unpaired"))
     found = entries("homekit.controller_paired") + entries("homekit.controller_unpaired")
-    assert len(found) == 3  # the old controller and the fresh one paired; the fresh one left
+    assert len(found) == 4  # the old controller, the one it shared with and the fresh one
     assert {(e["action"], e["actor_id"]) for e in found} >= {
+        ("homekit.controller_paired", shared.lower()),
         ("homekit.controller_paired", fresh_id),
         ("homekit.controller_unpaired", fresh_id),
     }
