@@ -31,6 +31,7 @@ from hexa.hub.mqtt.busapi import BusLike
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
 from hexa.hub.schedules import Scheduler
+from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache
 from hexa.models import Automation, Device, Schedule
 
@@ -57,6 +58,8 @@ class Hub:
     ) -> None:
         self.settings = settings
         self.instance = instance
+        #: when this hub object was made, for the admin overview's uptime
+        self.started_at = utcnow()
         self.accounts = Accounts(settings)
         self.cache = DeviceCache()
         self.broker_address = bus_address

@@ -1,37 +1,57 @@
-"""``/admin``: platform-admin operations on users."""
+"""``/admin``: platform-admin operations: users, the whole fleet, every organization's audit
+log, and an overview of the hub. To anyone else these routes do not exist (404)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+from tortoise.expressions import Q
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep
-from hexa.api.schemas import Page, UserPatch, UserPublic, user_view
+from hexa.api.routers.audit import AuditEntryPublic, AuditFiltersDep, audit_page
+from hexa.api.schemas import (
+    DevicePublic,
+    Page,
+    Timestamp,
+    UserPatch,
+    UserPublic,
+    device_view,
+    user_view,
+)
+from hexa.hub import __version__, operations
 from hexa.hub.access import Principal
 from hexa.hub.errors import Conflict, NotFound
-from hexa.models import User
+from hexa.hub.security import utcnow
+from hexa.models import AuditEntry, Device, DeviceInput, RelayState, User
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-def _require_platform_admin(principal: Principal) -> None:
+async def platform_admin(principal: PrincipalDep) -> Principal:
+    """The caller, if a platform admin. Declared first on each route, so that a normal
+    user learns nothing, not even which query parameters the route takes."""
     if not principal.is_platform_admin:
         raise NotFound("route")  # the admin surface does not exist for others
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(platform_admin)]
 
 
 @router.get("/users")
-async def list_users(principal: PrincipalDep, page: PageDep) -> Page[UserPublic]:
-    _require_platform_admin(principal)
+async def list_users(_: AdminDep, page: PageDep) -> Page[UserPublic]:
     return await page.of(User.all(), user_view)
 
 
 @router.patch("/users/{user_id}")
 async def patch_user(
-    user_id: uuid.UUID, body: UserPatch, principal: PrincipalDep, hub: HubDep
+    principal: AdminDep, user_id: uuid.UUID, body: UserPatch, hub: HubDep
 ) -> UserPublic:
     """Activate or deactivate a user, or change their platform role."""
-    _require_platform_admin(principal)
     user = await User.get_or_none(id=user_id)
     if user is None:
         raise NotFound("user")
@@ -44,3 +64,125 @@ async def patch_user(
     if body.is_active is False:
         await hub.accounts.revoke_all(user)
     return user_view(user)
+
+
+class DeviceCounts(BaseModel):
+    """``online`` + ``offline`` = ``total``; ``unclaimed`` (in no organization) overlaps them."""
+
+    total: int
+    online: int
+    offline: int
+    unclaimed: int
+
+
+class CommandCounts(BaseModel):
+    applied: int
+    timeout: int
+    offline: int
+    rejected: int
+
+
+class ScheduleCounts(BaseModel):
+    enabled: int
+    failed_24h: int
+
+
+class AutomationCounts(BaseModel):
+    enabled: int
+    fired_24h: int
+
+
+class BrokerCounts(BaseModel):
+    """``connections`` is null when the hub uses an external broker it cannot see into."""
+
+    connections: int | None
+
+
+class Overview(BaseModel):
+    users: int
+    orgs: int
+    devices: DeviceCounts
+    commands_24h: CommandCounts
+    schedules: ScheduleCounts
+    automations: AutomationCounts
+    broker: BrokerCounts
+    version: str
+    uptime_s: int
+    started_at: Timestamp
+
+
+@router.get("/overview")
+async def overview(_: AdminDep, hub: HubDep) -> Overview:
+    """The hub at a glance; counts over the last 24 hours are by outcome."""
+    o = await operations.overview(embedded_broker=not hub.settings.broker_url)
+    d = o.devices
+    return Overview(
+        users=o.users,
+        orgs=o.orgs,
+        devices=DeviceCounts(
+            total=d.total, online=d.online, offline=d.offline, unclaimed=d.unclaimed
+        ),
+        commands_24h=CommandCounts(**o.commands_24h),
+        schedules=ScheduleCounts(enabled=o.schedules_enabled, failed_24h=o.schedules_failed_24h),
+        automations=AutomationCounts(
+            enabled=o.automations_enabled, fired_24h=o.automations_fired_24h
+        ),
+        broker=BrokerCounts(connections=o.broker_connections),
+        version=__version__,
+        uptime_s=max(0, int((utcnow() - hub.started_at).total_seconds())),
+        started_at=hub.started_at,
+    )
+
+
+async def _device_views(devices: Sequence[Device]) -> list[DevicePublic]:
+    """Device resources with their relays and inputs, in two queries for the whole page."""
+    ids = [d.id for d in devices]
+    relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
+    inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
+    for r in await RelayState.filter(device_id__in=ids):
+        relays[r.device_id].append(r)
+    for i in await DeviceInput.filter(device_id__in=ids):
+        inputs[i.device_id].append(i)
+    return [device_view(d, relays[d.id], inputs[d.id]) for d in devices]
+
+
+@router.get("/devices")
+async def list_devices(
+    _: AdminDep,
+    page: PageDep,
+    org_id: uuid.UUID | None = None,
+    online: bool | None = None,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+    claimed: bool | None = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+) -> Page[DevicePublic]:
+    """Every device of the hub, unclaimed ones included, oldest first. ``q`` matches a
+    substring of the uid or the name, ignoring case."""
+    query = Device.filter(deleted_at=None)
+    if org_id is not None:
+        query = query.filter(org_id=org_id)
+    if online is not None:
+        query = query.filter(online=online)
+    if model is not None:
+        query = query.filter(model=model)
+    if claimed is not None:
+        query = query.filter(org_id__isnull=not claimed)
+    if q is not None:
+        query = query.filter(Q(device_uid__icontains=q) | Q(name__icontains=q))
+    devices, total = await page.rows(query)
+    return page.wrap(await _device_views(devices), total)
+
+
+@router.get("/audit")
+async def list_audit(
+    _: AdminDep,
+    page: PageDep,
+    filters: AuditFiltersDep,
+    actor_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+) -> Page[AuditEntryPublic]:
+    """Every organization's audit log (and entries of no organization), newest first,
+    with the filters of ``/audit`` and the actor's id."""
+    query = filters.apply(AuditEntry.all())
+    if actor_id is not None:
+        query = query.filter(actor_id=actor_id)
+    return await audit_page(query, page)

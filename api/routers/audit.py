@@ -6,10 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
-from hexa.api.deps import PageDep, PrincipalDep, in_visible_orgs
+from hexa.api.deps import PageDep, Paging, PrincipalDep, in_visible_orgs
 from hexa.api.schemas import Page, Timestamp
 from hexa.hub.audit import SOURCES
 from hexa.hub.errors import ValidationFailed
@@ -52,39 +52,60 @@ def _view(e: AuditEntry) -> AuditEntryPublic:
     )
 
 
+class AuditFilters:
+    """The query parameters of ``/audit`` (also those of ``/admin/audit``), checked."""
+
+    def __init__(
+        self,
+        org_id: uuid.UUID | None = None,
+        device_id: uuid.UUID | None = None,
+        source: Annotated[str | None, Query(max_length=32)] = None,
+        action: Annotated[str | None, Query(max_length=64)] = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        automation_id: uuid.UUID | None = None,
+        schedule_id: uuid.UUID | None = None,
+        request_id: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> None:
+        if source is not None and source not in SOURCES:
+            raise ValidationFailed(
+                f"unknown source {source!r}", details={"field": "source", "known": sorted(SOURCES)}
+            )
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and value.tzinfo is None:
+                raise ValidationFailed(f"{name} needs a timezone (e.g. Z)", details={"field": name})
+        self.given: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "org_id": org_id,
+                "device_id": device_id,
+                "source": source,
+                "action": action,
+                "at__gte": since,
+                "at__lt": until,
+                "automation_id": automation_id,
+                "schedule_id": schedule_id,
+                "request_id": request_id,
+            }.items()
+            if v is not None
+        }
+
+    def apply(self, query: Any) -> Any:
+        """``query`` narrowed by the filters given."""
+        return query.filter(**self.given)
+
+
+AuditFiltersDep = Annotated[AuditFilters, Depends()]
+
+
+async def audit_page(query: Any, page: Paging) -> Page[AuditEntryPublic]:
+    """A page of audit entries, newest first."""
+    return await page.of(query, _view, "-at", "-id")
+
+
 @router.get("/audit")
 async def list_audit(
-    principal: PrincipalDep,
-    page: PageDep,
-    org_id: uuid.UUID | None = None,
-    device_id: uuid.UUID | None = None,
-    source: Annotated[str | None, Query(max_length=32)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    automation_id: uuid.UUID | None = None,
-    schedule_id: uuid.UUID | None = None,
-    request_id: Annotated[str | None, Query(max_length=128)] = None,
+    principal: PrincipalDep, page: PageDep, filters: AuditFiltersDep
 ) -> Page[AuditEntryPublic]:
     """Newest first. Entries of organizations the caller is not in are never returned."""
-    if source is not None and source not in SOURCES:
-        raise ValidationFailed(
-            f"unknown source {source!r}", details={"field": "source", "known": sorted(SOURCES)}
-        )
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and value.tzinfo is None:
-            raise ValidationFailed(f"{name} needs a timezone (e.g. Z)", details={"field": name})
-    query = in_visible_orgs(AuditEntry.all(), principal)
-    filters: dict[str, Any] = {
-        "org_id": org_id,
-        "device_id": device_id,
-        "source": source,
-        "action": action,
-        "at__gte": since,
-        "at__lt": until,
-        "automation_id": automation_id,
-        "schedule_id": schedule_id,
-        "request_id": request_id,
-    }
-    query = query.filter(**{k: v for k, v in filters.items() if v is not None})
-    return await page.of(query, _view, "-at", "-id")
+    return await audit_page(filters.apply(in_visible_orgs(AuditEntry.all(), principal)), page)
