@@ -354,14 +354,21 @@ class OrgBridge:
             tg.start_soon(self._write, request)
 
     async def _write(self, request: WriteRequest) -> None:
+        """Switch the relays of one request and answer it; whatever goes wrong fails
+        this write (-70402), never the bridge and its other controllers."""
         try:
             async with anyio.create_task_group() as tg:
                 for write in request.writes:
                     if write.status is None:
                         tg.start_soon(self._switch, write, request.controller)
-            request.answer()
+        except Exception:
+            log.exception("a HomeKit write to the bridge of %s failed", self.org_id)
+            for write in request.writes:
+                if write.status is None:
+                    write.status = COMMUNICATION_FAILURE
         finally:
             self._unanswered -= 1
+        request.answer()
 
     async def _switch(self, write: RelayWrite, controller: str | None) -> None:
         asked = write.accessory
