@@ -196,6 +196,17 @@ async def value_event(
         return False
 
 
+async def until(predicate: Callable[[], Any], timeout: float = 15) -> bool:
+    """Whether ``predicate`` holds before the deadline (checked every 50 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def switch_rest(hub: RunningHub, user: User, device_id: str, index: int, state: bool) -> None:
     with hub.api(user.access_token) as c:
         ok(c.post(f"/devices/{device_id}/relays/{index}", json={"state": state}))
@@ -341,17 +352,6 @@ async def test_found_through_mdns(hub: RunningHub, track: Any) -> None:
         await finder.async_stop()
         await browser.async_cancel()
         await zeroconf.async_close()
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 15) -> bool:
-    """Whether ``predicate`` holds before the deadline (checked every 50 ms)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 # --- a controller's view and writes -------------------------------------------------------
@@ -540,11 +540,7 @@ async def test_controller_vanishing_mid_write(hub: RunningHub, track: Any) -> No
     accessory = (await accessories_of(pairing))[device.uid]
     key = (accessory["aid"], switches(accessory)[0]["iid"])
     write = asyncio.ensure_future(pairing.put_characteristics([(*key, True)]))
-    for _ in range(200):
-        if device.commands:
-            break
-        await asyncio.sleep(0.02)
-    assert device.commands, "the write never reached the device"
+    assert await until(lambda: device.commands), "the write never reached the device"
     transport = pairing.connection.transport
     assert transport is not None
     transport.abort()  # gone without a word
