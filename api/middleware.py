@@ -150,7 +150,14 @@ class _BodyTooLarge(HTTPException):
 
 
 class HttpMetrics:
-    """Request latency by method, route template and status."""
+    """Requests and their latency by method, route template and status; error answers by
+    the ``code`` of their body.
+
+    The route label is the matched route's template (``/api/v1/devices/{device_id}``), or
+    ``unmatched`` for a path no route serves, so scanners cannot mint new series. An error
+    code is read from the first body chunk of a JSON error answer (they are small) and kept
+    only when it looks like one of ours.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -160,22 +167,72 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         status = 500
+        code: str | None = None
         begin = time.perf_counter()
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, code
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and code is None:
+                code = _error_code(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
+        except _BodyTooLarge:
+            status, code = 413, "payload_too_large"
+            raise
+        except Exception:
+            status, code = 500, "internal_error"
+            raise
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(
-                time.perf_counter() - begin
+            route = _route_template(scope)
+            labels = (
+                scope["method"] if scope["method"] in _METHODS else "other",
+                route,
+                str(status),
             )
+            metrics.HTTP_REQUESTS.labels(*labels).inc()
+            metrics.HTTP_LATENCY.labels(*labels).observe(time.perf_counter() - begin)
+            if status >= 400:
+                metrics.API_ERRORS.labels(code or "other").inc()
+
+
+#: the route label of requests no route matched
+UNMATCHED_ROUTE = "unmatched"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+def _route_template(scope: Scope) -> str:
+    """The full template of the route that served the request.
+
+    A route of an included router knows its path below the routers' prefixes only; the
+    prefixes are fixed strings, so they are the leading segments of the request path that
+    the template does not cover.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED_ROUTE
+    if ":path}" in path:
+        return path
+    depth = path.count("/")
+    segments = scope["path"].split("/")
+    prefix = "/".join(segments[: len(segments) - depth])
+    return prefix + path
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``code`` of an error body of the API, or None for anything else."""
+    if not body.startswith(b"{") or len(body) > 65536:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    code = parsed.get("code") if isinstance(parsed, dict) else None
+    return code if isinstance(code, str) and _ERROR_CODE.match(code) else None
 
 
 #: Routes that hand out fresh credentials in exchange for credentials: their answers are

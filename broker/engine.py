@@ -139,6 +139,7 @@ class Engine:
         self.subscriptions: Subscriptions[Client] = Subscriptions()
         self.retained = RetainedStore()
         self.outgoing = Outgoing()
+        metrics.CONNECTIONS.track(self)
 
     def new_client(self, client_id: str, identity: Identity, *, clean: bool) -> Client:
         outbox = Outbox(
@@ -216,11 +217,13 @@ class Engine:
         sender_key = "broker" if sender is None else sender.sender
         wire_topic = codec.encode_topic(topic)
         qos0: bytes | None = None  # one encoding for every QoS 0 delivery
+        sent = 0
         for target, granted in found.values():
             if not may_receive(target.identity, topic):
                 continue
             q = granted if granted < qos else qos  # MQTT-3.8.4: the lower of the two
             if target.local is not None:
+                sent += 1
                 if target.local.deliver(topic, payload, q, False, sender_key):
                     congested.append(target.local)
                 continue
@@ -249,10 +252,16 @@ class Engine:
                 if qos0 is None:
                     qos0 = codec.publish(wire_topic, payload, 0, None, False)
                 conn.send(qos0)
+                sent += 1
             elif not target.outbox.push(wire_topic, payload, q):
                 self.slow_consumer(target, conn)
-            elif target.outbox.congested:
-                congested.append(target.outbox)
+                continue
+            else:
+                sent += 1
+                if target.outbox.congested:
+                    congested.append(target.outbox)
+        if sent:
+            metrics.MESSAGES_SENT.inc(sent)
         return congested
 
     def slow_consumer(self, client: Client, conn: Connection) -> None:
@@ -349,6 +358,7 @@ class Engine:
         self, client: Client, flags: int, body: bytes, send: Callable[[bytes], None]
     ) -> None:
         topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+        metrics.RECEIVED_BY_KIND[client.identity.kind.value].inc()
         bucket = client.bucket
         if bucket is not None:
             wait = bucket.take(time.monotonic())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from hexa.broker import metrics
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.engine import Client
 from hexa.broker.waiters import Waiters
@@ -74,6 +75,7 @@ class LocalBus:
         if self._session is None:
             raise BusUnavailable("the embedded broker is not running")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
+        metrics.RECEIVED_BY_KIND["hub"].inc()
         await self.broker.engine.route(self._session, topic, data, qos, retain)
 
     def deliver(self, topic: str, data: bytes, qos: int, retain: bool, sender: str) -> bool:

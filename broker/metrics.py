@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import weakref
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 AUTH = Counter("hexa_mqtt_auth_total", "Broker authentication attempts", ["kind", "result"])
 DENIED = Counter("hexa_mqtt_acl_denied_total", "Broker ACL denials", ["action"])
@@ -51,3 +57,59 @@ PROTOCOL_ERRORS = Counter(
     "hexa_mqtt_protocol_errors_total",
     "Connections closed because the client broke MQTT 3.1.1 (malformed or forbidden packets)",
 )
+MESSAGES_RECEIVED = Counter(
+    "hexa_mqtt_messages_received_total",
+    "PUBLISH packets the broker received from clients, by the kind of client",
+    ["kind"],
+)
+MESSAGES_SENT = Counter(
+    "hexa_mqtt_messages_sent_total",
+    "Messages the broker delivered to subscribers (connections and the hub's own session)",
+)
+
+#: every kind of broker identity, always exported (a kind with no connection shows 0)
+KINDS = ("device", "integration", "hub")
+#: the received counter of each kind, bound once (the publish path only increments)
+RECEIVED_BY_KIND = {kind: MESSAGES_RECEIVED.labels(kind) for kind in KINDS}
+
+
+class _EngineLike(Protocol):
+    clients: dict[str, Any]
+
+
+class Connections(Collector):
+    """``hexa_mqtt_connections{kind}``: sessions attached right now, counted at scrape time
+    from the live engines (one pass over the sessions: no gauge to keep in step with every
+    connect and disconnect path)."""
+
+    def __init__(self) -> None:
+        self._engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def track(self, engine: _EngineLike) -> None:
+        self._engines.add(engine)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = dict.fromkeys(KINDS, 0)
+        for engine in list(self._engines):
+            for client in list(engine.clients.values()):
+                attached = client.local is not None or (
+                    client.connection is not None and not client.connection.closing
+                )
+                if attached:
+                    kind = client.identity.kind.value
+                    counts[kind] = counts.get(kind, 0) + 1
+        family = GaugeMetricFamily(
+            "hexa_mqtt_connections",
+            "Clients attached to the embedded broker right now, by kind",
+            labels=["kind"],
+        )
+        for kind, n in counts.items():
+            family.add_metric([kind], n)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("hexa_mqtt_connections", "", labels=["kind"])
+
+
+CONNECTIONS = Connections()
+REGISTRY.register(CONNECTIONS)

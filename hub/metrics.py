@@ -1,14 +1,38 @@
-"""Prometheus metrics of the hub, defined once for the process."""
+"""Prometheus metrics of the hub, defined once for the process.
+
+Every label takes its values from a small fixed set (statuses, sources, error codes, route
+templates, kinds): never a device uid, a user id or a raw path, so the number of series stays
+bounded however many devices and users the hub has. Gauges that describe stored state (the
+fleet, the scheduler's backlog) are computed when ``/metrics`` is scraped by
+:func:`refresh_at_scrape`, with one grouped query each, so they cannot drift from the database.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
 
+from prometheus_client import Counter, Gauge, Histogram
+from tortoise.functions import Count
+
+from hexa.hub import __version__
+from hexa.hub.security import utcnow
+from hexa.models import Device, Schedule
+
+HTTP_REQUESTS = Counter(
+    "hexa_http_requests_total",
+    "HTTP requests by method, route template and status",
+    ["method", "route", "status"],
+)
 HTTP_LATENCY = Histogram(
     "hexa_http_request_seconds",
     "HTTP request latency by method, route template and status",
     ["method", "route", "status"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_ERRORS = Counter(
+    "hexa_api_errors_total",
+    "Error answers of the HTTP API by the error code of their body",
+    ["code"],
 )
 COMMANDS = Counter(
     "hexa_relay_commands_total",
@@ -17,8 +41,9 @@ COMMANDS = Counter(
 )
 COMMAND_LATENCY = Histogram(
     "hexa_relay_command_seconds",
-    "From intent received to device ack (applied commands only)",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    "From intent received to its result (device ack, timeout, offline, rejected, error)",
+    ["status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 INTENTS_REFUSED = Counter(
     "hexa_intents_refused_total", "Intents refused before execution, by reason", ["reason"]
@@ -37,15 +62,76 @@ LATE_ACKS = Counter("hexa_late_acks_total", "Acks that arrived after their comma
 STATE_REPORTS = Counter("hexa_state_reports_total", "Device state reports ingested")
 INPUT_EVENTS = Counter("hexa_input_events_total", "Device input events", ["event"])
 DEVICES_ONLINE = Gauge("hexa_devices_online", "Devices currently online")
+DEVICES = Gauge(
+    "hexa_devices",
+    "Known devices by state: claimed and online, claimed and offline, or not claimed yet",
+    ["state"],
+)
 WS_SESSIONS = Gauge("hexa_ws_sessions", "Open WebSocket sessions", ["kind"])
 WS_DROPPED = Counter("hexa_ws_dropped_messages_total", "Messages dropped for slow WS clients")
 BUS_RECONNECTS = Counter("hexa_bus_reconnects_total", "Times the bus client reconnected")
+BUS_CONNECTED = Gauge(
+    "hexa_bus_connected", "1 while the hub's bus client is connected to the broker, else 0"
+)
 SCHEDULER_TICK = Histogram(
     "hexa_scheduler_tick_seconds",
     "Time to claim and start the due schedules of one tick",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
 )
+SCHEDULER_LAST_TICK = Gauge(
+    "hexa_scheduler_last_tick_timestamp_seconds",
+    "Unix time at which the scheduler last finished a tick",
+)
+SCHEDULER_LAG = Gauge(
+    "hexa_scheduler_lag_seconds",
+    "How long the oldest enabled schedule has been due without being run (0: none is late)",
+)
 SCHEDULE_RUNS = Counter("hexa_schedule_runs_total", "Schedule runs by outcome", ["status"])
 AUTOMATION_RUNS = Counter(
     "hexa_automation_runs_total", "Automation evaluations by outcome", ["outcome"]
 )
+BUILD_INFO = Gauge("hexa_build_info", "Always 1; the hub's version is the label", ["version"])
+BUILD_INFO.labels(__version__).set(1)
+START_TIME = Gauge("hexa_start_time_seconds", "Unix time at which the hub process started")
+START_TIME.set(time.time())
+
+#: device states of ``hexa_devices``, always all exported (a state with no device shows 0)
+DEVICE_STATES = ("online", "offline", "unclaimed")
+
+
+def observe_command(status: str, source: str, seconds: float) -> None:
+    """Count one relay result and observe its latency, whatever its status: a timeout is
+    observed too, so the histogram shows how long callers waited for nothing."""
+    COMMANDS.labels(status, source).inc()
+    COMMAND_LATENCY.labels(status).observe(seconds)
+
+
+async def refresh_at_scrape(*, bus_connected: bool) -> None:
+    """Update the gauges that mirror stored state, just before a scrape is rendered.
+
+    One grouped count over the devices (indexed by organization and presence) and one
+    lookup of the oldest due schedule: both stay in the low milliseconds with tens of
+    thousands of devices, so a scrape stays cheap without a counter to keep in step.
+    """
+    BUS_CONNECTED.set(1 if bus_connected else 0)
+    counts = dict.fromkeys(DEVICE_STATES, 0)
+    rows = (
+        await Device.filter(deleted_at__isnull=True)
+        .annotate(n=Count("id"))
+        .group_by("org_id", "online")
+        .values_list("org_id", "online", "n")
+    )
+    for org_id, online, n in rows:
+        state = "unclaimed" if org_id is None else ("online" if online else "offline")
+        counts[state] += int(n)
+    for state, n in counts.items():
+        DEVICES.labels(state).set(n)
+    now = utcnow()
+    oldest = (
+        await Schedule.filter(enabled=True, next_execution__lte=now)
+        .order_by("next_execution")
+        .only("id", "next_execution")
+        .first()
+    )
+    due = oldest.next_execution if oldest is not None else None
+    SCHEDULER_LAG.set(max(0.0, (now - due).total_seconds()) if due is not None else 0.0)

@@ -352,9 +352,7 @@ class RelayService:
             command_id=command_id,
             error=error,
         )
-        metrics.COMMANDS.labels(status, intent.source).inc()
-        if status == "applied":
-            metrics.COMMAND_LATENCY.observe(latency_ms / 1000)
+        metrics.observe_command(status, intent.source, latency_ms / 1000)
         await self.audit.record(
             action="relay_command",
             source=intent.source,

@@ -149,6 +149,7 @@ class Scheduler:
             if len(claimed) < CLAIM_BATCH:
                 break
         metrics.SCHEDULER_TICK.observe(time.perf_counter() - began)
+        metrics.SCHEDULER_LAST_TICK.set_to_current_time()
         return fired
 
     async def _claim(self, now: datetime) -> list[tuple[Schedule, datetime, bool]]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from hexa.api.deps import HubDep
 from hexa.hub import __version__
+from hexa.hub import metrics as hub_metrics
 from hexa.hub.db import ping
 
 router = APIRouter(tags=["health"])
@@ -75,6 +76,7 @@ async def version() -> Version:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
+async def metrics(hub: HubDep) -> Response:
     """Prometheus metrics in its text format (``/openapi.json`` says so: see api/app.py)."""
+    await hub_metrics.refresh_at_scrape(bus_connected=hub.bus_ready())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

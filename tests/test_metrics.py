@@ -1,0 +1,233 @@
+"""``/metrics`` of a real hub: every family of contract §7 is exported, moves with real
+traffic (REST commands, a device that never acks, an offline device, API errors, a WS
+session, a schedule run, MQTT clients), and carries no unbounded label value."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from support.accounts import register
+from support.checks import wait_until
+from support.devices import claimed_device, online_device, provision
+from support.hubs import COMMAND_TIMEOUT_MS, RunningHub
+from support.ws import ws_client
+
+#: the families contract §7 asks for (and that the alert rules and dashboard use)
+FAMILIES = {
+    "hexa_build_info": "gauge",
+    "hexa_start_time_seconds": "gauge",
+    "hexa_http_requests": "counter",
+    "hexa_http_request_seconds": "histogram",
+    "hexa_api_errors": "counter",
+    "hexa_relay_commands": "counter",
+    "hexa_relay_command_seconds": "histogram",
+    "hexa_devices": "gauge",
+    "hexa_mqtt_connections": "gauge",
+    "hexa_mqtt_messages_received": "counter",
+    "hexa_mqtt_messages_sent": "counter",
+    "hexa_ws_sessions": "gauge",
+    "hexa_schedule_runs": "counter",
+    "hexa_automation_runs": "counter",
+    "hexa_bus_connected": "gauge",
+    "hexa_scheduler_lag_seconds": "gauge",
+    "hexa_scheduler_last_tick_timestamp_seconds": "gauge",
+}
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_text(hub: RunningHub) -> str:
+    r = httpx.get(hub.base + "/metrics", timeout=15)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return r.text
+
+
+def scrape(hub: RunningHub) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(scrape_text(hub)):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_every_family_of_the_contract_is_exported(hub: RunningHub) -> None:
+    families = {f.name: f.type for f in text_string_to_metric_families(scrape_text(hub))}
+    for name, kind in FAMILIES.items():
+        assert families.get(name) == kind, (name, families.get(name))
+    samples = scrape(hub)
+    from hexa.hub import __version__
+
+    assert value(samples, "hexa_build_info", version=__version__) == 1
+    assert value(samples, "hexa_bus_connected") == 1
+    for state in ("online", "offline", "unclaimed"):
+        assert ("hexa_devices", frozenset({("state", state)})) in samples
+    for kind in ("device", "integration", "hub"):
+        assert ("hexa_mqtt_connections", frozenset({("kind", kind)})) in samples
+    assert value(samples, "hexa_mqtt_connections", kind="hub") >= 1
+
+
+def test_applied_and_timed_out_commands_are_counted_and_timed(
+    hub: RunningHub, track: Callable[[Any], Any]
+) -> None:
+    user = register(hub)
+    dev, _ = online_device(hub, user, track)
+    mute, _ = online_device(hub, user, track, auto_ack=False)
+    before = scrape(hub)
+    with hub.api(user.access_token) as c:
+        assert c.post(f"/devices/{dev['id']}/relays/0", json={"state": True}).status_code == 200
+        r = c.post(f"/devices/{mute['id']}/relays/0", json={"state": True})
+        assert r.status_code == 504, r.text
+    after = scrape(hub)
+    assert delta(before, after, "hexa_relay_commands_total", status="applied", source="api") == 1
+    assert delta(before, after, "hexa_relay_commands_total", status="timeout", source="api") == 1
+    for status in ("applied", "timeout"):
+        assert delta(before, after, "hexa_relay_command_seconds_count", status=status) == 1
+    # the timeout is observed with how long the caller waited: at least the command timeout
+    waited = delta(before, after, "hexa_relay_command_seconds_sum", status="timeout")
+    assert waited >= COMMAND_TIMEOUT_MS / 1000 * 0.9
+    assert delta(before, after, "hexa_api_errors_total", code="device_timeout") == 1
+    assert delta(before, after, "hexa_mqtt_messages_received_total", kind="device") >= 1
+    assert delta(before, after, "hexa_mqtt_messages_sent_total") >= 2
+
+
+def test_offline_device_and_fleet_gauge(hub: RunningHub, track: Callable[[Any], Any]) -> None:
+    user = register(hub)
+    before = scrape(hub)
+    provision(hub)  # never claimed
+    _, offline = claimed_device(hub, user)  # claimed, never connected
+    online_device(hub, user, track)
+    after = scrape(hub)
+    for state in ("online", "offline", "unclaimed"):
+        assert delta(before, after, "hexa_devices", state=state) == 1, state
+    assert delta(before, after, "hexa_mqtt_connections", kind="device") == 1
+    with hub.api(user.access_token) as c:
+        r = c.post(f"/devices/{offline['id']}/relays/0", json={"state": True})
+    assert r.status_code == 503, r.text
+    later = scrape(hub)
+    assert delta(after, later, "hexa_api_errors_total", code="device_offline") == 1
+    assert delta(after, later, "hexa_relay_command_seconds_count", status="offline") == 1
+    assert delta(after, later, "hexa_relay_commands_total", status="offline") == 1
+
+
+def test_http_requests_by_route_template_and_error_code(hub: RunningHub) -> None:
+    user = register(hub)
+    before = scrape(hub)
+    with hub.api(user.access_token) as c:
+        assert c.get(f"/devices/{uuid.uuid4()}").status_code == 404
+        assert c.get(f"/no-such-route-{uuid.uuid4().hex}").status_code == 404
+        assert c.get("/devices").status_code == 200
+    after = scrape(hub)
+    template = "/api/v1/devices/{device_id}"
+    assert (
+        delta(before, after, "hexa_http_requests_total", method="GET", route=template, status="404")
+        == 1
+    )
+    assert (
+        delta(before, after, "hexa_http_request_seconds_count", route=template, status="404") == 1
+    )
+    assert delta(before, after, "hexa_http_requests_total", route="unmatched", status="404") == 1
+    assert (
+        delta(before, after, "hexa_http_requests_total", route="/api/v1/devices", status="200") == 1
+    )
+    assert delta(before, after, "hexa_api_errors_total", code="not_found") == 2
+    assert delta(before, after, "hexa_api_errors_total") == 2
+
+
+def test_ws_session_is_counted_while_open(hub: RunningHub, track: Callable[[Any], Any]) -> None:
+    user = register(hub)
+    before = value(scrape(hub), "hexa_ws_sessions", kind="client")
+    peer = ws_client(hub, user, track)
+    assert value(scrape(hub), "hexa_ws_sessions", kind="client") == before + 1
+    peer.close()
+    assert wait_until(lambda: value(scrape(hub), "hexa_ws_sessions", kind="client") == before)
+
+
+def test_schedule_run_is_counted(hub: RunningHub, track: Callable[[Any], Any]) -> None:
+    user = register(hub)
+    dev, _ = online_device(hub, user, track)
+    before = scrape(hub)
+    with hub.api(user.access_token) as c:
+        s = c.post(
+            "/schedules",
+            json={
+                "device_id": dev["id"],
+                "name": "metrics",
+                "cron": "0 3 * * *",
+                "timezone": "UTC",
+                "action": {"type": "set_relay", "relay_index": 0, "state": True},
+            },
+        )
+        assert s.status_code == 201, s.text
+        r = c.post(f"/schedules/{s.json()['id']}/run")
+        assert r.status_code in (200, 202), r.text
+    after = scrape(hub)
+    assert delta(before, after, "hexa_schedule_runs_total") == 1
+    assert delta(before, after, "hexa_relay_commands_total", source="schedule") == 1
+
+
+def test_no_label_carries_a_uid_user_id_or_raw_path(
+    hub: RunningHub, track: Callable[[Any], Any]
+) -> None:
+    user = register(hub)
+    dev, sim = online_device(hub, user, track)
+    secrets = {dev["id"], sim.uid, user.id, user.org_id}
+    with hub.api(user.access_token) as c:
+        c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
+        c.get(f"/devices/{dev['id']}/state")
+        c.get(f"/devices/{sim.uid}-nope")
+    text = scrape_text(hub)
+    for secret in secrets:
+        assert secret not in text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            route = s.labels.get("route")
+            if route is not None:
+                assert route == "unmatched" or route.startswith("/"), route
+                assert not any(ch.isdigit() for ch in route.replace("v1", "")), route
+
+
+def test_scrapes_during_load_succeed(hub: RunningHub, track: Callable[[Any], Any]) -> None:
+    user = register(hub)
+    dev, _ = online_device(hub, user, track)
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def load() -> None:
+        with hub.api(user.access_token) as c:
+            state = False
+            while not stop.is_set():
+                state = not state
+                r = c.post(f"/devices/{dev['id']}/relays/1", json={"state": state})
+                sent.append(r.status_code)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    before = scrape(hub)
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(15):
+            samples = scrape(hub)
+            assert value(samples, "hexa_build_info") == 1
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    after = scrape(hub)
+    assert sent and set(sent) <= {200, 429}
+    assert delta(before, after, "hexa_relay_commands_total", source="api") >= sent.count(200)
