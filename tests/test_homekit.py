@@ -530,6 +530,32 @@ async def test_timed_writes(hub: RunningHub, track: Any) -> None:
         assert [(c["relay_index"], c["state"]) for c in device.commands] == [(0, True)]
 
 
+async def test_malformed_writes(hub: RunningHub, track: Any) -> None:
+    """A paired controller's malformed writes (not JSON, not an object, wrong types, a
+    subscription without its ids) get HAP error answers; nothing switches and the same
+    session goes on working."""
+    user = register(hub)
+    _, device = online_device(hub, user, track)
+    bridge = enable(hub, user)
+    async with paired(bridge) as pairing:
+        accessory = (await accessories_of(pairing))[device.uid]
+        aid, iid = accessory["aid"], switches(accessory)[0]["iid"]
+        connection = pairing.connection
+        for body in (b"{not json", b"[1, 2]", b'{"characteristics": [{"ev": true}]}'):
+            answer = await connection.put("/characteristics", body)
+            assert answer.code == 500 and json.loads(answer.body) == {"status": -70402}
+        for write in (
+            {"aid": str(aid), "iid": iid, "value": True},
+            {"aid": aid, "iid": iid, "value": "on"},
+            {"aid": aid, "iid": iid, "value": 2},
+        ):
+            answer = await connection.put_json("/characteristics", {"characteristics": [write]})
+            assert [c["status"] for c in answer["characteristics"]] == [INVALID_VALUE], write
+        assert device.commands == []
+        assert await pairing.put_characteristics([(aid, iid, True)]) == {}
+        assert [(c["relay_index"], c["state"]) for c in device.commands] == [(0, True)]
+
+
 async def test_controller_vanishing_mid_write(hub: RunningHub, track: Any) -> None:
     """A controller that drops its connection while its write waits for a slow device
     leaves the bridge serving: the intent completes, and controllers go on working."""
