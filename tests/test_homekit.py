@@ -406,6 +406,32 @@ async def test_pair_list_switch_and_events(hub: RunningHub, track: Any) -> None:
         assert await value_event(events, key, False)
 
 
+async def test_each_organization_sees_only_its_devices(hub: RunningHub, track: Any) -> None:
+    """Two organizations' bridges: each controller sees and switches only its own
+    organization's device (the AIDs of both start at 2), and a state change of the other
+    organization's device never reaches it."""
+    alice, bob = register(hub), register(hub)
+    dev_a, a = online_device(hub, alice, track)
+    dev_b, b = online_device(hub, bob, track)
+    bridge_a, bridge_b = enable(hub, alice), enable(hub, bob)
+    assert bridge_a["port"] != bridge_b["port"] and bridge_a["hap_id"] != bridge_b["hap_id"]
+    async with paired(bridge_a) as home_a, paired(bridge_b) as home_b:
+        seen_a, seen_b = await accessories_of(home_a), await accessories_of(home_b)
+        assert set(seen_a) == {a.uid} and set(seen_b) == {b.uid}
+        key_a = (seen_a[a.uid]["aid"], switches(seen_a[a.uid])[0]["iid"])
+        key_b = (seen_b[b.uid]["aid"], switches(seen_b[b.uid])[0]["iid"])
+        assert key_a == key_b  # the same ids, in two bridges
+        events_b = events_of(home_b)
+        await home_b.subscribe([key_b])
+        await asyncio.to_thread(switch_rest, hub, bob, dev_b["id"], 0, True)
+        assert await value_event(events_b, key_b, True)
+        assert (await home_a.get_characteristics([key_a]))[key_a]["value"] is False
+        assert await home_a.put_characteristics([(*key_a, True)]) == {}
+        assert [(c["relay_index"], c["state"]) for c in a.commands] == [(0, True)]
+        assert [(c["relay_index"], c["state"]) for c in b.commands] == [(0, True)]  # REST's
+    assert resource_relays(hub, alice, dev_a["id"])[0] is True
+
+
 async def test_offline_device_answers_communication_failure(hub: RunningHub, track: Any) -> None:
     """A write to a device that is not connected answers -70402 and sends nothing; a read
     of it answers -70402 too (Home shows "No Response")."""
