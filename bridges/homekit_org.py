@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: a controller gives up on a request after 10 s (HAP-python answers within 9 s): a write
-#: whose result is later than this answers "timed out" (HEXA_COMMAND_TIMEOUT_MS above 7 s)
+#: controllers give up on a request after about 10 s, so a write whose result is not in
+#: after 9 s answers "timed out" (only with HEXA_COMMAND_TIMEOUT_MS above about 7 s); the
+#: intent goes on, and the relay service records how it ends
 WRITE_DEADLINE_S = 9.0
 #: controller writes waiting for their relay results, per bridge (more: -70403 busy)
 MAX_PENDING_WRITES = 64
