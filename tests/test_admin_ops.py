@@ -3,19 +3,28 @@ for platform admins only, on a real hub with real MQTT devices."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import shutil
+import socket
+import sqlite3
+import subprocess
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from support.accounts import User, admin_token, audit, register
 from support.checks import assert_error, ok, wait_until
 from support.devices import claim, claimed_device, online_device, provision
-from support.hubs import ADMIN_EMAIL, ADMIN_PASSWORD, RunningHub, spawned_hub
+from support.hubs import ADMIN_EMAIL, ADMIN_PASSWORD, RunningHub, free_port, spawned_hub
 from support.mqtt import MqttDevice
 
 ADMIN_ROUTES = ("/admin/overview", "/admin/devices", "/admin/audit")
+MOSQUITTO = shutil.which("mosquitto")
 
 
 def admin_get(hub: RunningHub, token: str, path: str, **params: Any) -> Any:
@@ -32,11 +41,36 @@ def command(hub: RunningHub, user: User, device_id: str, state: bool) -> httpx.R
         return c.post(f"/devices/{device_id}/relays/0", json={"state": state})
 
 
+def make_due(url: str, schedule_id: str) -> None:
+    """Make a schedule due now, straight in the hub's database, instead of waiting for its
+    cron: the scheduler runs it on its next tick."""
+    when = (datetime.now(UTC) - timedelta(seconds=1)).replace(microsecond=0)
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url.split("://", 1)[1], timeout=15)) as db:
+            stmt = "UPDATE schedules SET next_execution = ? WHERE id = ?"
+            db.execute(stmt, (when.isoformat(" "), schedule_id))
+            db.commit()
+        return
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            stmt = "UPDATE schedules SET next_execution = $1 WHERE id = $2::uuid"
+            await conn.execute(stmt, when, schedule_id)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def test_overview_follows_the_fleet(db_kind: str, tmp_path: Path) -> None:
     """On a fresh hub every number of the overview moves by exactly what was done: a user
     and their organization, a provisioned then claimed device (and its default rule), a
-    device that connects, applied and timed-out commands, a rule that fires, a schedule."""
+    device that connects, applied and timed-out commands, a rule that fires, a schedule that
+    fails because its device went away."""
     admin = {"admin_email": ADMIN_EMAIL, "admin_password": ADMIN_PASSWORD}
+    admin["scheduler_tick_s"] = "0.5"
     with spawned_hub(db_kind, tmp_path, **admin) as hub:
         token = admin_token(hub)
         before = admin_get(hub, token, "/admin/overview")
@@ -90,7 +124,7 @@ def test_overview_follows_the_fleet(db_kind: str, tmp_path: Path) -> None:
                     "timezone": "UTC",
                     "action": {"type": "set_relay", "relay_index": 0, "state": True},
                 }
-                ok(c.post("/schedules", json=schedule), 201)
+                schedule_id = ok(c.post("/schedules", json=schedule), 201)["id"]
             view = admin_get(hub, token, "/admin/overview")
             assert view["schedules"] == {"enabled": 1, "failed_24h": 0}
         finally:
@@ -105,6 +139,67 @@ def test_overview_follows_the_fleet(db_kind: str, tmp_path: Path) -> None:
             == before["broker"]["connections"]
         )
         assert lone["device_uid"] != p["device_uid"]
+
+        # the schedule runs while its device is away: one failed run, one offline command
+        assert hub.settings.database_url is not None
+        make_due(hub.settings.database_url, schedule_id)
+        assert wait_until(
+            lambda: (
+                admin_get(hub, token, "/admin/overview")["schedules"]
+                == {"enabled": 1, "failed_24h": 1}
+            ),
+            8,
+        ), admin_get(hub, token, "/admin/overview")
+        counts = {"applied": 2, "timeout": 1, "offline": 1, "rejected": 0}
+        assert wait_until(
+            lambda: admin_get(hub, token, "/admin/overview")["commands_24h"] == counts, 5
+        ), admin_get(hub, token, "/admin/overview")
+
+
+@contextlib.contextmanager
+def open_mosquitto(work: Path) -> Iterator[int]:
+    """A private Mosquitto that takes anyone, on a free port; its port."""
+    assert MOSQUITTO is not None
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        assert wait_until(listening, 10), "mosquitto did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+def test_overview_on_an_external_broker_has_no_connection_count(
+    db_kind: str, tmp_path: Path
+) -> None:
+    """With an external broker the hub cannot count its clients: ``connections`` is null,
+    and the rest of the overview is there as usual."""
+    with (
+        open_mosquitto(tmp_path) as port,
+        spawned_hub(
+            db_kind,
+            tmp_path,
+            admin_email=ADMIN_EMAIL,
+            admin_password=ADMIN_PASSWORD,
+            broker_url=f"mqtt://127.0.0.1:{port}",
+        ) as hub,
+    ):
+        token = admin_token(hub)
+        provision(hub)
+        view = admin_get(hub, token, "/admin/overview")
+        assert view["broker"] == {"connections": None}
+        assert view["devices"] == {"total": 1, "online": 0, "offline": 1, "unclaimed": 1}
 
 
 def test_admin_devices_lists_the_whole_fleet_with_filters(hub: RunningHub, track: Any) -> None:
