@@ -4,12 +4,20 @@ session, a schedule run, MQTT clients), and carries no unbounded label value."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.accounts import register
 from support.checks import wait_until
@@ -231,3 +239,107 @@ def test_scrapes_during_load_succeed(hub: RunningHub, track: Callable[[Any], Any
     after = scrape(hub)
     assert sent and set(sent) <= {200, 429}
     assert delta(before, after, "hexa_relay_commands_total", source="api") >= sent.count(200)
+
+
+OPS = Path(__file__).resolve().parent.parent / "docs" / "ops"
+#: series Prometheus makes itself for every scrape target
+PROMETHEUS_OWN = {"up"}
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
+_PROMQL_WORDS |= {"unless", "bool", "offset", "inf", "nan"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((OPS / "alerts.yml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def dashboard_queries() -> Iterator[str]:
+    doc = json.loads((OPS / "grafana.json").read_text())
+    for panel in doc["panels"]:
+        for target in panel["targets"]:
+            yield target["expr"]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series names a PromQL expression selects (functions, keywords, label names,
+    strings, ranges and grouping clauses left out)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names: set[str] = set()
+    for m in re.finditer(r"(?<![\w.$])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", text):
+        if m.group(1).lower() not in _PROMQL_WORDS:
+            names.add(m.group(1))
+    return names
+
+
+def exported_names(hub: RunningHub) -> set[str]:
+    """Every series name the hub's /metrics can show, samples or not yet."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(scrape_text(hub)):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + end for end in ("_bucket", "_sum", "_count"))
+    return names
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        "histogram_quantile(0.95, sum by (le, status) (rate(hexa_relay_command_seconds_bucket"
+        '{status="timeout"}[5m]))) / on(instance) up{job="hexa"} > 0.1'
+    )
+    assert metric_names(expr) == {"hexa_relay_command_seconds_bucket", "up"}
+
+
+def test_alerts_and_dashboard_use_only_exported_metrics(hub: RunningHub) -> None:
+    exported = exported_names(hub)
+    exprs = [rule["expr"] for rule in alert_rules()] + list(dashboard_queries())
+    assert len(exprs) >= 20
+    used: set[str] = set()
+    for expr in exprs:
+        names = metric_names(expr)
+        assert names, expr
+        used |= names
+        missing = names - exported - PROMETHEUS_OWN
+        assert not missing, (expr, missing)
+    assert {"hexa_devices", "hexa_relay_commands_total", "hexa_bus_connected"} <= used
+
+
+def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names == {
+        "HexaHubDown",
+        "HexaBusDisconnected",
+        "HexaCommandTimeoutRatio",
+        "HexaFleetOffline",
+        "HexaSchedulerLag",
+        "HexaApi5xxRatio",
+    }
+    cases = yaml.safe_load((OPS / "alerts_test.yml").read_text())
+    assert cases["rule_files"] == ["alerts.yml"]
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for test in cases["tests"]:
+        for case in test["alert_rule_test"]:
+            (fires if case["exp_alerts"] else silent).add(case["alertname"])
+    assert fires == names
+    assert silent == names
+
+
+def test_alert_rules_pass_promtool() -> None:
+    """CI sets HEXA_REQUIRE_PROMTOOL (and installs it): there a missing promtool fails."""
+    if shutil.which("promtool") is None:
+        reason = "promtool is not installed (Debian: apt-get install prometheus)"
+        if os.environ.get("HEXA_REQUIRE_PROMTOOL"):
+            pytest.fail(f"HEXA_REQUIRE_PROMTOOL is set but {reason}")
+        pytest.skip(reason)
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        run = subprocess.run(
+            ["promtool", *args], cwd=OPS, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "SUCCESS" in run.stdout + run.stderr
