@@ -21,7 +21,6 @@ from hexa.bridges.home_assistant_config import DeviceView
 from hexa.bridges.home_assistant_sync import Births, Discovery
 from hexa.hub import topics
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.logs import printable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Handler, Message
 from hexa.models import Device
@@ -102,15 +101,8 @@ class HomeAssistant:
         """Home Assistant's status (under the configured prefix): ``online`` is a birth."""
 
         async def on_status(msg: Message) -> None:
-            if msg.topic != self._status_topic:
-                return
-            try:
-                online = topics.HA_STATUS.decode(msg.payload)
-            except topics.PayloadError:
-                log.info("ignored Home Assistant status %s", printable(bytes(msg.payload[:32])))
-                return
-            if online:
-                self.births.heard()
+            if msg.topic == self._status_topic:
+                self.births.status(bytes(msg.payload))
 
         return on_status
 

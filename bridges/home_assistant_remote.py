@@ -343,11 +343,7 @@ class RemoteHomeAssistant:
         data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
         data = bytes(data)
         if topic == self._status_topic:
-            try:
-                if topics.HA_STATUS.decode(data):
-                    self.births.heard()
-            except topics.PayloadError:
-                log.info("ignored Home Assistant status %s", printable(data[:32]))
+            self.births.status(data)
             return
         object_id = topics.ha_config_object(topic)
         if object_id is not None:

@@ -28,6 +28,7 @@ from hexa.hub.events import (
     DeviceUpdated,
     Events,
 )
+from hexa.hub.logs import printable
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,17 @@ class Births:
 
     def heard(self) -> None:
         self._due.set()
+
+    def status(self, payload: bytes) -> None:
+        """A message on Home Assistant's status topic: ``online`` is a birth, ``offline``
+        its will; anything else is someone else's and is logged and ignored."""
+        try:
+            online = topics.HA_STATUS.decode(payload)
+        except topics.PayloadError:
+            log.info("ignored Home Assistant status %s", printable(payload[:32]))
+            return
+        if online:
+            self.heard()
 
     async def run(
         self,

@@ -521,6 +521,8 @@ def test_device_removed_while_the_bridge_was_away_is_cleared_on_connect(
         every += [trigger(uid, n, e) for n in range(3) for e in EVENTS]
         for topic in every:
             assert ha.has(topic, lambda p: p == b"", 15), topic
+        # and its states, availability last
+        assert ha.has(f"hexa/{uid}/availability", lambda p: p == b"", 15)
         late = Watcher(broker)
         assert late.has(switch(home.devices[0]["device_uid"], 0))
         assert not [t for t, _, r in list(late.msgs) if uid in t and r]

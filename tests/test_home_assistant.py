@@ -329,6 +329,25 @@ def test_retained_birth_is_answered(hub: RunningHub, track: Callable[[Any], Any]
         ha.publish("homeassistant/status", "", retain=True)  # clear it for the other tests
 
 
+def test_status_messages_other_than_a_birth_bring_no_republish(
+    hub: RunningHub, track: Callable[[Any], Any]
+) -> None:
+    """Home Assistant's ``offline`` will, garbage, bytes that are not UTF-8 and an empty
+    message on its status topic are ignored; the next birth is still answered."""
+    user = register(hub)
+    ha = home_assistant(hub, user, track)
+    _, dev = claimed_device(hub, user)
+    topic = switch_topic(dev["device_uid"], 0)
+    assert latest(ha, topic)
+    before = len(configs_of(ha, topic))
+    for payload in (b"offline", b"\xff\xfe" * 40, b"online, please", b""):
+        ha.publish("homeassistant/status", payload)
+    wait_until(lambda: len(configs_of(ha, topic)) > before, BIRTH_ANSWER_S)
+    assert len(configs_of(ha, topic)) == before
+    ha.publish("homeassistant/status", "online")
+    assert wait_until(lambda: len(configs_of(ha, topic)) > before, BIRTH_ANSWER_S)
+
+
 def test_device_deleted_while_home_assistant_is_offline(
     hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
