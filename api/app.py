@@ -17,6 +17,7 @@ from hexa.api.middleware import (
 )
 from hexa.api.routers import (
     admin,
+    alert_drills,
     audit,
     auth,
     automations,
@@ -125,6 +126,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(refuse_nul_in_query)])
     for module in (auth, tenancy, devices, integrations, schedules, automations, audit, admin):
         v1.include_router(module.router)
+    v1.include_router(alert_drills.router)
     v1.include_router(homekit.router)
     v1.include_router(invitations.router)
     for extra in routers:

@@ -208,6 +208,7 @@ class Settings:
     idempotency_ttl_s: int = 24 * 3600
     trust_proxy: bool = False
     enforce_https: bool = False
+    allow_alert_simulation: bool = False
     log_level: str = "INFO"
     ha_discovery: bool = True
     ha_discovery_prefix: str = "homeassistant"
@@ -290,6 +291,7 @@ _PARSERS: dict[str, Parser] = {
     "idempotency_ttl_s": _positive_int,
     "trust_proxy": _bool,
     "enforce_https": _bool,
+    "allow_alert_simulation": _bool,
     "log_level": _log_level,
     "ha_discovery": _bool,
     "ha_discovery_prefix": _discovery_prefix,

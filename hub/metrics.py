@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from tortoise.functions import Count
 
 from hexa.hub import __version__
+from hexa.hub.alert_simulation import BURST, DRILL_LAG_S, SIMULATION
 from hexa.hub.security import utcnow
 from hexa.models import Device, Schedule
 
@@ -120,7 +121,11 @@ async def refresh_at_scrape(*, bus_connected: bool) -> None:
     lookup of the oldest due schedule: both stay in the low milliseconds with tens of
     thousands of devices, so a scrape stays cheap without a counter to keep in step.
     """
-    BUS_CONNECTED.set(1 if bus_connected else 0)
+    BUS_CONNECTED.set(1 if bus_connected and not SIMULATION.active("HexaBusDisconnected") else 0)
+    if SIMULATION.active("HexaCommandTimeoutRatio"):
+        COMMANDS.labels("timeout", "simulation").inc(BURST)
+    if SIMULATION.active("HexaApi5xxRatio"):
+        HTTP_REQUESTS.labels("GET", "simulation", "500").inc(BURST)
     counts = dict.fromkeys(DEVICE_STATES, 0)
     rows = (
         await Device.filter(deleted_at__isnull=True)
@@ -131,6 +136,9 @@ async def refresh_at_scrape(*, bus_connected: bool) -> None:
     for org_id, online, n in rows:
         state = "unclaimed" if org_id is None else ("online" if online else "offline")
         counts[state] += int(n)
+    if SIMULATION.active("HexaFleetOffline"):
+        counts["offline"] += counts["online"] + 1
+        counts["online"] = 0
     for state, n in counts.items():
         DEVICES.labels(state).set(n)
     now = utcnow()
@@ -141,4 +149,11 @@ async def refresh_at_scrape(*, bus_connected: bool) -> None:
         .first()
     )
     due = oldest.next_execution if oldest is not None else None
-    SCHEDULER_LAG.set(max(0.0, (now - due).total_seconds()) if due is not None else 0.0)
+    lag = max(0.0, (now - due).total_seconds()) if due is not None else 0.0
+    SCHEDULER_LAG.set(max(lag, DRILL_LAG_S) if SIMULATION.active("HexaSchedulerLag") else lag)
+
+
+def hub_down_simulated() -> bool:
+    """While HexaHubDown is drilled, ``/metrics`` answers 503 so Prometheus marks the
+    target down (``up == 0``): the only signal that alert has."""
+    return SIMULATION.active("HexaHubDown")

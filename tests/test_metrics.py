@@ -24,10 +24,16 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.accounts import register
-from support.checks import wait_until
+from support.accounts import admin_token, register
+from support.checks import assert_error, wait_until
 from support.devices import claimed_device, online_device, provision
-from support.hubs import COMMAND_TIMEOUT_MS, RunningHub, spawned_hub
+from support.hubs import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    COMMAND_TIMEOUT_MS,
+    RunningHub,
+    spawned_hub,
+)
 from support.ws import ws_client
 
 #: the families contract §7 asks for (and that the alert rules and dashboard use)
@@ -418,3 +424,76 @@ def test_fleet_of_ten_thousand_is_counted_exactly_and_scrapes_stay_cheap(
         assert value(samples, "hexa_devices", state="offline") == FLEET - unclaimed - online
         median_ms = statistics.median(times) * 1000
         print(f"/metrics with {FLEET} devices on {db_kind}: median {median_ms:.1f} ms")
+
+
+# --- alert drills (POST /admin/alerts/simulate) -------------------------------------------
+DRILLS = (
+    "HexaHubDown",
+    "HexaBusDisconnected",
+    "HexaCommandTimeoutRatio",
+    "HexaFleetOffline",
+    "HexaSchedulerLag",
+    "HexaApi5xxRatio",
+)
+
+
+def test_alert_drill_is_refused_unless_allowed(hub: RunningHub) -> None:
+    with hub.api(admin_token(hub)) as c:
+        r = c.post("/admin/alerts/simulate", json={"alert": "HexaBusDisconnected"})
+    assert_error(r, 409, "alert_simulation_disabled")
+    assert value(scrape(hub), "hexa_bus_connected") == 1
+
+
+def test_alert_drill_names_match_the_shipped_rules() -> None:
+    assert set(DRILLS) == {rule["alert"] for rule in alert_rules()}
+
+
+def test_alert_drills_make_the_metrics_show_each_condition(
+    db_kind: str, tmp_path: Path, track: Callable[[Any], Any]
+) -> None:
+    with spawned_hub(
+        db_kind,
+        tmp_path,
+        allow_alert_simulation="true",
+        admin_email=ADMIN_EMAIL,
+        admin_password=ADMIN_PASSWORD,
+    ) as hub:
+        user = register(hub)
+        online_device(hub, user, track)
+        admin = admin_token(hub)
+        with hub.api(user.access_token) as c:  # a normal user: the route does not exist
+            assert_error(c.post("/admin/alerts/simulate", json={"alert": "HexaHubDown"}), 404)
+        before = scrape(hub)
+        assert value(before, "hexa_bus_connected") == 1
+        assert value(before, "hexa_devices", state="online") == 1
+        assert value(before, "hexa_scheduler_lag_seconds") == 0
+        with hub.api(admin) as c:
+            assert_error(c.post("/admin/alerts/simulate", json={"alert": "Nope"}), 400)
+            assert_error(
+                c.post("/admin/alerts/simulate", json={"alert": "HexaHubDown", "duration_s": 5}),
+                400,
+            )
+            for alert in DRILLS[1:]:
+                r = c.post("/admin/alerts/simulate", json={"alert": alert})
+                assert r.status_code == 202, r.text
+                assert r.json()["alert"] == alert
+        after = scrape(hub)
+        assert value(after, "hexa_bus_connected") == 0
+        assert value(after, "hexa_devices", state="online") == 0
+        assert value(after, "hexa_devices", state="offline") >= 1
+        assert value(after, "hexa_scheduler_lag_seconds") > 60
+        timeouts = delta(before, after, "hexa_relay_commands_total", status="timeout")
+        assert timeouts / (value(after, "hexa_relay_commands_total") or 1) > 0.1
+        errors = delta(before, after, "hexa_http_requests_total", status="500")
+        assert errors / value(after, "hexa_http_requests_total") > 0.05
+        # the hub itself kept working: its API and the device are untouched
+        with hub.api(user.access_token) as c:
+            devices = c.get("/devices").json()["items"]
+            assert devices and devices[0]["online"] is True
+        with hub.api(admin) as c:
+            assert (
+                c.post("/admin/alerts/simulate", json={"alert": "HexaHubDown"}).status_code == 202
+            )
+        r = httpx.get(hub.base + "/metrics", timeout=15)
+        assert r.status_code == 503  # Prometheus marks the target down: up == 0
+        assert httpx.get(hub.base + "/healthz", timeout=15).status_code == 200

@@ -78,5 +78,7 @@ async def version() -> Version:
 @router.get("/metrics")
 async def metrics(hub: HubDep) -> Response:
     """Prometheus metrics in its text format (``/openapi.json`` says so: see api/app.py)."""
+    if hub_metrics.hub_down_simulated():
+        return Response("alert drill: HexaHubDown\n", status_code=503, media_type="text/plain")
     await hub_metrics.refresh_at_scrape(bus_connected=hub.bus_ready())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
