@@ -9,6 +9,7 @@ fleet, the scheduler's backlog) are computed when ``/metrics`` is scraped by
 
 from __future__ import annotations
 
+import logging
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -99,6 +100,8 @@ START_TIME.set(time.time())
 #: device states of ``hexa_devices``, always all exported (a state with no device shows 0)
 DEVICE_STATES = ("online", "offline", "unclaimed")
 
+log = logging.getLogger(__name__)
+
 
 #: the sources a relay command is counted under; any other (none today: the relay service
 #: attributes intents itself) is counted as ``other``, so a label can never be minted
@@ -115,17 +118,27 @@ def observe_command(status: str, source: str, seconds: float) -> None:
 
 
 async def refresh_at_scrape(*, bus_connected: bool) -> None:
-    """Update the gauges that mirror stored state, just before a scrape is rendered.
+    """Update the gauges that mirror the hub's state, just before a scrape is rendered.
 
-    One grouped count over the devices (indexed by organization and presence) and one
-    lookup of the oldest due schedule: both stay in the low milliseconds with tens of
-    thousands of devices, so a scrape stays cheap without a counter to keep in step.
+    A database that does not answer leaves the stored-state gauges at their last values
+    and the scrape still succeeds: a failed scrape would read as "hub down", and the
+    readiness probe already reports the database.
     """
     BUS_CONNECTED.set(1 if bus_connected and not SIMULATION.active("HexaBusDisconnected") else 0)
     if SIMULATION.active("HexaCommandTimeoutRatio"):
         COMMANDS.labels("timeout", "simulation").inc(BURST)
     if SIMULATION.active("HexaApi5xxRatio"):
         HTTP_REQUESTS.labels("GET", "simulation", "500").inc(BURST)
+    try:
+        await _refresh_stored_state()
+    except Exception:  # any database failure: the rest of the scrape stands
+        log.warning("fleet and scheduler gauges not refreshed", exc_info=True)
+
+
+async def _refresh_stored_state() -> None:
+    """One grouped count over the devices and one indexed lookup of the oldest due
+    schedule: both stay in the low milliseconds with tens of thousands of devices, so a
+    scrape stays cheap without a counter to keep in step with every change."""
     counts = dict.fromkeys(DEVICE_STATES, 0)
     rows = (
         await Device.filter(deleted_at__isnull=True)
