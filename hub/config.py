@@ -90,9 +90,18 @@ def _bool(name: str, raw: str) -> bool:
     raise SettingError(name, raw, "must be true or false")
 
 
+def _without_password(url: str) -> str:
+    """``url`` as it may be shown in an error: any password in it replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def _database_url(name: str, raw: str) -> str:
     if not raw.startswith(("sqlite://", "postgres://", "postgresql://", "asyncpg://")):
-        raise SettingError(name, raw, "must start with sqlite:// or postgres://")
+        raise SettingError(name, _without_password(raw), "must start with sqlite:// or postgres://")
     if raw.startswith("postgresql://"):
         return "postgres://" + raw.removeprefix("postgresql://")
     return raw
@@ -102,7 +111,7 @@ def _broker_url(name: str, raw: str) -> str | None:
     if not raw:
         return None
     if not raw.startswith(("mqtt://", "mqtts://")):
-        raise SettingError(name, raw, "must start with mqtt:// or mqtts://")
+        raise SettingError(name, _without_password(raw), "must start with mqtt:// or mqtts://")
     return raw
 
 

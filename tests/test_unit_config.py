@@ -62,6 +62,22 @@ def test_secret_values_are_not_echoed(tmp_path: Path) -> None:
     assert "tooshort" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("HEXA_BROKER_URL", "http://hub:s3cr3t-pw@broker:1883"),
+        ("HEXA_HA_BROKER_URL", "ws://ha:s3cr3t-pw@homeassistant.local"),
+        ("HEXA_DATABASE_URL", "mysql://root:s3cr3t-pw@db/hexa"),
+    ],
+)
+def test_a_refused_url_does_not_repeat_its_password(tmp_path: Path, name: str, url: str) -> None:
+    """A URL with the wrong scheme is named in the error with its password replaced."""
+    with pytest.raises(SettingError) as info:
+        load_settings(environ={"HEXA_DATA_DIR": str(tmp_path), name: url})
+    assert "s3cr3t-pw" not in str(info.value) and "***@" in str(info.value)
+    assert name in str(info.value)
+
+
 def test_generated_secrets_survive_a_restart(tmp_path: Path) -> None:
     """Provision key and JWT secret are generated once into the data dir and reused."""
     first = load_settings(environ={"HEXA_DATA_DIR": str(tmp_path)})
