@@ -4,8 +4,7 @@ log, and an overview of the hub. To anyone else these routes do not exist (404).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
@@ -13,20 +12,20 @@ from tortoise.expressions import Q
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep
 from hexa.api.routers.audit import AuditEntryPublic, AuditFiltersDep, audit_page
+from hexa.api.routers.devices import device_views
 from hexa.api.schemas import (
     DevicePublic,
     Page,
     Timestamp,
     UserPatch,
     UserPublic,
-    device_view,
     user_view,
 )
 from hexa.hub import __version__, operations
 from hexa.hub.access import Principal
 from hexa.hub.errors import Conflict, NotFound
 from hexa.hub.security import utcnow
-from hexa.models import AuditEntry, Device, DeviceInput, RelayState, User
+from hexa.models import AuditEntry, Device, User
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -134,18 +133,6 @@ async def overview(_: AdminDep, hub: HubDep) -> Overview:
     )
 
 
-async def _device_views(devices: Sequence[Device]) -> list[DevicePublic]:
-    """Device resources with their relays and inputs, in two queries for the whole page."""
-    ids = [d.id for d in devices]
-    relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
-    inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
-    for r in await RelayState.filter(device_id__in=ids):
-        relays[r.device_id].append(r)
-    for i in await DeviceInput.filter(device_id__in=ids):
-        inputs[i.device_id].append(i)
-    return [device_view(d, relays[d.id], inputs[d.id]) for d in devices]
-
-
 @router.get("/devices")
 async def list_devices(
     _: AdminDep,
@@ -170,7 +157,7 @@ async def list_devices(
     if q is not None:
         query = query.filter(Q(device_uid__icontains=q) | Q(name__icontains=q))
     devices, total = await page.rows(query)
-    return page.wrap(await _device_views(devices), total)
+    return page.wrap(await device_views(devices), total)
 
 
 @router.get("/audit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -109,6 +110,11 @@ async def list_devices(
     if model is not None:
         query = query.filter(model=model)
     devices, total = await page.rows(query)
+    return page.wrap(await device_views(devices), total)
+
+
+async def device_views(devices: Sequence[Device]) -> list[DevicePublic]:
+    """Device resources with their relays and inputs, in two queries for the whole page."""
     ids = [d.id for d in devices]
     relays: dict[Any, list[RelayState]] = {i: [] for i in ids}
     inputs: dict[Any, list[DeviceInput]] = {i: [] for i in ids}
@@ -116,7 +122,7 @@ async def list_devices(
         relays[r.device_id].append(r)
     for i in await DeviceInput.filter(device_id__in=ids):
         inputs[i.device_id].append(i)
-    return page.wrap([device_view(d, relays[d.id], inputs[d.id]) for d in devices], total)
+    return [device_view(d, relays[d.id], inputs[d.id]) for d in devices]
 
 
 @router.get("/devices/{device_id}")
