@@ -40,6 +40,20 @@ class Device(SoftDeleteModel):
     online = fields.BooleanField(default=False, db_default=False)
     last_seen_at = fields.DatetimeField(null=True)
     metadata: fields.Field[dict[str, Any]] = fields.JSONField(default=dict)
+    power_restore_mode = fields.CharField(
+        max_length=16,
+        default="off",
+        db_default="off",
+        description="what the relays do when power returns (off, on or restore)",
+    )
+    config_version = fields.IntField(
+        default=0,
+        db_default=0,
+        description="bumped by every IO or power-restore change (0 = the factory defaults)",
+    )
+    config_applied_version = fields.IntField(
+        default=0, db_default=0, description="the last config_version the device acknowledged"
+    )
 
     class Meta:
         table = "devices"
@@ -74,6 +88,18 @@ class DeviceInput(Model):
     index = fields.IntField()
     name = fields.CharField(max_length=200, null=True)
     mode = fields.CharField(max_length=32, default="momentary", db_default="momentary")
+    type = fields.CharField(
+        max_length=16, default="push", db_default="push", description="push or rocker"
+    )
+    link = fields.CharField(
+        max_length=16,
+        default="linked",
+        db_default="linked",
+        description="linked (drives its relay on the device) or detached (reports events only)",
+    )
+    rocker_mode = fields.CharField(
+        max_length=16, null=True, description="follow or flip for a rocker, None for a push button"
+    )
     state = fields.BooleanField(default=False, db_default=False)
     updated_at = fields.DatetimeField(auto_now=True)
 
