@@ -7,6 +7,7 @@ from hexa.models.homekit import HomeKitAccessory, HomeKitBridge
 from hexa.models.idempotency import IdempotencyRecord
 from hexa.models.integrations import IntegrationToken
 from hexa.models.invitations import Invitation
+from hexa.models.ota import OtaKey, OtaRelease, OtaReport
 from hexa.models.tenancy import Area, Membership, Organization, Site
 from hexa.models.users import RefreshToken, User
 
@@ -24,6 +25,9 @@ __all__ = [
     "Invitation",
     "Membership",
     "Organization",
+    "OtaKey",
+    "OtaRelease",
+    "OtaReport",
     "RefreshToken",
     "RelayState",
     "Schedule",

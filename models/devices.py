@@ -54,6 +54,16 @@ class Device(SoftDeleteModel):
     config_applied_version = fields.IntField(
         default=0, db_default=0, description="the last config_version the device acknowledged"
     )
+    ota_channel = fields.CharField(
+        max_length=16, default="stable", db_default="stable", description="dev, beta or stable"
+    )
+    ota_security_version = fields.IntField(
+        default=0, db_default=0, description="the highest security version applied (anti-rollback)"
+    )
+    ota_release_id = fields.UUIDField(null=True, description="the release of the last OTA report")
+    ota_status = fields.CharField(max_length=16, null=True)
+    ota_error = fields.CharField(max_length=500, null=True)
+    ota_updated_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "devices"
