@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -160,6 +161,36 @@ def _discovery_prefix(name: str, raw: str) -> str:
     return raw
 
 
+def _ota_kek(name: str, raw: str) -> bytes | None:
+    """The OTA key-encryption key: base64 of exactly 32 bytes."""
+    if not raw:
+        return None
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except ValueError:
+        raise SettingError(name, "***", "must be base64 of 32 bytes") from None
+    if len(key) != 32:
+        raise SettingError(name, "***", "must be base64 of 32 bytes")
+    return key
+
+
+def _hosts(name: str, raw: str) -> tuple[str, ...]:
+    """A comma-separated list of host names (empty: the default)."""
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if not re.fullmatch(r"[a-z0-9.:\[\]-]{1,253}", host):
+            raise SettingError(name, raw, "must be host names separated by commas")
+    return hosts
+
+
+def _base_url(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", raw):
+        raise SettingError(name, raw, "must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
 def _text(_name: str, raw: str) -> str | None:
     return raw or None
 
@@ -218,6 +249,10 @@ class Settings:
     trust_proxy: bool = False
     enforce_https: bool = False
     allow_alert_simulation: bool = False
+    ota_max_bytes: int = 32 * 1024 * 1024
+    ota_kek: bytes | None = field(default=None, repr=False)
+    ota_allowed_hosts: tuple[str, ...] = ()
+    ota_base_url: str | None = None
     log_level: str = "INFO"
     ha_discovery: bool = True
     ha_discovery_prefix: str = "homeassistant"
@@ -301,6 +336,10 @@ _PARSERS: dict[str, Parser] = {
     "trust_proxy": _bool,
     "enforce_https": _bool,
     "allow_alert_simulation": _bool,
+    "ota_max_bytes": _positive_int,
+    "ota_kek": _ota_kek,
+    "ota_allowed_hosts": _hosts,
+    "ota_base_url": _base_url,
     "log_level": _log_level,
     "ha_discovery": _bool,
     "ha_discovery_prefix": _discovery_prefix,
