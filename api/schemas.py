@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from hexa.hub.device_config import legacy_mode
 from hexa.hub.errors import ValidationFailed
 from hexa.hub.security import utcnow
 from hexa.models import (
@@ -210,6 +211,26 @@ class DevicePatch(Body):
     ) = None
 
 
+class InputSetting(Body):
+    """One input's wiring: ``rocker_mode`` is required for a rocker and refused for a push
+    button (checked with the whole list, hub/device_config.py)."""
+
+    index: Annotated[int, Field(ge=0, le=63, strict=True)]
+    type: Literal["push", "rocker"]
+    link: Literal["linked", "detached"]
+    rocker_mode: Literal["follow", "flip"] | None = None
+
+
+class IoConfigPatch(Body):
+    """The inputs to change (the others keep their setting)."""
+
+    inputs: Annotated[list[InputSetting], Field(min_length=1, max_length=64)]
+
+
+class PowerRestorePatch(Body):
+    mode: Literal["off", "on", "restore"]
+
+
 class RelayCommand(Body):
     state: StrictBool | Literal["toggle"]
 
@@ -356,8 +377,18 @@ class RelayPublic(BaseModel):
 class InputPublic(BaseModel):
     index: int
     name: str | None
-    mode: str
+    mode: str = Field(
+        description="derived from the input's io_config entry: momentary (linked push), "
+        "toggle (linked rocker, follow), edge (linked rocker, flip) or detached"
+    )
     state: bool
+
+
+class InputConfigPublic(BaseModel):
+    index: int
+    type: Literal["push", "rocker"]
+    link: Literal["linked", "detached"]
+    rocker_mode: Literal["follow", "flip"] | None
 
 
 class DevicePublic(BaseModel):
@@ -379,6 +410,12 @@ class DevicePublic(BaseModel):
     serial: str | None
     created_at: Timestamp
     updated_at: Timestamp
+    io_config: list[InputConfigPublic]
+    power_restore_mode: Literal["off", "on", "restore"]
+    config_version: int = Field(description="bumped by every configuration change")
+    config_applied_version: int = Field(
+        description="the last config_version the device acknowledged"
+    )
 
 
 class ClaimedDevice(DevicePublic):
@@ -506,6 +543,7 @@ def device_fields(
     device: Device, relays: list[RelayState], inputs: list[DeviceInput]
 ) -> dict[str, Any]:
     """The fields of a device resource (:class:`DevicePublic` and its extensions)."""
+    inputs = sorted(inputs, key=lambda i: i.index)
     return {
         "id": device.id,
         "device_uid": device.device_uid,
@@ -522,8 +560,13 @@ def device_fields(
             for r in sorted(relays, key=lambda r: r.index)
         ],
         "inputs": [
-            InputPublic(index=i.index, name=i.name, mode=i.mode, state=i.state)
-            for i in sorted(inputs, key=lambda i: i.index)
+            InputPublic(
+                index=i.index,
+                name=i.name,
+                mode=legacy_mode(i.type, i.link, i.rocker_mode),
+                state=i.state,
+            )
+            for i in inputs
         ],
         "online": device.online,
         "last_seen_at": device.last_seen_at,
@@ -531,6 +574,13 @@ def device_fields(
         "serial": device.serial,
         "created_at": device.created_at,
         "updated_at": device.updated_at,
+        "io_config": [
+            {"index": i.index, "type": i.type, "link": i.link, "rocker_mode": i.rocker_mode}
+            for i in inputs
+        ],
+        "power_restore_mode": device.power_restore_mode,
+        "config_version": device.config_version,
+        "config_applied_version": device.config_applied_version,
     }
 
 

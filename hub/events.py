@@ -73,6 +73,14 @@ class DeviceLeaving(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceConfigChanged(Event):
+    """The device's IO configuration or power-restore mode changed: ``device`` is the row
+    after the change, with its new ``config_version``."""
+
+    device: Device
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceCredentialsRevoked(Event):
     """A device's token stopped working (release, delete, rotation): end its sessions."""
 
@@ -112,6 +120,14 @@ class InputEvent(Event):
     input_index: int
     event: str
     duration_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReported(Event):
+    """A state report of the device named the configuration version it runs."""
+
+    device: DeviceInfo
+    config_version: int
 
 
 E = TypeVar("E", bound=Event)

@@ -63,6 +63,16 @@ FLOOD_DROPS = Counter(
 LATE_ACKS = Counter("hexa_late_acks_total", "Acks that arrived after their command timed out")
 STATE_REPORTS = Counter("hexa_state_reports_total", "Device state reports ingested")
 INPUT_EVENTS = Counter("hexa_input_events_total", "Device input events", ["event"])
+CONFIG_PUSHES = Counter(
+    "hexa_device_config_pushes_total",
+    "Configuration documents sent to devices, by what caused them (change, connect, report)",
+    ["trigger"],
+)
+CONFIG_ACKS = Counter(
+    "hexa_device_config_acks_total",
+    "Configuration acks by outcome: applied, or why one was refused and not applied",
+    ["result"],
+)
 DEVICES_ONLINE = Gauge("hexa_devices_online", "Devices currently online")
 DEVICES = Gauge(
     "hexa_devices",

@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
 from hexa.hub.errors import BusUnavailable
-from hexa.hub.events import DeviceOffline, DeviceOnline, Events, InputEvent
+from hexa.hub.events import ConfigReported, DeviceOffline, DeviceOnline, Events, InputEvent
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import BusLike, Message
 from hexa.hub.relay import RelayService
@@ -183,6 +183,8 @@ class Presence:
         if report.fw_version and report.fw_version != device.fw_version:
             await Device.filter(id=device.id).update(fw_version=report.fw_version)
             device.fw_version = report.fw_version
+        if report.config_version is not None:
+            await self.events.publish(ConfigReported(device, report.config_version))
         relays = (
             report.relays if report.relays and len(report.relays) == device.relay_count else None
         )

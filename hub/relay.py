@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -39,6 +40,9 @@ SOURCES_REMEMBERED = 4096
 #: the audit source of intents from an integration token, by the token's kind (§6);
 #: other kinds publish as plain MQTT clients
 INTEGRATION_SOURCES = {"home_assistant": "home_assistant"}
+
+#: takes an ack of a command the relay service did not send: (uid, ack) → True if its own
+AckRoute = Callable[[str, topics.Ack], Awaitable[bool]]
 
 
 @dataclass
@@ -120,6 +124,7 @@ class RelayService:
         }
         #: set whenever a job ends (drain() re-checks whether everything is done)
         self._settled = asyncio.Event()
+        self._ack_routes: list[AckRoute] = []
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -142,6 +147,12 @@ class RelayService:
 
     def _idle(self) -> bool:
         return not self._executing and all(q.empty() for q in self._queues.values())
+
+    def route_acks(self, route: AckRoute) -> Callable[[], None]:
+        """Acks on ``hexa/<uid>/ack`` of commands other than relay commands (``config``)
+        are offered to ``route``; returns the callable that removes it."""
+        self._ack_routes.append(route)
+        return lambda: self._ack_routes.remove(route) if route in self._ack_routes else None
 
     def device_lock(self, uid: str) -> asyncio.Lock:
         """Held while relay state of ``uid`` is written (shared with state reports)."""
@@ -446,6 +457,9 @@ class RelayService:
             return
         late = self._timed_out.pop(ack.command_id, None)
         if late is None or late.uid != uid:
+            for route in list(self._ack_routes):
+                if await route(uid, ack):
+                    return
             metrics.BAD_PAYLOADS.labels("ack_unknown_command").inc()
             log.info("dropped ack for unknown command %s from %s", ack.command_id, uid)
             return

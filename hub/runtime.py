@@ -16,6 +16,7 @@ from hexa.hub.audit import AuditLog
 from hexa.hub.automations import Engine, default_rule
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
+from hexa.hub.device_config import DeviceConfigService
 from hexa.hub.devices import Registry
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.events import (
@@ -75,6 +76,14 @@ class Hub:
         )
         self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s, seal_key=seal)
         self.presence = Presence(self.bus, self.cache, self.relay, self.audit, self.events)
+        self.device_config = DeviceConfigService(
+            self.bus,
+            self.cache,
+            self.audit,
+            self.events,
+            self.relay,
+            timeout_s=settings.command_timeout_s,
+        )
         self.scheduler = Scheduler(
             self.commands,
             self.audit,
@@ -129,6 +138,7 @@ class Hub:
                 await group.start(self.relay.run)
                 await self.commands.start()
                 await group.start(self.presence.run)
+                await group.start(self.device_config.run)
                 await group.start(self.keep_retained_truth)
                 await group.start(self.scheduler.run)
                 await group.start(self.automations.run)

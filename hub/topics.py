@@ -159,9 +159,29 @@ class SetAllRelays(_Ours):
     state: bool
 
 
-class ConfigCommand(_Theirs):
+InputType = Literal["push", "rocker"]
+InputLink = Literal["linked", "detached"]
+RockerMode = Literal["follow", "flip"]
+PowerRestoreMode = Literal["off", "on", "restore"]
+
+
+class InputConfig(_Ours):
+    """How one input is wired (docs/protocol.md, "Device configuration")."""
+
+    index: int
+    type: InputType
+    link: InputLink
+    rocker_mode: RockerMode | None = None
+
+
+class ConfigCommand(_Ours):
+    """The device's whole IO configuration and power-restore mode, at ``config_version``."""
+
     type: Literal["config"] = "config"
-    command_id: str | None = None
+    command_id: str
+    config_version: Annotated[int, Field(ge=1)]
+    inputs: list[InputConfig]
+    power_restore_mode: PowerRestoreMode
 
 
 Command = Annotated[SetRelay | SetAllRelays | ConfigCommand, Field(discriminator="type")]
@@ -172,6 +192,8 @@ class Ack(_Theirs):
     ok: StrictBool
     relays: list[StrictBool] | None = None
     error: str | None = None
+    #: set in the ack of a ``config`` command: the version the device applied
+    config_version: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 class Report(_Theirs):
@@ -179,6 +201,8 @@ class Report(_Theirs):
     inputs: list[StrictBool] | None = None
     fw_version: Annotated[str, Field(max_length=64)] | None = None
     uptime_s: Annotated[float, Field(ge=0)] | None = None
+    #: the configuration version the device runs (0: factory defaults)
+    config_version: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
 
 
 InputEventName = Literal["press", "release", "hold", "double_press"]
@@ -330,10 +354,12 @@ def decode_onoff(payload: bytes) -> bool:
     raise PayloadError("state must be 'ON' or 'OFF'")
 
 
-def _decode_command(payload: bytes) -> SetRelay | SetAllRelays:
+def _decode_command(payload: bytes) -> SetRelay | SetAllRelays | ConfigCommand:
     data = _json(payload)
     if isinstance(data, dict) and data.get("type") == "set_all_relays":
         return _model(SetAllRelays, payload)
+    if isinstance(data, dict) and data.get("type") == "config":
+        return _model(ConfigCommand, payload)
     return _model(SetRelay, payload)
 
 
@@ -377,7 +403,7 @@ def encode_intent(intent: Intent) -> bytes:
     return encode(intent)
 
 
-def encode_command(command: SetRelay | SetAllRelays) -> bytes:
+def encode_command(command: SetRelay | SetAllRelays | ConfigCommand) -> bytes:
     return command.model_dump_json().encode()
 
 
@@ -407,7 +433,7 @@ def uid_of_ha_object(object_id: str) -> str | None:
 
 
 # --- device ↔ hub ---------------------------------------------------------------------
-CMD: Topic[SetRelay | SetAllRelays] = Topic(
+CMD: Topic[SetRelay | SetAllRelays | ConfigCommand] = Topic(
     "cmd", "hexa/{uid}/cmd", codec=Codec(_decode_command, encode_command)
 )
 ACK: Topic[Ack] = Topic("ack", "hexa/{uid}/ack", codec=Codec(decode_ack, encode))

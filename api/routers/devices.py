@@ -19,8 +19,10 @@ from hexa.api.schemas import (
     DevicePublic,
     DeviceStatePublic,
     DeviceToken,
+    IoConfigPatch,
     MqttEndpoint,
     Page,
+    PowerRestorePatch,
     ProvisionBody,
     ProvisionedDevice,
     RelayCommand,
@@ -137,6 +139,40 @@ async def patch_device(
     changes = body.changes("site_id", "area_id", "relay_names")
     device = await hub.registry.update(
         principal, device_id, changes, request_id=request_id_of(request)
+    )
+    return await _full_view(device)
+
+
+@router.patch("/devices/{device_id}/io-config")
+async def patch_io_config(
+    device_id: uuid.UUID,
+    body: IoConfigPatch,
+    principal: PrincipalDep,
+    hub: HubDep,
+    request: Request,
+) -> DevicePublic:
+    """Change the listed inputs' wiring (manager+); the whole configuration, at its new
+    ``config_version``, goes to the device at once if it is connected, else when it is."""
+    device = await hub.device_config.set_io(
+        principal,
+        device_id,
+        [item.model_dump() for item in body.inputs],
+        request_id=request_id_of(request),
+    )
+    return await _full_view(device)
+
+
+@router.patch("/devices/{device_id}/power-restore-mode")
+async def patch_power_restore_mode(
+    device_id: uuid.UUID,
+    body: PowerRestorePatch,
+    principal: PrincipalDep,
+    hub: HubDep,
+    request: Request,
+) -> DevicePublic:
+    """What the relays do when power returns: ``off``, ``on`` or ``restore`` (manager+)."""
+    device = await hub.device_config.set_power_restore(
+        principal, device_id, body.mode, request_id=request_id_of(request)
     )
     return await _full_view(device)
 
