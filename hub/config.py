@@ -203,6 +203,25 @@ def _optional_path(name: str, raw: str) -> Path | None:
     return _path(name, raw) if raw else None
 
 
+def _backup_key(name: str, raw: str) -> str | None:
+    if not raw:
+        return None
+    if len(raw) < 32:
+        raise SettingError(name, "***", "must be at least 32 characters")
+    return raw
+
+
+def _backup_schedule(name: str, raw: str) -> str | None:
+    """A cron expression (UTC), or ``off``."""
+    if raw.strip().lower() in ("off", "none", "disabled"):
+        return None
+    from croniter import croniter
+
+    if not croniter.is_valid(raw):
+        raise SettingError(name, raw, "must be a cron expression (0 3 * * *) or off")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of a hub process. Build it with :func:`load_settings`."""
@@ -264,6 +283,10 @@ class Settings:
     ha_cert_file: Path | None = None
     ha_key_file: Path | None = None
     ha_tls_insecure: bool = False
+    backup_key: str | None = None
+    backup_schedule: str | None = "0 3 * * *"
+    backup_dir: Path | None = None
+    backup_keep: int = 14
     secrets_generated: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -351,6 +374,10 @@ _PARSERS: dict[str, Parser] = {
     "ha_cert_file": _optional_path,
     "ha_key_file": _optional_path,
     "ha_tls_insecure": _bool,
+    "backup_key": _backup_key,
+    "backup_schedule": _backup_schedule,
+    "backup_dir": _optional_path,
+    "backup_keep": _positive_int,
 }
 
 
