@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -161,6 +162,49 @@ def _discovery_prefix(name: str, raw: str) -> str:
     return raw
 
 
+#: ``HEXA_TRUST_PROXY=true``: a proxy on the same host (loopback)
+_LOOPBACK = ("127.0.0.0/8", "::1/128")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _trusted_proxies(name: str, raw: str) -> tuple[Network, ...]:
+    """The peers whose ``X-Forwarded-*`` headers are believed: ``false`` (none), ``true``
+    (loopback), ``*`` (any) or a comma-separated list of addresses and CIDR networks."""
+    lowered = raw.strip().lower()
+    if lowered in ("", "0", "false", "no", "off"):
+        return ()
+    items = {"1": _LOOPBACK, "true": _LOOPBACK, "yes": _LOOPBACK, "on": _LOOPBACK}.get(
+        lowered, ("0.0.0.0/0", "::/0") if lowered == "*" else lowered.split(",")
+    )
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items)
+    except ValueError:
+        raise SettingError(
+            name, raw, "must be true, false, * or addresses/networks (10.0.0.0/8,...)"
+        ) from None
+
+
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """Browser origins allowed to call the API (CORS): ``*`` or scheme://host[:port],..."""
+    origins = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise SettingError(name, raw, f"{origin!r} is not an origin (https://host[:port])")
+    return origins
+
+
+def _log_format(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value not in ("text", "json"):
+        raise SettingError(name, raw, "must be text or json")
+    return value
+
+
 def _ota_kek(name: str, raw: str) -> bytes | None:
     """The OTA key-encryption key: base64 of exactly 32 bytes."""
     if not raw:
@@ -236,6 +280,8 @@ class Settings:
     mqtt_ws_port: int | None = None
     mqtt_tls_cert: Path | None = None
     mqtt_tls_key: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     broker_url: str | None = None
     broker_ca_file: Path | None = None
     embedded_bus: str = "local"
@@ -265,14 +311,17 @@ class Settings:
     login_max_failures: int = 5
     login_window_s: int = 900
     idempotency_ttl_s: int = 24 * 3600
-    trust_proxy: bool = False
+    trust_proxy: tuple[Network, ...] = ()
     enforce_https: bool = False
+    cors_origins: tuple[str, ...] = ()
     allow_alert_simulation: bool = False
     ota_max_bytes: int = 32 * 1024 * 1024
     ota_kek: bytes | None = field(default=None, repr=False)
     ota_allowed_hosts: tuple[str, ...] = ()
     ota_base_url: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    access_log: bool = True
     ha_discovery: bool = True
     ha_discovery_prefix: str = "homeassistant"
     ha_broker_url: str | None = None
@@ -288,6 +337,8 @@ class Settings:
     backup_dir: Path | None = None
     backup_keep: int = 14
     secrets_generated: tuple[str, ...] = field(default=(), compare=False)
+    #: the settings given by a flag or the environment (the rest are defaults)
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def resolved_database_url(self) -> str:
@@ -312,6 +363,17 @@ class Settings:
     def tls_enabled(self) -> bool:
         return self.mqtt_tls_cert is not None and self.mqtt_tls_key is not None
 
+    @property
+    def https(self) -> bool:
+        """The HTTP listener serves HTTPS (and WSS) itself."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def mqtt_plain_listener(self) -> bool:
+        """Whether the embedded broker opens its plain MQTT listener to the network: not
+        under ``HEXA_ENFORCE_HTTPS`` unless ``HEXA_MQTT_PORT`` is given explicitly."""
+        return not self.enforce_https or "mqtt_port" in self.explicit
+
 
 Parser = Callable[[str, str], Any]
 
@@ -327,6 +389,8 @@ _PARSERS: dict[str, Parser] = {
     "mqtt_ws_port": _optional_port,
     "mqtt_tls_cert": _optional_path,
     "mqtt_tls_key": _optional_path,
+    "tls_cert_file": _optional_path,
+    "tls_key_file": _optional_path,
     "broker_url": _broker_url,
     "broker_ca_file": _optional_path,
     "embedded_bus": _embedded_bus,
@@ -356,14 +420,17 @@ _PARSERS: dict[str, Parser] = {
     "login_max_failures": _positive_int,
     "login_window_s": _positive_int,
     "idempotency_ttl_s": _positive_int,
-    "trust_proxy": _bool,
+    "trust_proxy": _trusted_proxies,
     "enforce_https": _bool,
+    "cors_origins": _origins,
     "allow_alert_simulation": _bool,
     "ota_max_bytes": _positive_int,
     "ota_kek": _ota_kek,
     "ota_allowed_hosts": _hosts,
     "ota_base_url": _base_url,
     "log_level": _log_level,
+    "log_format": _log_format,
+    "access_log": _bool,
     "ha_discovery": _bool,
     "ha_discovery_prefix": _discovery_prefix,
     "ha_broker_url": _broker_url,
@@ -409,19 +476,42 @@ def load_settings(
         if raw is None:
             continue
         values[name] = parse(label, raw.strip())
-    settings = Settings(**values)
-    if settings.mqtt_tls_cert is not None and settings.mqtt_tls_key is None:
-        raise SettingError("HEXA_MQTT_TLS_KEY", None, "required when HEXA_MQTT_TLS_CERT is set")
-    if settings.mqtt_tls_key is not None and settings.mqtt_tls_cert is None:
-        raise SettingError("HEXA_MQTT_TLS_CERT", None, "required when HEXA_MQTT_TLS_KEY is set")
+    settings = Settings(**values, explicit=frozenset(values))
+    for cert, key in (("mqtt_tls_cert", "mqtt_tls_key"), ("tls_cert_file", "tls_key_file")):
+        for given, missing in ((cert, key), (key, cert)):
+            if getattr(settings, given) is not None and getattr(settings, missing) is None:
+                raise SettingError(
+                    env_name(missing), None, f"required when {env_name(given)} is set"
+                )
     for name in ("mqtt_tls_cert", "mqtt_tls_key", "broker_ca_file"):
         path = getattr(settings, name)
         if path is not None and not path.is_file():
             raise SettingError(env_name(name), str(path), "file not found")
+    settings = _check_tls(settings)
     if settings.ha_broker_url is not None:
         ha_tls_context(settings)  # a bad HEXA_HA_* setting stops start-up here, in one line
     if with_secrets:
         settings = _with_stored_secrets(settings)
+    return settings
+
+
+def _check_tls(settings: Settings) -> Settings:
+    """Check the HTTPS and MQTT/TLS certificate pairs (one line naming the setting when
+    one does not load); the MQTT TLS listener uses the HTTPS pair unless it has its own."""
+    from hexa.hub.tls import check_pair
+
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        check_pair(
+            settings.tls_cert_file, settings.tls_key_file, "HEXA_TLS_CERT_FILE", "HEXA_TLS_KEY_FILE"
+        )
+    if settings.mqtt_tls_cert is not None and settings.mqtt_tls_key is not None:
+        check_pair(
+            settings.mqtt_tls_cert, settings.mqtt_tls_key, "HEXA_MQTT_TLS_CERT", "HEXA_MQTT_TLS_KEY"
+        )
+    elif settings.https:
+        settings = replace(
+            settings, mqtt_tls_cert=settings.tls_cert_file, mqtt_tls_key=settings.tls_key_file
+        )
     return settings
 
 
