@@ -24,6 +24,7 @@ import httpx
 from hexa.hub import topics
 from hexa.hub.mqtt.bus import BrokerAddress, Bus
 from hexa.hub.mqtt.busapi import Message
+from hexa.hub.tools.sim_config import SimConfig, SimStore
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class SimDevice:
     inputs: list[bool] = field(default_factory=lambda: [False] * INPUTS)
     commands: int = 0
     on_command: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    #: the IO configuration it runs, and where it keeps it and its relays across restarts
+    config: SimConfig = field(default_factory=lambda: SimConfig.factory(INPUTS))
+    store: SimStore | None = None
     _send: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
     _bus: Bus | None = None
     _ws: Any = None
@@ -112,9 +116,27 @@ class SimDevice:
             self.relays[index] = bool(cmd.get("state"))
         elif kind == "set_all_relays":
             self.relays = [bool(cmd.get("state"))] * RELAYS
+        elif kind == "config":
+            await self._configure(cmd)
+            return
         else:
             return
+        self._remember()
         await self._ack(cmd, ok=True)
+
+    async def _configure(self, cmd: dict[str, Any]) -> None:
+        error = self.config.apply(cmd)
+        if error is not None:
+            await self._ack(cmd, ok=False, error=error)
+            return
+        self._remember()
+        if self.auto_ack and self._send is not None:
+            doc = {"command_id": cmd.get("command_id"), "ok": True}
+            await self._send("ack", {**doc, "config_version": self.config.version})
+
+    def _remember(self) -> None:
+        if self.store is not None:
+            self.store.save(self.uid, self.config, self.relays)
 
     async def _ack(self, cmd: dict[str, Any], *, ok: bool, error: str | None = None) -> None:
         if not self.auto_ack:
@@ -136,17 +158,32 @@ class SimDevice:
                     "inputs": self.inputs,
                     "fw_version": "sim-1.0",
                     "uptime_s": round(time.monotonic(), 1),
+                    "config_version": self.config.version,
                 },
             )
 
     async def local_switch(self, index: int, state: bool) -> None:
         """A change at the device (a wall switch): state changes, then a report."""
         self.relays[index] = state
+        self._remember()
         await self.report()
 
     async def press(self, index: int) -> None:
+        """A push of input ``index``: its events, and its relay toggled if it is linked."""
         await self._event(index, "press", 120)
         await self._event(index, "release", None)
+        if self.config.press(self.relays, index):
+            self._remember()
+            await self.report()
+
+    async def rocker(self, index: int, position: bool) -> None:
+        """Rocker ``index`` moved to ``position`` (its input state): press when it
+        closes, release when it opens, and its relay follows or flips if it is linked."""
+        before, self.inputs[index] = self.inputs[index], position
+        await self._event(index, "press" if position else "release", None)
+        if self.config.rocker(self.relays, index, position, before):
+            self._remember()
+        await self.report()
 
     async def hold(self, index: int, duration_ms: int) -> None:
         await self._event(index, "hold", duration_ms)
@@ -258,9 +295,12 @@ def _load_state(path: Path | None, base_url: str) -> list[Credentials]:
 
 def _save_state(path: Path | None, base_url: str, creds: list[Credentials]) -> None:
     if path is not None:
-        path.write_text(
-            json.dumps({"url": base_url, "devices": [c.__dict__ for c in creds]}, indent=1)
-        )
+        try:  # the devices' memory (sim_config.SimStore) is kept
+            kept = {k: v for k, v in json.loads(path.read_text()).items() if k == "sims"}
+        except (OSError, ValueError, AttributeError):
+            kept = {}
+        doc = {"url": base_url, "devices": [c.__dict__ for c in creds], **kept}
+        path.write_text(json.dumps(doc, indent=1))
         path.chmod(0o600)
 
 
@@ -274,17 +314,23 @@ async def _sim(args: argparse.Namespace) -> int:
                 return 2
             creds += await provision(client, args.provision_key, args.devices - len(creds))
             _save_state(state, args.url, creds)
-    devices = [
-        SimDevice(
-            c,
-            transport=args.transport,
-            auto_ack=not args.no_ack,
-            report_every=args.report_every,
-            mqtt_host=args.sim_mqtt_host,
-            mqtt_port=args.sim_mqtt_port,
+    store = SimStore(state)
+    devices = []
+    for c in creds[: args.devices]:
+        config, relays = store.boot(c.device_uid, RELAYS, INPUTS)  # the power-restore mode
+        devices.append(
+            SimDevice(
+                c,
+                transport=args.transport,
+                auto_ack=not args.no_ack,
+                report_every=args.report_every,
+                mqtt_host=args.sim_mqtt_host,
+                mqtt_port=args.sim_mqtt_port,
+                relays=relays,
+                config=config,
+                store=store,
+            )
         )
-        for c in creds[: args.devices]
-    ]
     for d in devices:
         print(f"{d.uid}  claim code {d.creds.claim_code}")
     with anyio.move_on_after(args.duration if args.duration else float("inf")):
