@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--schedules", type=int, help="instead: time one scheduler tick of N due schedules"
     )
+    from hexa.hub.backup_cli import add_parsers
+
+    add_parsers(sub, _add_common)
     return parser
 
 
@@ -145,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hexa.hub.tools.bench import run_bench
 
             return run_bench(args)
+        if args.command in ("backup", "export", "import"):
+            return _data_safety(args)
     except SettingError as exc:
         print(f"hexa: {exc}", file=sys.stderr)
         return 2
@@ -153,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, settings: Settings | None = None) -> None:
     from hexa.hub.logs import configure
 
-    configure(level)
+    if settings is None:
+        configure(level)
+    else:
+        configure(level, settings.log_format, settings.access_log)
 
 
 def _fail(message: str) -> int:
@@ -185,6 +193,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _admin_create(args: argparse.Namespace) -> int:
     from hexa.hub import db
     from hexa.hub.accounts import Accounts
+    from hexa.hub.audit import Actor
     from hexa.hub.errors import HubError
 
     settings = _settings_from(args)
@@ -194,7 +203,7 @@ def _admin_create(args: argparse.Namespace) -> int:
     async def create() -> None:
         await db.migrate_up(settings.resolved_database_url)
         async with db.database(settings.resolved_database_url):
-            await Accounts(settings).create_admin(args.email, password)
+            await Accounts(settings).create_admin(args.email, password, Actor.system("cli"))
 
     try:
         asyncio.run(create())
@@ -204,6 +213,20 @@ def _admin_create(args: argparse.Namespace) -> int:
     if not args.password:
         print(f"password: {password}")
     return 0
+
+
+def _data_safety(args: argparse.Namespace) -> int:
+    from hexa.hub import backup_cli
+    from hexa.hub.errors import HubError
+
+    overrides = {n: str(v) for n, v in vars(args).items() if n in _FLAG_SETTINGS and v is not None}
+    settings = load_settings(overrides, with_secrets=False)  # a restore brings its own
+    prepare_storage(settings)
+    _logging("WARNING" if settings.log_level == "INFO" else settings.log_level)
+    try:
+        return backup_cli.run(args, settings)
+    except HubError as exc:
+        return _fail(exc.message)
 
 
 def _bind(host: str, port: int, setting: str) -> socket.socket:
@@ -245,7 +268,7 @@ def _port_taken(setting: str, host: str, port: int) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, prepare=False)  # serve() prepares it, logging set up
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings)
     _raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
@@ -354,7 +377,7 @@ async def serve(
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
     if not settings.broker_url:
         for port, setting in (
-            (settings.mqtt_port, "HEXA_MQTT_PORT"),
+            (settings.mqtt_port if settings.mqtt_plain_listener else None, "HEXA_MQTT_PORT"),
             (settings.mqtt_tls_port if settings.tls_enabled else None, "HEXA_MQTT_TLS_PORT"),
             (settings.mqtt_ws_port, "HEXA_MQTT_WS_PORT"),
         ):
@@ -414,6 +437,9 @@ async def serve(
                 # h11 with a request-head deadline (slow clients); never httptools
                 http=http_protocol(settings.http_header_timeout_s),
                 timeout_keep_alive=settings.http_keepalive_timeout_s,
+                # HTTPS and WSS on the same socket (the pair was checked by load_settings)
+                ssl_certfile=str(settings.tls_cert_file) if settings.https else None,
+                ssl_keyfile=str(settings.tls_key_file) if settings.https else None,
                 # No limit_concurrency: uvicorn counts open connections, idle ones too, and
                 # answers 503 beyond it, so slow clients would lock out everyone else.
             )
@@ -435,8 +461,14 @@ async def serve(
                     wait_for_bus=broker is not None,
                 )
                 print(
-                    f"hexa {__version__}: HTTP on http://{settings.http_host}:{hub.http_port} "
-                    f"(docs at /docs), MQTT on {address.host}:{address.port}"
+                    f"hexa {__version__}: HTTP on {'https' if settings.https else 'http'}://"
+                    f"{settings.http_host}:{hub.http_port} "
+                    "(docs at /docs), "
+                    + (
+                        "plain MQTT off (HEXA_ENFORCE_HTTPS)"
+                        if broker is not None and broker.port is None
+                        else f"MQTT on {address.host}:{address.port}"
+                    )
                     + ("" if broker is None else " (embedded broker)")
                     + (f", MQTT/TLS on {broker.tls_port}" if broker and broker.tls_port else "")
                     + (
