@@ -158,13 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _logging(level: str, settings: Settings | None = None) -> None:
+def _logging(level: str) -> None:
     from hexa.hub.logs import configure
 
-    if settings is None:
-        configure(level)
-    else:
-        configure(level, settings.log_format, settings.access_log)
+    configure(level)
 
 
 def _fail(message: str) -> int:
@@ -193,7 +190,6 @@ def _migrate(args: argparse.Namespace) -> int:
 def _admin_create(args: argparse.Namespace) -> int:
     from hexa.hub import db
     from hexa.hub.accounts import Accounts
-    from hexa.hub.audit import Actor
     from hexa.hub.errors import HubError
 
     settings = _settings_from(args)
@@ -203,7 +199,7 @@ def _admin_create(args: argparse.Namespace) -> int:
     async def create() -> None:
         await db.migrate_up(settings.resolved_database_url)
         async with db.database(settings.resolved_database_url):
-            await Accounts(settings).create_admin(args.email, password, Actor.system("cli"))
+            await Accounts(settings).create_admin(args.email, password)
 
     try:
         asyncio.run(create())
@@ -268,7 +264,7 @@ def _port_taken(setting: str, host: str, port: int) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, prepare=False)  # serve() prepares it, logging set up
-    _logging(settings.log_level, settings)
+    _logging(settings.log_level)
     _raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
@@ -377,7 +373,7 @@ async def serve(
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
     if not settings.broker_url:
         for port, setting in (
-            (settings.mqtt_port if settings.mqtt_plain_listener else None, "HEXA_MQTT_PORT"),
+            (settings.mqtt_port, "HEXA_MQTT_PORT"),
             (settings.mqtt_tls_port if settings.tls_enabled else None, "HEXA_MQTT_TLS_PORT"),
             (settings.mqtt_ws_port, "HEXA_MQTT_WS_PORT"),
         ):
@@ -437,9 +433,6 @@ async def serve(
                 # h11 with a request-head deadline (slow clients); never httptools
                 http=http_protocol(settings.http_header_timeout_s),
                 timeout_keep_alive=settings.http_keepalive_timeout_s,
-                # HTTPS and WSS on the same socket (the pair was checked by load_settings)
-                ssl_certfile=str(settings.tls_cert_file) if settings.https else None,
-                ssl_keyfile=str(settings.tls_key_file) if settings.https else None,
                 # No limit_concurrency: uvicorn counts open connections, idle ones too, and
                 # answers 503 beyond it, so slow clients would lock out everyone else.
             )
@@ -461,14 +454,8 @@ async def serve(
                     wait_for_bus=broker is not None,
                 )
                 print(
-                    f"hexa {__version__}: HTTP on {'https' if settings.https else 'http'}://"
-                    f"{settings.http_host}:{hub.http_port} "
-                    "(docs at /docs), "
-                    + (
-                        "plain MQTT off (HEXA_ENFORCE_HTTPS)"
-                        if broker is not None and broker.port is None
-                        else f"MQTT on {address.host}:{address.port}"
-                    )
+                    f"hexa {__version__}: HTTP on http://{settings.http_host}:{hub.http_port} "
+                    f"(docs at /docs), MQTT on {address.host}:{address.port}"
                     + ("" if broker is None else " (embedded broker)")
                     + (f", MQTT/TLS on {broker.tls_port}" if broker and broker.tls_port else "")
                     + (
