@@ -26,6 +26,7 @@ from hexa.api.routers import (
     homekit,
     integrations,
     invitations,
+    ota,
     schedules,
     tenancy,
 )
@@ -119,6 +120,11 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.hub = hub
+    # a firmware upload is streamed to disk: its limit is HEXA_OTA_MAX_BYTES (413 above it)
+    # plus room for the form's other fields (api/middleware.py reads it)
+    app.state.body_limits = {
+        ("POST", "/api/v1/ota/releases"): hub.settings.ota_max_bytes + 256 * 1024
+    }
     app.state.device_sessions = device_gateway.DeviceSessions(hub)
     app.state.client_sessions = client_gateway.ClientSessions(hub)
     errors.install(app)
@@ -129,6 +135,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     v1.include_router(alert_drills.router)
     v1.include_router(homekit.router)
     v1.include_router(invitations.router)
+    v1.include_router(ota.router)
     for extra in routers:
         v1.include_router(extra)
     app.include_router(v1)

@@ -62,6 +62,13 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+def _body_limit(scope: Scope, default: int) -> int:
+    """This request's body limit: its route's own (``app.state.body_limits``, by method and
+    path: firmware uploads stream to disk) or ``HEXA_MAX_BODY_BYTES``."""
+    limits = getattr(getattr(scope.get("app"), "state", None), "body_limits", None) or {}
+    return int(limits.get((scope.get("method"), scope.get("path")), default))
+
+
 class RequestContext:
     """Outermost: assigns ``X-Request-ID``, limits bodies, turns crashes into clean 500s."""
 
@@ -96,13 +103,14 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
 
+        limit = _body_limit(scope, self.max_body_bytes)
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             await send_error(
                 send,
                 413,
                 "payload_too_large",
-                f"request body exceeds {self.max_body_bytes} bytes",
+                f"request body exceeds {limit} bytes",
                 request_id,
             )
             return
@@ -115,7 +123,7 @@ class RequestContext:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge()
             return message
 

@@ -63,6 +63,21 @@ FLOOD_DROPS = Counter(
 LATE_ACKS = Counter("hexa_late_acks_total", "Acks that arrived after their command timed out")
 STATE_REPORTS = Counter("hexa_state_reports_total", "Device state reports ingested")
 INPUT_EVENTS = Counter("hexa_input_events_total", "Device input events", ["event"])
+OTA_REPORTS = Counter(
+    "hexa_ota_reports_total",
+    "OTA reports from devices by status (downloading, verified, installing, applied, failed)",
+    ["status"],
+)
+OTA_INTEGRITY_FAILURES = Counter(
+    "hexa_ota_integrity_failures_total",
+    "OTA releases refused by a fail-closed check, by check "
+    "(host, algorithm, key, fields, signature, expired, artifact)",
+    ["check"],
+)
+OTA_HALTS = Counter(
+    "hexa_ota_releases_halted_total",
+    "Published OTA releases that halted themselves on too many failed reports",
+)
 CONFIG_PUSHES = Counter(
     "hexa_device_config_pushes_total",
     "Configuration documents sent to devices, by what caused them (change, connect, report)",

@@ -29,6 +29,7 @@ from hexa.hub.events import (
 )
 from hexa.hub.mqtt.bus import BrokerAddress, Bus
 from hexa.hub.mqtt.busapi import BusLike
+from hexa.hub.ota import Ota
 from hexa.hub.presence import Presence
 from hexa.hub.relay import RelayService
 from hexa.hub.schedules import Scheduler
@@ -76,6 +77,7 @@ class Hub:
         )
         self.commands = Commands(self.bus, timeout_s=settings.command_timeout_s, seal_key=seal)
         self.presence = Presence(self.bus, self.cache, self.relay, self.audit, self.events)
+        self.ota = Ota(settings, self.audit, self.bus, self.cache, api_base=self.api_base_url)
         self.device_config = DeviceConfigService(
             self.bus,
             self.cache,
@@ -248,6 +250,15 @@ class Hub:
             "port": self.mqtt_port if self.mqtt_port is not None else s.mqtt_port,
             "tls_port": self.mqtt_tls_port,
         }
+
+    def api_base_url(self) -> str:
+        """The REST API's base URL as devices reach it (OTA manifests point into it)."""
+        s = self.settings
+        wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
+        host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
+        port = self.http_port if self.http_port is not None else s.http_port
+        scheme = "https" if s.enforce_https else "http"
+        return f"{scheme}://{host}:{port}/api/v1"
 
     def ws_device_url(self) -> str:
         s = self.settings

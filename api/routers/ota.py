@@ -1,0 +1,407 @@
+"""``/ota``: signed firmware updates. Keys and releases for platform admins; check,
+manifest, artifact and report for devices (HTTP Basic: ``device_uid:device_token``);
+``/devices/{id}/ota`` tells a connected device to check now."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, get_principal
+from hexa.api.errors import request_id_of
+from hexa.api.schemas import Body, Page, Timestamp
+from hexa.hub import ota_crypto
+from hexa.hub.access import Principal
+from hexa.hub.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
+from hexa.hub.ota import REPORT_STATES
+from hexa.models import Device, OtaKey, OtaRelease
+
+if TYPE_CHECKING:
+    from hexa.hub.runtime import Hub
+
+router = APIRouter(tags=["ota"])
+
+Channel = Literal["dev", "beta", "stable"]
+
+
+# --- who is asking -------------------------------------------------------------------------
+async def platform_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_platform_admin:
+        raise Forbidden("OTA keys and releases are managed by platform admins")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(platform_admin)]
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _basic(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    uid, sep, token = decoded.partition(":")
+    return (uid, token) if sep else None
+
+
+async def current_device(request: Request) -> Device:
+    """The device of the ``Authorization: Basic base64(device_uid:device_token)`` header:
+    the same pair as MQTT. Missing, wrong or revoked → 401."""
+    pair = _basic(request)
+    hub: Hub = request.app.state.hub
+    device = await hub.registry.authenticate(*pair) if pair else None
+    if device is None:
+        raise Unauthorized("device credentials are missing or wrong")
+    return device
+
+
+DeviceDep = Annotated[Device, Depends(current_device)]
+
+
+async def user_or_device(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> object:
+    """A signed-in user (Bearer) or a device (Basic)."""
+    if _basic(request) is not None:
+        return await current_device(request)
+    return await get_principal(request, credentials)
+
+
+# --- shapes --------------------------------------------------------------------------------
+class OtaKeyPublic(BaseModel):
+    key_id: str
+    status: Literal["active", "next", "retired"]
+    public_key_pem: str
+    created_at: Timestamp
+    activated_at: Timestamp | None
+    retired_at: Timestamp | None
+
+
+class OtaKeyList(BaseModel):
+    items: list[OtaKeyPublic]
+
+
+class OtaReleasePublic(BaseModel):
+    id: uuid.UUID
+    model: str
+    version: str
+    channel: Channel
+    security_version: int
+    notes: str | None
+    sha256: str
+    size: int
+    status: Literal["draft", "published", "halted", "withdrawn"]
+    rollout_percent: int
+    halt_failure_percent: int
+    key_id: str
+    next_key_id: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    expires_at: Timestamp
+    published_at: Timestamp | None
+    halted_at: Timestamp | None
+
+
+class ReleasePatch(Body):
+    status: Literal["published", "withdrawn"] | None = None
+    rollout_percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    halt_failure_percent: Annotated[int, Field(ge=1, le=100)] | None = None
+
+
+class CheckAnswer(BaseModel):
+    update: bool
+    release_id: uuid.UUID | None = Field(default=None, exclude_if=lambda v: v is None)
+    version: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    security_version: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    manifest_url: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ManifestFields(BaseModel):
+    release_id: str
+    model: str
+    version: str
+    channel: str
+    security_version: int
+    url: str
+    sha256: str
+    size: int
+    issued_at: str
+    expires_at: str
+    key_id: str
+    next_key_id: str | None
+
+
+class SignedManifest(BaseModel):
+    manifest: ManifestFields
+    alg: str
+    key_id: str
+    signature: str
+
+
+class Report(Body):
+    release_id: uuid.UUID
+    status: Literal["downloading", "verified", "installing", "applied", "failed"]
+    error: Annotated[str, Field(max_length=500)] | None = None
+
+
+class OtaCommandSent(BaseModel):
+    command_id: str
+    release_id: uuid.UUID
+    version: str
+    manifest_url: str
+
+
+def key_view(key: OtaKey) -> OtaKeyPublic:
+    return OtaKeyPublic.model_validate(
+        {
+            "key_id": str(key.id),
+            "status": key.status,
+            "public_key_pem": key.public_key_pem,
+            "created_at": key.created_at,
+            "activated_at": key.activated_at,
+            "retired_at": key.retired_at,
+        }
+    )
+
+
+def release_view(r: OtaRelease) -> OtaReleasePublic:
+    return OtaReleasePublic.model_validate(
+        {
+            name: getattr(r, name)
+            for name in OtaReleasePublic.model_fields
+            if name not in ("created_at",)
+        }
+        | {"created_at": r.created_at}
+    )
+
+
+# --- keys ----------------------------------------------------------------------------------
+@router.get("/ota/keys")
+async def list_keys(_: Annotated[object, Depends(user_or_device)], hub: HubDep) -> OtaKeyList:
+    """The public keys and their status (any signed-in user, and devices)."""
+    return OtaKeyList(items=[key_view(k) for k in await hub.ota.keys()])
+
+
+@router.post("/ota/keys", status_code=201)
+async def create_key(principal: AdminDep, hub: HubDep, request: Request) -> OtaKeyPublic:
+    """A new signing key: ``active`` if there is none, else ``next`` (409 if one exists)."""
+    return key_view(await hub.ota.create_key(principal, request_id=request_id_of(request)))
+
+
+@router.post("/ota/keys/rotate")
+async def rotate_keys(principal: AdminDep, hub: HubDep, request: Request) -> OtaKeyList:
+    """``next`` becomes ``active``, ``active`` becomes ``retired`` (409 without a next key)."""
+    keys = await hub.ota.rotate(principal, request_id=request_id_of(request))
+    return OtaKeyList(items=[key_view(k) for k in keys])
+
+
+# --- releases ------------------------------------------------------------------------------
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _stage(source: IO[bytes], target: Path, limit: int) -> tuple[str, int]:
+    """Copy the spooled upload into ``target`` chunk by chunk, hashing as it goes; refuses
+    (and removes the copy) past ``limit`` bytes. Never holds the image in memory."""
+    digest = hashlib.sha256()
+    size = 0
+    source.seek(0)
+    with target.open("xb") as out:
+        while chunk := source.read(1024 * 1024):
+            size += len(chunk)
+            if size > limit:
+                break
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+    if size > limit:
+        target.unlink(missing_ok=True)
+        raise HTTPException(413, f"the firmware image exceeds HEXA_OTA_MAX_BYTES ({limit} bytes)")
+    target.chmod(0o600)
+    return digest.hexdigest(), size
+
+
+@router.post("/ota/releases", status_code=201)
+async def upload_release(
+    principal: AdminDep,
+    hub: HubDep,
+    request: Request,
+    file: Annotated[UploadFile, File(description="the firmware image")],
+    model: Annotated[str, Form(max_length=64)],
+    version: Annotated[str, Form(max_length=64)],
+    channel: Annotated[Channel, Form()],
+    security_version: Annotated[int, Form(ge=0, le=2**31 - 1)],
+    notes: Annotated[str | None, Form(max_length=10_000)] = None,
+    expires_at: Annotated[datetime | None, Form()] = None,
+) -> OtaReleasePublic:
+    """Upload a firmware image (``multipart/form-data``): stored, hashed and signed as a
+    draft. 409 for a model+version that exists, 413 above ``HEXA_OTA_MAX_BYTES``."""
+    if not _MODEL.match(model):
+        raise ValidationFailed("model: not a model name", details={"field": "model"})
+    if ota_crypto.parse_version(version) is None:
+        raise ValidationFailed(
+            "version: not a semantic version (MAJOR.MINOR.PATCH)", details={"field": "version"}
+        )
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise ValidationFailed("expires_at: needs a time zone (Z)", details={"field": "expires_at"})
+    ota = hub.ota
+    ota.prepare_storage()
+    staged = ota.artifacts / f".upload-{uuid.uuid4().hex}"
+    try:
+        sha256, size = await anyio.to_thread.run_sync(
+            _stage, file.file, staged, hub.settings.ota_max_bytes
+        )
+        if size == 0:
+            raise ValidationFailed("file: the firmware image is empty", details={"field": "file"})
+        release = await ota.upload(
+            principal,
+            model=model,
+            version=version,
+            channel=channel,
+            security_version=security_version,
+            notes=notes,
+            expires_at=expires_at,
+            staged=staged,
+            sha256=sha256,
+            size=size,
+            request_id=request_id_of(request),
+        )
+    finally:
+        staged.unlink(missing_ok=True)
+        await file.close()
+    return release_view(release)
+
+
+@router.get("/ota/releases")
+async def list_releases(
+    _: AdminDep,
+    page: PageDep,
+    model: Annotated[str | None, Query(max_length=64)] = None,
+    status: Literal["draft", "published", "halted", "withdrawn"] | None = None,
+    channel: Channel | None = None,
+) -> Page[OtaReleasePublic]:
+    query = OtaRelease.all()
+    if model is not None:
+        query = query.filter(model=model)
+    if status is not None:
+        query = query.filter(status=status)
+    if channel is not None:
+        query = query.filter(channel=channel)
+    return await page.of(query, release_view)
+
+
+@router.get("/ota/releases/{release_id}")
+async def get_release(_: AdminDep, release_id: uuid.UUID) -> OtaReleasePublic:
+    release = await OtaRelease.get_or_none(id=release_id)
+    if release is None:
+        raise NotFound("release")
+    return release_view(release)
+
+
+@router.patch("/ota/releases/{release_id}")
+async def patch_release(
+    principal: AdminDep, release_id: uuid.UUID, body: ReleasePatch, hub: HubDep, request: Request
+) -> OtaReleasePublic:
+    """Publish (or resume a halted release), withdraw, set the rollout percentage and the
+    failure percentage that halts it."""
+    release = await hub.ota.update(
+        principal,
+        release_id,
+        body.model_dump(exclude_unset=True),
+        request_id=request_id_of(request),
+    )
+    return release_view(release)
+
+
+# --- devices -------------------------------------------------------------------------------
+@router.get("/ota/check")
+async def check(
+    device: DeviceDep,
+    hub: HubDep,
+    current_version: Annotated[str | None, Query(max_length=64)] = None,
+) -> CheckAnswer:
+    """Whether an update is offered to the calling device. ``current_version``, when
+    given, is the version it runs (recorded as its ``fw_version``)."""
+    if current_version and current_version != device.fw_version:
+        await Device.filter(id=device.id).update(fw_version=current_version)
+        device.fw_version = current_version
+    offer = await hub.ota.offer(device, device.fw_version)
+    if offer is None:
+        return CheckAnswer(update=False)
+    return CheckAnswer(
+        update=True,
+        release_id=offer.release.id,
+        version=offer.release.version,
+        security_version=offer.release.security_version,
+        manifest_url=offer.manifest_url,
+    )
+
+
+@router.get("/ota/manifest/{device_uid}")
+async def manifest(device_uid: str, device: DeviceDep, hub: HubDep) -> SignedManifest:
+    """The signed manifest of the release offered to the device (404 ``no_update``; 409
+    ``release_integrity_failed``). Another device's uid is 404."""
+    if device_uid != device.device_uid:
+        raise NotFound("device")
+    return SignedManifest.model_validate(await hub.ota.signed_manifest(device))
+
+
+@router.get(
+    "/ota/artifacts/{release_id}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "the requested range"},
+    },
+)
+async def artifact(release_id: uuid.UUID, device: DeviceDep, hub: HubDep) -> Response:
+    """The firmware image of a release offered to the device (``Range`` honoured)."""
+    path, release = await hub.ota.artifact(device, release_id)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{release.model}-{release.version}.bin",
+        headers={"ETag": f'"{release.sha256}"', "Cache-Control": "no-store"},
+    )
+
+
+@router.post("/ota/report", status_code=204)
+async def report(body: Report, device: DeviceDep, hub: HubDep) -> Response:
+    """A step of an update: downloading, verified, installing, applied or failed."""
+    assert body.status in REPORT_STATES
+    await hub.ota.report(device, body.release_id, body.status, body.error)
+    return Response(status_code=204)
+
+
+@router.post("/devices/{device_id}/ota", status_code=202)
+async def tell_device(
+    device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+) -> OtaCommandSent:
+    """Tell a connected device to update now (manager+): 404 ``no_update`` when no release
+    is offered to it, 503 ``device_offline`` when it is not connected."""
+    command, release = await hub.ota.tell_device(
+        principal, device_id, request_id=request_id_of(request)
+    )
+    return OtaCommandSent(
+        command_id=command.command_id,
+        release_id=release.id,
+        version=release.version,
+        manifest_url=command.manifest_url,
+    )
