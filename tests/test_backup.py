@@ -1,0 +1,239 @@
+"""Backups end to end through the `hexa` command: what a backup holds, verify catching every
+corruption, restore refusing what it must and loading all or nothing, and a full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hexa.hub import backup, backup_registry
+from hexa.hub.backup_format import BackupError, BackupKey, EncryptedReader, EncryptedWriter
+
+HEXA = [sys.executable, "-m", "hexa.hub.cli"]
+KEY = "backup-key-for-tests-0123456789abcdefghijkl"
+JWT = "jwt-secret-for-backup-tests-0123456789abcdef"
+
+
+def run(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        HEXA + args,
+        env={**os.environ, "HEXA_BACKUP_KEY": KEY, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def one_line_failure(r: subprocess.CompletedProcess[str], needle: str) -> None:
+    """Exit status 2 and one line on stderr saying ``needle``; no traceback."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("hexa: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def rows(db: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return int(c.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])  # noqa: S608
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """A SQLite hub database with an admin, an OTA artifact and secrets, and a backup of it."""
+    tmp = tmp_path_factory.mktemp("backup-source")
+    data = tmp / "data"
+    env = {"HEXA_DATA_DIR": str(data), "HEXA_JWT_SECRET": JWT}
+    r = run(["admin", "create", "--email", "ops@hexa.test", "--password", "pw-0123456789"], env)
+    assert r.returncode == 0, r.stderr
+    (data / "secrets.json").write_text(json.dumps({"device_provision_key": "p" * 32}))
+    artifact = data / "ota" / "artifacts" / "fw-1.bin"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(os.urandom(1_600_000))  # the body spans several chunks
+    out = tmp / "good.hexabak"
+    r = run(["backup", "create", "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["rows"] >= 3 and "ota/artifacts/fw-1.bin" in summary["files"]
+    yield {"data": data, "db": data / "hexa.db", "backup": out, "tmp": tmp}
+
+
+def test_registry_lists_every_model_in_foreign_key_order() -> None:
+    """Every model the ORM knows is in a backup (a table added later joins by itself), each
+    after the tables it references."""
+    tables = backup_registry.tables()
+    models = backup_registry.models()
+    assert {t.model for t in tables} == set(models)
+    assert {"ota_releases", "homekit_bridges", "audit_log"} <= {t.name for t in tables}
+    position = {t.name: i for i, t in enumerate(tables)}
+    for model in models.values():
+        for field in model._meta.fk_fields:
+            target = model._meta.fields_map[field].related_model._meta.db_table  # type: ignore[attr-defined]
+            assert position[target] < position[model._meta.db_table], (model, target)
+    assert "secrets.json" in backup_registry.FILES and "ota" in backup_registry.TREES
+
+
+def test_verify_and_restore_into_an_empty_database(source: dict[str, Path], tmp_path: Path) -> None:
+    """verify passes; restore fills an empty database and puts secrets and OTA files back."""
+    r = run(["backup", "verify", str(source["backup"])], {"HEXA_DATA_DIR": str(source["data"])})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ok"] is True
+    target = tmp_path / "restored"
+    r = run(["backup", "restore", str(source["backup"])], {"HEXA_DATA_DIR": str(target)})
+    assert r.returncode == 0, r.stderr
+    for table in ("users", "organizations", "memberships"):
+        assert rows(target / "hexa.db", table) == rows(source["db"], table)
+    assert (target / "secrets.json").read_bytes() == (source["data"] / "secrets.json").read_bytes()
+    artifact = "ota/artifacts/fw-1.bin"
+    assert (target / artifact).read_bytes() == (source["data"] / artifact).read_bytes()
+    assert rows(target / "hexa.db", "audit_log") >= 1  # the restore itself is audited
+
+
+def test_wrong_key_is_one_line(source: dict[str, Path]) -> None:
+    """A backup opened with another key: one line naming both key ids, exit 2."""
+    r = run(
+        ["backup", "verify", str(source["backup"])],
+        {"HEXA_DATA_DIR": str(source["data"]), "HEXA_BACKUP_KEY": "another-key-" + "x" * 30},
+    )
+    one_line_failure(r, "wrong key")
+
+
+def test_every_flipped_byte_and_truncation_is_caught(source: dict[str, Path]) -> None:
+    """One flipped bit anywhere in the file, or the file cut anywhere, fails verification."""
+    good = source["backup"].read_bytes()
+    key = BackupKey(KEY)
+    damaged = source["tmp"] / "damaged.hexabak"
+    size = len(good)
+    positions = sorted({*range(0, 600), *range(600, size, size // 250), size - 1, size - 17})
+    for pos in positions:
+        data = bytearray(good)
+        data[pos] ^= 0x01
+        damaged.write_bytes(data)
+        with pytest.raises(BackupError):
+            backup.verify_backup(damaged, key)
+    for cut in sorted({1, 9, 40, 300, 70_000, (1 << 20) + 300, size // 2, size - 16, size - 1}):
+        damaged.write_bytes(good[:cut])
+        with pytest.raises(BackupError):
+            backup.verify_backup(damaged, key)
+    damaged.write_bytes(good + b"\x00")
+    with pytest.raises(BackupError):
+        backup.verify_backup(damaged, key)
+    # and through the command: one line each
+    data = bytearray(good)
+    data[size // 2] ^= 0x80
+    damaged.write_bytes(data)
+    env = {"HEXA_DATA_DIR": str(source["data"])}
+    one_line_failure(run(["backup", "verify", str(damaged)], env), "damaged")
+    damaged.write_bytes(good[: size - 100])
+    one_line_failure(run(["backup", "verify", str(damaged)], env), "truncated")
+    damaged.write_bytes(b"not a backup at all\n")
+    one_line_failure(run(["backup", "verify", str(damaged)], env), "not a Hexa backup")
+
+
+def _rewrite(src: Path, dst: Path, schema: str) -> None:
+    """``src`` re-encrypted with the test key, claiming ``schema`` (a future hub's backup)."""
+    key = BackupKey(KEY)
+    with open(src, "rb") as f:
+        reader = EncryptedReader(f, key)
+        plain = b"".join(reader.chunks())
+        header = {k: reader.header[k] for k in ("created_at", "hub_version", "engine")}
+    old = reader.header["schema"]
+    plain = plain.replace(f'"schema":"{old}"'.encode(), f'"schema":"{schema}"'.encode())
+    with open(dst, "wb") as out:
+        writer = EncryptedWriter(out, key, {**header, "schema": schema})
+        writer.write(plain)
+        writer.close()
+
+
+def test_a_newer_schema_is_refused(source: dict[str, Path], tmp_path: Path) -> None:
+    """A backup from a hub with a later migration: refused in one line, nothing created."""
+    future = tmp_path / "future.hexabak"
+    _rewrite(source["backup"], future, "9999_from_the_future")
+    target = tmp_path / "target"
+    r = run(["backup", "restore", str(future)], {"HEXA_DATA_DIR": str(target)})
+    one_line_failure(r, "newer than this hub")
+    assert not (target / "hexa.db").exists() or (target / "hexa.db").stat().st_size == 0
+
+
+def test_a_non_empty_database_is_refused_and_force_is_all_or_nothing(
+    source: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without --force a database with rows is refused; with --force a damaged backup loads
+    nothing (the rows stay as they were), and a good one replaces the content."""
+    target = tmp_path / "busy"
+    env = {"HEXA_DATA_DIR": str(target)}
+    r = run(["admin", "create", "--email", "other@hexa.test", "--password", "pw-0123456789"], env)
+    assert r.returncode == 0, r.stderr
+    before = {t: rows(target / "hexa.db", t) for t in ("users", "organizations", "audit_log")}
+    one_line_failure(run(["backup", "restore", str(source["backup"])], env), "not empty")
+    # damaged in its last chunk: every table is loaded before the damage is found
+    data = bytearray(source["backup"].read_bytes())
+    data[-5] ^= 0x01
+    damaged = tmp_path / "damaged.hexabak"
+    damaged.write_bytes(data)
+    one_line_failure(run(["backup", "restore", str(damaged), "--force"], env), "damaged")
+    after = {t: rows(target / "hexa.db", t) for t in before}
+    assert after == before
+    with contextlib.closing(sqlite3.connect(target / "hexa.db")) as c:
+        assert c.execute("SELECT email FROM users").fetchall() == [("other@hexa.test",)]
+    r = run(["backup", "restore", str(source["backup"]), "--force"], env)
+    assert r.returncode == 0, r.stderr
+    with contextlib.closing(sqlite3.connect(target / "hexa.db")) as c:
+        assert c.execute("SELECT email FROM users").fetchall() == [("ops@hexa.test",)]
+
+
+def _limit_file_size() -> None:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_full_disk_never_replaces_a_good_backup(source: dict[str, Path], tmp_path: Path) -> None:
+    """The disk fills during the backup (RLIMIT_FSIZE in the child: writes past 64 KiB fail
+    as on a full disk, on any system, without root): one line, exit 2, the existing backup
+    at that path is untouched and no partial file is left."""
+    out = tmp_path / "nightly.hexabak"
+    out.write_bytes(source["backup"].read_bytes())
+    good = out.read_bytes()
+    r = run(
+        ["backup", "create", "--out", str(out)],
+        {"HEXA_DATA_DIR": str(source["data"])},
+        preexec_fn=_limit_file_size,
+    )
+    one_line_failure(r, "could not be written")
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nightly.hexabak"]
+    backup.verify_backup(out, BackupKey(KEY))
+
+
+def test_drill_restores_the_newest_backup_and_prints_the_rto(
+    source: dict[str, Path], tmp_path: Path
+) -> None:
+    """The drill restores the newest backup of the backup directory into a scratch database
+    and reports the restore time and every table's rows."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    (directory / "hexa-backup-20260101T000000Z-aaaaaa.hexabak").write_bytes(b"old and broken")
+    (directory / "hexa-backup-20261201T000000Z-bbbbbb.hexabak").write_bytes(
+        source["backup"].read_bytes()
+    )
+    env = {"HEXA_DATA_DIR": str(source["data"]), "HEXA_BACKUP_DIR": str(directory)}
+    r = run(["backup", "drill"], env)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["file"].endswith("bbbbbb.hexabak") and result["restore_seconds"] > 0
+    assert result["tables"]["users"] == rows(source["db"], "users")
+    r = run(["backup", "drill"], {**env, "HEXA_BACKUP_DIR": str(tmp_path / "none")})
+    one_line_failure(r, "no backup")
