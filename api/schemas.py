@@ -209,6 +209,7 @@ class DevicePatch(Body):
     relay_names: (
         Annotated[list[Annotated[str, Field(max_length=200)] | None], Field(max_length=64)] | None
     ) = None
+    ota_channel: Literal["dev", "beta", "stable"] | None = None
 
 
 class InputSetting(Body):
@@ -391,6 +392,15 @@ class InputConfigPublic(BaseModel):
     rocker_mode: Literal["follow", "flip"] | None
 
 
+class DeviceOtaPublic(BaseModel):
+    """The device's last OTA report (all null before its first)."""
+
+    release_id: uuid.UUID | None
+    status: Literal["downloading", "verified", "installing", "applied", "failed"] | None
+    error: str | None
+    updated_at: Timestamp | None
+
+
 class DevicePublic(BaseModel):
     id: uuid.UUID
     device_uid: str
@@ -416,6 +426,11 @@ class DevicePublic(BaseModel):
     config_applied_version: int = Field(
         description="the last config_version the device acknowledged"
     )
+    ota_channel: Literal["dev", "beta", "stable"]
+    ota_security_version: int = Field(
+        description="the highest security version the device applied (anti-rollback)"
+    )
+    ota: DeviceOtaPublic
 
 
 class ClaimedDevice(DevicePublic):
@@ -581,6 +596,14 @@ def device_fields(
         "power_restore_mode": device.power_restore_mode,
         "config_version": device.config_version,
         "config_applied_version": device.config_applied_version,
+        "ota_channel": device.ota_channel,
+        "ota_security_version": device.ota_security_version,
+        "ota": {
+            "release_id": device.ota_release_id,
+            "status": device.ota_status,
+            "error": device.ota_error,
+            "updated_at": device.ota_updated_at,
+        },
     }
 
 

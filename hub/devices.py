@@ -218,6 +218,8 @@ class Registry:
                 device.area_id = area.id if area else None
             if "name" in changes:
                 device.name = changes["name"]
+            if "ota_channel" in changes:
+                device.ota_channel = changes["ota_channel"]
             await device.save()
             names = changes.get("relay_names")
             if names is not None:
