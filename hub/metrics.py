@@ -117,6 +117,18 @@ SCHEDULE_RUNS = Counter("hexa_schedule_runs_total", "Schedule runs by outcome", 
 AUTOMATION_RUNS = Counter(
     "hexa_automation_runs_total", "Automation evaluations by outcome", ["outcome"]
 )
+BACKUP_LAST_SUCCESS = Gauge(
+    "hexa_backup_last_success_timestamp_seconds",
+    "Unix time at which the last backup was written and verified (at start: the newest file's)",
+)
+BACKUP_DURATION = Gauge(
+    "hexa_backup_duration_seconds",
+    "How long the last successful backup took, verification included",
+)
+BACKUP_FAILURES = Counter("hexa_backup_failures_total", "Backups that failed")
+BACKUP_SCHEDULED = Gauge(
+    "hexa_backup_scheduled", "1 when HEXA_BACKUP_SCHEDULE runs backups, 0 when it is off"
+)
 BUILD_INFO = Gauge("hexa_build_info", "Always 1; the hub's version is the label", ["version"])
 BUILD_INFO.labels(__version__).set(1)
 START_TIME = Gauge("hexa_start_time_seconds", "Unix time at which the hub process started")
