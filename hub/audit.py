@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,6 +27,25 @@ SOURCES = frozenset(
         "alexa",
         "device",
         "system",
+        "cli",
+    }
+)
+#: keys a ``details`` never carries: what they would hold is a secret or stands for one
+SECRET_KEYS = frozenset(
+    {
+        "password",
+        "password_hash",
+        "token",
+        "token_hash",
+        "access_token",
+        "refresh_token",
+        "device_token",
+        "claim_code",
+        "setup_code",
+        "setup_uri",
+        "secret",
+        "key",
+        "hap_state",
     }
 )
 BATCH = 500
@@ -39,6 +59,71 @@ def _uuid(value: object) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
+
+
+def _clean(details: dict[str, Any] | None) -> dict[str, Any]:
+    """``details`` without any key of :data:`SECRET_KEYS` (a caller's mistake, logged)."""
+    if not details:
+        return {}
+    dropped = SECRET_KEYS.intersection(details)
+    if dropped:
+        log.error("audit details must not carry %s; dropped", sorted(dropped))
+        return {k: v for k, v in details.items() if k not in dropped}
+    return details
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change (``type``: user, integration, system, ...; ``id``: theirs), through
+    what (``source``, one of :data:`SOURCES`), and the request that carried it."""
+
+    type: str
+    id: str | None
+    source: str
+    request_id: str | None = None
+
+    @classmethod
+    def user(cls, user_id: object, request_id: str | None, source: str = "api") -> Actor:
+        return cls("user", str(user_id), source, request_id)
+
+    @classmethod
+    def system(cls, source: str = "system") -> Actor:
+        return cls("system", None, source)
+
+
+def change_action(kind: str, fields: set[str], enabled: bool) -> str:
+    """The action of a change to a schedule or automation: ``<kind>_enabled`` or
+    ``<kind>_disabled`` when it only turns it on or off, else ``<kind>_updated``."""
+    if fields == {"enabled"}:
+        return f"{kind}_enabled" if enabled else f"{kind}_disabled"
+    return f"{kind}_updated"
+
+
+async def write(
+    actor: Actor,
+    action: str,
+    *,
+    org_id: object = None,
+    details: dict[str, Any] | None = None,
+    device_id: object = None,
+    automation_id: object = None,
+    schedule_id: object = None,
+) -> None:
+    """Write one entry now, on the current connection: inside ``in_transaction()`` it
+    commits or rolls back with the change it records. For changes made by people (few, and
+    each must never lack its entry); the hot paths queue through :class:`AuditLog`."""
+    await AuditEntry.create(
+        action=action,
+        source=actor.source if actor.source in SOURCES else "system",
+        actor_type=actor.type,
+        actor_id=actor.id,
+        org_id=_uuid(org_id),
+        device_id=_uuid(device_id),
+        details=_clean(details),
+        request_id=actor.request_id,
+        automation_id=_uuid(automation_id),
+        schedule_id=_uuid(schedule_id),
+    )
 
 
 class AuditLog:
@@ -72,7 +157,7 @@ class AuditLog:
             actor_id=actor_id,
             device_id=_uuid(device_id),
             org_id=_uuid(org_id),
-            details=details or {},
+            details=_clean(details),
             request_id=request_id,
             automation_id=_uuid(automation_id),
             schedule_id=_uuid(schedule_id),
