@@ -311,14 +311,14 @@ def test_invitations_are_audited(hub: RunningHub) -> None:
         def entries() -> list[dict[str, Any]]:
             return list(ok(c.get("/audit", params={"org_id": org_id, "limit": 100}))["items"])
 
-        wanted = {"member.invited", "invitation.accepted", "invitation.revoked"}
+        wanted = {"member_invited", "invitation_accepted", "invitation_revoked"}
         assert wait_until(lambda: wanted <= {e["action"] for e in entries()}, 5), entries()
         found = entries()
-    accepted = next(e for e in found if e["action"] == "invitation.accepted")
+    accepted = next(e for e in found if e["action"] == "invitation_accepted")
     assert accepted["actor_id"] == invitee.id
     assert accepted["details"]["invitation_id"] == invitation["id"]
     invited = next(e for e in found if e["request_id"] == "invite-audit-1")
-    assert invited["action"] == "member.invited" and invited["actor_id"] == owner.id
+    assert invited["action"] == "member_invited" and invited["actor_id"] == owner.id
     assert invited["details"]["email"] == invitee.email
 
 

@@ -8,22 +8,20 @@ organization list and revoke them. A pending invitation past ``expires_at`` is e
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from hexa.api.deps import INVITATION, ORGANIZATION, HubDep, PageDep, PrincipalDep, fetch
-from hexa.api.errors import request_id_of
+from hexa.api.auditing import ActorDep
+from hexa.api.deps import INVITATION, ORGANIZATION, PageDep, PrincipalDep, fetch
 from hexa.api.schemas import InvitationPublic, Page, invitation_view
 from hexa.hub.access import Principal, Role
+from hexa.hub.audit import Actor, write
 from hexa.hub.errors import Conflict, Forbidden, NotFound
 from hexa.hub.security import utcnow
 from hexa.models import Invitation, Membership
-
-if TYPE_CHECKING:
-    from hexa.hub.runtime import Hub
 
 router = APIRouter(tags=["invitations"])
 
@@ -61,7 +59,7 @@ async def org_invitations(
 
 @router.post("/invitations/{invitation_id}/accept")
 async def accept(
-    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+    invitation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
 ) -> InvitationPublic:
     """Join the organization with the invitation's role; the invitation becomes accepted."""
     invitation = await _addressed_to(principal, invitation_id)
@@ -80,28 +78,26 @@ async def accept(
                 role=invitation.role,
                 using_db=conn,
             )
+            await _audit(actor, "invitation_accepted", invitation)
     except IntegrityError:  # joined through a concurrent request
         raise Conflict("already a member of this organization") from None
-    await _audit(hub, request, principal, "invitation.accepted", invitation)
     return invitation_view(invitation)
 
 
 @router.post("/invitations/{invitation_id}/decline")
 async def decline(
-    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+    invitation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
 ) -> InvitationPublic:
     """Turn the invitation down; it cannot be accepted afterwards."""
     invitation = await _addressed_to(principal, invitation_id)
     async with in_transaction() as conn:
         await _respond(invitation, "declined", conn)
-    await _audit(hub, request, principal, "invitation.declined", invitation)
+        await _audit(actor, "invitation_declined", invitation)
     return invitation_view(invitation)
 
 
 @router.delete("/invitations/{invitation_id}", status_code=204)
-async def revoke(
-    invitation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
-) -> Response:
+async def revoke(invitation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep) -> Response:
     """Withdraw a pending (or expired) invitation (admin+ of its organization)."""
     invitation = await fetch(INVITATION, invitation_id, principal, "manage_members")
     role = Role.parse(invitation.role)
@@ -110,7 +106,7 @@ async def revoke(
         raise Forbidden(f"revoking an invitation as {role.name} needs the {role.name} role")
     async with in_transaction() as conn:
         await _respond(invitation, "revoked", conn, expired_ok=True)
-    await _audit(hub, request, principal, "invitation.revoked", invitation)
+        await _audit(actor, "invitation_revoked", invitation)
     return Response(status_code=204)
 
 
@@ -147,14 +143,12 @@ async def _respond(
     raise Conflict(f"this invitation is {found}", details={"status": found})
 
 
-async def _audit(
-    hub: Hub, request: Request, principal: Principal, action: str, invitation: Invitation
-) -> None:
-    await hub.audit.by_user(
-        principal.id,
+async def _audit(actor: Actor, action: str, invitation: Invitation) -> None:
+    """Write the entry on the current transaction's connection."""
+    await write(
+        actor,
         action,
         org_id=invitation.org_id,
-        request_id=request_id_of(request),
         details={
             "invitation_id": str(invitation.id),
             "email": invitation.email,

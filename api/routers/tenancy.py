@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import (
     AREA,
     ORGANIZATION,
     SITE,
-    HubDep,
     PageDep,
     PrincipalDep,
     fetch,
     in_visible_orgs,
 )
-from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AreaCreate,
     AreaPatch,
@@ -43,13 +42,11 @@ from hexa.api.schemas import (
 )
 from hexa.hub.access import PERMISSIONS, Principal, Role
 from hexa.hub.accounts import normalize_email
+from hexa.hub.audit import Actor, write
 from hexa.hub.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from hexa.hub.security import utcnow
 from hexa.models import Area, Device, Invitation, Membership, Organization, Site
 from hexa.models.invitations import INVITATION_TTL
-
-if TYPE_CHECKING:
-    from hexa.hub.runtime import Hub
 
 router = APIRouter(tags=["tenancy"])
 
@@ -62,10 +59,13 @@ async def list_orgs(principal: PrincipalDep, page: PageDep) -> Page[Organization
 
 
 @router.post("/orgs", status_code=201)
-async def create_org(body: OrgCreate, principal: PrincipalDep) -> OrganizationPublic:
+async def create_org(
+    body: OrgCreate, principal: PrincipalDep, actor: ActorDep
+) -> OrganizationPublic:
     async with in_transaction():
         org = await Organization.create(name=body.name)
         await Membership.create(org=org, user_id=principal.id, role="owner")
+        await write(actor, "org_created", org_id=org.id, details={"name": org.name})
     return org_view(org)
 
 
@@ -76,17 +76,20 @@ async def get_org(org_id: uuid.UUID, principal: PrincipalDep) -> OrganizationPub
 
 @router.patch("/orgs/{org_id}")
 async def patch_org(
-    org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep
+    org_id: uuid.UUID, body: OrgPatch, principal: PrincipalDep, actor: ActorDep
 ) -> OrganizationPublic:
     org = await fetch(ORGANIZATION, org_id, principal, "update_org")
-    if body.name is not None:
-        org.name = body.name
-        await org.save()
+    if body.name is not None and body.name != org.name:
+        previous, org.name = org.name, body.name
+        async with in_transaction():
+            await org.save()
+            details = {"name": org.name, "previous_name": previous}
+            await write(actor, "org_renamed", org_id=org.id, details=details)
     return org_view(org)
 
 
 @router.delete("/orgs/{org_id}", status_code=204)
-async def delete_org(org_id: uuid.UUID, principal: PrincipalDep) -> Response:
+async def delete_org(org_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep) -> Response:
     org = await fetch(ORGANIZATION, org_id, principal, "delete_org")
     if await Device.filter(org_id=org.id, deleted_at=None).exists():
         raise Conflict("release or delete this organization's devices first")
@@ -94,6 +97,7 @@ async def delete_org(org_id: uuid.UUID, principal: PrincipalDep) -> Response:
     async with in_transaction():
         await Organization.filter(id=org.id).update(deleted_at=now)
         await Site.filter(org_id=org.id, deleted_at=None).update(deleted_at=now)
+        await write(actor, "org_deleted", org_id=org.id, details={"name": org.name})
     return Response(status_code=204)
 
 
@@ -122,8 +126,7 @@ async def add_member(
     org_id: uuid.UUID,
     body: MemberAdd,
     principal: PrincipalDep,
-    hub: HubDep,
-    request: Request,
+    actor: ActorDep,
 ) -> InvitationPublic | JSONResponse:
     """Change an existing member's role (200), or invite the email (201).
 
@@ -144,37 +147,19 @@ async def add_member(
     ).first()
     if existing is not None:
         _check_can_grant(principal, org.id, Role.parse(existing.role))
-        old_role, membership = await _change_role(principal, org.id, existing.user_id, body.role)
-        await _audit(
-            hub,
-            request,
-            principal,
-            "member.role_changed",
-            org.id,
-            user_id=str(membership.user_id),
-            role=membership.role,
-            previous_role=old_role,
-        )
+        membership = await _change_role(principal, actor, org.id, existing.user_id, body.role)
         await membership.fetch_related("user")
         # 200, not the route's 201: a role change creates nothing
         return JSONResponse(member_view(membership).model_dump(mode="json"), status_code=200)
     if email is None:  # user ids only name existing members: invitations go to an email
         raise NotFound("member")
-    invitation = await _invite(principal, org, email, body.role)
-    await _audit(
-        hub,
-        request,
-        principal,
-        "member.invited",
-        org.id,
-        invitation_id=str(invitation.id),
-        email=email,
-        role=body.role,
-    )
+    invitation = await _invite(principal, actor, org, email, body.role)
     return invitation_view(invitation)
 
 
-async def _invite(principal: Principal, org: Organization, email: str, role: str) -> Invitation:
+async def _invite(
+    principal: Principal, actor: Actor, org: Organization, email: str, role: str
+) -> Invitation:
     """A pending invitation of ``email``; one still pending is renewed instead of doubled."""
     now = utcnow()
     async with in_transaction() as conn:
@@ -197,14 +182,16 @@ async def _invite(principal: Principal, org: Organization, email: str, role: str
             invitation.role, invitation.expires_at = role, now + INVITATION_TTL
             invitation.invited_by_id = principal.id
             await invitation.save(using_db=conn)
+        details = {"invitation_id": str(invitation.id), "email": email, "role": role}
+        await write(actor, "member_invited", org_id=org.id, details=details)
     invitation.org = org
     return invitation
 
 
 async def _change_role(
-    principal: Principal, org_id: uuid.UUID, user_id: uuid.UUID, role: str
-) -> tuple[str, Membership]:
-    """Set a member's role under the organization's lock; returns the old role too."""
+    principal: Principal, actor: Actor, org_id: uuid.UUID, user_id: uuid.UUID, role: str
+) -> Membership:
+    """Set a member's role under the organization's lock, audited with the old one."""
     async with in_transaction() as conn:
         await _lock_org(conn, org_id)
         membership = await Membership.get_or_none(org_id=org_id, user_id=user_id, using_db=conn)
@@ -217,12 +204,14 @@ async def _change_role(
         membership.role = role
         await membership.save(using_db=conn, update_fields=["role"])
         await _revoke_invitations_by(conn, org_id, user_id, above=Role.parse(role))
-    return old_role, membership
+        details = {"user_id": str(user_id), "role": role, "previous_role": old_role}
+        await write(actor, "member_role_changed", org_id=org_id, details=details)
+    return membership
 
 
 @router.delete("/orgs/{org_id}/members/{user_id}", status_code=204)
 async def remove_member(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
 ) -> Response:
     org = await fetch(ORGANIZATION, org_id, principal, "read")
     membership = await Membership.get_or_none(org_id=org.id, user_id=user_id)
@@ -245,15 +234,9 @@ async def remove_member(
             )
         await membership.delete(using_db=conn)
         await _revoke_invitations_by(conn, org_id=org.id, user_id=user_id, above=None)
-    await _audit(
-        hub,
-        request,
-        principal,
-        "member.removed",
-        org.id,
-        user_id=str(user_id),
-        role=membership.role,
-    )
+        action = "member_left" if leaving else "member_removed"
+        details = {"user_id": str(user_id), "role": membership.role}
+        await write(actor, action, org_id=org.id, details=details)
     return Response(status_code=204)
 
 
@@ -317,19 +300,6 @@ def _check_can_grant(principal: Principal, org_id: uuid.UUID, role: Role) -> Non
         raise Forbidden(f"granting {role.name} needs the {role.name} role")
 
 
-async def _audit(
-    hub: Hub,
-    request: Request,
-    principal: Principal,
-    action: str,
-    org_id: uuid.UUID,
-    **details: Any,
-) -> None:
-    await hub.audit.by_user(
-        principal.id, action, org_id=org_id, request_id=request_id_of(request), details=details
-    )
-
-
 # --- sites -----------------------------------------------------------------------------
 @router.get("/orgs/{org_id}/sites")
 async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) -> Page[SitePublic]:
@@ -338,10 +308,33 @@ async def list_sites(org_id: uuid.UUID, principal: PrincipalDep, page: PageDep) 
 
 
 @router.post("/orgs/{org_id}/sites", status_code=201)
-async def create_site(org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep) -> SitePublic:
+async def create_site(
+    org_id: uuid.UUID, body: SiteCreate, principal: PrincipalDep, actor: ActorDep
+) -> SitePublic:
     org = await fetch(ORGANIZATION, org_id, principal, "manage_sites")
-    site = await Site.create(org=org, **body.model_dump())
+    async with in_transaction():
+        site = await Site.create(org=org, **body.model_dump())
+        await write(actor, "site_created", org_id=org.id, details=_site(site))
     return site_view(site)
+
+
+def _site(site: Site, fields: Any = ()) -> dict[str, Any]:
+    """What a site's audit entry says: its id and name, and which fields changed."""
+    details: dict[str, Any] = {"site_id": str(site.id), "name": site.name}
+    if fields:
+        details["fields"] = sorted(fields)
+    return details
+
+
+def _area(area: Area, fields: Any = ()) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "area_id": str(area.id),
+        "site_id": str(area.site_id),
+        "name": area.name,
+    }
+    if fields:
+        details["fields"] = sorted(fields)
+    return details
 
 
 @router.get("/sites/{site_id}")
@@ -350,23 +343,28 @@ async def get_site(site_id: uuid.UUID, principal: PrincipalDep) -> SitePublic:
 
 
 @router.patch("/sites/{site_id}")
-async def patch_site(site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep) -> SitePublic:
+async def patch_site(
+    site_id: uuid.UUID, body: SitePatch, principal: PrincipalDep, actor: ActorDep
+) -> SitePublic:
     site = await fetch(SITE, site_id, principal, "manage_sites")
     changes = body.changes("location")
     if changes:
         site.update_from_dict(changes)
-        await site.save()
+        async with in_transaction():
+            await site.save()
+            await write(actor, "site_updated", org_id=site.org_id, details=_site(site, changes))
     return site_view(site)
 
 
 @router.delete("/sites/{site_id}", status_code=204)
-async def delete_site(site_id: uuid.UUID, principal: PrincipalDep) -> Response:
+async def delete_site(site_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep) -> Response:
     site = await fetch(SITE, site_id, principal, "manage_sites")
     now = utcnow()
     async with in_transaction():
         await Site.filter(id=site.id).update(deleted_at=now)
         await Area.filter(site_id=site.id, deleted_at=None).update(deleted_at=now)
         await Device.filter(site_id=site.id).update(site_id=None, area_id=None)
+        await write(actor, "site_deleted", org_id=site.org_id, details=_site(site))
     return Response(status_code=204)
 
 
@@ -380,9 +378,14 @@ async def list_areas(
 
 
 @router.post("/sites/{site_id}/areas", status_code=201)
-async def create_area(site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep) -> AreaPublic:
+async def create_area(
+    site_id: uuid.UUID, body: AreaCreate, principal: PrincipalDep, actor: ActorDep
+) -> AreaPublic:
     site = await fetch(SITE, site_id, principal, "manage_sites")
-    return area_view(await Area.create(site=site, **body.model_dump()))
+    async with in_transaction():
+        area = await Area.create(site=site, **body.model_dump())
+        await write(actor, "area_created", org_id=site.org_id, details=_area(area))
+    return area_view(area)
 
 
 @router.get("/areas/{area_id}")
@@ -391,27 +394,34 @@ async def get_area(area_id: uuid.UUID, principal: PrincipalDep) -> AreaPublic:
 
 
 @router.patch("/areas/{area_id}")
-async def patch_area(area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep) -> AreaPublic:
+async def patch_area(
+    area_id: uuid.UUID, body: AreaPatch, principal: PrincipalDep, actor: ActorDep
+) -> AreaPublic:
     area = await fetch(AREA, area_id, principal, "manage_sites")
     changes = body.changes()
     if changes:
         area.update_from_dict(changes)
-        await area.save()
+        async with in_transaction():
+            await area.save()
+            details = _area(area, changes)
+            await write(actor, "area_updated", org_id=area.site.org_id, details=details)
     return area_view(area)
 
 
 @router.delete("/areas/{area_id}", status_code=204)
-async def delete_area(area_id: uuid.UUID, principal: PrincipalDep) -> Response:
+async def delete_area(area_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep) -> Response:
     area = await fetch(AREA, area_id, principal, "manage_sites")
+    org_id = area.site.org_id
     async with in_transaction():
         await Area.filter(id=area.id).update(deleted_at=utcnow())
         await Device.filter(area_id=area.id).update(area_id=None)
+        await write(actor, "area_deleted", org_id=org_id, details=_area(area))
     return Response(status_code=204)
 
 
 @router.delete("/orgs/{org_id}/members", status_code=204)
 async def remove_member_by_query(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
+    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
 ) -> Response:
     """``DELETE /orgs/{id}/members?user_id=`` — the same as the path form."""
-    return await remove_member(org_id, user_id, principal, hub, request)
+    return await remove_member(org_id, user_id, principal, actor)
