@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field, StrictBool
+from tortoise.transactions import in_transaction
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import (
     AUTOMATION,
     DEVICE,
@@ -19,6 +21,7 @@ from hexa.api.deps import (
 )
 from hexa.api.schemas import Body, Name, Page, Timestamp
 from hexa.hub.access import Principal
+from hexa.hub.audit import Actor, change_action, write
 from hexa.hub.automations import validate_rule
 from hexa.hub.errors import NotFound, ValidationFailed
 from hexa.models import Automation, AutomationRun
@@ -129,25 +132,36 @@ async def list_automations(
 
 @router.post("/automations", status_code=201)
 async def create_automation(
-    body: AutomationCreate, principal: PrincipalDep, hub: HubDep
+    body: AutomationCreate, principal: PrincipalDep, actor: ActorDep, hub: HubDep
 ) -> AutomationPublic:
     org_id = await _org_of_trigger(principal, body.trigger)
     trigger, conditions, actions = await validate_rule(
         org_id, body.trigger, body.conditions, body.actions
     )
-    rule = await Automation.create(
-        org_id=org_id,
-        device_id=trigger["device_id"],
-        name=body.name,
-        enabled=body.enabled,
-        trigger=trigger,
-        conditions=conditions,
-        actions=actions,
-        cooldown_s=body.cooldown_s,
-        dedupe_window_ms=body.dedupe_window_ms,
-    )
+    async with in_transaction():
+        rule = await Automation.create(
+            org_id=org_id,
+            device_id=trigger["device_id"],
+            name=body.name,
+            enabled=body.enabled,
+            trigger=trigger,
+            conditions=conditions,
+            actions=actions,
+            cooldown_s=body.cooldown_s,
+            dedupe_window_ms=body.dedupe_window_ms,
+        )
+        await _audit(actor, "automation_created", rule)
     hub.automations.invalidate()
     return view(rule)
+
+
+async def _audit(actor: Actor, action: str, a: Automation, fields: set[str] | None = None) -> None:
+    details: dict[str, Any] = {"name": a.name, "enabled": a.enabled}
+    if fields is not None:
+        details["fields"] = sorted(fields)
+    await write(
+        actor, action, org_id=a.org_id, device_id=a.device_id, automation_id=a.id, details=details
+    )
 
 
 @router.get("/automations/{automation_id}")
@@ -157,10 +171,15 @@ async def get_automation(automation_id: uuid.UUID, principal: PrincipalDep) -> A
 
 @router.patch("/automations/{automation_id}")
 async def patch_automation(
-    automation_id: uuid.UUID, body: AutomationPatch, principal: PrincipalDep, hub: HubDep
+    automation_id: uuid.UUID,
+    body: AutomationPatch,
+    principal: PrincipalDep,
+    actor: ActorDep,
+    hub: HubDep,
 ) -> AutomationPublic:
     rule = await fetch(AUTOMATION, automation_id, principal, "manage_automations")
     changes = body.changes()
+    fields = set(changes)
     trigger = changes.get("trigger", rule.trigger)
     if "trigger" in changes and await _org_of_trigger(principal, trigger) != rule.org_id:
         raise NotFound("device")
@@ -173,17 +192,23 @@ async def patch_automation(
     changes.update(trigger=trigger, conditions=conditions, actions=actions)
     rule.update_from_dict(changes)
     rule.device_id = uuid.UUID(trigger["device_id"])
-    await rule.save()
+    async with in_transaction():
+        await rule.save()
+        if fields:
+            action = change_action("automation", fields, rule.enabled)
+            await _audit(actor, action, rule, fields)
     hub.automations.invalidate()
     return view(rule)
 
 
 @router.delete("/automations/{automation_id}", status_code=204)
 async def delete_automation(
-    automation_id: uuid.UUID, principal: PrincipalDep, hub: HubDep
+    automation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep, hub: HubDep
 ) -> Response:
     rule = await fetch(AUTOMATION, automation_id, principal, "manage_automations")
-    await rule.delete()
+    async with in_transaction():
+        await rule.delete()
+        await _audit(actor, "automation_deleted", rule)
     hub.automations.invalidate()
     return Response(status_code=204)
 

@@ -8,10 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel
 from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import INTEGRATION_TOKEN, ORGANIZATION, HubDep, PageDep, PrincipalDep, fetch
 from hexa.api.schemas import IntegrationCreate, Page, Timestamp
 from hexa.hub.access import Role
+from hexa.hub.audit import Actor, write
 from hexa.hub.errors import Conflict
 from hexa.hub.security import new_token, token_hash
 from hexa.models import IntegrationToken
@@ -50,17 +53,21 @@ def _view(row: IntegrationToken) -> IntegrationTokenPublic:
 
 
 @router.post("/tokens", status_code=201)
-async def create_token(body: IntegrationCreate, principal: PrincipalDep) -> IntegrationTokenCreated:
+async def create_token(
+    body: IntegrationCreate, principal: PrincipalDep, actor: ActorDep
+) -> IntegrationTokenCreated:
     await fetch(ORGANIZATION, body.org_id, principal, "manage_integrations")
     token = new_token("hxi_")
     try:
-        row = await IntegrationToken.create(
-            org_id=body.org_id,
-            name=body.name,
-            kind=body.kind,
-            token_hash=token_hash(token),
-            created_by_id=principal.id,
-        )
+        async with in_transaction():
+            row = await IntegrationToken.create(
+                org_id=body.org_id,
+                name=body.name,
+                kind=body.kind,
+                token_hash=token_hash(token),
+                created_by_id=principal.id,
+            )
+            await _audit(actor, "integration_token_created", row)
     except IntegrityError:
         # (org_id, name) is unique: names are per organization, so this tells nothing of others
         raise Conflict(
@@ -84,8 +91,18 @@ async def list_tokens(
 
 
 @router.delete("/tokens/{token_id}", status_code=204)
-async def delete_token(token_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -> Response:
+async def delete_token(
+    token_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep, hub: HubDep
+) -> Response:
     row = await fetch(INTEGRATION_TOKEN, token_id, principal, "manage_integrations")
-    await row.delete()
+    async with in_transaction():
+        await row.delete()
+        await _audit(actor, "integration_token_revoked", row)
     await hub.close_integration_sessions(str(row.id))
     return Response(status_code=204)
+
+
+async def _audit(actor: Actor, action: str, row: IntegrationToken) -> None:
+    """The token's id, name and kind: never the token or its hash."""
+    details = {"integration_token_id": str(row.id), "name": row.name, "kind": row.kind}
+    await write(actor, action, org_id=row.org_id, details=details)

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, StrictBool
+from tortoise.transactions import in_transaction
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import (
     DEVICE,
     SCHEDULE,
@@ -19,6 +21,7 @@ from hexa.api.deps import (
 )
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import Body, Name, Page, Timestamp
+from hexa.hub.audit import Actor, change_action, write
 from hexa.hub.errors import NotFound, ValidationFailed
 from hexa.hub.schedules import check_cron, check_timezone, next_run
 from hexa.hub.security import utcnow
@@ -157,21 +160,34 @@ async def list_schedules(
 
 
 @router.post("/schedules", status_code=201)
-async def create_schedule(body: ScheduleCreate, principal: PrincipalDep) -> SchedulePublic:
+async def create_schedule(
+    body: ScheduleCreate, principal: PrincipalDep, actor: ActorDep
+) -> SchedulePublic:
     device = await fetch(DEVICE, body.device_id, principal, "manage_schedules")
     action = body.action.model_dump()
     _check(device, body.cron, body.timezone, action)
-    schedule = await Schedule.create(
-        org_id=device.org_id,
-        device_id=device.id,
-        name=body.name,
-        cron=body.cron,
-        timezone=body.timezone,
-        enabled=body.enabled,
-        action=action,
-        next_execution=_next(body.cron, body.timezone, body.enabled),
-    )
+    async with in_transaction():
+        schedule = await Schedule.create(
+            org_id=device.org_id,
+            device_id=device.id,
+            name=body.name,
+            cron=body.cron,
+            timezone=body.timezone,
+            enabled=body.enabled,
+            action=action,
+            next_execution=_next(body.cron, body.timezone, body.enabled),
+        )
+        await _audit(actor, "schedule_created", schedule)
     return view(schedule)
+
+
+async def _audit(actor: Actor, action: str, s: Schedule, fields: set[str] | None = None) -> None:
+    details: dict[str, Any] = {"name": s.name, "enabled": s.enabled}
+    if fields is not None:
+        details["fields"] = sorted(fields)
+    await write(
+        actor, action, org_id=s.org_id, device_id=s.device_id, schedule_id=s.id, details=details
+    )
 
 
 @router.get("/schedules/{schedule_id}")
@@ -181,7 +197,7 @@ async def get_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Sched
 
 @router.patch("/schedules/{schedule_id}")
 async def patch_schedule(
-    schedule_id: uuid.UUID, body: SchedulePatch, principal: PrincipalDep
+    schedule_id: uuid.UUID, body: SchedulePatch, principal: PrincipalDep, actor: ActorDep
 ) -> SchedulePublic:
     schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
     changes = body.changes()
@@ -198,14 +214,22 @@ async def patch_schedule(
     if {"cron", "timezone", "enabled"} & changes.keys():
         schedule.next_execution = _next(cron, tz, enabled)
         schedule.last_fired_local = None
-    await schedule.save()
+    async with in_transaction():
+        await schedule.save()
+        if changes:
+            fields = set(changes)
+            await _audit(actor, change_action("schedule", fields, enabled), schedule, fields)
     return view(schedule)
 
 
 @router.delete("/schedules/{schedule_id}", status_code=204)
-async def delete_schedule(schedule_id: uuid.UUID, principal: PrincipalDep) -> Response:
+async def delete_schedule(
+    schedule_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
+) -> Response:
     schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
-    await schedule.delete()
+    async with in_transaction():
+        await schedule.delete()
+        await _audit(actor, "schedule_deleted", schedule)
     return Response(status_code=204)
 
 
