@@ -225,7 +225,7 @@ class OrgBridge:
         while True:
             controller, added = await self._pairings.get()
             await self.hub.audit.record(
-                action="homekit.controller_paired" if added else "homekit.controller_unpaired",
+                action="homekit_controller_paired" if added else "homekit_controller_unpaired",
                 source="homekit",
                 actor_type="homekit_controller",
                 actor_id=controller,

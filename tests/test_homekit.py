@@ -664,16 +664,16 @@ async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
         return list(audit(hub, user, action=action)["items"])
 
     by_user = {"actor_type": "user", "actor_id": user.id, "source": "api"}
-    for action in ("homekit.enabled", "homekit.pairings_forgotten"):
+    for action in ("homekit_enabled", "homekit_pairings_reset"):
         found = await asyncio.to_thread(wait_until, lambda a=action: entries(a))
         assert [{k: e[k] for k in by_user} for e in found] == [by_user], action
-    assert await asyncio.to_thread(wait_until, lambda: entries("homekit.controller_unpaired"))
-    found = entries("homekit.controller_paired") + entries("homekit.controller_unpaired")
+    assert await asyncio.to_thread(wait_until, lambda: entries("homekit_controller_unpaired"))
+    found = entries("homekit_controller_paired") + entries("homekit_controller_unpaired")
     assert len(found) == 4  # the old controller, the one it shared with and the fresh one
     assert {(e["action"], e["actor_id"]) for e in found} >= {
-        ("homekit.controller_paired", shared.lower()),
-        ("homekit.controller_paired", fresh_id),
-        ("homekit.controller_unpaired", fresh_id),
+        ("homekit_controller_paired", shared.lower()),
+        ("homekit_controller_paired", fresh_id),
+        ("homekit_controller_unpaired", fresh_id),
     }
     assert {(e["source"], e["actor_type"]) for e in found} == {("homekit", "homekit_controller")}
 

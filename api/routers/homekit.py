@@ -7,13 +7,14 @@ import dataclasses
 import uuid
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import ORGANIZATION, HubDep, PrincipalDep, fetch
-from hexa.api.errors import request_id_of
 from hexa.api.schemas import Body
 from hexa.hub import homekit
+from hexa.hub.audit import write
 
 if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
@@ -63,35 +64,25 @@ async def get_homekit(org_id: uuid.UUID, principal: PrincipalDep, hub: HubDep) -
 async def put_homekit(
     org_id: uuid.UUID,
     body: HomeKitSettings,
-    request: Request,
     principal: PrincipalDep,
+    actor: ActorDep,
     hub: HubDep,
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
     found = await homekit.configure(
         hub.events, _secret(hub), org_id, enabled=body.enabled, port=body.port
     )
-    action = "homekit.enabled" if found.enabled else "homekit.disabled"
-    await hub.audit.by_user(
-        principal.id,
-        action,
-        org_id=org_id,
-        request_id=request_id_of(request),
-        details={"port": found.port},
-    )
+    # the bridge applied it (or refused, raising): audited once in effect, never the code
+    action = "homekit_enabled" if found.enabled else "homekit_disabled"
+    await write(actor, action, org_id=org_id, details={"port": found.port})
     return _public(found)
 
 
 @router.delete("/orgs/{org_id}/homekit/pairings")
 async def forget_homekit_pairings(
-    org_id: uuid.UUID, request: Request, principal: PrincipalDep, hub: HubDep
+    org_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep, hub: HubDep
 ) -> HomeKitPublic:
     await fetch(ORGANIZATION, org_id, principal, "manage_integrations")
     found = await homekit.forget_pairings(hub.events, _secret(hub), org_id)
-    await hub.audit.by_user(
-        principal.id,
-        "homekit.pairings_forgotten",
-        org_id=org_id,
-        request_id=request_id_of(request),
-    )
+    await write(actor, "homekit_pairings_reset", org_id=org_id)
     return _public(found)
