@@ -10,6 +10,7 @@ from datetime import timedelta
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
+from hexa.hub.audit import Actor, write
 from hexa.hub.config import Settings
 from hexa.hub.errors import Conflict, Forbidden, Unauthorized, ValidationFailed
 from hexa.hub.security import (
@@ -63,8 +64,18 @@ class Accounts:
         assert self.settings.jwt_secret is not None
         return self.settings.jwt_secret
 
-    async def create_user(self, email: str, password: str, *, role: str = "user") -> User:
-        """Create a user and their personal organization (role owner)."""
+    async def create_user(
+        self,
+        email: str,
+        password: str,
+        *,
+        role: str = "user",
+        by: Actor | None = None,
+        request_id: str | None = None,
+    ) -> User:
+        """Create a user and their personal organization (role owner), audited in the same
+        transaction: ``user_registered`` by the new user (``by`` None: they signed up,
+        through the request ``request_id``), else ``user_created`` by ``by``."""
         email = normalize_email(email)
         check_password_policy(password)
         password_hash = hash_password(password)
@@ -73,26 +84,44 @@ class Accounts:
                 user = await User.create(email=email, password_hash=password_hash, role=role)
                 org = await Organization.create(name=f"{email} (personal)", personal=True)
                 await Membership.create(org=org, user=user, role="owner")
+                details = {"user_id": str(user.id), "role": role}
+                if by is None:
+                    actor = Actor.user(user.id, request_id)
+                    await write(actor, "user_registered", org_id=org.id, details=details)
+                else:
+                    await write(by, "user_created", details=details)
         except IntegrityError:
             raise Conflict("an account with this email already exists") from None
         return user
 
-    async def register(self, email: str, password: str) -> TokenPair:
-        user = await self.create_user(email, password)
+    async def register(self, email: str, password: str, request_id: str | None = None) -> TokenPair:
+        user = await self.create_user(email, password, request_id=request_id)
         return await self.issue(user)
 
-    async def login(self, email: str, password: str, address: str | None) -> TokenPair:
+    async def login(
+        self, email: str, password: str, address: str | None, request_id: str | None = None
+    ) -> TokenPair:
+        """Audited: ``user_login``, or ``user_login_failed`` with a reason. A failure names
+        the account by its id when the email is one; an unknown email is not recorded (it
+        may be someone else's address, or a password typed in the wrong field)."""
         email = email.strip().lower()
         with self.throttle.attempt(email, address) as attempt:
             user = await User.get_or_none(email=email)
             ok = verify_password(user.password_hash if user else DUMMY_PASSWORD_HASH, password)
             if user is None or not ok:
                 attempt.failed()
+                reason = "unknown_account" if user is None else "bad_password"
+                await _login_failed(reason, user, address, request_id)
                 raise Unauthorized("invalid email or password")
             if not user.is_active:
+                await _login_failed("disabled", user, address, request_id)
                 raise Forbidden("this account is disabled")
             attempt.succeeded()
-        return await self.issue(user)
+        async with in_transaction():
+            pair = await self.issue(user)
+            actor = Actor.user(user.id, request_id)
+            await write(actor, "user_login", details={"address": address})
+        return pair
 
     async def issue(self, user: User, family_id: uuid.UUID | None = None) -> TokenPair:
         refresh = new_token("hxr_")
@@ -105,8 +134,9 @@ class Accounts:
         ttl = self.settings.access_token_ttl_s
         return TokenPair(user, issue_access_token(self._secret, user.id, ttl), refresh, ttl)
 
-    async def refresh(self, refresh_token: str) -> TokenPair:
-        """Rotate a refresh token. Presenting a rotated one revokes its whole family."""
+    async def refresh(self, refresh_token: str, request_id: str | None = None) -> TokenPair:
+        """Rotate a refresh token. Presenting a rotated one revokes its whole family
+        (audited as ``refresh_token_reused``)."""
         row = await RefreshToken.get_or_none(token_hash=token_hash(refresh_token))
         if row is None:
             raise Unauthorized("invalid refresh token")
@@ -118,7 +148,7 @@ class Accounts:
             rotated_at=now
         )
         if not claimed:
-            await self.revoke_family(row.family_id)
+            await self._reused(row, request_id)
             raise Unauthorized("refresh token reuse detected: all sessions of this login revoked")
         if row.expires_at <= now:
             raise Unauthorized("refresh token expired")
@@ -130,14 +160,26 @@ class Accounts:
         # A concurrent reuse may have revoked the family between our claim and our insert;
         # its revocation missed the token we just made, so honour it now.
         if await RefreshToken.filter(family_id=row.family_id, revoked_at__isnull=False).exists():
-            await self.revoke_family(row.family_id)
+            await self._reused(row, request_id)
             raise Unauthorized("refresh token reuse detected: all sessions of this login revoked")
         return pair
 
-    async def logout(self, refresh_token: str) -> None:
+    async def _reused(self, row: RefreshToken, request_id: str | None) -> None:
+        """Revoke the family of a refresh token presented again, and audit it."""
+        async with in_transaction():
+            await self.revoke_family(row.family_id)
+            actor = Actor.user(row.user_id, request_id)
+            details = {"family_id": str(row.family_id)}
+            await write(actor, "refresh_token_reused", details=details)
+
+    async def logout(self, refresh_token: str, request_id: str | None = None) -> None:
+        """Revoke the token's family (``user_logout``); an unknown token changes nothing."""
         row = await RefreshToken.get_or_none(token_hash=token_hash(refresh_token))
         if row is not None:
-            await self.revoke_family(row.family_id)
+            async with in_transaction():
+                await self.revoke_family(row.family_id)
+                actor = Actor.user(row.user_id, request_id)
+                await write(actor, "user_logout", details={"family_id": str(row.family_id)})
 
     async def revoke_family(self, family_id: uuid.UUID) -> None:
         await RefreshToken.filter(family_id=family_id, revoked_at=None).update(revoked_at=utcnow())
@@ -146,8 +188,9 @@ class Accounts:
         """Revoke every refresh token of a user (access tokens die with is_active)."""
         await RefreshToken.filter(user_id=user.id, revoked_at=None).update(revoked_at=utcnow())
 
-    async def create_admin(self, email: str, password: str) -> User:
-        return await self.create_user(email, password, role="admin")
+    async def create_admin(self, email: str, password: str, by: Actor | None = None) -> User:
+        """A platform admin, created by ``by`` (the hub itself unless told)."""
+        return await self.create_user(email, password, role="admin", by=by or Actor.system())
 
     async def ensure_bootstrap_admin(self) -> User | None:
         """Create the admin named by HEXA_ADMIN_EMAIL/PASSWORD when no admin exists."""
@@ -159,6 +202,18 @@ class Accounts:
         existing = await User.get_or_none(email=normalize_email(email))
         if existing is not None:
             existing.role = "admin"
-            await existing.save(update_fields=["role", "updated_at"])
+            async with in_transaction():
+                await existing.save(update_fields=["role", "updated_at"])
+                details = {"user_id": str(existing.id), "role": "admin"}
+                await write(Actor.system(), "user_promoted", details=details)
             return existing
         return await self.create_admin(email, password)
+
+
+async def _login_failed(
+    reason: str, user: User | None, address: str | None, request_id: str | None
+) -> None:
+    details: dict[str, str | None] = {"reason": reason, "address": address}
+    if user is not None:
+        details["user_id"] = str(user.id)
+    await write(Actor("anonymous", None, "api", request_id), "user_login_failed", details=details)

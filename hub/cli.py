@@ -190,6 +190,7 @@ def _migrate(args: argparse.Namespace) -> int:
 def _admin_create(args: argparse.Namespace) -> int:
     from hexa.hub import db
     from hexa.hub.accounts import Accounts
+    from hexa.hub.audit import Actor
     from hexa.hub.errors import HubError
 
     settings = _settings_from(args)
@@ -199,7 +200,7 @@ def _admin_create(args: argparse.Namespace) -> int:
     async def create() -> None:
         await db.migrate_up(settings.resolved_database_url)
         async with db.database(settings.resolved_database_url):
-            await Accounts(settings).create_admin(args.email, password)
+            await Accounts(settings).create_admin(args.email, password, Actor.system("cli"))
 
     try:
         asyncio.run(create())

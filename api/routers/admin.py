@@ -9,7 +9,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 from tortoise.expressions import Q
+from tortoise.transactions import in_transaction
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import HubDep, PageDep, PrincipalDep
 from hexa.api.routers.audit import AuditEntryPublic, AuditFiltersDep, audit_page
 from hexa.api.routers.devices import device_views
@@ -23,6 +25,7 @@ from hexa.api.schemas import (
 )
 from hexa.hub import __version__, operations
 from hexa.hub.access import Principal
+from hexa.hub.audit import write
 from hexa.hub.errors import Conflict, NotFound
 from hexa.hub.security import utcnow
 from hexa.models import AuditEntry, Device, User
@@ -48,20 +51,31 @@ async def list_users(_: AdminDep, page: PageDep) -> Page[UserPublic]:
 
 @router.patch("/users/{user_id}")
 async def patch_user(
-    principal: AdminDep, user_id: uuid.UUID, body: UserPatch, hub: HubDep
+    principal: AdminDep, user_id: uuid.UUID, body: UserPatch, actor: ActorDep, hub: HubDep
 ) -> UserPublic:
-    """Activate or deactivate a user, or change their platform role."""
+    """Activate or deactivate a user, or change their platform role; each change that
+    changes something is audited (``user_enabled``, ``user_disabled``, ``user_promoted``,
+    ``user_demoted``; in no organization) in the transaction that makes it."""
     user = await User.get_or_none(id=user_id)
     if user is None:
         raise NotFound("user")
     if user.id == principal.id and (body.is_active is False or body.role == "user"):
         raise Conflict("platform admins cannot disable or demote themselves")
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
-    if changes:
-        user.update_from_dict(changes)
-        await user.save()
-    if body.is_active is False:
-        await hub.accounts.revoke_all(user)
+    actions = []
+    if "is_active" in changes and changes["is_active"] != user.is_active:
+        actions.append("user_enabled" if changes["is_active"] else "user_disabled")
+    if "role" in changes and changes["role"] != user.role:
+        actions.append("user_promoted" if changes["role"] == "admin" else "user_demoted")
+    async with in_transaction():
+        if changes:
+            user.update_from_dict(changes)
+            await user.save()
+        if body.is_active is False:
+            await hub.accounts.revoke_all(user)
+        for action in actions:
+            details = {"user_id": str(user.id), "role": user.role, "is_active": user.is_active}
+            await write(actor, action, details=details)
     return user_view(user)
 
 

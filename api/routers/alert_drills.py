@@ -13,10 +13,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from hexa.api.auditing import ActorDep
 from hexa.api.deps import HubDep
 from hexa.api.routers.admin import AdminDep
 from hexa.api.schemas import Timestamp
 from hexa.hub.alert_simulation import SIMULATION, SimulationDisabled
+from hexa.hub.audit import write
 
 router = APIRouter(prefix="/admin/alerts", tags=["admin"])
 
@@ -42,11 +44,16 @@ class SimulateAnswer(BaseModel):
 
 
 @router.post("/simulate", status_code=202)
-async def simulate(_: AdminDep, hub: HubDep, body: SimulateRequest) -> SimulateAnswer:
+async def simulate(
+    _: AdminDep, actor: ActorDep, hub: HubDep, body: SimulateRequest
+) -> SimulateAnswer:
     """Start (or extend) a drill of one alert of ``docs/ops/alerts.yml``."""
     if not hub.settings.allow_alert_simulation:
         raise SimulationDisabled(
             "alert simulation is off on this hub (HEXA_ALLOW_ALERT_SIMULATION=true enables it)"
         )
     until = SIMULATION.start(body.alert, body.duration_s)
-    return SimulateAnswer(alert=body.alert, until=datetime.fromtimestamp(until, UTC))
+    at = datetime.fromtimestamp(until, UTC)
+    details = {"alert": body.alert, "duration_s": body.duration_s, "until": at.isoformat()}
+    await write(actor, "alert_simulated", details=details)  # of the hub, in no organization
+    return SimulateAnswer(alert=body.alert, until=at)

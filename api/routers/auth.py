@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from hexa.api.deps import HubDep, PrincipalDep, client_address
+from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     Credentials,
     Me,
@@ -29,23 +30,25 @@ def _pair(pair: TokenPair) -> TokenPairPublic:
 
 
 @router.post("/register", status_code=201)
-async def register(body: Credentials, hub: HubDep) -> TokenPairPublic:
-    return _pair(await hub.accounts.register(body.email, body.password))
+async def register(body: Credentials, hub: HubDep, request: Request) -> TokenPairPublic:
+    rid = request_id_of(request)
+    return _pair(await hub.accounts.register(body.email, body.password, rid))
 
 
 @router.post("/login")
 async def login(body: Credentials, hub: HubDep, request: Request) -> TokenPairPublic:
-    return _pair(await hub.accounts.login(body.email, body.password, client_address(request)))
+    address, rid = client_address(request), request_id_of(request)
+    return _pair(await hub.accounts.login(body.email, body.password, address, rid))
 
 
 @router.post("/refresh")
-async def refresh(body: RefreshBody, hub: HubDep) -> TokenPairPublic:
-    return _pair(await hub.accounts.refresh(body.refresh_token))
+async def refresh(body: RefreshBody, hub: HubDep, request: Request) -> TokenPairPublic:
+    return _pair(await hub.accounts.refresh(body.refresh_token, request_id_of(request)))
 
 
 @router.post("/logout", status_code=204)
-async def logout(body: RefreshBody, hub: HubDep) -> Response:
-    await hub.accounts.logout(body.refresh_token)
+async def logout(body: RefreshBody, hub: HubDep, request: Request) -> Response:
+    await hub.accounts.logout(body.refresh_token, request_id_of(request))
     return Response(status_code=204)
 
 
