@@ -163,7 +163,8 @@ class DeviceConfigService:
         self.timeout_s = timeout_s
         #: command id → the push awaiting its ack
         self._pending: OrderedDict[str, _Push] = OrderedDict()
-        #: uid → the last push sent to it (not sent twice within the command timeout)
+        #: uid → the last push sent to it: not sent again within the command timeout, so a
+        #: report the device sent before it applied it does not bring a second copy
         self._last: dict[str, _Push] = {}
         #: uid → (config_version, config_applied_version) as last read or written here
         self._versions: dict[str, tuple[int, int]] = {}
