@@ -55,6 +55,7 @@ PERMISSIONS: dict[str, Role] = {
     "manage_devices": Role.admin,
     "manage_members": Role.admin,
     "manage_integrations": Role.admin,
+    "read_audit": Role.admin,
     "delete_org": Role.owner,
 }
 
