@@ -21,6 +21,7 @@ from hexa.api.routers import (
     audit,
     auth,
     automations,
+    backups,
     devices,
     health,
     homekit,
@@ -136,6 +137,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     v1.include_router(homekit.router)
     v1.include_router(invitations.router)
     v1.include_router(ota.router)
+    v1.include_router(backups.router)
     for extra in routers:
         v1.include_router(extra)
     app.include_router(v1)

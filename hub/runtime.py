@@ -14,6 +14,7 @@ from hexa.hub import catalog, topics
 from hexa.hub.accounts import Accounts
 from hexa.hub.audit import AuditLog
 from hexa.hub.automations import Engine, default_rule
+from hexa.hub.backup_service import Backups
 from hexa.hub.commands import Commands
 from hexa.hub.config import Settings
 from hexa.hub.device_config import DeviceConfigService
@@ -94,6 +95,8 @@ class Hub:
         )
         self.automations = Engine(self.commands, self.cache, self.bus, self.audit)
         self.automations.subscribe(self.events)
+        #: scheduled and requested backups (HEXA_BACKUP_SCHEDULE, POST /admin/backups)
+        self.backups = Backups(settings, self.audit)
         self._services: anyio.CancelScope | None = None
         self._services_done = anyio.Event()
         self.mqtt_port: int | None = None
@@ -144,6 +147,7 @@ class Hub:
                 await group.start(self.keep_retained_truth)
                 await group.start(self.scheduler.run)
                 await group.start(self.automations.run)
+                await group.start(self.backups.run)
                 for run in extensions:
                     await group.start(run)
                 task_status.started()
