@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from hexa.api import errors
+from hexa.api.access_log import AccessLog
+from hexa.api.edge import Cors, Edge, install_docs
 from hexa.api.middleware import (
     HttpMetrics,
     Idempotency,
@@ -55,11 +57,12 @@ ERROR_SCHEMA: dict[str, Any] = {
 ERRORS: dict[str, str] = {
     "400": "validation_error: a parameter or the body is invalid",
     "401": "unauthorized: credentials are missing, expired or wrong",
-    "403": "forbidden: the role is too low; https_required without HTTPS",
+    "403": "forbidden: the role is too low",
     "404": "not_found: no such route or object (another tenant's objects included)",
     "409": "conflict: a duplicate, or an Idempotency-Key reused with another request",
     "413": "payload_too_large: the body exceeds HEXA_MAX_BODY_BYTES",
     "422": "command_rejected: the device refused the command",
+    "426": "https_required: plain HTTP while HEXA_ENFORCE_HTTPS is on (Upgrade: TLS/1.2)",
     "429": "rate_limited: wait for Retry-After seconds",
     "503": "device_offline or bus_unavailable (readyz: not ready)",
     "504": "device_timeout: the device did not acknowledge in time",
@@ -68,8 +71,8 @@ ERRORS: dict[str, str] = {
 
 def _error_statuses(path: str, method: str) -> list[str]:
     if not path.startswith("/api/v1/"):
-        return ["403", "503"] if path == "/readyz" else ["403"]
-    statuses = ["400", "401", "403", "404"]
+        return ["426", "503"] if path == "/readyz" else ["426"]
+    statuses = ["400", "401", "403", "404", "426"]
     if method in ("post", "put", "patch", "delete"):
         statuses += ["409", "413"]
     if path.endswith("/auth/login") or "/relays" in path or path.endswith("/run"):
@@ -116,7 +119,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app = FastAPI(
         title="Hexa Hub",
         version=__version__,
-        docs_url="/docs",
+        docs_url=None,  # install_docs: Swagger UI with its Content-Security-Policy
         redoc_url=None,
         openapi_url="/openapi.json",
     )
@@ -144,6 +147,7 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app.include_router(health.router)
     app.include_router(device_gateway.router)
     app.include_router(client_gateway.router)
+    install_docs(app)
     settings = hub.settings
     assert settings.jwt_secret is not None
     # Starlette applies middleware in reverse order: the last added is the outermost.
@@ -153,13 +157,16 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
         jwt_secret=settings.jwt_secret,
         wait_s=settings.command_timeout_s + 5,
     )
-    app.add_middleware(HttpMetrics)
+    if settings.cors_origins:
+        app.add_middleware(Cors, origins=settings.cors_origins)
     app.add_middleware(
         RequestContext,
         max_body_bytes=settings.max_body_bytes,
-        enforce_https=settings.enforce_https,
-        trust_proxy=settings.trust_proxy,
+        edge=Edge(trusted=settings.trust_proxy, enforce_https=settings.enforce_https),
     )
+    app.add_middleware(HttpMetrics)  # outside RequestContext: its 426 and 413 are counted
+    if settings.access_log:
+        app.add_middleware(AccessLog)
     return app
 
 

@@ -119,10 +119,6 @@ PageDep = Annotated[Paging, Depends()]
 
 
 def client_address(request: Request) -> str | None:
-    hub: Hub = request.app.state.hub
-    if hub.settings.trust_proxy:
-        forwarded = request.headers.get("x-forwarded-for")
-        if forwarded:
-            # The last entry is the one our proxy appended; earlier ones are the client's say.
-            return forwarded.split(",")[-1].strip()
+    """The client's address: the TCP peer, or behind a trusted proxy the client it names
+    (resolved once per request by the edge middleware, ``api/edge.py``)."""
     return request.client.host if request.client else None

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, body limits, HTTPS enforcement, metrics, idempotency."""
+"""ASGI middleware: request ids, body limits, HTTPS enforcement and security headers (with
+``api/edge.py``), metrics, idempotency."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tortoise.exceptions import IntegrityError
 from tortoise.expressions import Q
 
+from hexa.api.edge import Edge, refuse
 from hexa.api.errors import error_body
 from hexa.hub import metrics
 from hexa.hub.security import decode_access_token, utcnow
@@ -70,15 +72,14 @@ def _body_limit(scope: Scope, default: int) -> int:
 
 
 class RequestContext:
-    """Outermost: assigns ``X-Request-ID``, limits bodies, turns crashes into clean 500s."""
+    """Assigns ``X-Request-ID``, resolves the client behind trusted proxies, refuses plain
+    requests under ``HEXA_ENFORCE_HTTPS`` (426), adds the security headers, limits bodies,
+    turns crashes into clean 500s."""
 
-    def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, enforce_https: bool, trust_proxy: bool
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, edge: Edge) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.enforce_https = enforce_https
-        self.trust_proxy = trust_proxy
+        self.edge = edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -87,21 +88,22 @@ class RequestContext:
         given = _header(scope, b"x-request-id")
         request_id = given if given and _SANE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        if self.trust_proxy:
-            forwarded = _header(scope, b"x-forwarded-proto")
-            if forwarded in ("http", "https"):
-                scope["scheme"] = (
-                    forwarded if scope["type"] == "http" else forwarded.replace("http", "ws")
-                )
-        if self.enforce_https and scope["scheme"] not in ("https", "wss"):
-            if scope["type"] == "http":
-                await send_error(send, 403, "https_required", "use HTTPS", request_id)
-            else:
-                await send({"type": "websocket.close", "code": 1008})
+        self.edge.resolve(scope)
+        if self.edge.refuses(scope):
+            await refuse(scope, send, request_id)
             return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
+        edge_headers = self.edge.headers
+        answer = send
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": edge_headers(scope, message.get("headers", []))}
+            await answer(message)
+
+        send = send_secured
 
         limit = _body_limit(scope, self.max_body_bytes)
         length = _header(scope, b"content-length")
@@ -195,7 +197,7 @@ class HttpMetrics:
             status, code = 500, "internal_error"
             raise
         finally:
-            route = _route_template(scope)
+            route = route_template(scope)
             labels = (
                 scope["method"] if scope["method"] in _METHODS else "other",
                 route,
@@ -213,7 +215,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 
 
-def _route_template(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
     """The full template of the route that served the request.
 
     A route of an included router knows its path below the routers' prefixes only; the

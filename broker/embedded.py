@@ -29,19 +29,24 @@ class EmbeddedBroker:
         self.hub_password = secrets.token_urlsafe(32)
         self.gate = Gate(self.hub_password)
         self._broker: HexaBroker | None = None
-        self.port: int | None = None
+        self.port: int | None = None  # the plain listener's, None when it is off
+        self._own_port: int | None = None
         self.tls_port: int | None = None
         self.ws_port: int | None = None
 
     def _config(self) -> dict[str, Any]:
         s = self.settings
+        # a "default" listener without an address is not opened (amqtt's own default is
+        # 0.0.0.0:1883, so it is set to None explicitly)
         listeners: dict[str, Any] = {
-            "default": {
-                "type": "tcp",
-                "bind": f"{s.mqtt_host}:{s.mqtt_port}",
-                "max_connections": -1,
-            }
+            "default": {"type": "tcp", "max_connections": -1, "bind": None}
         }
+        if s.mqtt_plain_listener:
+            listeners["default"]["bind"] = f"{s.mqtt_host}:{s.mqtt_port}"
+        elif s.embedded_bus == "tcp":
+            # No plain listener for the network (HEXA_ENFORCE_HTTPS): the hub's own MQTT
+            # connection gets one on loopback, on a free port.
+            listeners["default"]["bind"] = "127.0.0.1:0"
         if s.tls_enabled and s.mqtt_tls_port is not None:
             listeners["tls"] = {
                 "type": "tcp",
@@ -85,18 +90,19 @@ class EmbeddedBroker:
                 raise exc.__cause__ from None
             raise
         self._broker = broker
-        self.port = broker.bound_port("default")
+        self._own_port = broker.bound_port("default")
+        self.port = self._own_port if self.settings.mqtt_plain_listener else None
         self.tls_port = broker.bound_port("tls")
         self.ws_port = broker.bound_port("ws")
         log.info("embedded broker listening on %s:%s", self.settings.mqtt_host, self.port)
 
     def hub_credentials(self) -> tuple[str, int, str, str]:
         """(host, port, username, password) for the hub's own bus connection."""
-        host = self.settings.mqtt_host
+        host = self.settings.mqtt_host if self.settings.mqtt_plain_listener else "127.0.0.1"
         if host in ("0.0.0.0", "::", ""):  # noqa: S104
             host = "127.0.0.1"
-        assert self.port is not None
-        return host, self.port, HUB_USERNAME, self.hub_password
+        # without any plain listener (local bus) the port is never dialled
+        return host, self._own_port or 0, HUB_USERNAME, self.hub_password
 
     def local_bus(self, client_id: str) -> LocalBus:
         """The hub's bus, attached in-process (no socket, no MQTT encoding)."""

@@ -158,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, settings: Settings | None = None) -> None:
     from hexa.hub.logs import configure
 
-    configure(level)
+    if settings is None:
+        configure(level)
+    else:
+        configure(level, settings.log_format, settings.access_log)
 
 
 def _fail(message: str) -> int:
@@ -265,7 +268,7 @@ def _port_taken(setting: str, host: str, port: int) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, prepare=False)  # serve() prepares it, logging set up
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings)
     _raise_open_file_limit()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
@@ -374,7 +377,7 @@ async def serve(
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
     if not settings.broker_url:
         for port, setting in (
-            (settings.mqtt_port, "HEXA_MQTT_PORT"),
+            (settings.mqtt_port if settings.mqtt_plain_listener else None, "HEXA_MQTT_PORT"),
             (settings.mqtt_tls_port if settings.tls_enabled else None, "HEXA_MQTT_TLS_PORT"),
             (settings.mqtt_ws_port, "HEXA_MQTT_WS_PORT"),
         ):
@@ -434,6 +437,12 @@ async def serve(
                 # h11 with a request-head deadline (slow clients); never httptools
                 http=http_protocol(settings.http_header_timeout_s),
                 timeout_keep_alive=settings.http_keepalive_timeout_s,
+                # X-Forwarded-* are the edge middleware's (HEXA_TRUST_PROXY), never uvicorn's:
+                # it would believe them from any 127.0.0.1 peer
+                proxy_headers=False,
+                # HTTPS and WSS on the same socket (the pair was checked by load_settings)
+                ssl_certfile=str(settings.tls_cert_file) if settings.https else None,
+                ssl_keyfile=str(settings.tls_key_file) if settings.https else None,
                 # No limit_concurrency: uvicorn counts open connections, idle ones too, and
                 # answers 503 beyond it, so slow clients would lock out everyone else.
             )
@@ -455,8 +464,14 @@ async def serve(
                     wait_for_bus=broker is not None,
                 )
                 print(
-                    f"hexa {__version__}: HTTP on http://{settings.http_host}:{hub.http_port} "
-                    f"(docs at /docs), MQTT on {address.host}:{address.port}"
+                    f"hexa {__version__}: HTTP on {'https' if settings.https else 'http'}://"
+                    f"{settings.http_host}:{hub.http_port} "
+                    "(docs at /docs), "
+                    + (
+                        "plain MQTT off (HEXA_ENFORCE_HTTPS)"
+                        if broker is not None and broker.port is None
+                        else f"MQTT on {address.host}:{address.port}"
+                    )
                     + ("" if broker is None else " (embedded broker)")
                     + (f", MQTT/TLS on {broker.tls_port}" if broker and broker.tls_port else "")
                     + (

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 
 _SECRET_QUERY = re.compile(r"((?:token|password|key)=)[^&\s\"']+", re.IGNORECASE)
 
@@ -59,9 +61,35 @@ class PeerFaults(logging.Filter):
         return True
 
 
-def configure(level: str) -> None:
+class JsonLines(logging.Formatter):
+    """``HEXA_LOG_FORMAT=json``: one JSON object per line (``ts``, ``level``, ``logger``,
+    ``message``, and the ``fields`` a record carries, e.g. every field of an access line;
+    ``exc`` with a traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = printable(self.formatException(record.exc_info), MAX_MESSAGE * 4)
+        return json.dumps(line, default=str)
+
+
+def configure(level: str, fmt: str = "text", access_log: bool = True) -> None:
+    """Log to stderr in ``fmt`` (``text`` or ``json``) at ``level``; the access log
+    (logger ``hexa.access``, INFO) is silenced when ``access_log`` is false."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(RedactSecrets())
     handler.addFilter(OneLine())
     root = logging.getLogger()
@@ -76,3 +104,4 @@ def configure(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.error").filters[:] = [PeerFaults()]
+    logging.getLogger("hexa.access").setLevel(logging.NOTSET if access_log else logging.WARNING)

@@ -251,7 +251,9 @@ class Hub:
             }
         return {
             "host": s.advertised_host,
-            "port": self.mqtt_port if self.mqtt_port is not None else s.mqtt_port,
+            "port": self.mqtt_port
+            if self.mqtt_port is not None
+            else (s.mqtt_port if s.mqtt_plain_listener else None),
             "tls_port": self.mqtt_tls_port,
         }
 
@@ -269,7 +271,7 @@ class Hub:
         wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
         host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
         port = self.http_port if self.http_port is not None else s.http_port
-        scheme = "wss" if s.enforce_https else "ws"
+        scheme = "wss" if s.enforce_https or s.https else "ws"
         return f"{scheme}://{host}:{port}/ws/device"
 
     async def publish_availability(self, uid: str, online: bool) -> None:

@@ -215,6 +215,7 @@ async def client_socket(ws: WebSocket, token: str = "") -> None:
         assert hub.settings.jwt_secret is not None
         claims = decode_access_token(hub.settings.jwt_secret, token)
         principal = await load_principal(claims.user_id)
+        ws.state.principal = principal  # the access log's user id
     except HubError:
         await ws.close(CLOSE_UNAUTHORIZED, "invalid or expired access token")
         return

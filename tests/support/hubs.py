@@ -27,6 +27,10 @@ JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 COMMAND_TIMEOUT_MS = 1500
 
 
+#: an override that leaves the setting unset (e.g. ``mqtt_port=UNSET``: the default applies)
+UNSET = "<unset>"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +67,7 @@ class RunningHub:
 
     @property
     def ws_base(self) -> str:
-        return self.base.replace("http://", "ws://")
+        return self.base.replace("https://", "wss://").replace("http://", "ws://")
 
 
 def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
@@ -159,6 +163,7 @@ def spawn_hub(
         "HEXA_LOG_LEVEL": "WARNING",
         **{f"HEXA_{k.upper()}": v for k, v in overrides.items()},
     }
+    env = {k: v for k, v in env.items() if v != UNSET}
     data_dir.mkdir(parents=True, exist_ok=True)
     log = log or data_dir / "hub.log"
 
@@ -176,15 +181,18 @@ def spawn_hub(
         stderr=subprocess.STDOUT,
         preexec_fn=limit_open_files if open_files is not None else None,
     )
-    listen = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
+    listen = re.compile(
+        r"HTTP on (https?)://[\d.]+:(\d+).*?(?:MQTT on [\d.]+:(\d+)|plain MQTT off)"
+    )
     found = wait_until(lambda: proc.poll() is not None or listen.search(log.read_text()), 60)
     match = listen.search(log.read_text())
     if not found or match is None:
         proc.kill()
         raise RuntimeError(f"hexa serve did not start:\n{log.read_text()}")
     settings = load_settings(environ={k: v for k, v in env.items() if k.startswith("HEXA_")})
+    scheme, http_port, mqtt_port = match.groups()
     hub = RunningHub(
-        settings, f"http://127.0.0.1:{match.group(1)}", int(match.group(2)), db_url.split(":")[0]
+        settings, f"{scheme}://127.0.0.1:{http_port}", int(mqtt_port or 0), db_url.split(":")[0]
     )
     hub.proc = proc
     return hub
