@@ -247,6 +247,14 @@ def test_admin_create_then_serve_and_sigterm(database: str, tmp_path: Path) -> N
         token = login.json()["access_token"]
         me = httpx.get(f"{api}/auth/me", headers={"Authorization": f"Bearer {token}"}).json()
         assert me["role"] == "admin"
+        created_by_cli = httpx.get(
+            f"{api}/admin/audit",
+            params={"action": "user_created", "source": "cli"},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()["items"]
+        assert [(e["actor_type"], e["details"]) for e in created_by_cli] == [
+            ("system", {"user_id": me["id"], "role": "admin"})
+        ]
         org = me["memberships"][0]["org_id"]
         it = httpx.post(
             f"{api}/integrations/tokens",

@@ -477,6 +477,11 @@ def test_alert_drills_make_the_metrics_show_each_condition(
                 r = c.post("/admin/alerts/simulate", json={"alert": alert})
                 assert r.status_code == 202, r.text
                 assert r.json()["alert"] == alert
+            drills = c.get("/admin/audit", params={"action": "alert_simulated", "limit": 100})
+            audited = [
+                (e["details"]["alert"], e["source"], e["org_id"]) for e in drills.json()["items"]
+            ]
+            assert sorted(audited) == sorted((a, "api", None) for a in DRILLS[1:])
         after = scrape(hub)
         assert value(after, "hexa_bus_connected") == 0
         assert value(after, "hexa_devices", state="online") == 0
