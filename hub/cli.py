@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--mqtt-port", dest="sim_mqtt_port", type=int)
     sim.add_argument("--transport", choices=("mqtt", "ws"), default="mqtt")
     sim.add_argument("--provision-key", default=os.environ.get("HEXA_DEVICE_PROVISION_KEY"))
-    sim.add_argument("--state-file", help="JSON file to keep provisioned credentials across runs")
+    sim.add_argument(
+        "--state-file",
+        help="JSON file to keep the devices' credentials, configuration and relays across runs "
+        "(on start the relays follow each device's power-restore mode)",
+    )
     sim.add_argument("--no-ack", action="store_true", help="never acknowledge commands")
     sim.add_argument("--report-every", type=float, default=60.0, help="seconds between reports")
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
