@@ -25,6 +25,7 @@ from hexa.hub import topics
 from hexa.hub.mqtt.bus import BrokerAddress, Bus
 from hexa.hub.mqtt.busapi import Message
 from hexa.hub.tools.sim_config import SimConfig, SimStore
+from hexa.hub.tools.sim_ota import SimOta
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ async def provision(
         async with sem:
             r = await client.post(
                 "/api/v1/provision/register",
-                json={"model": MODEL, "serial": f"SIM{i:06d}", "fw_version": "sim-1.0"},
+                json={"model": MODEL, "serial": f"SIM{i:06d}", "fw_version": "1.0.0"},
                 headers={"X-Provision-Key": key},
             )
         if r.status_code != 201:
@@ -87,6 +88,10 @@ class SimDevice:
     #: the IO configuration it runs, and where it keeps it and its relays across restarts
     config: SimConfig = field(default_factory=lambda: SimConfig.factory(INPUTS))
     store: SimStore | None = None
+    #: its firmware and OTA updates (hub/tools/sim_ota.py)
+    ota: SimOta = field(default_factory=SimOta)
+    #: ask the hub for an update this often (seconds; None: only when told to)
+    ota_check_every: float | None = None
     _send: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
     _bus: Bus | None = None
     _ws: Any = None
@@ -97,10 +102,12 @@ class SimDevice:
         return self.creds.device_uid
 
     async def run(self) -> None:
-        if self.transport == "ws":
-            await self._run_ws()
-        else:
-            await self._run_mqtt()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.ota.run, self, self.ota_check_every)
+            if self.transport == "ws":
+                await self._run_ws()
+            else:
+                await self._run_mqtt()
 
     # --- protocol ---------------------------------------------------------------------
     async def _handle_command(self, cmd: dict[str, Any]) -> None:
@@ -118,6 +125,9 @@ class SimDevice:
             self.relays = [bool(cmd.get("state"))] * RELAYS
         elif kind == "config":
             await self._configure(cmd)
+            return
+        elif kind == "ota":
+            self.ota.request(cmd)
             return
         else:
             return
@@ -156,7 +166,7 @@ class SimDevice:
                 {
                     "relays": self.relays,
                     "inputs": self.inputs,
-                    "fw_version": "sim-1.0",
+                    "fw_version": self.ota.fw_version,
                     "uptime_s": round(time.monotonic(), 1),
                     "config_version": self.config.version,
                 },
