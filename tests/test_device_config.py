@@ -7,6 +7,7 @@ power-restore mode across a restart of the simulator."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -71,6 +72,7 @@ INVALID: list[tuple[str, Any, str]] = [
 
 @pytest.mark.parametrize(("items", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_validator_refuses(items: Any, field: str) -> None:
+    """Each invalid input list is refused, naming the offending field."""
     with pytest.raises(ValidationFailed) as caught:
         validate_io(items, 3)
     assert caught.value.details is not None
@@ -79,6 +81,8 @@ def test_validator_refuses(items: Any, field: str) -> None:
 
 
 def test_validator_lists_every_problem_and_accepts_the_matrix() -> None:
+    """All problems are listed at once; every valid wiring and power-restore mode passes,
+    and the derived input mode matches each wiring."""
     with pytest.raises(ValidationFailed) as caught:
         validate_io([_item(5, type_="x"), _item(0, type_="rocker", link="nowhere")], 3)
     assert caught.value.details is not None
@@ -187,6 +191,8 @@ def config_acks(hub: RunningHub, result: str) -> float:
 
 # --- REST ------------------------------------------------------------------------------
 def test_defaults_and_invalid_patches_change_nothing(hub: RunningHub) -> None:
+    """A new device shows the factory defaults; every invalid PATCH is a 400
+    validation_error with details and leaves the configuration and its version alone."""
     user = register(hub)
     _, dev = claimed_device(hub, user)
     assert dev["io_config"] == DEFAULT_IO
@@ -221,6 +227,7 @@ def test_defaults_and_invalid_patches_change_nothing(hub: RunningHub) -> None:
 
 
 def test_other_tenants_device_is_404_and_roles_are_checked(hub: RunningHub) -> None:
+    """Another tenant's (or an unknown) device is 404, an operator 403, a manager may."""
     owner, stranger, viewer, manager = (register(hub) for _ in range(4))
     _, dev = claimed_device(hub, owner)
     body = {"inputs": [_item(0, link="detached")]}
@@ -319,6 +326,8 @@ def test_push_to_a_connected_ws_device(hub: RunningHub, track: Any) -> None:
 
 
 def test_refused_acks_are_not_applied(hub: RunningHub, track: Any) -> None:
+    """Acks with the wrong version, no version or an unknown or finished command id are
+    counted and never raise config_applied_version; the right ack does."""
     user = register(hub)
     p, dev = claimed_device(hub, user)
     d = connect(hub, p, track, config_ack=False)
@@ -348,6 +357,8 @@ def test_refused_acks_are_not_applied(hub: RunningHub, track: Any) -> None:
 def test_report_with_an_older_version_gets_the_configuration_again(
     hub: RunningHub, track: Any
 ) -> None:
+    """A report naming the current version brings nothing; one naming an older version
+    (a factory reset) brings the whole configuration again."""
     user = register(hub)
     p, dev = claimed_device(hub, user)
     d = connect(hub, p, track)
@@ -355,6 +366,7 @@ def test_report_with_an_older_version_gets_the_configuration_again(
     ok(patch(hub, user, dev["id"], "power-restore-mode", {"mode": "on"}))
     assert wait_until(lambda: device(hub, user, dev["id"])["config_applied_version"] == 1, 5)
     d.report()  # reports the version it runs: nothing to send
+    # and past the command timeout, within which the hub does not send a version twice
     time.sleep(max(NEGATIVE_WAIT_S, hub.settings.command_timeout_s))
     assert len(d.configs()) == 1
     d.config_version = 0  # as after a factory reset
@@ -386,7 +398,7 @@ class SimThread:
 
     def close(self) -> None:
         self.task.cancel()
-        time.sleep(0.1)
+        concurrent.futures.wait([self.task], 5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
