@@ -82,6 +82,20 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class WsChatter(logging.Filter):
+    """uvicorn's INFO lines about WebSocket connections ("... WebSocket /ws/device?uid=...
+    [accepted]", "connection open", "connection closed") repeat what the access log says,
+    with the raw path and query string: dropped (its warnings and errors stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = str(record.msg)
+        return not (
+            message in ("connection open", "connection closed") or '"WebSocket %s"' in message
+        )
+
+
 def configure(level: str, fmt: str = "text", access_log: bool = True) -> None:
     """Log to stderr in ``fmt`` (``text`` or ``json``) at ``level``; the access log
     (logger ``hexa.access``, INFO) is silenced when ``access_log`` is false."""
@@ -103,5 +117,5 @@ def configure(level: str, fmt: str = "text", access_log: bool = True) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    logging.getLogger("uvicorn.error").filters[:] = [PeerFaults()]
+    logging.getLogger("uvicorn.error").filters[:] = [PeerFaults(), WsChatter()]
     logging.getLogger("hexa.access").setLevel(logging.NOTSET if access_log else logging.WARNING)
