@@ -363,6 +363,8 @@ async def _presses(devices: list[SimDevice], every: float, hold_ms: int | None) 
         index = random.randrange(INPUTS)
         if hold_ms:
             await d.hold(index, hold_ms)
+        elif d.config.inputs[index].type == "rocker":
+            await d.rocker(index, not d.inputs[index])  # a rocker is moved, not pressed
         else:
             await d.press(index)
 
