@@ -296,22 +296,29 @@ def test_offline_patch_then_push_on_connect_audited(hub: RunningHub, track: Any)
 
 
 def test_push_to_a_connected_ws_device(hub: RunningHub, track: Any) -> None:
-    """A connected WebSocket device gets every change at once; printed: PATCH → the document
-    on the device's socket (the push latency), and PATCH → ack recorded."""
+    """A WebSocket device gets what changed while it was away when it connects, then every
+    change at once; printed: PATCH → the document on the device's socket (the push
+    latency), and PATCH → ack recorded."""
     user = register(hub)
     p, dev = claimed_device(hub, user)
+    io = {"inputs": [{"index": 1, "type": "rocker", "link": "detached", "rocker_mode": "follow"}]}
+    assert ok(patch(hub, user, dev["id"], "io-config", io))["config_version"] == 1
     ws = track(ConfigWsDevice(hub, p["device_uid"], p["device_token"]))
-    assert wait_until(lambda: device(hub, user, dev["id"])["online"], 5)
+    first = ws.wait_for(lambda d: d.get("type") == "config")
+    assert first is not None and first["config_version"] == 1, first
+    inputs = [DEFAULT_IO[0], {**io["inputs"][0]}, DEFAULT_IO[2]]
+    assert first["inputs"] == inputs and first["power_restore_mode"] == "off"
+    assert wait_until(lambda: device(hub, user, dev["id"])["config_applied_version"] == 1, 5)
     times: list[tuple[float, float]] = []
     with hub.api(user.access_token) as c:  # one connection: the figure is the hub's
-        for n, mode in enumerate(("on", "off", "restore", "on", "off"), 1):
+        for n, mode in enumerate(("on", "off", "restore", "on", "off"), 2):
             start = time.perf_counter()
             r = c.patch(f"/devices/{dev['id']}/power-restore-mode", json={"mode": mode})
             assert ok(r)["config_version"] == n
             doc = ws.wait_for(lambda d, n=n: d.get("type") == "config" and d["config_version"] == n)
             pushed = time.perf_counter() - start
             assert doc is not None and doc["power_restore_mode"] == mode
-            assert doc["inputs"] == DEFAULT_IO
+            assert doc["inputs"] == inputs
             assert wait_until(
                 lambda n=n: ok(c.get(f"/devices/{dev['id']}"))["config_applied_version"] == n,
                 5,
