@@ -82,9 +82,11 @@ class Backups:
         self._remove_partials()
         newest = backup.list_backups(self.directory)
         if newest:
-            metrics.BACKUP_LAST_SUCCESS.set(newest[0].stat().st_mtime)
+            metrics.BACKUP_STATE["last_success"] = newest[0].stat().st_mtime
         schedule = self.settings.backup_schedule
-        metrics.BACKUP_SCHEDULED.set(1 if schedule else 0)
+        metrics.BACKUP_STATE["scheduled"] = 1 if schedule else 0
+        metrics.BACKUP_LAST_SUCCESS.set(metrics.BACKUP_STATE["last_success"])
+        metrics.BACKUP_SCHEDULED.set(metrics.BACKUP_STATE["scheduled"])
         task_status.started()
         while True:
             wait = self._seconds_to_next(schedule)
@@ -119,24 +121,25 @@ class Backups:
             reason = exc.message if isinstance(exc, BackupError) else str(exc)
             log.error("backup %s failed: %s", name, reason)
             details["error"] = reason
-            await self._audit("backup.failed", details, actor_id)
+            await self._audit("backup_failed", details, actor_id)
             return
         except Exception:
             metrics.BACKUP_FAILURES.inc()
             log.exception("backup %s failed", name)
-            await self._audit("backup.failed", details, actor_id)
+            await self._audit("backup_failed", details, actor_id)
             return
         finally:
             self.running = None
         seconds = time.perf_counter() - started
-        metrics.BACKUP_LAST_SUCCESS.set(time.time())
+        metrics.BACKUP_STATE["last_success"] = time.time()
+        metrics.BACKUP_LAST_SUCCESS.set(metrics.BACKUP_STATE["last_success"])
         metrics.BACKUP_DURATION.set(seconds)
         removed = backup.prune(self.directory, self.settings.backup_keep)
         details.update(size=info.size, rows=sum(info.tables.values()), seconds=round(seconds, 3))
         if removed:
             details["pruned"] = [p.name for p in removed]
         log.info("backup %s written and verified in %.1f s", name, seconds)
-        await self._audit("backup.created", details, actor_id)
+        await self._audit("backup_created", details, actor_id)
 
     def _create(self, name: str) -> backup.BackupInfo:
         key, generated = backup.load_key(self.settings, create=True)

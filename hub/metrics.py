@@ -129,6 +129,8 @@ BACKUP_FAILURES = Counter("hexa_backup_failures_total", "Backups that failed")
 BACKUP_SCHEDULED = Gauge(
     "hexa_backup_scheduled", "1 when HEXA_BACKUP_SCHEDULE runs backups, 0 when it is off"
 )
+#: what the two backup gauges show outside an alert drill (set by the backup service)
+BACKUP_STATE: dict[str, float] = {"last_success": 0.0, "scheduled": 0.0}
 BUILD_INFO = Gauge("hexa_build_info", "Always 1; the hub's version is the label", ["version"])
 BUILD_INFO.labels(__version__).set(1)
 START_TIME = Gauge("hexa_start_time_seconds", "Unix time at which the hub process started")
@@ -166,6 +168,9 @@ async def refresh_at_scrape(*, bus_connected: bool) -> None:
         COMMANDS.labels("timeout", "simulation").inc(BURST)
     if SIMULATION.active("HexaApi5xxRatio"):
         HTTP_REQUESTS.labels("GET", "simulation", "500").inc(BURST)
+    stale = SIMULATION.active("HexaBackupStale")  # as if the last backup were in 1970
+    BACKUP_LAST_SUCCESS.set(1.0 if stale else BACKUP_STATE["last_success"])
+    BACKUP_SCHEDULED.set(1 if stale else BACKUP_STATE["scheduled"])
     try:
         await _refresh_stored_state()
     except Exception:  # any database failure: the rest of the scrape stands

@@ -329,6 +329,7 @@ def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
         "HexaFleetOffline",
         "HexaSchedulerLag",
         "HexaApi5xxRatio",
+        "HexaBackupStale",
     }
     cases = yaml.safe_load((OPS / "alerts_test.yml").read_text())
     assert cases["rule_files"] == ["alerts.yml"]
@@ -434,6 +435,7 @@ DRILLS = (
     "HexaFleetOffline",
     "HexaSchedulerLag",
     "HexaApi5xxRatio",
+    "HexaBackupStale",
 )
 
 
@@ -491,6 +493,8 @@ def test_alert_drills_make_the_metrics_show_each_condition(
         assert timeouts / (value(after, "hexa_relay_commands_total") or 1) > 0.1
         errors = delta(before, after, "hexa_http_requests_total", status="500")
         assert errors / value(after, "hexa_http_requests_total") > 0.05
+        assert value(after, "hexa_backup_scheduled") == 1
+        assert value(after, "hexa_backup_last_success_timestamp_seconds") < 26 * 3600
         # the hub itself kept working: its API and the device are untouched
         with hub.api(user.access_token) as c:
             devices = c.get("/devices").json()["items"]

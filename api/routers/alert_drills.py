@@ -29,6 +29,7 @@ AlertName = Literal[
     "HexaFleetOffline",
     "HexaSchedulerLag",
     "HexaApi5xxRatio",
+    "HexaBackupStale",
 ]
 
 
