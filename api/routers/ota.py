@@ -11,7 +11,7 @@ import re
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Literal
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["ota"])
 
 Channel = Literal["dev", "beta", "stable"]
+
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+_INTEGRITY: dict[int | str, dict[str, Any]] = {
+    409: {"description": "release_integrity_failed: a fail-closed check failed", "content": _ERROR}
+}
 
 
 # --- who is asking -------------------------------------------------------------------------
@@ -354,7 +360,7 @@ async def check(
     )
 
 
-@router.get("/ota/manifest/{device_uid}")
+@router.get("/ota/manifest/{device_uid}", responses=_INTEGRITY)
 async def manifest(device_uid: str, device: DeviceDep, hub: HubDep) -> SignedManifest:
     """The signed manifest of the release offered to the device (404 ``no_update``; 409
     ``release_integrity_failed``). Another device's uid is 404."""
@@ -367,8 +373,9 @@ async def manifest(device_uid: str, device: DeviceDep, hub: HubDep) -> SignedMan
     "/ota/artifacts/{release_id}",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "the requested range"},
+        200: {"description": "the firmware image", "content": _BINARY},
+        206: {"description": "the requested Range of it", "content": _BINARY},
+        **_INTEGRITY,
     },
 )
 async def artifact(release_id: uuid.UUID, device: DeviceDep, hub: HubDep) -> Response:
@@ -390,7 +397,11 @@ async def report(body: Report, device: DeviceDep, hub: HubDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/devices/{device_id}/ota", status_code=202)
+@router.post(
+    "/devices/{device_id}/ota",
+    status_code=202,
+    responses={503: {"description": "device_offline: not connected", "content": _ERROR}},
+)
 async def tell_device(
     device_id: uuid.UUID, principal: PrincipalDep, hub: HubDep, request: Request
 ) -> OtaCommandSent:
