@@ -185,7 +185,7 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.resolved_database_url
     with _progress("backing up") as progress:
         info = backup.create_backup(url, settings.data_dir, key, out, progress=progress)
-    _audit(url, "backup.created", {"file": info.path.name, "size": info.size, "source": "cli"})
+    _audit(url, "backup_created", {"file": info.path.name, "size": info.size})
     rows = sum(info.tables.values())
     _report(
         {
@@ -252,7 +252,7 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
         )
     _audit(
         url,
-        "backup.restored",
+        "backup_restored",
         {"file": Path(args.file).name, "schema": result.schema, "forced": bool(args.force)},
     )
     rows = sum(result.tables.values())
@@ -330,7 +330,7 @@ def _audit(url: str, action: str, details: dict[str, Any]) -> None:
     async def write() -> None:
         async with db.database(url):
             await AuditEntry.create(
-                action=action, source="system", actor_type="system", details=details
+                action=action, source="cli", actor_type="system", details=details
             )
 
     try:

@@ -155,7 +155,7 @@ def test_admin_api_starts_and_lists_backups(hub: RunningHub) -> None:
         assert ok(c.get("/admin/backups"))["total"] == before + 1
 
         def audited() -> bool:
-            entries = ok(c.get("/admin/audit", params={"action": "backup.created"}))["items"]
+            entries = ok(c.get("/admin/audit", params={"action": "backup_created"}))["items"]
             return any(e["details"].get("file") == started["name"] for e in entries)
 
         assert wait_until(audited, 10)
