@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from hexa.api.deps import HubDep
 from hexa.api.errors import request_id_of
 from hexa.api.routers.admin import AdminDep
+from hexa.api.schemas import Page
 
 router = APIRouter(prefix="/admin/backups", tags=["admin"])
 
@@ -33,20 +34,6 @@ class BackupFile(BaseModel):
     seconds: float | None
 
 
-class BackupList(BaseModel):
-    items: list[BackupFile]
-    total: int
-    limit: int
-    offset: int
-    has_next: bool
-    has_prev: bool
-    #: the file being written now, if any
-    running: str | None
-    #: the cron expression of scheduled backups (UTC), None when off
-    schedule: str | None
-    keep: int
-
-
 @router.post("", status_code=202)
 async def start_backup(principal: AdminDep, hub: HubDep, request: Request) -> BackupStarted:
     """Start a backup now; it is written, verified and listed when done (409
@@ -61,18 +48,16 @@ async def list_backups(
     hub: HubDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> BackupList:
-    """The backup files, newest first."""
+) -> Page[BackupFile]:
+    """The backup files of HEXA_BACKUP_DIR, newest first (a backup being written is
+    listed once it is complete)."""
     items = hub.backups.listing()
     page = items[offset : offset + limit]
-    return BackupList(
+    return Page[BackupFile](
         items=[BackupFile(**item) for item in page],
         total=len(items),
         limit=limit,
         offset=offset,
         has_next=offset + limit < len(items),
         has_prev=offset > 0,
-        running=hub.backups.running,
-        schedule=hub.settings.backup_schedule,
-        keep=hub.settings.backup_keep,
     )
