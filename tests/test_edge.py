@@ -201,7 +201,7 @@ def test_probes_through_the_proxy_are_not_loopback(enforcing: RunningHub) -> Non
         _assert_426(c.get("/health", headers=forged))
 
 
-def test_refusals_are_counted_as_api_errors(enforcing: RunningHub) -> None:
+def test_426_and_413_are_counted_as_api_errors(enforcing: RunningHub) -> None:
     def count() -> float:
         text = httpx.get(enforcing.base + "/metrics").text
         m = re.search(r'^hexa_api_errors_total\{code="https_required"\} (\S+)$', text, re.M)
@@ -210,6 +210,17 @@ def test_refusals_are_counted_as_api_errors(enforcing: RunningHub) -> None:
     before = count()
     httpx.get(enforcing.base + "/version")
     assert count() == before + 1
+
+    def too_large() -> float:
+        text = httpx.get(enforcing.base + "/metrics").text
+        m = re.search(r'^hexa_api_errors_total\{code="payload_too_large"\} (\S+)$', text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = too_large()
+    with _proxy(enforcing, **{"X-Forwarded-Proto": "https"}) as c:
+        big = c.post("/api/v1/auth/login", content=b"x" * (enforcing.settings.max_body_bytes + 1))
+    assert big.status_code == 413
+    assert too_large() == before + 1
 
 
 def test_no_plain_mqtt_under_enforcement_unless_set(enforcing: RunningHub) -> None:
