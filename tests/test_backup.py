@@ -237,3 +237,34 @@ def test_drill_restores_the_newest_backup_and_prints_the_rto(
     assert result["tables"]["users"] == rows(source["db"], "users")
     r = run(["backup", "drill"], {**env, "HEXA_BACKUP_DIR": str(tmp_path / "none")})
     one_line_failure(r, "no backup")
+
+
+def test_a_terminal_gets_a_human_summary_and_scripts_get_json(source: dict[str, Path]) -> None:
+    """On a terminal (a pty) the command speaks to a person (and may draw a progress bar);
+    piped, it prints one JSON object and no progress."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*HEXA, "backup", "verify", str(source["backup"])],
+        env={**os.environ, "HEXA_BACKUP_KEY": KEY, "HEXA_DATA_DIR": str(source["data"])},
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            block = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not block:
+            break
+        output += block
+    os.close(master)
+    assert proc.wait(60) == 0
+    text = output.decode(errors="replace")
+    assert "is intact" in text and "every checksum matches" in text
+    assert '"ok": true' not in text
+    piped = run(["backup", "verify", str(source["backup"])], {"HEXA_DATA_DIR": str(source["data"])})
+    assert json.loads(piped.stdout)["ok"] is True and piped.stderr == ""
