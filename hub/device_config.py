@@ -40,7 +40,7 @@ from hexa.hub.logs import printable
 from hexa.hub.mqtt.busapi import BusLike
 from hexa.hub.relay import RelayService
 from hexa.hub.security import utcnow
-from hexa.hub.state import DeviceCache
+from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device, DeviceInput
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,6 @@ class DeviceConfigService:
         #: uid → the last push sent to it: not sent again within the command timeout, so a
         #: report the device sent before it applied it does not bring a second copy
         self._last: dict[str, _Push] = {}
-        #: uid → (config_version, config_applied_version) as last read or written here
-        self._versions: dict[str, tuple[int, int]] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         undo = [
@@ -243,7 +241,9 @@ class DeviceConfigService:
         request_id: str | None,
         source: str,
     ) -> Device:
-        self._versions[device.device_uid] = (device.config_version, device.config_applied_version)
+        info = self.cache.peek(device.device_uid)
+        if info is not None:
+            info.config_version = max(info.config_version, device.config_version)
         await self.audit.record(
             action="device_config_changed",
             source=source,
@@ -266,31 +266,25 @@ class DeviceConfigService:
         await self.push(event.device.device_uid, "change")
 
     async def _on_online(self, event: DeviceOnline) -> None:
-        await self._resend_if_behind(event.device.uid, None, "connect")
+        await self._resend_if_behind(event.device, None, "connect")
 
     async def _on_offline(self, event: DeviceOffline) -> None:
         self._last.pop(event.device.uid, None)  # what it missed goes out when it is back
 
     async def _on_reported(self, event: ConfigReported) -> None:
-        await self._resend_if_behind(event.device.uid, event.config_version, "report")
+        await self._resend_if_behind(event.device, event.config_version, "report")
 
-    async def _resend_if_behind(self, uid: str, reported: int | None, trigger: str) -> None:
+    async def _resend_if_behind(
+        self, device: DeviceInfo, reported: int | None, trigger: str
+    ) -> None:
         """Push the configuration again when the device has not acknowledged the current
-        version, or reports running another one."""
-        known = self._versions.get(uid)
-        if known is not None and known[0] == known[1] and reported in (None, known[0]):
-            return  # up to date, as far as this process knows: no database read
-        row = await Device.filter(device_uid=uid, deleted_at=None).values(
-            "config_version", "config_applied_version"
-        )
-        if not row:
-            return
-        version, applied = int(row[0]["config_version"]), int(row[0]["config_applied_version"])
-        self._versions[uid] = (version, applied)
+        version, or reports running another one (versions as the device cache knows them,
+        so a device that is up to date costs no database read)."""
+        version = device.config_version
         if version == 0:
             return  # factory defaults: nothing to send
-        if applied < version or (reported is not None and reported != version):
-            await self.push(uid, trigger, dedupe=True)
+        if device.config_applied_version < version or reported not in (None, version):
+            await self.push(device.uid, trigger, dedupe=True)
 
     async def push(self, uid: str, trigger: str, *, dedupe: bool = False) -> bool:
         """Send the device's whole current configuration if it is connected; True when
@@ -302,6 +296,10 @@ class DeviceConfigService:
         device = await Device.get_or_none(device_uid=uid, deleted_at=None)
         if device is None or device.config_version == 0:
             return False
+        info.config_version = max(info.config_version, device.config_version)
+        info.config_applied_version = max(
+            info.config_applied_version, device.config_applied_version
+        )
         last = self._last.get(uid)
         now = time.monotonic()
         if (
@@ -375,7 +373,8 @@ class DeviceConfigService:
         await Device.filter(id=push.device_id, config_applied_version__lt=push.version).update(
             config_applied_version=push.version
         )
-        version, applied = self._versions.get(uid, (push.version, 0))
-        self._versions[uid] = (version, max(applied, push.version))
+        info = self.cache.peek(uid)
+        if info is not None:
+            info.config_applied_version = max(info.config_applied_version, push.version)
         metrics.CONFIG_ACKS.labels("applied").inc()
         return True

@@ -42,6 +42,9 @@ class DeviceInfo:
     online: bool = False
     fw_version: str | None = None
     seen_written: float = 0.0
+    #: the configuration version set, and the last one the device acknowledged
+    config_version: int = 0
+    config_applied_version: int = 0
 
 
 class DeviceCache:
@@ -75,6 +78,8 @@ class DeviceCache:
             inputs=[i.state for i in inputs] or [False] * device.input_count,
             online=device.online,
             fw_version=device.fw_version,
+            config_version=device.config_version,
+            config_applied_version=device.config_applied_version,
         )
         info = self._by_uid.setdefault(uid, info)
         if info.online:
