@@ -25,6 +25,7 @@ DEFAULT_WINDOWS_S: dict[str, int] = {
     "HexaSchedulerLag": 10 * 60,
     "HexaApi5xxRatio": 15 * 60,
     "HexaBackupStale": 20 * 60,
+    "HexaOtaIntegrityFailure": 15 * 60,
 }
 #: synthetic failures added at each scrape while a ratio alert is drilled: far more than a
 #: hub's real traffic between two scrapes, so the ratio crosses its threshold

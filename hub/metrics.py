@@ -168,6 +168,8 @@ async def refresh_at_scrape(*, bus_connected: bool) -> None:
         COMMANDS.labels("timeout", "simulation").inc(BURST)
     if SIMULATION.active("HexaApi5xxRatio"):
         HTTP_REQUESTS.labels("GET", "simulation", "500").inc(BURST)
+    if SIMULATION.active("HexaOtaIntegrityFailure"):
+        OTA_INTEGRITY_FAILURES.labels("simulation").inc()
     stale = SIMULATION.active("HexaBackupStale")  # as if the last backup were in 1970
     BACKUP_LAST_SUCCESS.set(1.0 if stale else BACKUP_STATE["last_success"])
     BACKUP_SCHEDULED.set(1 if stale else BACKUP_STATE["scheduled"])

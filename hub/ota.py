@@ -57,6 +57,12 @@ CHECKS = ("host", "algorithm", "key", "fields", "signature", "expired", "artifac
 #: a release halts only once at least this many devices reported on it
 HALT_MIN_REPORTS = 5
 DEFAULT_LIFETIME = timedelta(days=90)
+
+# every label exported from the start (at 0), so that the first failure shows as an increase
+for _check in CHECKS:
+    metrics.OTA_INTEGRITY_FAILURES.labels(_check)
+for _status in REPORT_STATES:
+    metrics.OTA_REPORTS.labels(_status)
 #: one log line per release and failed check at most this often (a fleet checking a
 #: tampered release would otherwise write one line per device)
 LOG_EVERY_S = 60.0

@@ -330,6 +330,7 @@ def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
         "HexaSchedulerLag",
         "HexaApi5xxRatio",
         "HexaBackupStale",
+        "HexaOtaIntegrityFailure",
     }
     cases = yaml.safe_load((OPS / "alerts_test.yml").read_text())
     assert cases["rule_files"] == ["alerts.yml"]
@@ -436,6 +437,7 @@ DRILLS = (
     "HexaSchedulerLag",
     "HexaApi5xxRatio",
     "HexaBackupStale",
+    "HexaOtaIntegrityFailure",
 )
 
 
@@ -494,6 +496,7 @@ def test_alert_drills_make_the_metrics_show_each_condition(
         errors = delta(before, after, "hexa_http_requests_total", status="500")
         assert errors / value(after, "hexa_http_requests_total") > 0.05
         assert value(after, "hexa_backup_scheduled") == 1
+        assert value(after, "hexa_ota_integrity_failures_total", check="simulation") > 0
         assert value(after, "hexa_backup_last_success_timestamp_seconds") < 26 * 3600
         # the hub itself kept working: its API and the device are untouched
         with hub.api(user.access_token) as c:

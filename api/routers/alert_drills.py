@@ -30,6 +30,7 @@ AlertName = Literal[
     "HexaSchedulerLag",
     "HexaApi5xxRatio",
     "HexaBackupStale",
+    "HexaOtaIntegrityFailure",
 ]
 
 
