@@ -44,7 +44,7 @@ SECRET_KEYS = frozenset(
         "setup_code",
         "setup_uri",
         "secret",
-        "key",
+        "private_key",
         "hap_state",
     }
 )

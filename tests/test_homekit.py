@@ -647,7 +647,7 @@ async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
     await old.list_accessories_and_characteristics()
     shared = str(uuid.uuid4()).upper()  # the home shared with another person
     assert await old.add_pairing(shared, "ab" * 32, "User")
-    with hub.api(user.access_token) as c:
+    with hub.api(user.access_token, **{"X-Request-ID": "forget-pairings-1"}) as c:
         forgotten = ok(c.delete(f"/orgs/{user.org_id}/homekit/pairings"))
     assert forgotten["paired"] is False
     await old.close()
@@ -667,6 +667,7 @@ async def test_forgetting_pairings(hub: RunningHub, track: Any) -> None:
     for action in ("homekit_enabled", "homekit_pairings_reset"):
         found = await asyncio.to_thread(wait_until, lambda a=action: entries(a))
         assert [{k: e[k] for k in by_user} for e in found] == [by_user], action
+    assert entries("homekit_pairings_reset")[0]["request_id"] == "forget-pairings-1"
     assert await asyncio.to_thread(wait_until, lambda: entries("homekit_controller_unpaired"))
     found = entries("homekit_controller_paired") + entries("homekit_controller_unpaired")
     assert len(found) == 4  # the old controller, the one it shared with and the fresh one
