@@ -1,0 +1,138 @@
+"""A HomeKit pairing survives a backup and restore: a controller paired with the hub before
+the backup talks to the hub started on the restored database with the keys it has."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohomekit.characteristic_cache import CharacteristicCacheMemory
+from aiohomekit.controller.ip.controller import IpController
+from aiohomekit.controller.ip.discovery import IpDiscovery
+from aiohomekit.controller.ip.pairing import IpPairing
+from aiohomekit.model import Categories
+from aiohomekit.model.feature_flags import FeatureFlags
+from aiohomekit.model.status_flags import StatusFlags
+from aiohomekit.zeroconf import HomeKitService
+from support.accounts import register
+from support.checks import ok
+from support.databases import new_database_url
+from support.devices import online_device
+from support.hubs import RunningHub, spawn_hub, stop_hub
+
+pytestmark = pytest.mark.anyio
+
+KEY = "backup-key-for-homekit-tests-0123456789abcd"
+
+
+def controller() -> IpController:
+    return IpController(char_cache=CharacteristicCacheMemory(), zeroconf_instance=None)
+
+
+def description(bridge: dict[str, Any]) -> HomeKitService:
+    """What mDNS would tell a controller about the bridge: its address is given instead."""
+    return HomeKitService(
+        name="Hexa",
+        id=bridge["hap_id"].lower(),
+        model="Hexa Hub",
+        feature_flags=FeatureFlags(0),
+        status_flags=StatusFlags.UNPAIRED,
+        config_num=1,
+        state_num=1,
+        category=Categories.BRIDGE,
+        protocol_version="1.1",
+        type="_hap._tcp.local.",
+        address="127.0.0.1",
+        addresses=["127.0.0.1"],
+        port=bridge["port"],
+    )
+
+
+async def serials(pairing: IpPairing) -> set[str]:
+    """The serial numbers (device uids) of the accessories a pairing lists."""
+    found = set()
+    for accessory in await pairing.list_accessories_and_characteristics():
+        for service in accessory["services"]:
+            for char in service["characteristics"]:
+                if char["type"].upper().startswith("00000030"):  # SerialNumber
+                    found.add(char["value"])
+    return found
+
+
+def backup_and_restore(hub: RunningHub, tmp: Path) -> tuple[str, Any]:
+    """`hexa backup create` of the running hub, restored into a fresh SQLite database."""
+    env = {**os.environ, "HEXA_BACKUP_KEY": KEY}
+    out = tmp / "homekit.hexabak"
+    source = {
+        "HEXA_DATA_DIR": str(hub.settings.data_dir),
+        "HEXA_DATABASE_URL": hub.settings.resolved_database_url,
+    }
+    cli = [sys.executable, "-m", "hexa.hub.cli", "backup"]
+    r = subprocess.run(
+        [*cli, "create", "--out", str(out)],
+        env={**env, **source},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    url, drop = new_database_url("sqlite", tmp)
+    target = {"HEXA_DATA_DIR": str(tmp / "restored"), "HEXA_DATABASE_URL": url}
+    r = subprocess.run(
+        [*cli, "restore", str(out)],
+        env={**env, **target},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    return url, drop
+
+
+async def test_a_paired_controller_works_with_the_restored_hub(
+    hub: RunningHub, tmp_path: Path, track: Any
+) -> None:
+    """Pair a controller, back up, restore into a fresh database, start a hub on it: the
+    same controller keys open a session with the restored bridge and list the device."""
+    user = register(hub)
+    _dev, device = online_device(hub, user, track)
+    with hub.api(user.access_token) as c:
+        bridge = ok(c.put(f"/orgs/{user.org_id}/homekit", json={"enabled": True}))
+    discovery = IpDiscovery(controller(), description(bridge))
+    try:
+        finish = await discovery.async_start_pairing(f"t-{uuid.uuid4().hex[:6]}")
+        pairing = await finish(bridge["setup_code"])
+    finally:
+        await discovery.close()
+    try:
+        assert device.uid in await serials(pairing)
+        data = dict(pairing.pairing_data)
+    finally:
+        await pairing.close()
+    url, drop = await asyncio.to_thread(backup_and_restore, hub, tmp_path)
+    restored = await asyncio.to_thread(spawn_hub, url, tmp_path / "restored")
+    try:
+        with restored.api() as c:
+            login = c.post("/auth/login", json={"email": user.email, "password": user.password})
+            token = ok(login)["access_token"]
+            again = ok(
+                c.get(f"/orgs/{user.org_id}/homekit", headers={"Authorization": f"Bearer {token}"})
+            )
+        assert again["paired"] is True and again["hap_id"] == bridge["hap_id"]
+        assert again["setup_code"] == bridge["setup_code"]
+        assert again["port"] != bridge["port"]  # the restored hub's own bridge, not the first
+        data["AccessoryPort"] = again["port"]
+        moved = IpPairing(controller(), data)
+        try:
+            assert device.uid in await serials(moved)
+        finally:
+            await moved.close()
+    finally:
+        await asyncio.to_thread(stop_hub, restored)
+        drop()
