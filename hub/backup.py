@@ -214,7 +214,9 @@ class _Snapshot:
                 self._loop = _Loop()
                 self._pg = self._loop.run(asyncpg.connect(pg_dsn(self.url), timeout=10))
                 self._loop.run(self._pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))
-        except (OSError, sqlite3.Error) as exc:
+        except BackupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any driver's refusal, in one line
             self.__exit__(None, None, None)
             raise BackupError(f"cannot read the database (HEXA_DATABASE_URL): {exc}") from None
         return self
@@ -232,6 +234,26 @@ class _Snapshot:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+
+    def columns(self) -> dict[str, set[str]]:
+        """The database's own tables and their columns."""
+        found: dict[str, set[str]] = {}
+        if self._sqlite is not None:
+            names = [r[0] for r in self._sqlite.execute("SELECT name FROM sqlite_master")]
+            for name in names:
+                pragma = f"PRAGMA table_info({_quote(name)})"
+                found[name] = {r[1] for r in self._sqlite.execute(pragma)}
+            return found
+        assert self._loop is not None
+        rows = self._loop.run(
+            self._pg.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema()"
+            )
+        )
+        for table, column in rows:
+            found.setdefault(table, set()).add(column)
+        return found
 
     def schema_version(self) -> str:
         sql = "SELECT name FROM tortoise_migrations WHERE app = 'models'"
@@ -339,6 +361,16 @@ def create_backup(
     try:
         with _Snapshot(database_url) as snap:
             schema = snap.schema_version()
+            # a database at an older schema than this hub's models (not migrated yet) is
+            # backed up as it is: its own tables and columns
+            present = snap.columns()
+            tables = [
+                backup_registry.Table(
+                    t.name, t.model, tuple(c for c in t.columns if c.name in present[t.name])
+                )
+                for t in tables
+                if t.name in present
+            ]
             counts = {t.name: snap.count(t.name) for t in tables}
             files = _data_files(data_dir)
             header = {
@@ -686,7 +718,7 @@ class _Target:
 
                 assert self._loop is not None
                 self.conn = self._loop.run(asyncpg.connect(pg_dsn(self.url), timeout=10))
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # noqa: BLE001 - any driver's refusal, in one line
             self.__exit__()
             raise BackupError(f"cannot reach the target database: {exc}") from None
         return self
@@ -816,7 +848,7 @@ def restore_backup(
         names = [t.name for t in stream.tables]
         try:
             applied = _applied(database_url)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - any driver's refusal, in one line
             raise BackupError(f"cannot reach the target database: {exc}") from None
         with _Target(database_url) as target:
             rows = target.non_empty(names)

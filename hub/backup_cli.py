@@ -104,7 +104,22 @@ def _report(data: dict[str, Any], human: list[str]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one of the commands; raises ``HubError`` (one line) on failure."""
+    """Run one of the commands; raises ``HubError`` (one line) on failure, a database that
+    cannot be reached or refuses included."""
+    from hexa.hub.errors import HubError
+
+    try:
+        return _dispatch(args, settings)
+    except HubError:
+        raise
+    except Exception as exc:
+        module = type(exc).__module__
+        if isinstance(exc, OSError) or module.startswith(("asyncpg", "tortoise", "sqlite3")):
+            raise HubError(f"database error (HEXA_DATABASE_URL): {exc}") from None
+        raise
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "backup":
         command: Callable[[argparse.Namespace, Settings], int] = {
             "create": _create,

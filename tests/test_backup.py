@@ -268,3 +268,42 @@ def test_a_terminal_gets_a_human_summary_and_scripts_get_json(source: dict[str, 
     assert '"ok": true' not in text
     piped = run(["backup", "verify", str(source["backup"])], {"HEXA_DATA_DIR": str(source["data"])})
     assert json.loads(piped.stdout)["ok"] is True and piped.stderr == ""
+
+
+def test_an_older_schema_is_restored_then_migrated(tmp_path: Path) -> None:
+    """A backup of a database one migration behind this hub restores into an empty database
+    brought to that schema first; the later migration is applied after the rows are in."""
+    known = backup.known_migrations()
+    old = tmp_path / "old"
+    env = {"HEXA_DATA_DIR": str(old)}
+    assert run(["migrate"], env).returncode == 0
+    assert run(["migrate", "--down", "1"], env).returncode == 0
+    with contextlib.closing(sqlite3.connect(old / "hexa.db")) as c:
+        c.execute(
+            "INSERT INTO organizations (id, name, personal, created_at, updated_at) VALUES "
+            "('00000000-0000-4000-8000-0000000000aa', 'Old', 0, "
+            "'2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
+        )
+        c.commit()
+    out = tmp_path / "old.hexabak"
+    r = run(["backup", "create", "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["schema"] == known[-2]
+    new = tmp_path / "new"
+    r = run(["backup", "restore", str(out)], {"HEXA_DATA_DIR": str(new)})
+    assert r.returncode == 0, r.stderr
+    restored = json.loads(r.stdout)
+    assert restored["schema"] == known[-2] and restored["migrated_to"] == known[-1]
+    assert rows(new / "hexa.db", "organizations") == 1
+
+
+def test_an_unreachable_database_is_one_line(source: dict[str, Path], tmp_path: Path) -> None:
+    """A target database that does not exist (or refuses) is one line, not a traceback."""
+    from support.databases import PG_URL, pg_unreachable
+
+    if pg_unreachable():
+        pytest.skip("PostgreSQL unreachable")
+    missing = PG_URL.rsplit("/", 1)[0] + "/hexa_no_such_database_here"
+    env = {"HEXA_DATA_DIR": str(tmp_path), "HEXA_DATABASE_URL": missing}
+    one_line_failure(run(["backup", "restore", str(source["backup"])], env), "database")
+    one_line_failure(run(["backup", "create", "--out", str(tmp_path / "x")], env), "database")
