@@ -235,6 +235,14 @@ def test_drill_restores_the_newest_backup_and_prints_the_rto(
     result = json.loads(r.stdout)
     assert result["file"].endswith("bbbbbb.hexabak") and result["restore_seconds"] > 0
     assert result["tables"]["users"] == rows(source["db"], "users")
+    from support.databases import PG_URL, pg_unreachable
+
+    if not pg_unreachable():  # a PostgreSQL hub drills in a scratch database on its server
+        r = run(["backup", "drill"], {**env, "HEXA_DATABASE_URL": PG_URL})
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert result["engine"] == "postgres"
+        assert result["tables"]["users"] == rows(source["db"], "users")
     r = run(["backup", "drill"], {**env, "HEXA_BACKUP_DIR": str(tmp_path / "none")})
     one_line_failure(r, "no backup")
 
