@@ -97,6 +97,8 @@ def test_verify_and_restore_into_an_empty_database(source: dict[str, Path], tmp_
     artifact = "ota/artifacts/fw-1.bin"
     assert (target / artifact).read_bytes() == (source["data"] / artifact).read_bytes()
     assert rows(target / "hexa.db", "audit_log") >= 1  # the restore itself is audited
+    with contextlib.closing(sqlite3.connect(target / "hexa.db")) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # as the hub runs it
 
 
 def test_wrong_key_is_one_line(source: dict[str, Path]) -> None:
