@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
     sim.add_argument("--press-every", type=float, help="press a random input every S seconds")
     sim.add_argument("--hold-ms", type=int, help="with --press-every: hold for this long instead")
+    sim.add_argument(
+        "--ota-check-every",
+        type=float,
+        help="ask the hub for a firmware update every S seconds (devices always update when told)",
+    )
 
     bench = sub.add_parser("bench", help="benchmark a hub with simulated devices (prints JSON)")
     bench.add_argument("--devices", type=int, default=100)
@@ -128,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--schedules", type=int, help="instead: time one scheduler tick of N due schedules"
+    )
+    bench.add_argument(
+        "--ota",
+        action="store_true",
+        help="instead: N devices checking for updates at once, and concurrent downloads",
+    )
+    bench.add_argument("--ota-downloads", type=int, default=100, help="with --ota")
+    bench.add_argument("--ota-artifact-mib", type=int, default=4, help="with --ota")
+    bench.add_argument(
+        "--ota-spreads",
+        type=lambda raw: [float(x) for x in raw.split(",")],
+        default=[0.0, 1.0, 5.0, 10.0],
+        help="with --ota: over how many seconds the N checks start, one storm each (0,1,5,10)",
     )
     from hexa.hub.backup_cli import add_parsers
 

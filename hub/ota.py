@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ from hexa.hub.audit import AuditLog
 from hexa.hub.config import Settings
 from hexa.hub.errors import Conflict, DeviceOffline, HubError, NotFound, ValidationFailed
 from hexa.hub.mqtt.busapi import BusLike
-from hexa.hub.security import utcnow
+from hexa.hub.security import token_hash, utcnow
 from hexa.hub.state import DeviceCache
 from hexa.models import Device, OtaKey, OtaRelease, OtaReport
 
@@ -108,6 +109,76 @@ class OtaCommand(BaseModel):
     manifest_url: str
 
 
+class SingleFlight:
+    """Concurrent callers asking the same question share one database query.
+
+    Not a cache: a caller never gets an answer from a query that finished before it asked;
+    it joins one still running, or starts its own. A fleet checking at once thus costs a
+    few queries instead of one per device, and a changed row is seen by the next query.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Any, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Any, query: Callable[[], Any]) -> Any:
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            result = await query()
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # retrieved: joiners re-raise it, nobody else must
+            raise
+        finally:
+            self._running.pop(key, None)
+        future.set_result(result)
+        return result
+
+
+class DeviceBatches:
+    """Device lookups by uid, batched: the lookups made in the same turn of the event loop
+    become one ``WHERE device_uid IN (…)`` query (HTTP Basic auth of a fleet at once)."""
+
+    def __init__(self) -> None:
+        self._batch: dict[str, list[asyncio.Future[Device | None]]] | None = None
+
+    async def get(self, uid: str) -> Device | None:
+        future: asyncio.Future[Device | None] = asyncio.get_running_loop().create_future()
+        if self._batch is not None:
+            self._batch.setdefault(uid, []).append(future)
+            return await future
+        batch = self._batch = {uid: [future]}
+        try:
+            await asyncio.sleep(0)  # the other lookups of this turn join the batch
+            self._batch = None
+            rows = await Device.filter(device_uid__in=list(batch), deleted_at=None)
+        except BaseException as exc:
+            if self._batch is batch:
+                self._batch = None
+            for waiting in batch.values():
+                for f in waiting:
+                    if not f.done():
+                        f.set_exception(RuntimeError(f"device lookup failed: {exc!r}"))
+                        f.exception()
+            raise
+        found = {d.device_uid: d for d in rows}
+        for key, waiting in batch.items():
+            for f in waiting:
+                if not f.done():
+                    # each caller its own copy: a route may change its device
+                    f.set_result(_copy(found[key]) if key in found else None)
+        return await future
+
+
+def _copy(device: Device) -> Device:
+    clone = Device.__new__(Device)
+    clone.__dict__.update(device.__dict__)
+    return clone
+
+
 @dataclass(frozen=True)
 class Offer:
     """A release offered to a device, with what ``/ota/check`` tells it."""
@@ -143,6 +214,18 @@ class Ota:
         #: (key id, manifest, signature) → verified
         self._signatures: dict[tuple[str, str, str, str], bool] = {}
         self._logged: dict[tuple[uuid.UUID, str], float] = {}
+        self._queries = SingleFlight()
+        self._devices = DeviceBatches()
+
+    async def authenticate(self, device_uid: str, token: str) -> Device | None:
+        """The live device of an HTTP Basic pair, or None (wrong, revoked, deleted).
+        Lookups of many devices at once share queries; nothing is cached."""
+        if not device_uid or not token or len(device_uid) > 64:
+            return None
+        device = await self._devices.get(device_uid)
+        if device is None or not hmac.compare_digest(device.token_hash, token_hash(token)):
+            return None
+        return device
 
     # --- storage ---------------------------------------------------------------------------
     @property
@@ -482,7 +565,8 @@ class Ota:
         if release.alg != ota_crypto.ALG:
             raise fail("algorithm", f"algorithm {release.alg!r} is not {ota_crypto.ALG}")
         key_id = _uuid(manifest.get("key_id"))
-        key = None if key_id is None else await OtaKey.get_or_none(id=key_id)
+        keys = await self._queries.run("keys", lambda: OtaKey.all())
+        key = next((k for k in keys if k.id == key_id), None)
         if key is None or key.status == "retired" or not self._key_intact(key):
             raise fail("key", "the signing key is unknown, retired or damaged")
         public = ota_crypto.load_public_key(key.public_key_pem)
@@ -555,12 +639,12 @@ class Ota:
     async def candidates(self, device: Device) -> list[OtaRelease]:
         """Published, unexpired releases for the device's model and channel, highest first."""
         takes = ota_crypto.CHANNEL_TAKES.get(device.ota_channel, frozenset({"stable"}))
-        rows = await OtaRelease.filter(
-            model=device.model,
-            status="published",
-            channel__in=sorted(takes),
-            expires_at__gt=utcnow(),
+        published = await self._queries.run(
+            ("published", device.model),
+            lambda: OtaRelease.filter(model=device.model, status="published"),
         )
+        now = utcnow()
+        rows = [r for r in published if r.channel in takes and r.expires_at > now]
         versioned = [(ota_crypto.parse_version(r.version), r) for r in rows]
         ranked = [(v, r) for v, r in versioned if v is not None]
         ranked.sort(key=lambda pair: pair[0].key(), reverse=True)

@@ -72,7 +72,7 @@ async def current_device(request: Request) -> Device:
     the same pair as MQTT. Missing, wrong or revoked → 401."""
     pair = _basic(request)
     hub: Hub = request.app.state.hub
-    device = await hub.registry.authenticate(*pair) if pair else None
+    device = await hub.ota.authenticate(*pair) if pair else None
     if device is None:
         raise Unauthorized("device credentials are missing or wrong")
     return device

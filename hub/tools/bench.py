@@ -416,6 +416,11 @@ def _loop_factory() -> Any:
 def run_bench(args: argparse.Namespace) -> int:
     if args.schedules:
         result = asyncio.run(_bench_schedules(args.schedules, args.bench_database_url))
+    elif getattr(args, "ota", False):
+        from hexa.hub.tools.bench_ota import run_ota_bench
+
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            result = runner.run(run_ota_bench(args))
     else:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             result = runner.run(_bench(args))

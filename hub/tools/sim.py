@@ -339,6 +339,7 @@ async def _sim(args: argparse.Namespace) -> int:
                 relays=relays,
                 config=config,
                 store=store,
+                ota_check_every=getattr(args, "ota_check_every", None),
             )
         )
     for d in devices:
