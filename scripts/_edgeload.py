@@ -58,23 +58,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _database(postgres: str | None, tmp: Path) -> str:
-    if postgres is None:
-        return f"sqlite://{tmp / 'bench.db'}"
+#: PostgreSQL databases made for this run, dropped at its end
+CREATED: list[str] = []
+
+
+def _pg(postgres: str, sql: str) -> None:
     import asyncio
 
     import asyncpg
 
-    name = f"hexa_bench_{uuid.uuid4().hex[:10]}"
-
-    async def create() -> None:
+    async def run() -> None:
         conn = await asyncpg.connect(postgres)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(create())
+    asyncio.run(run())
+
+
+def _database(postgres: str | None, tmp: Path) -> str:
+    if postgres is None:
+        return f"sqlite://{tmp / 'bench.db'}"
+    name = f"hexa_edgebench_{uuid.uuid4().hex[:10]}"
+    _pg(postgres, f'CREATE DATABASE "{name}"')
+    CREATED.append(name)
     return postgres.rsplit("/", 1)[0] + "/" + name
 
 
@@ -193,6 +201,9 @@ def main() -> int:
             assert len(re.findall("hexa.access", log)) >= 2 * args.requests
             for variant in VARIANTS:
                 runs[variant].append(measured[variant])
+            if args.postgres:
+                while CREATED:
+                    _pg(args.postgres, f'DROP DATABASE IF EXISTS "{CREATED.pop()}" WITH (FORCE)')
     result: dict[str, Any] = {}
     for variant, rounds in runs.items():
         result[variant] = {
