@@ -381,7 +381,9 @@ class Idempotency:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = _header(scope, b"idempotency-key") if scope["type"] == "http" else None
-        if key is None or scope["method"] not in MUTATING:
+        # a route with a body limit of its own (a firmware upload) streams its body to disk:
+        # it is never held here to be replayed (a repeated upload is a 409 duplicate anyway)
+        if key is None or scope["method"] not in MUTATING or _body_limit(scope, -1) >= 0:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")

@@ -298,9 +298,8 @@ class Ota:
         key_id = uuid.uuid4()
         kek = self.kek()
         async with in_transaction():
-            statuses = set(
-                await OtaKey.filter(status__in=("active", "next")).values_list("status", flat=True)
-            )
+            rows = await OtaKey.filter(status__in=("active", "next")).only("status")
+            statuses = {str(k.status) for k in rows}
             if "next" in statuses:
                 raise Conflict("there is a next key already: rotate first")
             status = "next" if "active" in statuses else "active"

@@ -293,6 +293,17 @@ def test_upload_is_hashed_signed_and_refused_when_bad(hub: RunningHub, releases:
         form |= {"security_version": "0", **fields}
         return releases.admin.post("/ota/releases", files={"file": ("f", content)}, data=form)
 
+    keyed = {"Idempotency-Key": "upload-" + releases.version(2)}
+    form = {"model": MODEL, "version": releases.version(2), "channel": "beta"}
+    form |= {"security_version": "0"}
+    first = releases.admin.post(
+        "/ota/releases", files={"file": ("f", b"fw")}, data=form, headers=keyed
+    )
+    releases.made.append(ok(first, 201)["id"])  # streamed, not held for a replay:
+    again = releases.admin.post(
+        "/ota/releases", files={"file": ("f", b"fw")}, data=form, headers=keyed
+    )
+    assert_error(again, 409, "conflict")  # the same release again is a duplicate
     assert_error(upload(b""), 400, "validation_error")
     assert_error(upload(b"x", version="1.2"), 400, "validation_error")
     assert_error(upload(b"x", version="v1.2.3"), 400, "validation_error")

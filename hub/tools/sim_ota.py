@@ -130,13 +130,13 @@ class SimOta:
     async def run(self, device: SimDevice, check_every: float | None = None) -> None:
         """Perform queued updates; with ``check_every``, ask the hub that often too."""
         while True:
+            url: str | None
             try:
                 url = await asyncio.wait_for(self._jobs.get(), check_every)
             except TimeoutError:
                 url = await self._check(device)
-                if url is None:
-                    continue
-            await self.update(device, url)
+            if url is not None:
+                await self.update(device, url)
 
     async def _check(self, device: SimDevice) -> str | None:
         base = device.creds.ws_url.replace("ws://", "http://").replace("wss://", "https://")
