@@ -100,16 +100,17 @@ def _query(kind: str, org_id: uuid.UUID) -> QuerySet[Any]:
 
 async def _rows(kind: str, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
     columns = list(_columns(TYPES[kind]))
-    offset = 0
-    while True:
-        batch = (
-            await _query(kind, org_id).order_by("id").offset(offset).limit(BATCH).values(*columns)
-        )
+    last: Any = None
+    while True:  # keyset pages: each one an index range, however far into the table
+        query = _query(kind, org_id)
+        if last is not None:
+            query = query.filter(id__gt=last)
+        batch = await query.order_by("id").limit(BATCH).values(*columns)
         for row in batch:
             yield {k: _out(v) for k, v in row.items()}
         if len(batch) < BATCH:
             return
-        offset += BATCH
+        last = batch[-1]["id"]
 
 
 def _org_id(text: str) -> uuid.UUID:
@@ -309,17 +310,14 @@ def _new_id(target: uuid.UUID, old: str) -> str:
     return str(uuid.uuid5(target, old))
 
 
-async def _owner(kind: str, obj_id: str) -> uuid.UUID | bool | None:
-    """The organization of the object ``obj_id`` of ``kind`` (False: no such object)."""
-    model = TYPES[kind]
+async def _owners(kind: str, obj_ids: list[str]) -> dict[str, uuid.UUID | None]:
+    """The organization of each object of ``kind`` among ``obj_ids`` that exists (an
+    object missing from the answer does not exist; None: in no organization)."""
     if kind == "area":
-        row = await Area.filter(id=obj_id).values_list("site__org_id", flat=True)
+        rows = await Area.filter(id__in=obj_ids).values_list("id", "site__org_id")
     else:
-        row = await model.filter(id=obj_id).values_list("org_id", flat=True)
-    if not row:
-        return False
-    owner = row[0]
-    return owner if isinstance(owner, uuid.UUID) or owner is None else uuid.UUID(str(owner))
+        rows = await TYPES[kind].filter(id__in=obj_ids).values_list("id", "org_id")
+    return {str(obj): None if owner is None else uuid.UUID(str(owner)) for obj, owner in rows}
 
 
 async def _import_batch(
@@ -336,16 +334,19 @@ async def _import_batch(
     model = TYPES[kind]
     columns = _columns(model)
     fresh: list[Model] = []
+    owners = await _owners(kind, [str(data["id"]) for _kind, data in batch])
+    taken = [old for old, owner in owners.items() if owner != target]
+    remapped = await _owners(kind, [_new_id(target, old) for old in taken])
     for _kind, data in batch:
         old = str(data["id"])
-        owner = await _owner(kind, old)
         new = old
-        if owner is not False and owner != target:
+        exists = old in owners
+        if exists and owners[old] != target:
             new = _new_id(target, old)  # the id is another organization's: remap
-            owner = await _owner(kind, new)
+            exists = new in remapped
         if kind != "audit":  # nothing refers to audit entries: keep the map small
             ids[old] = new
-        if owner is not False:
+        if exists:
             skipped[kind] += 1  # already in the target organization
             continue
         values = {name: data.get(name) for name in columns}
