@@ -700,29 +700,35 @@ class Ota:
         if release is None:
             raise NotFound("release")
         await self.verify(release)
-        takes = ota_crypto.CHANNEL_TAKES.get(device.ota_channel, frozenset({"stable"}))
-        if (
-            release.status != "published"
-            or release.channel not in takes
-            or not self.eligible(release, device, device.fw_version)
-        ):
+        if not self.offered(release, device):
             raise NotFound("release")
         return self.artifact_path(release.id), release
+
+    def offered(self, release: OtaRelease, device: Device) -> bool:
+        """Whether the device may have ``release`` now: published, unexpired, on a channel it
+        takes and eligible by the rules of :meth:`eligible` — not necessarily the highest
+        (a device that started on one release finishes it when a newer one appears)."""
+        takes = ota_crypto.CHANNEL_TAKES.get(device.ota_channel, frozenset({"stable"}))
+        return (
+            release.status == "published"
+            and release.expires_at > utcnow()
+            and release.channel in takes
+            and self.eligible(release, device, device.fw_version)
+        )
 
     # --- reports ---------------------------------------------------------------------------
     async def report(
         self, device: Device, release_id: uuid.UUID, status: str, error: str | None
     ) -> None:
         """Record a device's report. A release it was never offered is 404: accepted are
-        releases it reported on before, and the one it is offered now."""
+        releases it reported on before, and those it may have now (:meth:`offered`)."""
         release = await OtaRelease.get_or_none(id=release_id, model=device.model)
         if release is None:
             raise NotFound("release")
         now = utcnow()
         existing = await OtaReport.get_or_none(device_id=device.id, release_id=release.id)
         if existing is None:
-            offered = await self.select(device, device.fw_version)
-            if offered is None or offered.id != release.id:
+            if not self.offered(release, device):
                 raise NotFound("release")
             try:
                 await OtaReport.create(

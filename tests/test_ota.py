@@ -391,6 +391,11 @@ def test_artifact_ranges(hub: RunningHub, releases: Releases) -> None:
     rest = dev.artifact(release["id"], Range=f"bytes={len(data) - 5}-")
     assert rest.status_code == 206 and rest.content == data[-5:]
     assert dev.artifact(release["id"], Range=f"bytes={len(data) + 10}-").status_code == 416
+    # a newer release appears mid-download: the device still finishes and reports this one
+    newer, _ = releases.published(2)
+    assert dev.check()["release_id"] == newer["id"]
+    assert dev.artifact(release["id"], Range="bytes=200-").content == data[200:]
+    assert dev.report(release["id"], "verified").status_code == 204
     dev.close()
 
 
