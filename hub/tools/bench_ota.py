@@ -27,6 +27,7 @@ import psutil
 from hexa.hub.tools.bench import KEY, _pct, _Processes
 from hexa.hub.tools.sim import provision
 
+CHECK = "/api/v1/ota/check?current_version=1.0.0"
 ADMIN_EMAIL = "bench-admin@bench.local"
 ADMIN_PASSWORD = "bench-admin-password-" + uuid.uuid4().hex[:8]
 
@@ -93,7 +94,7 @@ async def _measure(
 
     port = int(base.rsplit(":", 1)[1])
 
-    async def storm(spread_s: float) -> dict[str, Any]:
+    async def storm(spread_s: float, path: str = CHECK) -> dict[str, Any]:
         # one kept-alive connection per device, opened before the clock starts (devices keep
         # theirs); requests written and read raw, so that the load generator's own CPU (it
         # shares the machine) does not show up as the hub's latency
@@ -104,7 +105,7 @@ async def _measure(
             )
         requests = [
             (
-                "GET /api/v1/ota/check?current_version=1.0.0 HTTP/1.1\r\n"
+                f"GET {path} HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{port}\r\nAuthorization: Basic "
                 + base64.b64encode(f"{c.device_uid}:{c.device_token}".encode()).decode()
                 + "\r\n\r\n"
@@ -128,7 +129,8 @@ async def _measure(
                     length = int(line.split(b":", 1)[1])
             body = await reader.readexactly(length)
             ms = (time.perf_counter() - t) * 1000
-            return ms if head.startswith(b"HTTP/1.1 200") and b'"update":true' in body else None
+            good = head.startswith(b"HTTP/1.1 200") and (path != CHECK or b'"update":true' in body)
+            return ms if good else None
 
         try:
             times = await asyncio.gather(*(one(i) for i in range(len(creds))))
@@ -152,6 +154,8 @@ async def _measure(
     gc.collect()
     gc.freeze()  # the load generator's own full collections would show as hub latency
     out["checks_ms"] = [await storm(spread) for spread in args.ota_spreads]
+    # the same burst on /healthz (no database, no auth): what the API layer alone costs
+    out["healthz_burst_ms"] = await storm(0.0, "/healthz")
 
     # concurrent downloads: the hub's memory while they run
     downloaders = creds[: args.ota_downloads]
