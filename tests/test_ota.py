@@ -195,7 +195,7 @@ def verify_signed(signed: dict[str, Any], keys: list[dict[str, Any]]) -> None:
 class SimThread:
     """A ``hexa sim`` device on an event loop of its own thread."""
 
-    def __init__(self, hub: RunningHub, p: dict[str, Any]) -> None:
+    def __init__(self, hub: RunningHub, p: dict[str, Any], **kwargs: Any) -> None:
         creds = Credentials(
             p["device_uid"],
             p["device_token"],
@@ -204,7 +204,7 @@ class SimThread:
             hub.mqtt_port,
             hub.ws_base + "/ws/device",
         )
-        self.dev = SimDevice(creds, report_every=3600)
+        self.dev = SimDevice(creds, report_every=3600, **kwargs)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -720,3 +720,17 @@ def test_sim_device_updates_end_to_end(hub: RunningHub, releases: Releases, trac
         other = register(hub)
         with hub.api(other.access_token) as o:
             assert_error(o.post(f"/devices/{d['id']}/ota"), 404, "not_found")
+
+
+def test_sim_device_checks_by_itself(hub: RunningHub, releases: Releases, track: Any) -> None:
+    """A `hexa sim --ota-check-every` device finds and applies a published release without
+    being told, over the WebSocket transport too."""
+    user = register(hub)
+    p, d = claimed_device(hub, user)
+    release, _ = releases.published(1)
+    sim = track(SimThread(hub, p, transport="ws", ota_check_every=0.2))
+    with hub.api(user.access_token) as c:
+        assert wait_until(
+            lambda: c.get(f"/devices/{d['id']}").json()["fw_version"] == release["version"], 15
+        )
+    assert sim.dev.ota.outcomes == [f"applied {release['version']}"]
