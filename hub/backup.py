@@ -140,6 +140,12 @@ _PG_IN: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def portable(kinds: list[str]) -> Callable[[Any], list[Any]]:
+    """Turns a row read by a driver (values of these kinds) into its portable form: what a
+    backup and an organization export hold."""
+    return _converter(kinds, _OUT)
+
+
 def _converter(kinds: list[str], table: dict[str, Callable[[Any], Any]]) -> Callable[[Any], Any]:
     funcs = [(i, table[k]) for i, k in enumerate(kinds) if k in table]
 
@@ -189,7 +195,7 @@ class _Loop:
         self.loop.close()
 
 
-class _Snapshot:
+class Snapshot:
     """One consistent read of the database: counts and rows in one read transaction."""
 
     def __init__(self, url: str) -> None:
@@ -199,7 +205,7 @@ class _Snapshot:
         self._pg: Any = None
         self._loop: _Loop | None = None
 
-    def __enter__(self) -> _Snapshot:
+    def __enter__(self) -> Snapshot:
         try:
             if self.engine == "sqlite":
                 path = sqlite_path(self.url)
@@ -234,6 +240,18 @@ class _Snapshot:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+
+    def select(self, sql: str, param: uuid.UUID) -> Iterator[Any]:
+        """The rows of a query with one parameter, written ``?``, in batches."""
+        if self._sqlite is not None:
+            cursor = self._sqlite.execute(sql, (str(param),))
+            while batch := cursor.fetchmany(ROWS_PER_BATCH):
+                yield from batch
+            return
+        assert self._loop is not None
+        cursor = self._loop.run(self._pg.cursor(sql.replace("?", "$1"), param))
+        while batch := self._loop.run(cursor.fetch(ROWS_PER_BATCH)):
+            yield from batch
 
     def columns(self) -> dict[str, set[str]]:
         """The database's own tables and their columns."""
@@ -359,7 +377,7 @@ def create_backup(
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
     info = BackupInfo(out, 0, created_at, "", key.key_id, "", 0.0)
     try:
-        with _Snapshot(database_url) as snap:
+        with Snapshot(database_url) as snap:
             schema = snap.schema_version()
             # a database at an older schema than this hub's models (not migrated yet) is
             # backed up as it is: its own tables and columns

@@ -147,10 +147,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 "usage: hexa export --org ID --out FILE | hexa export verify FILE"
             )
         with _progress("exporting") as progress:
-            summary = asyncio.run(
-                export.export_org(
-                    settings.resolved_database_url, args.org, Path(args.out), progress=progress
-                )
+            summary = export.export_org(
+                settings.resolved_database_url, args.org, Path(args.out), progress=progress
             )
         _report(
             {"ok": True, "file": args.out, **summary},

@@ -18,16 +18,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from tortoise.exceptions import IntegrityError, OperationalError
 from tortoise.models import Model
-from tortoise.queryset import QuerySet
 from tortoise.transactions import in_transaction
 
 from hexa.hub import __version__, backup_registry
@@ -71,14 +71,6 @@ def _columns(model: type[Model]) -> dict[str, str]:
     return {c.name: c.kind for c in table.columns if c.name not in SECRET_COLUMNS}
 
 
-def _out(value: Any) -> Any:
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat()
-    return value
-
-
 def _in(kind: str, value: Any) -> Any:
     if value is None:
         return None
@@ -89,30 +81,6 @@ def _in(kind: str, value: Any) -> Any:
     return value
 
 
-def _query(kind: str, org_id: uuid.UUID) -> QuerySet[Any]:
-    model = TYPES[kind]
-    if kind == "org":
-        return model.filter(id=org_id)
-    if kind == "area":
-        return model.filter(site__org_id=org_id)
-    return model.filter(org_id=org_id)
-
-
-async def _rows(kind: str, org_id: uuid.UUID) -> AsyncIterator[dict[str, Any]]:
-    columns = list(_columns(TYPES[kind]))
-    last: Any = None
-    while True:  # keyset pages: each one an index range, however far into the table
-        query = _query(kind, org_id)
-        if last is not None:
-            query = query.filter(id__gt=last)
-        batch = await query.order_by("id").limit(BATCH).values(*columns)
-        for row in batch:
-            yield {k: _out(v) for k, v in row.items()}
-        if len(batch) < BATCH:
-            return
-        last = batch[-1]["id"]
-
-
 def _org_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
@@ -120,24 +88,41 @@ def _org_id(text: str) -> uuid.UUID:
         raise ExportError(f"--org {text!r} is not an organization id (a UUID)") from None
 
 
-async def export_org(
+def _select(kind: str, columns: list[str], *, count: bool = False) -> str:
+    """The query of one object type of an organization (its id is the one parameter)."""
+    table = TYPES[kind]._meta.db_table
+    what = "count(*)" if count else ", ".join(f't."{c}"' for c in columns)
+    if kind == "area":
+        return (
+            f'SELECT {what} FROM "{table}" t JOIN "sites" s ON t.site_id = s.id '  # noqa: S608
+            "WHERE s.org_id = ?"
+        )
+    where = "t.id = ?" if kind == "org" else "t.org_id = ?"
+    return f'SELECT {what} FROM "{table}" t WHERE {where}'  # noqa: S608 (names from the ORM)
+
+
+def export_org(
     database_url: str, org: str, out: Path, *, progress: Progress = _no_progress
 ) -> dict[str, Any]:
-    """Write organization ``org`` to ``out`` (through a temporary file, renamed when done)."""
-    from hexa.hub import db
+    """Write organization ``org`` to ``out`` (through a temporary file, renamed when done),
+    read in one read transaction, like a backup: a consistent snapshot of a running hub."""
+    from hexa.hub.backup import Snapshot, portable
 
     org_id = _org_id(org)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
     counts: dict[str, int] = {}
     try:
-        async with db.database(database_url):
-            if not await Organization.exists(id=org_id):
+        with Snapshot(database_url) as snap:
+            if not next(snap.select(_select("org", [], count=True), org_id))[0]:
                 raise ExportError(f"no organization {org_id} in this hub's database")
-            total = sum([await _query(kind, org_id).count() for kind in TYPES])
+            total = sum(
+                int(next(snap.select(_select(kind, [], count=True), org_id))[0]) for kind in TYPES
+            )
             whole = hashlib.sha256()
             sums: dict[str, str] = {}
             done = 0
-            with open(tmp, "xb") as f:  # noqa: ASYNC230 - a CLI command, no loop to share
+            with open(tmp, "xb") as f:
+                os.chmod(tmp, 0o600)  # the organization's data: readable by its owner only
                 head = (
                     orjson.dumps(
                         {
@@ -153,10 +138,14 @@ async def export_org(
                 whole.update(head)
                 f.write(head)
                 for kind in TYPES:
+                    kinds = _columns(TYPES[kind])
+                    names = list(kinds)
+                    convert = portable(list(kinds.values()))
                     sha = hashlib.sha256()
                     n = 0
-                    async for row in _rows(kind, org_id):
-                        line = orjson.dumps({"type": kind, "data": row}) + b"\n"
+                    for row in snap.select(_select(kind, names), org_id):
+                        data = dict(zip(names, convert(row), strict=True))
+                        line = orjson.dumps({"type": kind, "data": data}) + b"\n"
                         sha.update(line)
                         whole.update(line)
                         f.write(line)
