@@ -20,6 +20,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
 import time
@@ -841,8 +842,6 @@ class Ota:
 
 
 def _loads(text: str) -> dict[str, Any]:
-    import json
-
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError("not an object")

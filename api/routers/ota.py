@@ -190,12 +190,7 @@ def key_view(key: OtaKey) -> OtaKeyPublic:
 
 def release_view(r: OtaRelease) -> OtaReleasePublic:
     return OtaReleasePublic.model_validate(
-        {
-            name: getattr(r, name)
-            for name in OtaReleasePublic.model_fields
-            if name not in ("created_at",)
-        }
-        | {"created_at": r.created_at}
+        {name: getattr(r, name) for name in OtaReleasePublic.model_fields}
     )
 
 
