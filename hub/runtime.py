@@ -263,7 +263,7 @@ class Hub:
         wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
         host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
         port = self.http_port if self.http_port is not None else s.http_port
-        scheme = "https" if s.enforce_https else "http"
+        scheme = "https" if s.enforce_https or s.https else "http"
         return f"{scheme}://{host}:{port}/api/v1"
 
     def ws_device_url(self) -> str:
