@@ -30,6 +30,7 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -360,8 +361,10 @@ def create_backup(
     out: Path,
     *,
     progress: Progress = _no_progress,
+    stop: threading.Event | None = None,
 ) -> BackupInfo:
-    """Write a backup of the database and the data directory's files to ``out``.
+    """Write a backup of the database and the data directory's files to ``out``; a set
+    ``stop`` ends it early (the hub is shutting down), like any failure.
 
     The file is written under a temporary name in the same directory, flushed to disk and
     renamed only when complete: a failed backup (a full disk, a lost database) leaves no
@@ -436,6 +439,8 @@ def create_backup(
                         n += 1
                         if n % 5000 == 0:
                             progress("rows", done + n, total)
+                            if stop is not None and stop.is_set():
+                                raise BackupError("the backup was stopped: the hub is stopping")
                     done += n
                     progress("rows", done, total)
                     entry = {"rows": n, "sha256": sha.hexdigest()}

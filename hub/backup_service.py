@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,15 @@ class Backups:
         self.running = name
         started = time.perf_counter()
         details: dict[str, Any] = {"file": name}
+        stop = threading.Event()
         try:
-            info = await anyio.to_thread.run_sync(self._create, name, abandon_on_cancel=True)
+            # not waited for when the hub stops: the worker sees ``stop``, ends within a few
+            # thousand rows and removes its partial file
+            info = await anyio.to_thread.run_sync(self._create, name, stop, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            stop.set()
+            self.running = None
+            raise
         except (BackupError, OSError) as exc:
             metrics.BACKUP_FAILURES.inc()
             reason = exc.message if isinstance(exc, BackupError) else str(exc)
@@ -141,7 +149,7 @@ class Backups:
         log.info("backup %s written and verified in %.1f s", name, seconds)
         await self._audit("backup_created", details, actor_id)
 
-    def _create(self, name: str) -> backup.BackupInfo:
+    def _create(self, name: str, stop: threading.Event) -> backup.BackupInfo:
         key, generated = backup.load_key(self.settings, create=True)
         if generated is not None:
             log.warning(
@@ -153,7 +161,7 @@ class Backups:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.directory / name
         info = backup.create_backup(
-            self.settings.resolved_database_url, self.settings.data_dir, key, path
+            self.settings.resolved_database_url, self.settings.data_dir, key, path, stop=stop
         )
         try:
             backup.verify_backup(path, key)
