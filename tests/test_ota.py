@@ -222,6 +222,22 @@ class SimThread:
 
 
 # --- keys ---------------------------------------------------------------------------------
+def test_key_list_is_a_page_newest_first(hub: RunningHub, releases: Releases) -> None:
+    """``GET /ota/keys`` answers the contract's list shape, newest key first, so the
+    active and next keys are on the first page however many keys were retired."""
+    ensure_active_key(releases.admin)
+    dev, _ = ota_device(hub)
+    body = ok(dev.c.get("/ota/keys", params={"limit": 1}))
+    assert set(body) == {"items", "total", "limit", "offset", "has_next", "has_prev"}
+    assert body["limit"] == 1 and body["offset"] == 0 and not body["has_prev"]
+    assert len(body["items"]) == 1 and body["has_next"] == (body["total"] > 1)
+    everything = ok(dev.c.get("/ota/keys", params={"limit": 100}))["items"]
+    assert body["items"][0]["key_id"] == everything[0]["key_id"]
+    stamps = [k["created_at"] for k in everything]
+    assert stamps == sorted(stamps, reverse=True)
+    assert any(k["status"] == "active" for k in everything[:2])
+
+
 def test_keys_are_created_rotated_and_listed(hub: RunningHub, releases: Releases) -> None:
     """The first key is active, a later one next (one of each), rotation retires the active
     key and re-signs the releases in use, which stay offered; 409 without a next key."""

@@ -196,9 +196,12 @@ def release_view(r: OtaRelease) -> OtaReleasePublic:
 
 # --- keys ----------------------------------------------------------------------------------
 @router.get("/ota/keys")
-async def list_keys(_: Annotated[object, Depends(user_or_device)], hub: HubDep) -> OtaKeyList:
-    """The public keys and their status (any signed-in user, and devices)."""
-    return OtaKeyList(items=[key_view(k) for k in await hub.ota.keys()])
+async def list_keys(
+    _: Annotated[object, Depends(user_or_device)], page: PageDep
+) -> Page[OtaKeyPublic]:
+    """The public keys and their status (any signed-in user, and devices), newest first,
+    so the active and next keys are always on the first page."""
+    return await page.of(OtaKey.all(), key_view, "-created_at", "-id")
 
 
 @router.post("/ota/keys", status_code=201)
