@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,10 +22,23 @@ from anyio.abc import TaskStatus
 from hexa.hub import backup, metrics
 from hexa.hub.audit import AuditLog
 from hexa.hub.backup_format import BackupError
-from hexa.hub.config import Settings
+from hexa.hub.config import SettingError, Settings
 from hexa.hub.errors import Conflict
 
 log = logging.getLogger(__name__)
+
+
+def prepare_directory(settings: Settings) -> None:
+    """Create the backup directory (0700) at start-up, so that one the hub cannot write
+    stops it in one line naming ``HEXA_BACKUP_DIR`` instead of failing the first backup,
+    hours later."""
+    directory = settings.backup_dir or settings.data_dir / "backups"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingError("HEXA_BACKUP_DIR", str(directory), exc.strerror or str(exc)) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SettingError("HEXA_BACKUP_DIR", str(directory), "directory is not writable")
 
 
 class BackupRunning(Conflict):

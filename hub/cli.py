@@ -391,10 +391,12 @@ async def serve(
     from hexa.bridges.alexa import AlexaBridge
     from hexa.broker.embedded import EmbeddedBroker
     from hexa.hub import db
+    from hexa.hub.backup_service import prepare_directory
     from hexa.hub.mqtt.bus import BrokerAddress
     from hexa.hub.runtime import Hub
 
     prepare_storage(settings)
+    prepare_directory(settings)
     url = settings.resolved_database_url
     http_sock = _bind(settings.http_host, settings.http_port, "HEXA_HTTP_PORT")
     if not settings.broker_url:

@@ -70,6 +70,26 @@ def test_bad_setting_is_one_line(tmp_path: Path, env: dict[str, str], needle: st
     assert needle in lines[0] and "Traceback" not in r.stderr
 
 
+def test_unwritable_backup_dir_is_one_line(tmp_path: Path) -> None:
+    """A backup directory that cannot be created stops start-up in one line naming
+    HEXA_BACKUP_DIR, rather than failing the first scheduled backup hours later."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run(
+        ["serve"],
+        {
+            "HEXA_DATA_DIR": str(tmp_path / "data"),
+            "HEXA_BACKUP_DIR": str(blocker / "backups"),
+            "HEXA_HTTP_PORT": "0",
+            "HEXA_MQTT_PORT": "0",
+        },
+    )
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("hexa: ")]  # not logs
+    assert len(lines) == 1 and "HEXA_BACKUP_DIR" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("which", ["HTTP", "MQTT"])
 def test_taken_port_is_one_line(tmp_path: Path, which: str) -> None:
     """A port already in use stops start-up with one line saying what to set instead."""
