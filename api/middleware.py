@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import anyio
 from anyio.abc import TaskStatus
@@ -329,6 +332,77 @@ def _replaying(body: bytes) -> Receive:
     return receive
 
 
+_SPOOL_CHUNK = 1024 * 1024
+_BOUNDARY = re.compile(r'boundary="?([^";,]{1,200})"?', re.IGNORECASE)
+
+
+class _BodyDigest:
+    """SHA-256 of a body in which a multipart boundary (random per request in most clients)
+    is replaced by a fixed marker, so a retried upload with a fresh boundary hashes alike."""
+
+    def __init__(self, boundary: bytes | None) -> None:
+        self.boundary = boundary
+        self.hash = hashlib.sha256()
+        self.pending = b""
+
+    def update(self, chunk: bytes) -> None:
+        if not self.boundary:
+            self.hash.update(chunk)
+            return
+        data, keep = self.pending + chunk, len(self.boundary) - 1
+        while (at := data.find(self.boundary)) >= 0:
+            self.hash.update(data[:at] + b"\0boundary\0")
+            data = data[at + len(self.boundary) :]
+        cut = max(len(data) - keep, 0)
+        self.hash.update(data[:cut])
+        self.pending = data[cut:]
+
+    def digest(self) -> bytes:
+        self.hash.update(self.pending)
+        self.pending = b""
+        return self.hash.digest()
+
+
+async def _spool(scope: Scope, receive: Receive) -> tuple[BinaryIO, bytes]:
+    """Read the whole body into a temporary file (in memory up to one chunk) and return it
+    with its digest (see :class:`_BodyDigest`)."""
+    found = _BOUNDARY.search(_header(scope, b"content-type") or "")
+    digest = _BodyDigest(found.group(1).encode() if found else None)
+    spool = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=_SPOOL_CHUNK))  # noqa: SIM115
+    try:
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            if chunk:
+                digest.update(chunk)
+                await anyio.to_thread.run_sync(spool.write, chunk)
+            if not message.get("more_body"):
+                break
+    except BaseException:
+        spool.close()
+        raise
+    return spool, digest.digest()
+
+
+def _replaying_file(spool: BinaryIO) -> Receive:
+    """A receive() that hands a spooled body to the app chunk by chunk."""
+    spool.seek(0, os.SEEK_END)
+    remaining = spool.tell()
+    spool.seek(0)
+    done = False
+
+    async def receive() -> Message:
+        nonlocal remaining, done
+        if done:
+            await asyncio.Event().wait()  # nothing more will come: wait to be cancelled
+        chunk = await anyio.to_thread.run_sync(spool.read, _SPOOL_CHUNK)
+        remaining -= len(chunk)
+        done = remaining <= 0 or not chunk
+        return {"type": "http.request", "body": chunk, "more_body": not done}
+
+    return receive
+
+
 def _issued_to(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
     """The user a successful token-issuing answer (``{"user": {"id": ...}, ...}``) belongs to."""
     if status >= 300 or (b"content-type", b"application/json") not in headers:
@@ -381,9 +455,7 @@ class Idempotency:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = _header(scope, b"idempotency-key") if scope["type"] == "http" else None
-        # a route with a body limit of its own (a firmware upload) streams its body to disk:
-        # it is never held here to be replayed (a repeated upload is a 409 duplicate anyway)
-        if key is None or scope["method"] not in MUTATING or _body_limit(scope, -1) >= 0:
+        if key is None or scope["method"] not in MUTATING:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
@@ -400,15 +472,38 @@ class Idempotency:
             await self.app(scope, receive, send)
             return
 
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        # A route with a body limit of its own (a firmware upload) has its body spooled to a
+        # temporary file, never held in memory; its SHA-256 stands for it in the request hash.
+        spool: BinaryIO | None = None
+        if _body_limit(scope, -1) >= 0:
+            spool, body = await _spool(scope, receive)
+            replay = functools.partial(_replaying_file, spool)
+        else:
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            replay = functools.partial(_replaying, body)
+        try:
+            await self._answer(scope, send, key, body, replay, request_id)
+        finally:
+            if spool is not None:
+                spool.close()
+
+    async def _answer(
+        self,
+        scope: Scope,
+        send: Send,
+        key: str,
+        body: bytes,
+        replay: Callable[[], Receive],
+        request_id: str | None,
+    ) -> None:
         caller = self._caller(scope, body)
         if caller is None:
-            await self.app(scope, _replaying(body), send)
+            await self.app(scope, replay(), send)
             return
         owner, user_id = caller
         key_hash = self.sealer.digest(b"key", key.encode())
@@ -423,7 +518,7 @@ class Idempotency:
         for _ in range(2):
             record = await self._claim(owner, key_hash, scope, digest)
             if record is None:  # we own the key: run the request and store its answer
-                await self._run_and_store(scope, body, send, owner, key_hash, user_id)
+                await self._run_and_store(scope, replay(), send, owner, key_hash, user_id)
                 return
             if record.request_hash != digest:
                 await send_error(
@@ -499,7 +594,13 @@ class Idempotency:
             await asyncio.sleep(0.05)
 
     async def _run_and_store(
-        self, scope: Scope, body: bytes, send: Send, owner: str, key_hash: str, user_id: str | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        owner: str,
+        key_hash: str,
+        user_id: str | None,
     ) -> None:
         status = 500
         headers: list[tuple[bytes, bytes]] = []
@@ -516,7 +617,7 @@ class Idempotency:
 
         mine = IdempotencyRecord.filter(scope=owner, key=key_hash)
         try:
-            await self.app(scope, _replaying(body), capture)
+            await self.app(scope, receive, capture)
         except BaseException:
             await mine.delete()
             raise

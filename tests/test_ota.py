@@ -315,11 +315,27 @@ def test_upload_is_hashed_signed_and_refused_when_bad(hub: RunningHub, releases:
     first = releases.admin.post(
         "/ota/releases", files={"file": ("f", b"fw")}, data=form, headers=keyed
     )
-    releases.made.append(ok(first, 201)["id"])  # streamed, not held for a replay:
+    releases.made.append(ok(first, 201)["id"])
+    # a retry with the same key (and a fresh multipart boundary) replays the answer ...
     again = releases.admin.post(
         "/ota/releases", files={"file": ("f", b"fw")}, data=form, headers=keyed
     )
-    assert_error(again, 409, "conflict")  # the same release again is a duplicate
+    assert ok(again, 201) == first.json() and again.headers["Idempotency-Replayed"] == "true"
+    # ... the same key with another image or field is refused, and creates nothing
+    other = releases.admin.post(
+        "/ota/releases", files={"file": ("f", b"fx")}, data=form, headers=keyed
+    )
+    assert_error(other, 409, "idempotency_conflict")
+    form3 = form | {"version": releases.version(3)}
+    other = releases.admin.post(
+        "/ota/releases", files={"file": ("f", b"fw")}, data=form3, headers=keyed
+    )
+    assert_error(other, 409, "idempotency_conflict")
+    assert_error(
+        releases.admin.post("/ota/releases", files={"file": ("f", b"fw")}, data=form),
+        409,
+        "conflict",
+    )  # without a key, the same release again is a duplicate
     assert_error(upload(b""), 400, "validation_error")
     assert_error(upload(b"x", version="1.2"), 400, "validation_error")
     assert_error(upload(b"x", version="v1.2.3"), 400, "validation_error")
