@@ -94,7 +94,16 @@ class EmbeddedBroker:
         self.port = self._own_port if self.settings.mqtt_plain_listener else None
         self.tls_port = broker.bound_port("tls")
         self.ws_port = broker.bound_port("ws")
-        log.info("embedded broker listening on %s:%s", self.settings.mqtt_host, self.port)
+        listeners = [
+            f"{name} on {self.settings.mqtt_host}:{port}"
+            for name, port in (
+                ("MQTT", self.port),
+                ("MQTT/TLS", self.tls_port),
+                ("MQTT/WS", self.ws_port),
+            )
+            if port is not None
+        ]
+        log.info("embedded broker listening: %s", ", ".join(listeners) or "no client listener")
 
     def hub_credentials(self) -> tuple[str, int, str, str]:
         """(host, port, username, password) for the hub's own bus connection."""
