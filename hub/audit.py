@@ -27,7 +27,6 @@ SOURCES = frozenset(
         "alexa",
         "device",
         "system",
-        "cli",
     }
 )
 #: keys a ``details`` never carries: what they would hold is a secret or stands for one
@@ -89,6 +88,12 @@ class Actor:
     @classmethod
     def system(cls, source: str = "system") -> Actor:
         return cls("system", None, source)
+
+    @classmethod
+    def command(cls) -> Actor:
+        """A ``hexa`` command run by the operator: actor ``system`` with id ``cli``, source
+        ``system`` (the contract's sources name no command line)."""
+        return cls("system", "cli", "system")
 
 
 def change_action(kind: str, fields: set[str], enabled: bool) -> str:

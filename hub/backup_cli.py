@@ -343,7 +343,7 @@ def _audit(url: str, action: str, details: dict[str, Any]) -> None:
     async def write() -> None:
         async with db.database(url):
             await AuditEntry.create(
-                action=action, source="cli", actor_type="system", details=details
+                action=action, source="system", actor_type="system", actor_id="cli", details=details
             )
 
     try:

@@ -225,7 +225,7 @@ def _admin_create(args: argparse.Namespace) -> int:
     async def create() -> None:
         await db.migrate_up(settings.resolved_database_url)
         async with db.database(settings.resolved_database_url):
-            await Accounts(settings).create_admin(args.email, password, Actor.system("cli"))
+            await Accounts(settings).create_admin(args.email, password, Actor.command())
 
     try:
         asyncio.run(create())

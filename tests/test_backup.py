@@ -99,6 +99,9 @@ def test_verify_and_restore_into_an_empty_database(source: dict[str, Path], tmp_
     assert rows(target / "hexa.db", "audit_log") >= 1  # the restore itself is audited
     with contextlib.closing(sqlite3.connect(target / "hexa.db")) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # as the hub runs it
+        # one of the contract's audit sources: a hexa command is the system, id "cli"
+        restored = "SELECT actor_type, actor_id, source FROM audit_log WHERE action = ?"
+        assert c.execute(restored, ("backup_restored",)).fetchall() == [("system", "cli", "system")]
 
 
 def test_wrong_key_is_one_line(source: dict[str, Path]) -> None:

@@ -269,7 +269,7 @@ def test_admin_create_then_serve_and_sigterm(database: str, tmp_path: Path) -> N
         assert me["role"] == "admin"
         created_by_cli = httpx.get(
             f"{api}/admin/audit",
-            params={"action": "user_created", "source": "cli"},
+            params={"action": "user_created", "source": "system", "actor_id": "cli"},
             headers={"Authorization": f"Bearer {token}"},
         ).json()["items"]
         assert [(e["actor_type"], e["details"]) for e in created_by_cli] == [
