@@ -7,51 +7,21 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohomekit.characteristic_cache import CharacteristicCacheMemory
-from aiohomekit.controller.ip.controller import IpController
-from aiohomekit.controller.ip.discovery import IpDiscovery
 from aiohomekit.controller.ip.pairing import IpPairing
-from aiohomekit.model import Categories
-from aiohomekit.model.feature_flags import FeatureFlags
-from aiohomekit.model.status_flags import StatusFlags
-from aiohomekit.zeroconf import HomeKitService
 from support.accounts import register
 from support.checks import ok
 from support.databases import new_database_url
 from support.devices import online_device
+from support.homekit import controller, pair
 from support.hubs import RunningHub, spawn_hub, stop_hub
 
 pytestmark = pytest.mark.anyio
 
 KEY = "backup-key-for-homekit-tests-0123456789abcd"
-
-
-def controller() -> IpController:
-    return IpController(char_cache=CharacteristicCacheMemory(), zeroconf_instance=None)
-
-
-def description(bridge: dict[str, Any]) -> HomeKitService:
-    """What mDNS would tell a controller about the bridge: its address is given instead."""
-    return HomeKitService(
-        name="Hexa",
-        id=bridge["hap_id"].lower(),
-        model="Hexa Hub",
-        feature_flags=FeatureFlags(0),
-        status_flags=StatusFlags.UNPAIRED,
-        config_num=1,
-        state_num=1,
-        category=Categories.BRIDGE,
-        protocol_version="1.1",
-        type="_hap._tcp.local.",
-        address="127.0.0.1",
-        addresses=["127.0.0.1"],
-        port=bridge["port"],
-    )
 
 
 async def serials(pairing: IpPairing) -> set[str]:
@@ -104,12 +74,7 @@ async def test_a_paired_controller_works_with_the_restored_hub(
     _dev, device = online_device(hub, user, track)
     with hub.api(user.access_token) as c:
         bridge = ok(c.put(f"/orgs/{user.org_id}/homekit", json={"enabled": True}))
-    discovery = IpDiscovery(controller(), description(bridge))
-    try:
-        finish = await discovery.async_start_pairing(f"t-{uuid.uuid4().hex[:6]}")
-        pairing = await finish(bridge["setup_code"])
-    finally:
-        await discovery.close()
+    pairing = await pair(bridge)
     try:
         assert device.uid in await serials(pairing)
         data = dict(pairing.pairing_data)

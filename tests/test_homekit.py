@@ -22,21 +22,19 @@ import httpx
 import pytest
 from aiohomekit.characteristic_cache import CharacteristicCacheMemory
 from aiohomekit.controller.ip.controller import IpController
-from aiohomekit.controller.ip.discovery import IpDiscovery
 from aiohomekit.controller.ip.pairing import IpPairing
 from aiohomekit.crypto.srp import SrpClient
 from aiohomekit.exceptions import AccessoryDisconnectedError, AuthenticationError
 from aiohomekit.model import Categories
-from aiohomekit.model.feature_flags import FeatureFlags
 from aiohomekit.model.status_flags import StatusFlags
 from aiohomekit.uuid import normalize_uuid
-from aiohomekit.zeroconf import HomeKitService
 from pyhap.params import get_srp_context
 from pyhap.util import long_to_bytes
 from support.accounts import User, add_member, audit, register
 from support.checks import assert_error, ok, wait_until
 from support.databases import new_database_url
 from support.devices import claimed_device, online_device, resource_relays
+from support.homekit import controller, pair, pair_through
 from support.hubs import COMMAND_TIMEOUT_MS, JWT_SECRET, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
@@ -77,51 +75,6 @@ def enable(hub: RunningHub, user: User, org_id: str | None = None, **body: Any) 
 def homekit_of(hub: RunningHub, user: User) -> dict[str, Any]:
     with hub.api(user.access_token) as c:
         return dict(ok(c.get(f"/orgs/{user.org_id}/homekit")))
-
-
-def controller() -> IpController:
-    return IpController(char_cache=CharacteristicCacheMemory(), zeroconf_instance=None)
-
-
-def description(bridge: dict[str, Any]) -> HomeKitService:
-    """What mDNS would tell a controller about the bridge: its address is given instead."""
-    return HomeKitService(
-        name="Hexa",
-        id=bridge["hap_id"].lower(),
-        model="Hexa Hub",
-        feature_flags=FeatureFlags(0),
-        status_flags=StatusFlags.UNPAIRED,
-        config_num=1,
-        state_num=1,
-        category=Categories.BRIDGE,
-        protocol_version="1.1",
-        type="_hap._tcp.local.",
-        address="127.0.0.1",
-        addresses=["127.0.0.1"],
-        port=bridge["port"],
-    )
-
-
-async def pair(bridge: dict[str, Any], code: str | None = None) -> IpPairing:
-    """Pair a new controller by address and port with the setup code (or ``code``)."""
-
-    def by_address() -> IpDiscovery:
-        return IpDiscovery(controller(), description(bridge))
-
-    return await pair_through(by_address, code or bridge["setup_code"])
-
-
-async def pair_through(
-    discovered: Callable[[], Any], code: str, *, close: bool = True
-) -> IpPairing:
-    """Pair with ``code`` through a discovery (by address or by mDNS)."""
-    discovery = discovered()
-    try:
-        finish = await discovery.async_start_pairing(f"t-{uuid.uuid4().hex[:6]}")
-        return await finish(code)
-    finally:
-        if close:
-            await discovery.close()
 
 
 def reconnect(pairing: IpPairing) -> IpPairing:
