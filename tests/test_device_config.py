@@ -6,16 +6,13 @@ power-restore mode across a restart of the simulator."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +20,13 @@ import httpx
 import pytest
 from support.accounts import User, add_member, audit, register
 from support.checks import NEGATIVE_WAIT_S, assert_error, ok, wait_until
-from support.devices import claim, claimed_device, state_of
+from support.devices import SimThread, claim, claimed_device, state_of
 from support.hubs import PROVISION_KEY, RunningHub
 from support.mqtt import MqttDevice, integration_client
 from support.ws import WsDevice
 
 from hexa.hub.device_config import legacy_mode, validate_io, validate_power_restore
 from hexa.hub.errors import ValidationFailed
-from hexa.hub.tools.sim import Credentials, SimDevice
 from hexa.hub.tools.sim_config import SimConfig, SimStore
 
 DEFAULT_IO = [{"index": i, "type": "push", "link": "linked", "rocker_mode": None} for i in range(3)]
@@ -386,30 +382,6 @@ def test_report_with_an_older_version_gets_the_configuration_again(
 
 
 # --- hexa sim ---------------------------------------------------------------------------
-class SimThread:
-    """A ``hexa sim`` device (SimDevice) run on an event loop of its own thread."""
-
-    def __init__(self, hub: RunningHub, p: dict[str, Any], **kwargs: Any) -> None:
-        creds = Credentials(
-            p["device_uid"], p["device_token"], p["claim_code"], "127.0.0.1", hub.mqtt_port, ""
-        )
-        self.dev = SimDevice(creds, report_every=3600, **kwargs)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.task = asyncio.run_coroutine_threadsafe(self.dev.run(), self.loop)
-        assert self.call(asyncio.wait_for(self.dev.connected.wait(), 10)) is True
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def close(self) -> None:
-        self.task.cancel()
-        concurrent.futures.wait([self.task], 5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_sim_applies_the_configuration(hub: RunningHub, track: Any) -> None:
     """Input 0 a detached push button, input 1 a linked rocker that the relay follows, input 2
     a linked rocker that flips its relay; then input 0 linked again."""

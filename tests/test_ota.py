@@ -13,9 +13,7 @@ import json
 import os
 import random
 import sqlite3
-import threading
-import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.accounts import add_member, admin_token, audit, register
 from support.checks import assert_error, ok, wait_until
-from support.devices import claimed_device
+from support.devices import SimThread, claimed_device
 from support.hubs import PROVISION_KEY, RunningHub
 
-from hexa.hub.tools.sim import Credentials, SimDevice
 from hexa.hub.tools.sim_ota import Refused, check_manifest
 
 MODEL = "hexa-mini-switch-v1"
@@ -190,35 +187,6 @@ def verify_signed(signed: dict[str, Any], keys: list[dict[str, Any]]) -> None:
     assert isinstance(public, ec.EllipticCurvePublicKey)
     text = json.dumps(signed["manifest"], sort_keys=True, separators=(",", ":"))
     public.verify(base64.b64decode(signed["signature"]), text.encode(), ec.ECDSA(hashes.SHA256()))
-
-
-class SimThread:
-    """A ``hexa sim`` device on an event loop of its own thread."""
-
-    def __init__(self, hub: RunningHub, p: dict[str, Any], **kwargs: Any) -> None:
-        creds = Credentials(
-            p["device_uid"],
-            p["device_token"],
-            p["claim_code"],
-            "127.0.0.1",
-            hub.mqtt_port,
-            hub.ws_base + "/ws/device",
-        )
-        self.dev = SimDevice(creds, report_every=3600, **kwargs)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.task = asyncio.run_coroutine_threadsafe(self.dev.run(), self.loop)
-        assert self.call(asyncio.wait_for(self.dev.connected.wait(), 10)) is True
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self) -> None:
-        self.task.cancel()
-        time.sleep(0.1)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 # --- keys ---------------------------------------------------------------------------------

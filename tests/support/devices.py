@@ -3,10 +3,14 @@ organization, connected over MQTT; and their state as the API reports it."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from hexa.hub.tools.sim import Credentials, SimDevice
 from support.accounts import User
 from support.checks import wait_until
 from support.hubs import PROVISION_KEY, RunningHub
@@ -67,3 +71,33 @@ def resource_relays(hub: RunningHub, user: User, device_id: str) -> list[bool]:
         r = c.get(f"/devices/{device_id}")
     assert r.status_code == 200, r.text
     return [x["state"] for x in sorted(r.json()["relays"], key=lambda x: x["index"])]
+
+
+class SimThread:
+    """A ``hexa sim`` device (SimDevice) run on an event loop of its own thread, over MQTT or,
+    with ``transport="ws"``, the hub's device WebSocket."""
+
+    def __init__(self, hub: RunningHub, p: dict[str, Any], **kwargs: Any) -> None:
+        creds = Credentials(
+            p["device_uid"],
+            p["device_token"],
+            p["claim_code"],
+            "127.0.0.1",
+            hub.mqtt_port,
+            hub.ws_base + "/ws/device",
+        )
+        self.dev = SimDevice(creds, report_every=3600, **kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.task = asyncio.run_coroutine_threadsafe(self.dev.run(), self.loop)
+        assert self.call(asyncio.wait_for(self.dev.connected.wait(), 10)) is True
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self.task.cancel()
+        concurrent.futures.wait([self.task], 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
