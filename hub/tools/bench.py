@@ -70,6 +70,23 @@ class _Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.work = Path(tempfile.mkdtemp(prefix="hexa-bench-"))
 
+    def hub_env(self, database_url: str | None, **extra: str) -> dict[str, str]:
+        """The settings of the bench's own hub: ephemeral ports, a data directory in the
+        bench's work folder, a fresh JWT secret, ``extra`` on top; SQLite unless
+        ``database_url`` names another database."""
+        env = {
+            "HEXA_DATA_DIR": str(self.work / "data"),
+            "HEXA_HTTP_PORT": "0",
+            "HEXA_MQTT_PORT": "0",
+            "HEXA_DEVICE_PROVISION_KEY": KEY,
+            "HEXA_JWT_SECRET": uuid.uuid4().hex * 2,
+            "HEXA_LOG_LEVEL": "WARNING",
+            **extra,
+        }
+        if database_url:
+            env["HEXA_DATABASE_URL"] = database_url
+        return env
+
     def start_mosquitto(self) -> int:
         binary = shutil.which("mosquitto")
         if binary is None:
@@ -167,20 +184,13 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     procs = _Processes()
     result: dict[str, Any] = {"devices": args.devices, "broker": args.broker}
     try:
-        env = {
-            "HEXA_DATA_DIR": str(procs.work / "data"),
-            "HEXA_HTTP_PORT": "0",
-            "HEXA_MQTT_PORT": "0",
-            "HEXA_DEVICE_PROVISION_KEY": KEY,
-            "HEXA_JWT_SECRET": uuid.uuid4().hex * 2,
-            "HEXA_LOG_LEVEL": "WARNING",
-            "HEXA_COMMAND_TIMEOUT_MS": "5000",
+        env = procs.hub_env(
+            args.bench_database_url,
+            HEXA_COMMAND_TIMEOUT_MS="5000",
             # one integration client offers all the intents: measure the hub, not the
             # per-client publish limit that protects it from a runaway integration
-            "HEXA_MQTT_INTEGRATION_PUBLISH_RATE": "0",
-        }
-        if args.bench_database_url:
-            env["HEXA_DATABASE_URL"] = args.bench_database_url
+            HEXA_MQTT_INTEGRATION_PUBLISH_RATE="0",
+        )
         pids = []
         mqtt_port = None
         if args.broker == "mosquitto":

@@ -36,18 +36,11 @@ async def run_ota_bench(args: argparse.Namespace) -> dict[str, Any]:
     procs = _Processes()
     result: dict[str, Any] = {"mode": "ota", "devices": args.devices}
     try:
-        env = {
-            "HEXA_DATA_DIR": str(procs.work / "data"),
-            "HEXA_HTTP_PORT": "0",
-            "HEXA_MQTT_PORT": "0",
-            "HEXA_DEVICE_PROVISION_KEY": KEY,
-            "HEXA_JWT_SECRET": uuid.uuid4().hex * 2,
-            "HEXA_LOG_LEVEL": "WARNING",
-            "HEXA_ADMIN_EMAIL": ADMIN_EMAIL,
-            "HEXA_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        }
-        if args.bench_database_url:
-            env["HEXA_DATABASE_URL"] = args.bench_database_url
+        env = procs.hub_env(
+            args.bench_database_url,
+            HEXA_ADMIN_EMAIL=ADMIN_EMAIL,
+            HEXA_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        )
         result["database"] = (args.bench_database_url or "sqlite").split(":", 1)[0]
         hub, http_port, _ = procs.start_hub(env, args.profile)
         base = f"http://127.0.0.1:{http_port}"
