@@ -12,7 +12,7 @@ from hexa.api.errors import request_id_of
 from hexa.hub.audit import Actor
 
 
-def request_actor(principal: PrincipalDep, request: Request) -> Actor:
+async def request_actor(principal: PrincipalDep, request: Request) -> Actor:
     return Actor.user(principal.id, request_id_of(request))
 
 

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from hexa.hub.runtime import Hub
 
 
-def get_hub(request: Request) -> Hub:
+async def get_hub(request: Request) -> Hub:
     return request.app.state.hub
 
 

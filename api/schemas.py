@@ -79,7 +79,7 @@ def check_json_value(value: Any, field: str) -> None:
                 stack.extend((v, depth + 1) for v in item)
 
 
-def refuse_nul_in_query(request: Request) -> None:
+async def refuse_nul_in_query(request: Request) -> None:
     """Query strings are checked like bodies: a NUL character answers 400."""
     for key, value in request.query_params.multi_items():
         if "\x00" in key or "\x00" in value:
