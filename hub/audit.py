@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from hexa.models import AuditEntry
+from hexa.models import AuditEntry, Automation, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,18 @@ async def write(
         automation_id=_uuid(automation_id),
         schedule_id=_uuid(schedule_id),
     )
+
+
+async def write_rule(
+    actor: Actor, action: str, rule: Schedule | Automation, fields: set[str] | None = None
+) -> None:
+    """:func:`write` an entry for a schedule or an automation: its name and whether it is
+    enabled, with the fields a change touched, filed under its device and its own id."""
+    details: dict[str, Any] = {"name": rule.name, "enabled": rule.enabled}
+    if fields is not None:
+        details["fields"] = sorted(fields)
+    ids = {"schedule_id": rule.id} if isinstance(rule, Schedule) else {"automation_id": rule.id}
+    await write(actor, action, org_id=rule.org_id, device_id=rule.device_id, details=details, **ids)
 
 
 class AuditLog:

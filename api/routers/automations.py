@@ -21,7 +21,7 @@ from hexa.api.deps import (
 )
 from hexa.api.schemas import Body, Name, Page, Timestamp
 from hexa.hub.access import Principal
-from hexa.hub.audit import Actor, change_action, write
+from hexa.hub.audit import change_action, write_rule
 from hexa.hub.automations import validate_rule
 from hexa.hub.errors import NotFound, ValidationFailed
 from hexa.models import Automation, AutomationRun
@@ -150,18 +150,9 @@ async def create_automation(
             cooldown_s=body.cooldown_s,
             dedupe_window_ms=body.dedupe_window_ms,
         )
-        await _audit(actor, "automation_created", rule)
+        await write_rule(actor, "automation_created", rule)
     hub.automations.invalidate()
     return view(rule)
-
-
-async def _audit(actor: Actor, action: str, a: Automation, fields: set[str] | None = None) -> None:
-    details: dict[str, Any] = {"name": a.name, "enabled": a.enabled}
-    if fields is not None:
-        details["fields"] = sorted(fields)
-    await write(
-        actor, action, org_id=a.org_id, device_id=a.device_id, automation_id=a.id, details=details
-    )
 
 
 @router.get("/automations/{automation_id}")
@@ -196,7 +187,7 @@ async def patch_automation(
         await rule.save()
         if fields:
             action = change_action("automation", fields, rule.enabled)
-            await _audit(actor, action, rule, fields)
+            await write_rule(actor, action, rule, fields)
     hub.automations.invalidate()
     return view(rule)
 
@@ -208,7 +199,7 @@ async def delete_automation(
     rule = await fetch(AUTOMATION, automation_id, principal, "manage_automations")
     async with in_transaction():
         await rule.delete()
-        await _audit(actor, "automation_deleted", rule)
+        await write_rule(actor, "automation_deleted", rule)
     hub.automations.invalidate()
     return Response(status_code=204)
 

@@ -21,7 +21,7 @@ from hexa.api.deps import (
 )
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import Body, Name, Page, Timestamp
-from hexa.hub.audit import Actor, change_action, write
+from hexa.hub.audit import change_action, write_rule
 from hexa.hub.errors import NotFound, ValidationFailed
 from hexa.hub.schedules import check_cron, check_timezone, next_run
 from hexa.hub.security import utcnow
@@ -177,17 +177,8 @@ async def create_schedule(
             action=action,
             next_execution=_next(body.cron, body.timezone, body.enabled),
         )
-        await _audit(actor, "schedule_created", schedule)
+        await write_rule(actor, "schedule_created", schedule)
     return view(schedule)
-
-
-async def _audit(actor: Actor, action: str, s: Schedule, fields: set[str] | None = None) -> None:
-    details: dict[str, Any] = {"name": s.name, "enabled": s.enabled}
-    if fields is not None:
-        details["fields"] = sorted(fields)
-    await write(
-        actor, action, org_id=s.org_id, device_id=s.device_id, schedule_id=s.id, details=details
-    )
 
 
 @router.get("/schedules/{schedule_id}")
@@ -218,7 +209,7 @@ async def patch_schedule(
         await schedule.save()
         if changes:
             fields = set(changes)
-            await _audit(actor, change_action("schedule", fields, enabled), schedule, fields)
+            await write_rule(actor, change_action("schedule", fields, enabled), schedule, fields)
     return view(schedule)
 
 
@@ -229,7 +220,7 @@ async def delete_schedule(
     schedule = await fetch(SCHEDULE, schedule_id, principal, "manage_schedules")
     async with in_transaction():
         await schedule.delete()
-        await _audit(actor, "schedule_deleted", schedule)
+        await write_rule(actor, "schedule_deleted", schedule)
     return Response(status_code=204)
 
 
