@@ -21,8 +21,7 @@ import httpx
 import pytest
 from support.accounts import register, unique_email
 from support.checks import error_shape_ok
-from support.databases import new_database_url
-from support.hubs import PROVISION_KEY, UNSET, RunningHub, free_port, spawn_hub, stop_hub
+from support.hubs import PROVISION_KEY, UNSET, RunningHub, free_port, spawned_hub
 from support.tls import self_signed
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -39,11 +38,8 @@ def enforcing(db_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """HEXA_ENFORCE_HTTPS without a certificate (TLS ends at a proxy on 127.0.0.2);
     HEXA_MQTT_PORT not given, so no plain MQTT listener."""
     tmp = tmp_path_factory.mktemp(f"enforcing-{db_kind}")
-    url, drop = new_database_url(db_kind, tmp)
-    hub = spawn_hub(url, tmp / "data", enforce_https="true", trust_proxy=PROXY, mqtt_port=UNSET)
-    yield hub
-    stop_hub(hub)
-    drop()
+    with spawned_hub(db_kind, tmp, enforce_https="true", trust_proxy=PROXY, mqtt_port=UNSET) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +51,16 @@ def tls(
     tmp = tmp_path_factory.mktemp(f"tls-{db_kind}")
     cert, key = self_signed(tmp)
     tls_port = free_port()
-    url, drop = new_database_url(db_kind, tmp)
-    hub = spawn_hub(
-        url,
-        tmp / "data",
+    with spawned_hub(
+        db_kind,
+        tmp,
         tls_cert_file=str(cert),
         tls_key_file=str(key),
         mqtt_tls_port=str(tls_port),
         enforce_https="true",
         cors_origins=f"{ORIGIN},http://localhost:5173",
-    )
-    yield hub, cert, tls_port
-    stop_hub(hub)
-    drop()
+    ) as hub:
+        yield hub, cert, tls_port
 
 
 def _proxy(hub: RunningHub, **headers: str) -> httpx.Client:
