@@ -211,10 +211,11 @@ class Ota:
         self._key_checked: dict[str, tuple[str, str, bool]] = {}
         #: artifact path → ((size, mtime, ctime, inode), sha256)
         self._hashes: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
-        self._hashing: dict[Path, asyncio.Future[str]] = {}
+        self._hashing = SingleFlight()
         #: (key id, manifest, signature) → verified
         self._signatures: dict[tuple[str, str, str, str], bool] = {}
         self._logged: dict[tuple[uuid.UUID, str], float] = {}
+        self._paths: dict[uuid.UUID, Path] = {}
         self._queries = SingleFlight()
         self._devices = DeviceBatches()
 
@@ -238,7 +239,10 @@ class Ota:
         return self.root / "artifacts"
 
     def artifact_path(self, release_id: uuid.UUID) -> Path:
-        return self.artifacts / f"{release_id}.bin"
+        path = self._paths.get(release_id)  # the path only: the file is checked on every use
+        if path is None:
+            path = self._paths[release_id] = self.artifacts / f"{release_id}.bin"
+        return path
 
     def prepare_storage(self) -> None:
         """``<data dir>/ota/artifacts``, 0700."""
@@ -619,21 +623,16 @@ class Ota:
         cached = self._hashes.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        running = self._hashing.get(path)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._hashing[path] = future
-        try:
-            digest = await anyio.to_thread.run_sync(_sha256_file, path)
+
+        async def rehash() -> str:
+            try:
+                digest = await anyio.to_thread.run_sync(_sha256_file, path)
+            except OSError:
+                return ""
             self._hashes[path] = (stamp, digest)
-            future.set_result(digest)
-        except OSError:
-            future.set_result("")
-            return None
-        finally:
-            self._hashing.pop(path, None)
-        return digest
+            return digest
+
+        return await self._hashing.run(path, rehash) or None
 
     # --- what a device is offered ----------------------------------------------------------
     async def candidates(self, device: Device) -> list[OtaRelease]:

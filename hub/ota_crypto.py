@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -82,6 +83,7 @@ class Version:
         return self.key() > other.key()
 
 
+@lru_cache(maxsize=1024)  # pure (Version is frozen): a fleet has few distinct versions
 def parse_version(text: str | None) -> Version | None:
     """The semantic version ``text`` spells, or None when it is not one."""
     if not text:
@@ -112,6 +114,7 @@ def canonical(document: dict[str, Any]) -> bytes:
     ).encode("utf-8")
 
 
+@lru_cache(maxsize=1024)  # pure: equal aware datetimes are the same instant
 def iso(moment: datetime) -> str:
     """A time as manifests carry it: UTC, whole seconds, ``Z``."""
     return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -120,6 +123,11 @@ def iso(moment: datetime) -> str:
 def parse_iso(text: object) -> datetime | None:
     if not isinstance(text, str) or not text.endswith("Z"):
         return None
+    return _parse_iso(text)
+
+
+@lru_cache(maxsize=1024)  # pure function of the text; datetimes are immutable
+def _parse_iso(text: str) -> datetime | None:
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
@@ -138,8 +146,11 @@ def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
     )
 
 
+@lru_cache(maxsize=64)
 def load_public_key(pem: str) -> ec.EllipticCurvePublicKey | None:
-    """The P-256 public key of ``pem``, or None when it is not one."""
+    """The P-256 public key of ``pem``, or None when it is not one. Memoized by the PEM
+    text itself (the same text is the same key; key objects are immutable): a fleet
+    checking at once does not parse the key once per device."""
     try:
         key = serialization.load_pem_public_key(pem.encode())
     except (ValueError, TypeError):
