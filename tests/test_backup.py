@@ -8,30 +8,22 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.cli import HEXA, hexa_cli
 
 from hexa.hub import backup, backup_registry
 from hexa.hub.backup_format import BackupError, BackupKey, EncryptedReader, EncryptedWriter
 
-HEXA = [sys.executable, "-m", "hexa.hub.cli"]
 KEY = "backup-key-for-tests-0123456789abcdefghijkl"
 JWT = "jwt-secret-for-backup-tests-0123456789abcdef"
 
 
-def run(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        HEXA + args,
-        env={**os.environ, "HEXA_BACKUP_KEY": KEY, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        **kwargs,  # type: ignore[arg-type]
-    )
+def run(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return hexa_cli(args, {"HEXA_BACKUP_KEY": KEY, **env}, **kwargs)
 
 
 def one_line_failure(r: subprocess.CompletedProcess[str], needle: str) -> None:

@@ -4,9 +4,6 @@ the backup talks to the hub started on the restored database with the keys it ha
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +11,7 @@ import pytest
 from aiohomekit.controller.ip.pairing import IpPairing
 from support.accounts import register
 from support.checks import ok
+from support.cli import hexa_cli
 from support.databases import new_database_url
 from support.devices import online_device
 from support.homekit import controller, pair
@@ -37,30 +35,21 @@ async def serials(pairing: IpPairing) -> set[str]:
 
 def backup_and_restore(hub: RunningHub, tmp: Path) -> tuple[str, Any]:
     """`hexa backup create` of the running hub, restored into a fresh SQLite database."""
-    env = {**os.environ, "HEXA_BACKUP_KEY": KEY}
     out = tmp / "homekit.hexabak"
     source = {
+        "HEXA_BACKUP_KEY": KEY,
         "HEXA_DATA_DIR": str(hub.settings.data_dir),
         "HEXA_DATABASE_URL": hub.settings.resolved_database_url,
     }
-    cli = [sys.executable, "-m", "hexa.hub.cli", "backup"]
-    r = subprocess.run(
-        [*cli, "create", "--out", str(out)],
-        env={**env, **source},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = hexa_cli(["backup", "create", "--out", str(out)], source)
     assert r.returncode == 0, r.stderr
     url, drop = new_database_url("sqlite", tmp)
-    target = {"HEXA_DATA_DIR": str(tmp / "restored"), "HEXA_DATABASE_URL": url}
-    r = subprocess.run(
-        [*cli, "restore", str(out)],
-        env={**env, **target},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    target = {
+        "HEXA_BACKUP_KEY": KEY,
+        "HEXA_DATA_DIR": str(tmp / "restored"),
+        "HEXA_DATABASE_URL": url,
+    }
+    r = hexa_cli(["backup", "restore", str(out)], target)
     assert r.returncode == 0, r.stderr
     return url, drop
 

@@ -5,9 +5,7 @@ bridge; the admin API starts and lists backups."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,24 +15,17 @@ import httpx
 import pytest
 from support.accounts import admin_token, register
 from support.checks import assert_error, ok, wait_until
+from support.cli import hexa_cli
 from support.databases import new_database_url, pg_unreachable
 from support.devices import online_device
 from support.hubs import RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
 
-HEXA = [sys.executable, "-m", "hexa.hub.cli"]
 KEY = "backup-key-for-hub-tests-0123456789abcdefgh"
 
 
 def hexa(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        HEXA + args,
-        env={**os.environ, "HEXA_BACKUP_KEY": KEY, **env},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return hexa_cli(args, {"HEXA_BACKUP_KEY": KEY, **env}, timeout=180)
 
 
 def test_backup_under_traffic_restores_into_each_engine(
