@@ -6,25 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from support.accounts import register
 from support.checks import ok
+from support.cli import hexa_cli as hexa
 from support.devices import claimed_device
 from support.hubs import RunningHub
-
-HEXA = [sys.executable, "-m", "hexa.hub.cli"]
-
-
-def hexa(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        HEXA + args, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
-    )
 
 
 def one_line_failure(r: subprocess.CompletedProcess[str], needle: str) -> None:
