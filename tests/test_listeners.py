@@ -15,9 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from support.accounts import integration_token, register
 from support.checks import wait_until
-from support.databases import new_database_url
 from support.devices import claim, online_device, provision
-from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
+from support.hubs import RunningHub, free_port, spawned_hub
 from support.tls import self_signed
 
 from hexa.hub.mqtt import client as hexa_mqtt
@@ -29,20 +28,15 @@ from hexa.hub.mqtt.busapi import Message
 def tls_hub(db_kind: str, tmp_path: Path) -> Iterator[tuple[RunningHub, Path, int, int]]:
     cert, key = self_signed(tmp_path)
     tls_port, ws_port = free_port(), free_port()
-    url, drop = new_database_url(db_kind, tmp_path)
-    hub = spawn_hub(
-        url,
-        tmp_path / "data",
+    with spawned_hub(
+        db_kind,
+        tmp_path,
         mqtt_tls_cert=str(cert),
         mqtt_tls_key=str(key),
         mqtt_tls_port=str(tls_port),
         mqtt_ws_port=str(ws_port),
-    )
-    try:
+    ) as hub:
         yield hub, cert, tls_port, ws_port
-    finally:
-        stop_hub(hub)
-        drop()
 
 
 def _connect(port: int, uid: str, token: str, **options: Any) -> tuple[mqtt.Client, Any]:
