@@ -17,25 +17,18 @@ from pathlib import Path
 import httpx
 import pytest
 from support.checks import wait_until
+from support.cli import HEXA, hexa_cli
 from support.databases import new_database_url
 from support.hubs import RunningHub
 from support.mqtt import MqttClient
 
-HEXA = [sys.executable, "-m", "hexa.hub.cli"]
 LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
 
 
 def run(
     args: list[str], env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        HEXA + args,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return hexa_cli(args, env, timeout=timeout)
 
 
 @pytest.fixture
