@@ -140,38 +140,57 @@ class SingleFlight:
 
 
 class DeviceBatches:
-    """Device lookups by uid, batched: the lookups made in the same turn of the event loop
-    become one ``WHERE device_uid IN (…)`` query (HTTP Basic auth of a fleet at once)."""
+    """Device lookups by uid, batched: at most one ``WHERE device_uid IN (…)`` query runs at
+    a time, and the lookups made while it runs become the next one (HTTP Basic auth of a
+    fleet at once). An idle hub answers a lookup at once, a busy one in few queries.
+
+    Not a cache: every lookup is answered by a query that started after it was made."""
+
+    #: uids per query (well under SQLite's and PostgreSQL's limits on parameters)
+    MAX_BATCH = 500
 
     def __init__(self) -> None:
-        self._batch: dict[str, list[asyncio.Future[Device | None]]] | None = None
+        self._waiting: dict[str, list[asyncio.Future[Device | None]]] = {}
+        self._flight: asyncio.Task[None] | None = None
 
     async def get(self, uid: str) -> Device | None:
         future: asyncio.Future[Device | None] = asyncio.get_running_loop().create_future()
-        if self._batch is not None:
-            self._batch.setdefault(uid, []).append(future)
-            return await future
-        batch = self._batch = {uid: [future]}
-        try:
-            await asyncio.sleep(0)  # the other lookups of this turn join the batch
-            self._batch = None
-            rows = await Device.filter(device_uid__in=list(batch), deleted_at=None)
-        except BaseException as exc:
-            if self._batch is batch:
-                self._batch = None
-            for waiting in batch.values():
-                for f in waiting:
-                    if not f.done():
-                        f.set_exception(RuntimeError(f"device lookup failed: {exc!r}"))
-                        f.exception()
-            raise
-        found = {d.device_uid: d for d in rows}
-        for key, waiting in batch.items():
-            for f in waiting:
-                if not f.done():
-                    # each caller its own copy: a route may change its device
-                    f.set_result(_copy(found[key]) if key in found else None)
+        self._waiting.setdefault(uid, []).append(future)
+        if self._flight is None:
+            self._flight = asyncio.create_task(self._drain())
         return await future
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # the other lookups of this turn join the first batch
+            while self._waiting:
+                uids = list(self._waiting)[: self.MAX_BATCH]
+                batch = {uid: self._waiting.pop(uid) for uid in uids}
+                try:
+                    rows = await Device.filter(device_uid__in=uids, deleted_at=None)
+                except Exception as exc:  # noqa: BLE001 - each caller of the batch re-raises it
+                    _fail(batch, exc)
+                    continue
+                found = {d.device_uid: d for d in rows}
+                for uid, waiting in batch.items():
+                    for f in waiting:
+                        if not f.done():
+                            # each caller its own copy: a route may change its device
+                            f.set_result(_copy(found[uid]) if uid in found else None)
+        except BaseException as exc:  # cancelled (the hub stops): nobody waits forever
+            _fail(self._waiting, exc)
+            self._waiting = {}
+            raise
+        finally:
+            self._flight = None
+
+
+def _fail(batch: dict[str, list[asyncio.Future[Device | None]]], exc: BaseException) -> None:
+    for waiting in batch.values():
+        for f in waiting:
+            if not f.done():
+                f.set_exception(RuntimeError(f"device lookup failed: {exc!r}"))
+                f.exception()  # retrieved: the caller re-raises it, nobody else must
 
 
 def _copy(device: Device) -> Device:
