@@ -145,8 +145,9 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     v1.include_router(backups.router)
     for extra in routers:
         v1.include_router(extra)
-    app.include_router(v1)
+    # health probes and /metrics first: matched before the /api/v1 routes' scan
     app.include_router(health.router)
+    app.include_router(v1)
     app.include_router(device_gateway.router)
     app.include_router(client_gateway.router)
     install_docs(app)
