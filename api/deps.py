@@ -115,7 +115,16 @@ class Paging:
         )
 
 
-PageDep = Annotated[Paging, Depends()]
+async def paging(
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> Paging:
+    """The paging of a list request. A coroutine: FastAPI runs a class or a plain function
+    dependency in the thread pool, a hand-off on every request."""
+    return Paging(limit, offset)
+
+
+PageDep = Annotated[Paging, Depends(paging)]
 
 
 def client_address(request: Request) -> str | None:
