@@ -224,7 +224,8 @@ def test_idempotency_store_holds_no_secret(hub: RunningHub) -> None:
 
 def test_data_dir_and_its_files_are_private(tmp_path: Path, spawned: list[RunningHub]) -> None:
     """The hub tightens a 0755 data directory to 0700 and a 0644 database to 0600 (and says
-    so); every file it writes there (secrets, SQLite database and journals) is 0600."""
+    so); every file it writes there (secrets, SQLite database and journals) is 0600, and every
+    directory it makes there (the backups) 0700."""
     data = tmp_path / "data"
     data.mkdir()
     data.chmod(0o755)
@@ -240,8 +241,9 @@ def test_data_dir_and_its_files_are_private(tmp_path: Path, spawned: list[Runnin
     names = {p.name for p in data.iterdir()}
     assert {"hexa.db", "hexa.db-wal", "hexa.db-shm", "secrets.json"} <= names, names
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert (data / "backups").is_dir()
     for path in data.iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
     text = log.read_text()
     assert "tightened to 0700" in text and "tightened to 0600" in text
 

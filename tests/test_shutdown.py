@@ -42,8 +42,10 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
                 assert wait_until(lambda d=dev: c.get(f"/devices/{d['id']}").json()["online"])
 
         # Per device, one command at a time: the last one confirmed is what must survive.
-        # A command whose answer never came makes that device's outcome unknown.
+        # A command whose answer never came (a connection the stopping hub reset, a timeout)
+        # leaves that device in one of two states: the last confirmed one or that command's.
         confirmed: dict[str, list[bool]] = {}
+        in_flight: dict[str, list[bool]] = {}
         unknown: set[str] = set()
         stop = threading.Event()
 
@@ -58,6 +60,9 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
                 while not stop.is_set():
                     n += 1
                     index, state = n % 3, not relays[n % 3]
+                    in_flight[dev["id"]] = [
+                        state if i == index else r for i, r in enumerate(relays)
+                    ]
                     try:
                         r = c.post(f"/devices/{dev['id']}/relays/{index}", json={"state": state})
                     except httpx.ConnectError:
@@ -83,6 +88,10 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
                 n += 1
                 intent_id = f"load-{n}"
                 state = "ON" if n % 2 else "OFF"
+                last = confirmed.get(mqtt_dev["id"], [False, False, False])
+                in_flight[mqtt_dev["id"]] = [
+                    state == "ON" if i == 1 else r for i, r in enumerate(last)
+                ]
                 try:
                     integ.publish(
                         f"hexa/{mqtt_m.uid}/relay/1/set",
@@ -117,14 +126,14 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
         for _dev, m in devices:
             m.close()
         stop_hub(hub)
-    checked = {d: relays for d, relays in confirmed.items() if d not in unknown}
-    assert len(checked) >= DEVICES // 2, (confirmed, unknown)
+    assert len(confirmed) == DEVICES
     again = spawn_hub(url, tmp_path / "data")
     try:
         with again.api(user.access_token) as c:
-            for device_id, relays in checked.items():
+            for device_id, relays in confirmed.items():
                 state = c.get(f"/devices/{device_id}/state").json()
-                assert state["relays"] == relays, (device_id, state, relays)
+                allowed = [relays, in_flight[device_id]] if device_id in unknown else [relays]
+                assert state["relays"] in allowed, (device_id, state, allowed)
     finally:
         stop_hub(again)
         drop()
