@@ -259,20 +259,19 @@ class Hub:
 
     def api_base_url(self) -> str:
         """The REST API's base URL as devices reach it (OTA manifests point into it)."""
-        s = self.settings
-        wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
-        host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
-        port = self.http_port if self.http_port is not None else s.http_port
-        scheme = "https" if s.enforce_https or s.https else "http"
-        return f"{scheme}://{host}:{port}/api/v1"
+        return self._public_http("https", "http") + "/api/v1"
 
     def ws_device_url(self) -> str:
+        return self._public_http("wss", "ws") + "/ws/device"
+
+    def _public_http(self, secure: str, plain: str) -> str:
+        """`scheme://host:port` of the HTTP listener as devices reach it."""
         s = self.settings
         wildcard = s.http_host in ("0.0.0.0", "::")  # noqa: S104 - a comparison, not a bind
         host = s.public_host or ("127.0.0.1" if wildcard else s.http_host)
         port = self.http_port if self.http_port is not None else s.http_port
-        scheme = "wss" if s.enforce_https or s.https else "ws"
-        return f"{scheme}://{host}:{port}/ws/device"
+        scheme = secure if s.enforce_https or s.https else plain
+        return f"{scheme}://{host}:{port}"
 
     async def publish_availability(self, uid: str, online: bool) -> None:
         """Availability on behalf of a device bridged by the API (WebSocket)."""
