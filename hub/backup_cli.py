@@ -255,12 +255,12 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _restore(args: argparse.Namespace, settings: Settings) -> int:
-    from hexa.hub import backup
+    from hexa.hub import backup_restore
 
     key = _key(settings, create=False)
     url = settings.resolved_database_url
     with _progress("restoring") as progress:
-        result = backup.restore_backup(
+        result = backup_restore.restore_backup(
             Path(args.file), key, url, settings.data_dir, force=args.force, progress=progress
         )
     _audit(
@@ -290,11 +290,11 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _drill(args: argparse.Namespace, settings: Settings) -> int:
-    from hexa.hub import backup
+    from hexa.hub import backup_restore
 
     key = _key(settings, create=False)
     with _progress("drill: restoring") as progress:
-        result = backup.drill(
+        result = backup_restore.drill(
             settings, key, backup=Path(args.file) if args.file else None, progress=progress
         )
     rows = sum(result.tables.values())
