@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from support.accounts import unique_email
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.hubs import RunningHub, spawn_hub, stop_hub
 from support.ws import close_code_of, connect_ws
 
@@ -27,7 +27,7 @@ def logged(
     """A hub logging at INFO in one format, with a provision key of its own; the log file
     is complete once the hub stopped (the test stops it)."""
     key = "pk-" + secrets.token_urlsafe(24)
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     hub = spawn_hub(
         url,
         tmp_path / "data",
@@ -208,7 +208,7 @@ def test_access_log_lines_and_no_secret_in_either_format(
 
 
 def test_access_log_can_be_turned_off(db_kind: str, tmp_path: Path) -> None:
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     hub = spawn_hub(url, tmp_path / "data", log_level="INFO", access_log="false")
     try:
         assert httpx.get(hub.base + "/health").status_code == 200

@@ -16,7 +16,7 @@ import pytest
 from support.accounts import admin_token, register
 from support.checks import assert_error, ok, wait_until
 from support.cli import hexa_cli
-from support.databases import new_database_url, pg_unreachable
+from support.databases import migrated_database_url, new_database_url, pg_unreachable
 from support.devices import online_device
 from support.hubs import RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
@@ -159,7 +159,7 @@ def test_admin_api_starts_and_lists_backups(hub: RunningHub) -> None:
 
 @pytest.fixture
 def frequent_hub(tmp_path: Path) -> Any:
-    url, drop = new_database_url("sqlite", tmp_path)
+    url, drop = migrated_database_url("sqlite", tmp_path)
     h = spawn_hub(
         url,
         tmp_path / "data",

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from support.accounts import register
 from support.checks import wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import claim, provision
 from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
 from support.mqtt import MqttClient, MqttDevice
@@ -92,7 +92,7 @@ def _listening(port: int) -> bool:
 def external(db_kind: str, tmp_path: Path) -> Iterator[tuple[Mosquitto, RunningHub]]:
     broker = Mosquitto(tmp_path)
     broker.start()
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     hub = spawn_hub(
         url,
         tmp_path / "data",

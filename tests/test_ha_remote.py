@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from support.accounts import User, audit, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import claimed_device, provision, resource_relays
 from support.hubs import RunningHub, free_port, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
@@ -239,7 +239,7 @@ class Home:
 @pytest.fixture(scope="module")
 def home(db_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     tmp = tmp_path_factory.mktemp(f"ha-remote-{db_kind}")
-    url, drop = new_database_url(db_kind, tmp)
+    url, drop = migrated_database_url(db_kind, tmp)
     first = spawn_hub(url, tmp / "data")
     try:
         user = register(first)
@@ -597,7 +597,7 @@ def test_discovery_on_an_external_broker_the_hub_uses(
     """A hub whose own bus is an external broker (HEXA_BROKER_URL) keeps the discovery
     configs there too: published on claim, republished after a birth and after the broker
     restarted empty (the hub reconnects), removed on release."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     hub = spawn_hub(url, tmp_path / "data", broker_url=f"mqtt://127.0.0.1:{broker.port}")
     try:
         user = register(hub)

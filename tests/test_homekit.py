@@ -32,7 +32,7 @@ from pyhap.params import get_srp_context
 from pyhap.util import long_to_bytes
 from support.accounts import User, add_member, audit, register
 from support.checks import assert_error, ok, wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import claimed_device, online_device, resource_relays
 from support.homekit import controller, pair, pair_through
 from support.hubs import COMMAND_TIMEOUT_MS, JWT_SECRET, RunningHub, spawn_hub, stop_hub
@@ -705,7 +705,7 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
     """After `hexa serve` restarts, the bridge is back on the same port with the same
     identity and accessory ids, and the controller paired before goes on without pairing
     again: it reads, switches and gets events. The bridge adds no thread to the process."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     data = tmp_path / "data"
     try:
         first = spawn_hub(url, data)
@@ -773,7 +773,7 @@ def test_pairing_survives_restart(db_kind: str, tmp_path: Path, track: Callable[
 def test_taken_port_at_start_and_bridges_off(db_kind: str, tmp_path: Path) -> None:
     """A bridge whose port (picked by the hub) is taken when the hub starts moves to a
     free one; with HEXA_HOMEKIT_BIND=off a hub runs no bridge and still stores settings."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     data = tmp_path / "data"
     try:
         first = spawn_hub(url, data)
@@ -813,7 +813,7 @@ def test_keys_sealed_with_another_secret(db_kind: str, tmp_path: Path) -> None:
     that bridge with new keys (its controllers would be cut off without a word): it says
     why in its log, answers the bridge as unpaired, and forgetting the pairings starts the
     bridge again with new keys that pair with the setup code."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     try:
         first = spawn_hub(url, tmp_path / "first")
         try:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from support.accounts import admin_token, register, unique_email
 from support.checks import assert_error, wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import provision
 from support.hubs import PROVISION_KEY, RunningHub, spawn_hub, stop_hub
 from support.mqtt import MqttDevice
@@ -87,7 +87,7 @@ def test_partial_request_heads_do_not_stop_rest_or_mqtt(
 ) -> None:
     """With 2 000 connections stuck in their request head, REST and MQTT CONNECT still work,
     even for a hub started with a soft limit of 512 open files."""
-    url, _ = new_database_url("sqlite", tmp_path)
+    url, _ = migrated_database_url("sqlite", tmp_path)
     log = tmp_path / "hub.log"
     hub = spawn_hub(
         url,
@@ -127,7 +127,7 @@ def test_slow_and_idle_connections_are_closed_by_the_hub(
     """Connections whose request head is incomplete after the header timeout get a 408 and are
     closed, including one that trickles a byte at a time; an idle kept-alive one is closed too;
     an open WebSocket is not."""
-    url, _ = new_database_url("sqlite", tmp_path)
+    url, _ = migrated_database_url("sqlite", tmp_path)
     hub = spawn_hub(
         url,
         tmp_path / "data",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from support.accounts import integration_token, register
 from support.checks import wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import claimed_device
 from support.hubs import spawn_hub, stop_hub
 from support.mqtt import MqttClient, MqttDevice
@@ -17,7 +17,7 @@ from support.mqtt import MqttClient, MqttDevice
 def test_restarted_hub_republishes_retained_state(tmp_path: Path, db_kind: str) -> None:
     """After a restart, a subscriber gets each device's per-relay and aggregate state,
     retained, with no device connected."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     first = spawn_hub(url, tmp_path / "data")
     try:
         user = register(first)

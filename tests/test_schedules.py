@@ -21,7 +21,7 @@ import httpx
 import pytest
 from support.accounts import User, add_member, audit, register
 from support.checks import assert_error, wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url, new_database_url
 from support.devices import claimed_device, online_device
 from support.hubs import RunningHub, spawn_hub, stop_hub
 
@@ -118,7 +118,7 @@ def serve(url: str, data_dir: Path, log: Path) -> RunningHub:
 def fast_hub(db_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningHub]:
     """A hub process of our own whose scheduler ticks every 0.5 s (grace: the default 60 s)."""
     tmp = tmp_path_factory.mktemp(f"sched-{db_kind}")
-    url, drop = new_database_url(db_kind, tmp)
+    url, drop = migrated_database_url(db_kind, tmp)
     h = serve(url, tmp / "data", tmp / "hub.log")
     try:
         yield h
@@ -758,7 +758,7 @@ def test_exactly_once_across_two_instances(db_kind: str, tmp_path: Path) -> None
 
 def test_crash_and_restart_fires_a_due_run_once(db_kind: str, tmp_path: Path) -> None:
     """A hub killed (SIGKILL) while a run is due fires it once after restart, never again."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     data = tmp_path / "data"
     h = serve(url, data, tmp_path / "first.log")
     try:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from support.accounts import integration_token, register
 from support.checks import wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import claimed_device
 from support.hubs import spawn_hub, stop_hub
 from support.mqtt import MqttClient, MqttDevice
@@ -26,7 +26,7 @@ DEVICES = 6
 @pytest.mark.timeout(240)
 def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: str) -> None:
     """Every device's last state confirmed before SIGTERM is the state after the restart."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     hub = spawn_hub(url, tmp_path / "data")
     devices: list[tuple[dict[str, Any], MqttDevice]] = []
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from support.accounts import User, add_member, admin_token, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 from support.devices import online_device
 from support.hubs import RunningHub, spawn_hub, spawned_hub, stop_hub
 from support.ws import WsPeer, client_url, ws_client
@@ -146,7 +146,7 @@ def test_expired_token_socket_closes_4401(
 @pytest.fixture
 def two_instances(db_kind: str, tmp_path: Path) -> Iterator[tuple[RunningHub, RunningHub]]:
     """Two hub processes serving one database, as behind a load balancer."""
-    url, drop = new_database_url(db_kind, tmp_path)
+    url, drop = migrated_database_url(db_kind, tmp_path)
     first = spawn_hub(url, tmp_path / "first")
     second = None
     try:

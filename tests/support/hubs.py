@@ -18,7 +18,7 @@ import httpx
 
 from hexa.hub.config import Settings, load_settings
 from support.checks import wait_until
-from support.databases import new_database_url
+from support.databases import migrated_database_url
 
 PROVISION_KEY = "test-provision-key-0123456789"
 ADMIN_EMAIL = "admin@hexa.test"
@@ -217,9 +217,9 @@ def stop_hub(hub: RunningHub) -> None:
 
 @contextlib.contextmanager
 def spawned_hub(db_kind: str, tmp: Path, **options: Any) -> Iterator[RunningHub]:
-    """``spawn_hub`` on a fresh database of ``db_kind`` with its data in ``tmp``/data; the
-    hub is stopped and the database dropped when the block ends."""
-    url, drop = new_database_url(db_kind, tmp)
+    """``spawn_hub`` on a fresh (already migrated) database of ``db_kind`` with its data in
+    ``tmp``/data; the hub is stopped and the database dropped when the block ends."""
+    url, drop = migrated_database_url(db_kind, tmp)
     try:
         hub = spawn_hub(url, tmp / "data", **options)
         try:
