@@ -151,6 +151,8 @@ def create_app(hub: Hub, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app.include_router(device_gateway.router)
     app.include_router(client_gateway.router)
     install_docs(app)
+    # the fleet's check and manifest requests, ahead of every route (api/routers/ota.py)
+    ota.install_fast_routes(app)
     settings = hub.settings
     assert settings.jwt_secret is not None
     # Starlette applies middleware in reverse order: the last added is the outermost.

@@ -139,6 +139,20 @@ class SingleFlight:
         return result
 
 
+#: the fields of a device the OTA routes use: a device authenticated for them is read with
+#: these alone (a full row, with its dates and metadata, cost a fleet's checks a tenth of
+#: their CPU); reading any other field of it raises AttributeError
+DEVICE_FIELDS = (
+    "id",
+    "device_uid",
+    "model",
+    "fw_version",
+    "token_hash",
+    "ota_channel",
+    "ota_security_version",
+)
+
+
 class DeviceBatches:
     """Device lookups by uid, batched: at most one ``WHERE device_uid IN (…)`` query runs at
     a time, and the lookups made while it runs become the next one (HTTP Basic auth of a
@@ -167,7 +181,9 @@ class DeviceBatches:
                 uids = list(self._waiting)[: self.MAX_BATCH]
                 batch = {uid: self._waiting.pop(uid) for uid in uids}
                 try:
-                    rows = await Device.filter(device_uid__in=uids, deleted_at=None)
+                    rows = await Device.filter(device_uid__in=uids, deleted_at=None).only(
+                        *DEVICE_FIELDS
+                    )
                 except Exception as exc:  # noqa: BLE001 - each caller of the batch re-raises it
                     _fail(batch, exc)
                     continue
@@ -239,8 +255,9 @@ class Ota:
         self._devices = DeviceBatches()
 
     async def authenticate(self, device_uid: str, token: str) -> Device | None:
-        """The live device of an HTTP Basic pair, or None (wrong, revoked, deleted).
-        Lookups of many devices at once share queries; nothing is cached."""
+        """The live device of an HTTP Basic pair, or None (wrong, revoked, deleted), with
+        :data:`DEVICE_FIELDS` only. Lookups of many devices at once share queries; nothing
+        is cached."""
         if not device_uid or not token or len(device_uid) > 64:
             return None
         device = await self._devices.get(device_uid)

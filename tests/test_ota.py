@@ -376,6 +376,67 @@ def test_device_credentials_and_paths(hub: RunningHub, releases: Releases) -> No
     other.close()
 
 
+def test_fleet_routes_answer_alike_by_either_path(hub: RunningHub, releases: Releases) -> None:
+    """``GET /ota/check`` and ``GET /ota/manifest/{uid}`` as a device sends them are answered
+    ahead of FastAPI's dependencies; with anything unusual in the query they go through the
+    FastAPI route. Both answer the same bytes and headers, the same errors (envelope, request
+    id, security headers), are counted under the route's template, and unusual queries are
+    still validated."""
+    release, _ = releases.published(1)
+    dev, _ = ota_device(hub)
+    other, _ = ota_device(hub)
+
+    def alike(fast: httpx.Response, slow: httpx.Response) -> None:
+        assert fast.status_code == slow.status_code, (fast.text, slow.text)
+        if fast.status_code == 200:
+            assert fast.content == slow.content
+        else:  # the same envelope; each answer has its own request id
+            a, b = fast.json(), slow.json()
+            assert a.pop("request_id") == fast.headers["x-request-id"]
+            assert b.pop("request_id") == slow.headers["x-request-id"]
+            assert a == b
+        skip = {"x-request-id", "date"}
+        assert {k: v for k, v in fast.headers.items() if k not in skip} == {
+            k: v for k, v in slow.headers.items() if k not in skip
+        }
+
+    routes = "hexa_http_requests_total"
+    checks = metric(hub, routes, route="/api/v1/ota/check", status="200")
+    manifests = metric(hub, routes, route="/api/v1/ota/manifest/{device_uid}", status="200")
+    # an unknown parameter is ignored by the FastAPI route and sends the request there
+    pairs = [
+        ("/ota/check", "/ota/check?also=1"),
+        ("/ota/check?current_version=1.0.0", "/ota/check?current_version=1.0.0&also=1"),
+        ("/ota/check?current_version=1.0.0", "/ota/check?current_version=1%2E0%2E0"),
+        (f"/ota/manifest/{dev.uid}", f"/ota/manifest/{dev.uid}?also=1"),
+        (f"/ota/manifest/{other.uid}", f"/ota/manifest/{other.uid}?also=1"),  # 404
+    ]
+    for fast, slow in pairs:
+        alike(dev.c.get(fast), dev.c.get(slow))
+    assert ok(dev.c.get("/ota/check"))["release_id"] == release["id"]
+    assert metric(hub, routes, route="/api/v1/ota/check", status="200") >= checks + 7
+    assert metric(hub, routes, route="/api/v1/ota/manifest/{device_uid}", status="200") >= (
+        manifests + 2
+    )
+    for headers in ({}, basic(dev.uid, "hxd_wrong"), {"Authorization": "Basic !!!"}):
+        anon = httpx.Client(base_url=hub.api_base, headers=headers, timeout=15)
+        alike(anon.get("/ota/check"), anon.get("/ota/check?also=1"))
+        alike(anon.get(f"/ota/manifest/{dev.uid}"), anon.get(f"/ota/manifest/{dev.uid}?also=1"))
+        assert anon.get("/ota/check").headers["www-authenticate"] == "Bearer"
+        anon.close()
+    # what only the FastAPI route accepts is still validated there
+    assert_error(dev.c.get("/ota/check", params={"current_version": "1" * 65}), 400)
+    assert_error(dev.c.get("/ota/check?current_version=1.0.0%00"), 400, "validation_error")
+    assert_error(dev.c.get(f"/ota/manifest/{dev.uid}?x=%00"), 400, "validation_error")
+    # the version a device reports by either path is recorded alike
+    assert ok(dev.c.get("/ota/check?current_version=99999999999.0.0")) == {"update": False}
+    assert_error(dev.manifest(), 404, "no_update")
+    assert ok(dev.c.get("/ota/check?current_version=1%2E0%2E0"))["release_id"] == release["id"]
+    assert ok(dev.manifest())["manifest"]["release_id"] == release["id"]
+    dev.close()
+    other.close()
+
+
 def test_artifact_ranges(hub: RunningHub, releases: Releases) -> None:
     """The artifact is served whole or by Range (206, suffix ranges; 416 past the end)."""
     release, data = releases.published(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import uuid
 from datetime import datetime
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Receive, Scope, Send
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep, get_principal
 from hexa.api.errors import request_id_of
@@ -26,7 +29,7 @@ from hexa.api.schemas import Body, Page, Timestamp
 from hexa.hub import ota_crypto
 from hexa.hub.access import Principal
 from hexa.hub.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
-from hexa.hub.ota import REPORT_STATES
+from hexa.hub.ota import REPORT_STATES, Offer
 from hexa.models import Device, OtaKey, OtaRelease
 
 if TYPE_CHECKING:
@@ -55,7 +58,10 @@ _bearer = HTTPBearer(auto_error=False)
 
 
 def _basic(request: Request) -> tuple[str, str] | None:
-    header = request.headers.get("authorization", "")
+    return _basic_pair(request.headers.get("authorization", ""))
+
+
+def _basic_pair(header: str) -> tuple[str, str] | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic" or not value:
         return None
@@ -70,8 +76,10 @@ def _basic(request: Request) -> tuple[str, str] | None:
 async def current_device(request: Request) -> Device:
     """The device of the ``Authorization: Basic base64(device_uid:device_token)`` header:
     the same pair as MQTT. Missing, wrong or revoked → 401."""
-    pair = _basic(request)
-    hub: Hub = request.app.state.hub
+    return await _authenticated(request.app.state.hub, _basic(request))
+
+
+async def _authenticated(hub: Hub, pair: tuple[str, str] | None) -> Device:
     device = await hub.ota.authenticate(*pair) if pair else None
     if device is None:
         raise Unauthorized("device credentials are missing or wrong")
@@ -343,19 +351,27 @@ async def check(
 ) -> CheckAnswer:
     """Whether an update is offered to the calling device. ``current_version``, when
     given, is the version it runs (recorded as its ``fw_version``)."""
+    return CheckAnswer.model_validate(check_answer(await _offer(hub, device, current_version)))
+
+
+async def _offer(hub: Hub, device: Device, current_version: str | None) -> Offer | None:
     if current_version and current_version != device.fw_version:
         await Device.filter(id=device.id).update(fw_version=current_version)
         device.fw_version = current_version
-    offer = await hub.ota.offer(device, device.fw_version)
+    return await hub.ota.offer(device, device.fw_version)
+
+
+def check_answer(offer: Offer | None) -> dict[str, Any]:
+    """What ``GET /ota/check`` answers, in :class:`CheckAnswer`'s order."""
     if offer is None:
-        return CheckAnswer(update=False)
-    return CheckAnswer(
-        update=True,
-        release_id=offer.release.id,
-        version=offer.release.version,
-        security_version=offer.release.security_version,
-        manifest_url=offer.manifest_url,
-    )
+        return {"update": False}
+    return {
+        "update": True,
+        "release_id": str(offer.release.id),
+        "version": offer.release.version,
+        "security_version": offer.release.security_version,
+        "manifest_url": offer.manifest_url,
+    }
 
 
 @router.get("/ota/manifest/{device_uid}", responses=_INTEGRITY)
@@ -414,3 +430,89 @@ async def tell_device(
         version=release.version,
         manifest_url=command.manifest_url,
     )
+
+
+# --- the fleet's routes without the dependency machinery ------------------------------------
+#: a query string the fast path takes as it is: none, or ``current_version`` once, of
+#: characters that stand for themselves (no %-escapes, no ``+``), within its 64-character limit
+_PLAIN_CHECK_QUERY = re.compile(rb"(?:current_version=([A-Za-z0-9._~-]{0,64}))?")
+_JSON_HEADERS = b"application/json"
+
+
+class DeviceFastRoute(BaseRoute):
+    """``GET /ota/check`` and ``GET /ota/manifest/{device_uid}`` as the fleet sends them,
+    answered without FastAPI's route scan, dependency resolution and response validation
+    (most of what a check cost the hub). Placed first among the application's routes, so
+    inside the whole middleware stack (request id, 426, security headers, body limit,
+    metrics, access log) and the exception handlers (the error envelope) like any route.
+
+    It takes only requests the FastAPI route would accept as they are: GET, no root path,
+    no query for the manifest, and for the check no query but ``current_version`` in plain
+    characters. Anything else (another method, %-escapes, extra or repeated parameters, an
+    over-long version) does not match and goes on to the FastAPI route of the same path,
+    which validates it. Both
+    run the same code below them (:func:`_offer`, :meth:`Ota.signed_manifest`): the
+    device's credentials and every fail-closed check of the release on every request.
+    """
+
+    def __init__(self, path: str, kind: Literal["check", "manifest"]) -> None:
+        self.path = self.path_format = path  # the template: metrics and the access log
+        self.kind = kind
+        self.prefix = path.removesuffix("{device_uid}")
+        self.name = f"ota_{kind}_fast"
+        self.include_in_schema = False  # the FastAPI route of the same path documents it
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
+            return Match.NONE, {}
+        path: str = scope["path"]
+        if self.kind == "check":
+            if path != self.path or not _PLAIN_CHECK_QUERY.fullmatch(scope["query_string"]):
+                return Match.NONE, {}
+            return Match.FULL, {"route": self, "endpoint": self.handle, "path_params": {}}
+        uid = path[len(self.prefix) :]
+        if scope["query_string"] or not path.startswith(self.prefix) or not uid or "/" in uid:
+            return Match.NONE, {}
+        return Match.FULL, {
+            "route": self,
+            "endpoint": self.handle,
+            "path_params": {"device_uid": uid},
+        }
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub: Hub = scope["app"].state.hub
+        authorization = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        device = await _authenticated(hub, _basic_pair(authorization))
+        if self.kind == "check":
+            plain = _PLAIN_CHECK_QUERY.fullmatch(scope["query_string"])
+            version = plain[1].decode() if plain and plain[1] is not None else None
+            answer = check_answer(await _offer(hub, device, version))
+            body = json.dumps(answer, separators=(",", ":")).encode()
+        else:
+            if scope["path_params"]["device_uid"] != device.device_uid:
+                raise NotFound("device")
+            signed = SignedManifest.model_validate(await hub.ota.signed_manifest(device))
+            body = signed.model_dump_json().encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", _JSON_HEADERS),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def install_fast_routes(app: FastAPI, prefix: str = "/api/v1") -> None:
+    """Put :class:`DeviceFastRoute` ahead of every other route of ``app``."""
+    app.router.routes[0:0] = [
+        DeviceFastRoute(f"{prefix}/ota/check", "check"),
+        DeviceFastRoute(f"{prefix}/ota/manifest/{{device_uid}}", "manifest"),
+    ]
