@@ -5,6 +5,7 @@ when a server answers, on PostgreSQL. The helpers tests share live in ``tests/su
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +80,20 @@ def tmp_data(tmp_path: Path) -> Path:
 def anyio_backend() -> str:
     """Tests marked ``anyio`` run on asyncio, the loop the hub runs on."""
     return "asyncio"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """HEXA_TEST_EMBEDDED_BUS chooses the bus of the shared hub only (``hub``): a test without
+    it (a unit test, or one on a hub process of its own) would repeat the default pass
+    exactly, so a pass with the variable set runs only the tests on the shared hub."""
+    if os.environ.get("HEXA_TEST_EMBEDDED_BUS", "local") == "local":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if "hub" in getattr(item, "fixturenames", ()) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
