@@ -129,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--database-url", dest="bench_database_url")
     bench.add_argument(
+        "--seed",
+        action="store_true",
+        help="write the claimed devices straight into the hub's database (fast) instead of "
+        "provisioning and claiming each through the API",
+    )
+    bench.add_argument(
+        "--connect-only",
+        action="store_true",
+        help="stop after timing the connect of the devices (connects/s, hub CPU and RSS)",
+    )
+    bench.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=50,
+        help="devices connecting at the same time during the connect phase",
+    )
+    bench.add_argument(
         "--profile", metavar="FILE", help="profile the hub process (cProfile stats to FILE)"
     )
     bench.add_argument(

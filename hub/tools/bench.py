@@ -36,11 +36,12 @@ from typing import Any
 import anyio
 import httpx
 import psutil
+from tortoise.transactions import in_transaction
 
 from hexa.hub import topics
 from hexa.hub.mqtt.bus import BrokerAddress, Bus
 from hexa.hub.mqtt.busapi import Message
-from hexa.hub.tools.sim import Credentials, SimDevice, provision
+from hexa.hub.tools.sim import MODEL, Credentials, SimDevice, provision
 
 KEY = "bench-provision-key-" + uuid.uuid4().hex
 LISTEN_RE = re.compile(r"HTTP on http://[\d.]+:(\d+).*MQTT on [\d.]+:(\d+)")
@@ -198,6 +199,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             env["HEXA_BROKER_URL"] = f"mqtt://127.0.0.1:{mqtt_port}"
             pids.append(procs.procs[-1].pid)
         hub, http_port, hub_mqtt = procs.start_hub(env, args.profile)
+        database_url = args.bench_database_url or f"sqlite://{procs.work / 'data' / 'hexa.db'}"
         mqtt_port = mqtt_port or hub_mqtt
         pids.insert(0, hub.pid)
         base = f"http://127.0.0.1:{http_port}"
@@ -207,14 +209,86 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     base_url=base, timeout=30, limits=httpx.Limits(max_connections=64)
                 )
             )
-            result.update(await _run(args, http, mqtt_port, pids))
+            result.update(await _run(args, http, mqtt_port, pids, database_url))
     finally:
         procs.stop()
     return result
 
 
+async def _seed(
+    database_url: str, org_id: str, count: int, mqtt_port: int
+) -> tuple[list[Credentials], dict[str, str]]:
+    """``count`` claimed switches of ``org_id`` written straight into the hub's database
+    (a bulk insert instead of a provision and a claim through the API each): their
+    credentials and uid → id. What a claim does besides (its audit entry, the Home
+    Assistant discovery configs) is left out; the hub loads these rows on first use."""
+    from hexa.hub import catalog, db
+    from hexa.hub.devices import new_device_uid
+    from hexa.hub.security import new_token, token_hash, utcnow
+    from hexa.models import Device, DeviceInput, RelayState
+
+    spec = catalog.lookup(MODEL)
+    assert spec is not None
+    async with db.database(database_url):  # the models are usable once it is open
+        creds: list[Credentials] = []
+        devices: list[Device] = []
+        uids: set[str] = set()
+        now = utcnow()
+        while len(devices) < count:
+            uid = new_device_uid()
+            if uid in uids:
+                continue
+            uids.add(uid)
+            token = new_token("hxd_")
+            creds.append(Credentials(uid, token, "", "127.0.0.1", mqtt_port, ""))
+            devices.append(
+                Device(
+                    device_uid=uid,
+                    model=spec.name,
+                    device_class=spec.device_class,
+                    name=uid,
+                    serial=f"SEED{len(devices):06d}",
+                    fw_version="1.0.0",
+                    token_hash=token_hash(token),
+                    relay_count=spec.relay_count,
+                    input_count=spec.input_count,
+                    org_id=uuid.UUID(org_id),
+                    claimed_at=now,
+                )
+            )
+        for i in range(0, count, 1000):
+            chunk = devices[i : i + 1000]
+            async with in_transaction():
+                await Device.bulk_create(chunk)
+                await RelayState.bulk_create(
+                    [
+                        RelayState(device_id=d.id, index=n)
+                        for d in chunk
+                        for n in range(d.relay_count)
+                    ]
+                )
+                await DeviceInput.bulk_create(
+                    [
+                        DeviceInput(device_id=d.id, index=n, mode=spec.default_input_mode)
+                        for d in chunk
+                        for n in range(d.input_count)
+                    ]
+                )
+    return creds, {d.device_uid: str(d.id) for d in devices}
+
+
+async def _online(http: httpx.AsyncClient, auth: dict[str, str]) -> int:
+    """How many devices the hub has marked online (in its database)."""
+    r = await http.get("/api/v1/devices", params={"online": "true", "limit": 1}, headers=auth)
+    return int(r.json()["total"])
+
+
 async def _run(
-    args: argparse.Namespace, http: httpx.AsyncClient, mqtt_port: int, pids: list[int]
+    args: argparse.Namespace,
+    http: httpx.AsyncClient,
+    mqtt_port: int,
+    pids: list[int],
+    database_url: str,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     reg = await http.post(
@@ -226,26 +300,35 @@ async def _run(
     org = (await http.get("/api/v1/auth/me", headers=auth)).json()["memberships"][0]["org_id"]
 
     t = time.monotonic()
-    creds: list[Credentials] = await provision(http, KEY, args.devices)
-    sem = asyncio.Semaphore(16)
-    ids: dict[str, str] = {}
+    if args.seed:
+        creds, ids = await _seed(database_url, org, args.devices, mqtt_port)
+        out["seed_s"] = round(time.monotonic() - t, 2)
+    else:
+        creds = await provision(http, KEY, args.devices)
+        sem = asyncio.Semaphore(16)
+        ids = {}
 
-    async def claim(c: Credentials) -> None:
-        async with sem:
-            r = await http.post(
-                "/api/v1/devices/claim", json={"claim_code": c.claim_code}, headers=auth
-            )
-        ids[c.device_uid] = r.json()["id"]
+        async def claim(c: Credentials) -> None:
+            async with sem:
+                r = await http.post(
+                    "/api/v1/devices/claim", json={"claim_code": c.claim_code}, headers=auth
+                )
+            ids[c.device_uid] = r.json()["id"]
 
-    await asyncio.gather(*(claim(c) for c in creds))
-    out["provision_and_claim_s"] = round(time.monotonic() - t, 2)
+        await asyncio.gather(*(claim(c) for c in creds))
+        out["provision_and_claim_s"] = round(time.monotonic() - t, 2)
 
     devices = [
         SimDevice(c, report_every=3600, mqtt_host="127.0.0.1", mqtt_port=mqtt_port) for c in creds
     ]
     async with anyio.create_task_group() as tg:
+        # The connect storm: every device connects (CONNACK, its SUBSCRIBE, its retained
+        # "online"); done when the hub has marked all of them online in its database.
+        me = psutil.Process()
+        loadgen_cpu0 = _Usage._cpu(me)
+        connecting = _Usage(pids)
         t = time.monotonic()
-        connect_sem = asyncio.Semaphore(50)
+        connect_sem = asyncio.Semaphore(args.connect_concurrency)
 
         async def start(d: SimDevice) -> None:
             async with connect_sem:
@@ -253,11 +336,27 @@ async def _run(
                 await d.connected.wait()
 
         await asyncio.gather(*(start(d) for d in devices))
-        while (  # noqa: ASYNC110 - polling the hub under test is the measurement
-            await http.get("/api/v1/devices", params={"online": "true", "limit": 1}, headers=auth)
-        ).json()["total"] < len(devices):
-            await asyncio.sleep(0.2)
-        out["connect_all_s"] = round(time.monotonic() - t, 2)
+        connected_s = time.monotonic() - t
+        while await _online(http, auth) < len(devices):  # noqa: ASYNC110 - the measurement
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - t
+        hub_connect = connecting.sample()[0]
+        out["connect_all_s"] = round(elapsed, 2)
+        out["connect"] = {
+            "devices": len(devices),
+            "concurrency": args.connect_concurrency,
+            "connected_s": round(connected_s, 2),
+            "all_online_s": round(elapsed, 2),
+            "per_s": round(len(devices) / elapsed, 1),
+            "hub_cpu_s": hub_connect["cpu_s"],
+            "hub_cpu_ms_per_connect": round(1000 * hub_connect["cpu_s"] / len(devices), 3),
+            "hub_rss_mb": hub_connect["rss_mb"],
+            "loadgen_cpu_s": round(_Usage._cpu(me) - loadgen_cpu0, 2),
+        }
+        if args.connect_only:
+            out["hub"] = connecting.sample()[0]
+            tg.cancel_scope.cancel()
+            return out
         # The load generator's own full collections (1000 devices: ~100 ms) would show up
         # as hub latency: freeze what is built and leave full collections until the end.
         gc.collect()
@@ -406,7 +505,6 @@ async def _run(
         gc.unfreeze()
         final = usage.sample()
         out["hub"] = final[0]
-        me = psutil.Process()
         out["loadgen_cpu_s"] = round(me.cpu_times().user + me.cpu_times().system, 1)
         if len(final) > 1:
             out["broker_process"] = final[1]
