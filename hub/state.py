@@ -128,7 +128,7 @@ class DeviceCache:
             return
         pending, self._seen = self._seen, {}
         try:
-            await _execute_rows(_UPDATE_SEEN, [[at, str(did)] for did, at in pending.items()])
+            await execute_rows(_UPDATE_SEEN, [[at, str(did)] for did, at in pending.items()])
         except Exception:
             for did, at in pending.items():  # keep what newer touches did not replace
                 self._seen.setdefault(did, at)
@@ -213,7 +213,7 @@ class StateWriter:
     async def _commit(self, batch: _Batch) -> None:
         for sql, rows in ((_UPDATE_RELAY, batch.relays), (_UPDATE_INPUT, batch.inputs)):
             if rows:
-                await _execute_rows(sql, rows)
+                await execute_rows(sql, rows)
 
 
 _UPDATE_RELAY = (
@@ -225,8 +225,9 @@ _UPDATE_INPUT = (
 )
 
 
-async def _execute_rows(sql: str, rows: list[list[Any]]) -> None:
-    """Run one ``?``-parameterised statement for every row, in one transaction."""
+async def execute_rows(sql: str, rows: list[list[Any]]) -> None:
+    """Run one ``?``-parameterised statement for every row, in one transaction (the
+    placeholders are numbered for PostgreSQL)."""
     client = connections.get("default")
     if client.capabilities.dialect == "postgres":
         sql = _numbered(sql)

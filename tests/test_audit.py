@@ -122,3 +122,17 @@ def test_device_lifecycle_is_audited(hub: RunningHub) -> None:
         5,
     )
     assert actions
+
+
+def test_queued_entries_are_written_with_every_column_of_the_model() -> None:
+    """The audit queue writes its rows with its own INSERT: it must name every column of
+    AuditEntry, in the order rows are queued, in the model's table (a column added to
+    the model fails here first)."""
+    from hexa.hub import audit as audit_log
+    from hexa.models import AuditEntry
+
+    assert set(audit_log._COLUMNS) == set(AuditEntry._meta.fields_map)
+    assert f'INSERT INTO "{AuditEntry._meta.db_table}" (' in audit_log._INSERT
+    named = audit_log._INSERT.split("(", 1)[1].split(")", 1)[0]
+    assert [c.strip('"') for c in named.split(",")] == list(audit_log._COLUMNS)  # row order
+    assert audit_log._INSERT.count("?") == len(audit_log._COLUMNS)
