@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from hexa.broker import codec, metrics
 from hexa.broker.acl import Identity, Kind
@@ -40,6 +40,7 @@ from hexa.broker.ratelimit import TokenBucket
 from hexa.broker.routing import RetainedStore, Subscriptions, matches
 from hexa.hub import topics
 from hexa.hub.logs import printable
+from hexa.hub.topics import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,18 @@ class Drains(Protocol):
 class LocalSession(Drains, Protocol):
     """A session attached in process (the hub's own): deliveries are calls."""
 
-    def deliver(self, topic: str, payload: bytes, qos: int, retain: bool, sender: str) -> bool:
-        """Take one message; True when the session is congested (publishers should
-        wait for :meth:`drained`)."""
+    def deliver(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        sender: str,
+        decoded: Decoded[Any] | None = None,
+    ) -> bool:
+        """Take one message (``decoded``: what it was built from, when the hub published
+        it); True when the session is congested (publishers should wait for
+        :meth:`drained`)."""
         ...
 
 
@@ -201,10 +211,18 @@ class Engine:
         return None
 
     async def route(
-        self, sender: Client | None, topic: str, payload: bytes, qos: int, retain: bool
+        self,
+        sender: Client | None,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        decoded: Decoded[Any] | None = None,
     ) -> list[Drains]:
         """Deliver a publish to every subscriber allowed to receive it (and retain it);
-        the subscribers it left congested (a client publisher waits for them to drain)."""
+        the subscribers it left congested (a client publisher waits for them to drain).
+        Sessions attached in process also get ``decoded``, the hub's own message as it
+        built it, when the hub passes it."""
         congested: list[Drains] = []
         if retain:
             self.retained.put(topic, payload, qos)
@@ -224,7 +242,7 @@ class Engine:
             q = granted if granted < qos else qos  # MQTT-3.8.4: the lower of the two
             if target.local is not None:
                 sent += 1
-                if target.local.deliver(topic, payload, q, False, sender_key):
+                if target.local.deliver(topic, payload, q, False, sender_key, decoded):
                     congested.append(target.local)
                 continue
             conn = target.connection

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -22,6 +22,7 @@ from hexa.broker.engine import Client
 from hexa.broker.waiters import Waiters
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
+from hexa.hub.topics import Decoded
 
 if TYPE_CHECKING:
     from hexa.broker.server import HexaBroker
@@ -50,6 +51,7 @@ class LocalBus:
         self._session: Client | None = None
         self._attached = asyncio.Event()
         self._waiters = Waiters()
+        self._received_hub = metrics.RECEIVED_BY_KIND["hub"]
 
     @property
     def connected(self) -> bool:
@@ -70,19 +72,39 @@ class LocalBus:
             self.broker.engine.unsubscribe(self._session, flt)
 
     async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        decoded: Decoded[Any] | None = None,
     ) -> None:
+        """Route a message of the hub's: outside subscribers get ``payload``, the hub's own
+        handlers also ``decoded`` (what it was built from) when given."""
         if self._session is None:
             raise BusUnavailable("the embedded broker is not running")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
-        metrics.RECEIVED_BY_KIND["hub"].inc()
-        await self.broker.engine.route(self._session, topic, data, qos, retain)
+        self._received_hub.inc()
+        await self.broker.engine.route(self._session, topic, data, qos, retain, decoded)
 
-    def deliver(self, topic: str, data: bytes, qos: int, retain: bool, sender: str) -> bool:
+    def deliver(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        sender: str,
+        decoded: Decoded[Any] | None = None,
+    ) -> bool:
         """A message routed to the hub (the broker calls this); True when the hub is
         behind, so that the publishing client waits (:meth:`drained`)."""
-        self._queue.put_nowait(Message(topic, data, retain, qos, None if retain else sender))
-        return self._queue.qsize() >= QUEUE_HIGH
+        queue = self._queue
+        if retain:  # a retained copy (replayed, or stored): who sent it is not known
+            queue.put_nowait(Message(topic, data, retain, qos, None, decoded))
+        else:
+            queue.put_nowait(Message(topic, data, retain, qos, sender, decoded))
+        return queue.qsize() >= QUEUE_HIGH
 
     async def drained(self) -> None:
         """Return once the hub has caught up (its queue down to ``QUEUE_LOW``)."""

@@ -42,6 +42,17 @@ class RelayAction:
         index = action.get("relay_index") if action.get("type") == "set_relay" else None
         return cls.of(index, action["state"])
 
+    def decoded(self, uid: str, intent: topics.Intent) -> topics.Decoded[topics.Intent] | None:
+        """The intent as the relay service's in-process handler takes it, or None where it
+        must decode the payload: a TOGGLE of all relays is refused as malformed there."""
+        if self.relay_index is None:
+            if intent.state == "TOGGLE":
+                return None
+            return topics.Decoded(topics.RELAYS_SET, {"uid": uid}, intent)
+        return topics.Decoded(
+            topics.RELAY_SET, {"uid": uid, "index": str(self.relay_index)}, intent
+        )
+
     def topic(self, uid: str) -> str:
         """The intent topic this action is published on."""
         if self.relay_index is None:
@@ -95,7 +106,9 @@ class Commands:
         self._waiting[intent.intent_id] = future
         try:
             sealed = topics.seal_intent(intent, topic, self.seal_key)
-            await self.bus.publish(topic, topics.encode_intent(sealed))
+            await self.bus.publish(
+                topic, topics.encode_intent(sealed), decoded=action.decoded(uid, sealed)
+            )
             return await asyncio.wait_for(future, self.timeout_s + MARGIN_S)
         except TimeoutError:
             return topics.Result(intent_id=intent.intent_id, ok=False, status="timeout")

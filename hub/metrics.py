@@ -149,11 +149,22 @@ COMMAND_SOURCES = frozenset(
 )
 
 
+#: the children of COMMANDS and COMMAND_LATENCY by (status, source), bound once: the
+#: relay service counts every intent (the label values are the few above)
+_command_series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+
 def observe_command(status: str, source: str, seconds: float) -> None:
     """Count one relay result and observe its latency, whatever its status: a timeout is
     observed too, so the histogram shows how long callers waited for nothing."""
-    COMMANDS.labels(status, source if source in COMMAND_SOURCES else "other").inc()
-    COMMAND_LATENCY.labels(status).observe(seconds)
+    series = _command_series.get((status, source))
+    if series is None:
+        label = source if source in COMMAND_SOURCES else "other"
+        series = (COMMANDS.labels(status, label), COMMAND_LATENCY.labels(status))
+        if len(_command_series) < 1000:  # statuses x sources; any other source is "other"
+            _command_series[(status, source)] = series
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 async def refresh_at_scrape(*, bus_connected: bool) -> None:

@@ -9,12 +9,14 @@ concurrently; an ack that arrives after its timeout is still recorded.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -32,6 +34,8 @@ from hexa.models import IntegrationToken
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_PER_DEVICE = 32
+#: a device's worker ends after this long without intents
+IDLE_WORKER_S = 30.0
 LATE_ACK_MEMORY = 1024
 #: sealed intent ids remembered, so that a replayed copy is not attributed again
 SEALS_REMEMBERED = 10_000
@@ -72,23 +76,40 @@ def state_messages(device: DeviceInfo, only: list[int] | None = None) -> list[tu
     """The retained state of a device as (topic, payload): each relay's (``only``: those
     that changed) and the aggregate. One place builds them for every broker they go to
     (the hub's bus, and Home Assistant's own broker)."""
+    return [(topic, payload) for topic, payload, _ in _state_messages(device, only)]
+
+
+def _state_messages(
+    device: DeviceInfo, only: list[int] | None
+) -> list[tuple[str, bytes, topics.Decoded[Any]]]:
+    """:func:`state_messages`, each with what it was built from (for the hub's own
+    subscribers in process)."""
     indexes = range(device.relay_count) if only is None else only
+    uid = device.uid
+    out: list[tuple[str, bytes, topics.Decoded[Any]]] = []
+    for i in indexes:
+        value = device.relays[i]
+        out.append(
+            (
+                topics.RELAY_STATE.format(uid=uid, index=i),
+                topics.encode_onoff(value),
+                topics.Decoded(topics.RELAY_STATE, {"uid": uid, "index": str(i)}, value),
+            )
+        )
     state = topics.DeviceState(
         relays=device.relays,
         inputs=device.inputs,
         online=device.online,
         updated_at=topics.iso_now(),
     )
-    return [
-        *(
-            (
-                topics.RELAY_STATE.format(uid=device.uid, index=i),
-                topics.encode_onoff(device.relays[i]),
-            )
-            for i in indexes
-        ),
-        (topics.STATE.format(uid=device.uid), topics.encode(state)),
-    ]
+    out.append(
+        (
+            topics.STATE.format(uid=uid),
+            topics.encode(state),
+            topics.Decoded(topics.STATE, {"uid": uid}, state),
+        )
+    )
+    return out
 
 
 class RelayService:
@@ -125,6 +146,10 @@ class RelayService:
         #: set whenever a job ends (drain() re-checks whether everything is done)
         self._settled = asyncio.Event()
         self._ack_routes: list[AckRoute] = []
+        #: command ids: this service's random prefix and a sequence number (unique, and
+        #: without a call for random bytes per command)
+        self._command_prefix = uuid.uuid4().hex[:16]
+        self._command_seq = itertools.count(1)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -209,9 +234,10 @@ class RelayService:
             return intent
         kind, _, ident = (sender or "").partition(":")
         if kind == "integration":
-            plain = topics.unattributed(intent, actor_type="integration", actor_id=ident)
             source = await self._integration_source(ident)
-            return plain if source == plain.source else plain.model_copy(update={"source": source})
+            return topics.unattributed(
+                intent, actor_type="integration", actor_id=ident, source=source
+            )
         return topics.unattributed(intent, actor_type="mqtt_client", actor_id=None)
 
     async def _integration_source(self, token_id: str) -> str:
@@ -241,12 +267,16 @@ class RelayService:
         """Runs one device's intents in order; exits when idle."""
         try:
             while True:
-                try:
-                    job = await asyncio.wait_for(queue.get(), timeout=30)
-                except TimeoutError:
-                    if queue.empty():
-                        return
-                    continue
+                if queue.empty():
+                    try:
+                        async with asyncio.timeout(IDLE_WORKER_S):
+                            job = await queue.get()
+                    except TimeoutError:
+                        if queue.empty():
+                            return
+                        continue
+                else:  # no timer and no suspension while intents are queued
+                    job = queue.get_nowait()
                 self._executing += 1
                 try:
                     await self._execute(job)
@@ -287,7 +317,7 @@ class RelayService:
             await self._finish(job, device, "offline", None, None)
             return
 
-        command_id = uuid.uuid4().hex
+        command_id = f"{self._command_prefix}{next(self._command_seq):x}"
         expected = list(device.relays)
         command: topics.SetRelay | topics.SetAllRelays
         if job.index is None:
@@ -306,7 +336,8 @@ class RelayService:
         try:
             await self.bus.publish(topics.CMD.format(uid=uid), topics.encode_command(command))
             remaining = self.timeout_s - (time.perf_counter() - job.received)
-            ack = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):  # no task, unlike wait_for
+                ack = await future
         except TimeoutError:
             self._remember_timeout(command_id, pending)
             await self._finish(job, device, "timeout", command_id, None)
@@ -407,12 +438,8 @@ class RelayService:
     async def publish_state(self, device: DeviceInfo, only: list[int] | None = None) -> None:
         """Retained per-relay and aggregate state (``only``: the relays that changed)."""
         try:
-            await asyncio.gather(
-                *(
-                    self.bus.publish(topic, payload, retain=True)
-                    for topic, payload in state_messages(device, only)
-                )
-            )
+            for topic, payload, decoded in _state_messages(device, only):
+                await self.bus.publish(topic, payload, retain=True, decoded=decoded)
         except BusUnavailable:
             log.warning(
                 "state of %s not published: bus down (republished on reconnect)", device.uid
@@ -439,7 +466,11 @@ class RelayService:
             error=error,
         )
         try:
-            await self.bus.publish(topics.RESULT.format(uid=uid), topics.encode(result))
+            await self.bus.publish(
+                topics.RESULT.format(uid=uid),
+                topics.encode(result),
+                decoded=topics.Decoded(topics.RESULT, {"uid": uid}, result),
+            )
         except (BusUnavailable, ValueError):
             log.warning("result of intent %s for %s not published", intent_id, uid)
 

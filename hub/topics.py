@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -44,6 +44,11 @@ class Codec(Generic[P]):
     encode: Callable[[P], bytes]
 
 
+#: one level of a topic template: (the literal text, or None for a placeholder; the
+#: placeholder's name; the pattern its value must match, if any)
+_Level = tuple[str | None, str, re.Pattern[str] | None]
+
+
 @dataclass(frozen=True)
 class Topic(Generic[P]):
     """A topic template such as ``hexa/{uid}/relay/{index}/set``, bound to its payload
@@ -54,6 +59,18 @@ class Topic(Generic[P]):
     retained: bool = False
     codec: Codec[P] | None = None
     qos: int = 1
+    _levels: tuple[_Level, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the template split once: parse and format run for every message
+        levels: list[_Level] = []
+        for part in self.template.split("/"):
+            if part.startswith("{"):
+                key = part[1:-1]
+                levels.append((None, key, _SEGMENT_RE.get(key)))
+            else:
+                levels.append((part, part, None))
+        object.__setattr__(self, "_levels", tuple(levels))
 
     def decode(self, payload: bytes) -> P:
         """The payload as this topic's type; :class:`PayloadError` if it is not one."""
@@ -66,51 +83,66 @@ class Topic(Generic[P]):
             raise TypeError(f"topic {self.name} has no payload codec")
         return self.codec.encode(value)
 
-    @property
-    def _parts(self) -> list[str]:
-        return self.template.split("/")
-
     def format(self, **params: object) -> str:
         out = []
-        for part in self._parts:
-            if part.startswith("{"):
-                value = str(params[part[1:-1]])
-                if "/" in value or "+" in value or "#" in value or not value:
+        levels = self._levels
+        for literal, key, _ in levels:
+            if literal is None:
+                value = str(params[key])
+                if not value or "/" in value or "+" in value or "#" in value:
                     raise ValueError(f"bad topic segment {value!r}")
                 out.append(value)
             else:
-                out.append(part)
+                out.append(literal)
         return "/".join(out)
 
     def filter(self, **params: object) -> str:
         """A subscription filter: unnamed placeholders become ``+``."""
+        levels = self._levels
         return "/".join(
-            str(params.get(p[1:-1], "+")) if p.startswith("{") else p for p in self._parts
+            literal if literal is not None else str(params.get(key, "+"))
+            for literal, key, _ in levels
         )
 
     def parse(self, topic: str) -> dict[str, str] | None:
         """The placeholders of ``topic`` if it is an instance of this template."""
-        parts = topic.split("/")
-        tparts = self._parts
-        if len(parts) != len(tparts):
+        return self.parse_levels(topic.split("/"))
+
+    def parse_levels(self, parts: list[str]) -> dict[str, str] | None:
+        """:meth:`parse` of a topic already split at ``/``."""
+        levels = self._levels
+        if len(parts) != len(levels):
             return None
+        for got, (literal, _, _) in zip(parts, levels, strict=True):
+            if literal is not None and got != literal:
+                return None
         found: dict[str, str] = {}
-        for got, want in zip(parts, tparts, strict=True):
-            if want.startswith("{"):
-                key = want[1:-1]
-                check = _SEGMENT_RE.get(key)
+        for got, (literal, key, check) in zip(parts, levels, strict=True):
+            if literal is None:
                 if check is not None and not check.match(got):
                     return None
                 found[key] = got
-            elif got != want:
-                return None
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded(Generic[P]):
+    """A message as the hub built it, handed to the hub's own subscribers in process
+    beside its payload: the template it was formatted from, the placeholders, and the
+    value the payload encodes (so none of them parses or decodes it again)."""
+
+    topic: Topic[P]
+    params: dict[str, str]
+    value: P
 
 
 def device_of(topic: str) -> str | None:
     """The device uid a ``hexa/<uid>/...`` topic is about, or None."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != ROOT:
+        return None
     for t in PER_DEVICE:
-        params = t.parse(topic)
+        params = t.parse_levels(parts)
         if params is not None:
             return params["uid"]
     return None
@@ -266,11 +298,14 @@ def sealed_by(intent: Intent, topic: str, key: bytes) -> bool:
     return hmac.compare_digest(intent.seal, _seal_of(intent, topic, key))
 
 
-def unattributed(intent: Intent, *, actor_type: str, actor_id: str | None) -> Intent:
-    """The intent with who and where replaced by what the broker knows of its publisher."""
+def unattributed(
+    intent: Intent, *, actor_type: str, actor_id: str | None, source: str = "mqtt"
+) -> Intent:
+    """The intent with who and where replaced by what the broker knows of its publisher
+    (``source``: the audit source of such publishers)."""
     return intent.model_copy(
         update={
-            "source": "mqtt",
+            "source": source,
             "request_id": None,
             "actor_type": actor_type,
             "actor_id": actor_id,

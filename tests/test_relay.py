@@ -312,6 +312,99 @@ def test_flood_on_one_device_does_not_starve_another(hub: RunningHub, track: Any
     assert {x["status"] for x in results(i, a.uid)} <= {"applied", "rejected"}
 
 
+def db_relays(hub: RunningHub, device_id: str) -> list[bool]:
+    """A device's relay states as the hub's database holds them (not the hub's cache)."""
+    url = hub.settings.resolved_database_url
+    query = 'SELECT state FROM relay_states WHERE {} ORDER BY "index"'
+    if url.startswith("sqlite"):
+        con = sqlite3.connect(url.split("://", 1)[1], timeout=10)
+        try:
+            rows = con.execute(query.format("device_id = ?"), (device_id,)).fetchall()
+        finally:
+            con.close()
+    else:
+        import asyncpg
+
+        async def fetch() -> list[Any]:
+            conn = await asyncpg.connect(url, timeout=5)
+            try:
+                return list(await conn.fetch(query.format("device_id::text = $1"), device_id))
+            finally:
+                await conn.close()
+
+        rows = [tuple(r) for r in asyncio.run(fetch())]
+    return [bool(state) for (state,) in rows]
+
+
+def test_burst_of_intents_reaches_database_audit_retained_state_and_observers(
+    hub: RunningHub, track: Any
+) -> None:
+    """Intents to several devices at once (MQTT, then the hub's own from REST): each is
+    answered once its device acked, the database already holds the state a result reports
+    when the result is out, every one is audited, the retained state is the last, and an
+    integration subscribed to hexa/# sees every intent and every result."""
+    user = register(hub)
+    devices = [online_device(hub, user, track) for _ in range(3)]
+    obs = integration_client(hub, user, track, "hexa/#")
+    sender = integration_client(hub, user, track)
+    n = 10  # relay k % 3 toggled: relay 0 four times, relays 1 and 2 three times
+    for _, m in devices:
+        for k in range(n):
+            sender.c.publish(
+                f"hexa/{m.uid}/relay/{k % 3}/set",
+                json.dumps({"state": "TOGGLE", "intent_id": f"burst-{m.uid}-{k}"}),
+                qos=1,
+            )
+    for dev, m in devices:
+        last = result_for(obs, m.uid, f"burst-{m.uid}-{n - 1}", 15)
+        assert last is not None and last["status"] == "applied", results(obs, m.uid)
+        assert last["relays"] == [False, True, True]
+        assert db_relays(hub, dev["id"]) == [False, True, True]  # written before the result
+    with hub.api(user.access_token) as c:
+        for dev, _ in devices:  # the hub's own intents: to its relay service in process
+            r = c.post(f"/devices/{dev['id']}/relays/0", json={"state": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["relays"] == [True, True, True]
+            assert db_relays(hub, dev["id"]) == [True, True, True]
+    for dev, m in devices:
+        answered = results(obs, m.uid)
+        assert len(answered) == n + 1 and all(x["status"] == "applied" for x in answered)
+        ids = {x["intent_id"] for x in answered}
+        assert {f"burst-{m.uid}-{k}" for k in range(n)} < ids
+        prefix = f"hexa/{m.uid}/relay/"
+        intents = [
+            json.loads(p)
+            for t, p, _ in obs.messages()
+            if t.startswith(prefix) and t.endswith("/set")
+        ]
+        assert {i["intent_id"] for i in intents} == ids  # the REST one too, as published
+        assert [c["command_id"] for c in m.commands] == [x["command_id"] for x in answered]
+
+        def all_audited(device_id: str = dev["id"]) -> list[dict[str, Any]] | None:
+            rows = audit_entries(hub, device_id, "relay_command")
+            return rows if len(rows) == n + 1 else None
+
+        audited = wait_until(all_audited, 5)
+        assert audited, audit_entries(hub, dev["id"], "relay_command")
+        assert {a["details"]["intent_id"] for a in audited} == ids
+        assert {a["details"]["status"] for a in audited} == {"applied"}
+        assert {a["source"] for a in audited} == {"mqtt", "api"}
+        late = integration_client(
+            hub, user, track, f"hexa/{m.uid}/relay/+/state", f"hexa/{m.uid}/state"
+        )
+        wanted = {f"{prefix}{index}/state" for index in range(3)}
+        state_topic = f"hexa/{m.uid}/state"
+        assert wait_until(
+            lambda late=late, wanted=wanted, state_topic=state_topic: (
+                {t for t, _, r in late.messages() if r} >= wanted | {state_topic}
+            ),
+            5,
+        ), late.messages()
+        kept = {t: p for t, p, r in late.messages() if r}
+        assert all(kept[t] == b"ON" for t in wanted), kept
+        assert json.loads(kept[state_topic])["relays"] == [True, True, True]
+
+
 # --- device-initiated traffic ------------------------------------------------------------
 def test_state_report_updates_state_with_audit(hub: RunningHub, track: Any) -> None:
     """A state report with changed relays (local switch) updates state and topics, audited."""

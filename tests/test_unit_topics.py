@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from hexa.hub import topics
-from hexa.hub.mqtt.busapi import topic_matches
+from hexa.hub.mqtt import inbox
+from hexa.hub.mqtt.busapi import Message, topic_matches
 
 
 def test_format_filter_parse_round_trip() -> None:
@@ -194,3 +198,52 @@ def test_unattributed_keeps_the_command_and_drops_claims() -> None:
     assert (plain.state, plain.intent_id) == (intent.state, intent.intent_id)
     assert (plain.source, plain.actor_type, plain.actor_id) == ("mqtt", "integration", "t1")
     assert plain.schedule_id is None and plain.request_id is None and plain.seal is None
+
+
+def test_parse_checks_every_literal_level_and_placeholder() -> None:
+    """Parsing takes a topic of the template's shape only: each literal level equal, each
+    placeholder valid; anything else (longer, shorter, another root) is no instance."""
+    assert topics.RELAY_SET.parse("hexa/hx-1/relay/12/set") == {"uid": "hx-1", "index": "12"}
+    for other in (
+        "hexa/hx-1/relay/12/state",
+        "hexa/hx-1/relays/12/set",
+        "hexa/hx-1/relay/12/set/x",
+        "hexa/hx-1/relay/12",
+        "hexb/hx-1/relay/12/set",
+        "hexa/hx 1/relay/12/set",
+        "hexa/hx-1/relay/1000/set",
+    ):
+        assert topics.RELAY_SET.parse(other) is None, other
+    assert topics.device_of("hexa/hx-1/relay/0/state") == "hx-1"
+    assert topics.device_of("hexa/hx-1/unknown") is None
+    assert topics.device_of("other/hx-1/cmd") is None
+    assert topics.device_of("hexa/hub/status") is None
+
+
+async def _delivered(handler_topic: topics.Topic[Any], msg: Message) -> list[Any]:
+    got: list[Any] = []
+
+    async def handle(params: dict[str, str], value: Any, m: Message) -> None:
+        got.append((params, value))
+
+    await inbox.on(handler_topic, handle)(msg)
+    return got
+
+
+def test_inbox_takes_the_hubs_own_message_as_built() -> None:
+    """A message the hub published in process reaches a handler of the same topic as the
+    value it was built from (not decoded again); a handler of another topic template, or
+    a message without it, decodes the payload, and a bad payload is still refused."""
+    result = topics.Result(intent_id="i1", ok=True, status="applied", relays=[True])
+    topic = topics.RESULT.format(uid="hx-1")
+    payload = topics.encode(result)
+    decoded = topics.Decoded(topics.RESULT, {"uid": "hx-1"}, result)
+    got = asyncio.run(_delivered(topics.RESULT, Message(topic, payload, decoded=decoded)))
+    assert got == [({"uid": "hx-1"}, result)] and got[0][1] is result
+    plain = asyncio.run(_delivered(topics.RESULT, Message(topic, payload)))
+    assert plain == [({"uid": "hx-1"}, result)] and plain[0][1] is not result
+    assert asyncio.run(_delivered(topics.RESULT, Message(topic, b"{"))) == []
+    # the same message to a handler bound to another template: parsed and decoded as usual
+    raw: topics.Topic[Any] = topics.Topic("raw", "hexa/{uid}/result", codec=topics.RESULT.codec)
+    other = asyncio.run(_delivered(raw, Message(topic, payload, decoded=decoded)))
+    assert other == [({"uid": "hx-1"}, result)] and other[0][1] is not result

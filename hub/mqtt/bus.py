@@ -15,6 +15,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -24,6 +25,7 @@ from hexa.hub import metrics, topics
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.mqtt import client as mqtt
 from hexa.hub.mqtt.busapi import Handler, Message, topic_matches
+from hexa.hub.topics import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,16 @@ class Bus:
                 log.warning("unsubscribe %s failed", flt)
 
     async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        decoded: Decoded[Any] | None = None,
     ) -> None:
+        """``decoded`` is not used: over a broker every subscriber, the hub's own too,
+        gets the payload."""
         conn = self._conn
         if conn is None or not self.connected:
             raise BusUnavailable("the message bus is not connected")

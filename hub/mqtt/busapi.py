@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from anyio.abc import TaskStatus
+
+from hexa.hub.topics import Decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,9 @@ class Message:
     #: who published it, when the bus knows (the in-process bus to the embedded broker:
     #: ``hub:…``, ``device:<uid>``, ``integration:<token id>``); None over MQTT
     sender: str | None = None
+    #: the message as the hub built it, when the hub published it and the bus delivers
+    #: in process (the embedded broker's): its subscribers skip parsing and decoding
+    decoded: Decoded[Any] | None = None
 
 
 Handler = Callable[[Message], Awaitable[None]]
@@ -55,8 +60,18 @@ class BusLike(Protocol):
     async def unsubscribe(self, flt: str, handler: Handler) -> None: ...
 
     async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
-    ) -> None: ...
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        decoded: Decoded[Any] | None = None,
+    ) -> None:
+        """Publish ``payload``; ``decoded``, if given, is what it encodes (its topic
+        template, placeholders and value), handed as such to the hub's own subscribers
+        where the bus delivers in process. Subscribers elsewhere get the payload."""
+        ...
 
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
 

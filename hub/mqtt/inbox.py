@@ -2,7 +2,9 @@
 
 A payload that does not decode is counted (``hexa_bad_payloads_total{kind}``), logged as
 one line with the topic and its first bytes, and dropped here, once for every handler
-of the hub; domain code never sees it.
+of the hub; domain code never sees it. A message the hub itself published and its bus
+delivers in process carries what it was built from (``Message.decoded``): the handler
+gets those placeholders and that value, nothing is parsed or decoded again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def on(
     label = kind or topic.name
 
     async def on_message(msg: Message) -> None:
+        decoded = msg.decoded
+        if decoded is not None and decoded.topic is topic:  # the hub's own, in process
+            await handle(dict(decoded.params), decoded.value, msg)
+            return
         params = topic.parse(msg.topic)
         if params is None:
             return
