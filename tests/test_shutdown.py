@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from support.accounts import integration_token, register
-from support.checks import wait_until
+from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.databases import migrated_database_url
 from support.devices import claimed_device
 from support.hubs import spawn_hub, stop_hub
@@ -99,7 +99,13 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
                     )
                 except RuntimeError:  # not connected: the broker is gone, nothing was sent
                     return
-                found = integ.wait_for(lambda t, p, r, i=intent_id: i.encode() in p, 10)
+
+                def answer(t: str, p: bytes, r: bool, i: str = intent_id) -> bool:
+                    return i.encode() in p
+
+                # the answer, or the hub gone: then only what it sent before exiting can come
+                wait_until(lambda: integ.messages(answer) or hub.proc.poll() is not None, 10)
+                found = integ.wait_for(answer, NEGATIVE_WAIT_S)
                 if not found:
                     unknown.add(mqtt_dev["id"])
                     return
