@@ -3,10 +3,13 @@ keys bound to their key id, and the rollout buckets."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import uuid
+from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -97,3 +100,47 @@ def test_rollout_buckets_are_stable_and_spread() -> None:
         for i in range(1000)
     )
     assert moved > 900
+
+
+def test_artifact_response_reads_without_worker_threads(tmp_path: Path, monkeypatch: Any) -> None:
+    """The artifact is sent whole, or by Range, with the bytes of the file, and none of its
+    reads goes to a worker thread (a fleet downloading at once started up to 40 of them)."""
+    import anyio.to_thread
+    from starlette.types import Message
+
+    from hexa.api.routers.ota import ArtifactResponse
+
+    data = os.urandom(200_000)  # over three 64 KiB reads
+    path = tmp_path / "fw.bin"
+    path.write_bytes(data)
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a worker thread was used")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_thread)
+
+    def serve(headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        sent: list[Message] = []
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "headers": headers,
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+        }
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        response = ArtifactResponse(
+            path, media_type="application/octet-stream", stat_result=os.stat(path)
+        )
+        asyncio.run(response(scope, receive, send))
+        body = b"".join(m.get("body", b"") for m in sent[1:])
+        return sent[0]["status"], body
+
+    assert serve([]) == (200, data)
+    assert serve([(b"range", b"bytes=70000-140000")]) == (206, data[70000:140001])
+    assert serve([(b"range", b"bytes=-100")]) == (206, data[-100:])

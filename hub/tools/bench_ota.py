@@ -2,8 +2,18 @@
 subprocess). Not a test: it measures and prints, nothing fails on a number.
 
 - **check storm**: N provisioned devices each ask ``GET /ota/check`` (HTTP Basic) once,
-  all started together, each over its own connection; latency percentiles of the answers.
-  Run again with the offers spread over one second, as a fleet polling on a timer does.
+  each over its own connection. All at once: the connections are open before the clock
+  starts (devices keep theirs alive), every request is written in one go, and a device's
+  latency runs from the write of its request to the last byte of its answer. Then spread
+  over ``--ota-spreads`` seconds, as a fleet polling on a timer does, each device opening
+  its connection when its turn comes (its latency includes the connection), and all at
+  once again with every device connecting at once.
+- **what is reachable**: the same burst on the hub's ``/healthz`` (the API layer without
+  the database or credentials) and on a bare ASGI app served by uvicorn as the hub serves
+  its API (``hexa.hub.tools.asgi_floor``): the floor of one process on this machine.
+- Every storm reports the server's and the load generator's CPU per request next to the
+  percentiles (they share the machine) and the load average: the generator reads answers
+  in its transports' callbacks, without a stream reader, so as to add little of its own.
 - **downloads**: D devices download a published artifact (default 4 MiB) at the same
   time; the hub's RSS before, at its peak while they run (sampled every 10 ms), and after,
   and whether every byte matched the signed SHA-256.
@@ -17,6 +27,7 @@ import base64
 import gc
 import hashlib
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -86,69 +97,20 @@ async def _measure(
     out["provision_s"] = round(time.perf_counter() - t0, 2)
 
     port = int(base.rsplit(":", 1)[1])
+    requests = [_request(port, CHECK, c.device_uid, c.device_token) for c in creds]
+    healthz = [_request(port, "/healthz", c.device_uid, c.device_token) for c in creds]
+    has_update = b'"update":true'
 
-    async def storm(spread_s: float, path: str = CHECK) -> dict[str, Any]:
-        # one kept-alive connection per device, opened before the clock starts (devices keep
-        # theirs); requests written and read raw, so that the load generator's own CPU (it
-        # shares the machine) does not show up as the hub's latency
-        conns: list[Any] = [None] * len(creds)
-        if spread_s == 0:  # all at once: every connection open before the clock starts
-            conns = await asyncio.gather(
-                *(asyncio.open_connection("127.0.0.1", port) for _ in creds)
-            )
-        requests = [
-            (
-                f"GET {path} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{port}\r\nAuthorization: Basic "
-                + base64.b64encode(f"{c.device_uid}:{c.device_token}".encode()).decode()
-                + "\r\n\r\n"
-            ).encode()
-            for c in creds
-        ]
-        cpu0 = hub.cpu_times()
-        start = time.perf_counter()
-
-        async def one(i: int) -> float | None:
-            await asyncio.sleep(max(0.0, start + spread_s * i / len(creds) - time.perf_counter()))
-            if conns[i] is None:  # spread: each device connects when its turn comes
-                conns[i] = await asyncio.open_connection("127.0.0.1", port)
-            reader, writer = conns[i]
-            t = time.perf_counter()
-            writer.write(requests[i])
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            body = await reader.readexactly(length)
-            ms = (time.perf_counter() - t) * 1000
-            good = head.startswith(b"HTTP/1.1 200") and (path != CHECK or b'"update":true' in body)
-            return ms if good else None
-
-        try:
-            times = await asyncio.gather(*(one(i) for i in range(len(creds))))
-            wall = time.perf_counter() - start
-        finally:
-            for conn in conns:
-                if conn is not None:
-                    conn[1].close()
-        cpu1 = hub.cpu_times()
-        cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-        ok = [x for x in times if x is not None]
-        return {
-            **_pct(ok),
-            "failed": len(times) - len(ok),
-            "spread_s": spread_s,
-            "wall_s": round(wall, 2),
-            "hub_cpu_ms_per_check": round(1000 * cpu / len(creds), 2),
-        }
-
-    await storm(1.0)  # warm-up: caches, connections, the database's pages
+    await _storm(port, requests, 1.0, hub, has_update)  # warm-up: caches, the database's pages
     gc.collect()
     gc.freeze()  # the load generator's own full collections would show as hub latency
-    out["checks_ms"] = [await storm(spread) for spread in args.ota_spreads]
+    out["checks_ms"] = [await _storm(port, requests, s, hub, has_update) for s in args.ota_spreads]
+    # all at once again, each device opening its connection with the others (no keep-alive)
+    out["checks_connecting_ms"] = await _storm(port, requests, 0.0, hub, has_update, connect=True)
     # the same burst on /healthz (no database, no auth): what the API layer alone costs
-    out["healthz_burst_ms"] = await storm(0.0, "/healthz")
+    out["healthz_burst_ms"] = await _storm(port, healthz, 0.0, hub, b"")
+    # and on a bare ASGI app under uvicorn, alone on the machine's hub side: the floor
+    out["asgi_floor_burst_ms"] = await _floor(creds)
 
     # concurrent downloads: the hub's memory while they run
     downloaders = creds[: args.ota_downloads]
@@ -184,9 +146,11 @@ async def _measure(
         rss_before = hub.memory_info().rss
         peak = rss_before
         sampler = asyncio.create_task(sample())
+        cpu0 = hub.cpu_times()
         t0 = time.perf_counter()
         oks = await asyncio.gather(*(download(c) for c in downloaders))
         elapsed = time.perf_counter() - t0
+        cpu = _cpu(hub.cpu_times(), cpu0)
         done.set()
         await sampler
         rounds.append(
@@ -194,9 +158,13 @@ async def _measure(
                 "verified": sum(oks),
                 "seconds": round(elapsed, 2),
                 "throughput_mib_s": round(len(downloaders) * len(image) / mib / elapsed, 1),
+                "hub_cpu_ms_per_mib": round(
+                    1000 * cpu / max(1, len(downloaders) * len(image) / mib), 2
+                ),
                 "hub_rss_before_mib": round(rss_before / mib, 1),
                 "hub_rss_peak_mib": round(peak / mib, 1),
                 "hub_rss_growth_mib": round((peak - rss_before) / mib, 1),
+                "hub_rss_after_mib": round(hub.memory_info().rss / mib, 1),
             }
         )
     out["downloads"] = {
@@ -205,3 +173,145 @@ async def _measure(
         "rounds": rounds,
     }
     return out
+
+
+def _request(port: int, path: str, uid: str, token: str) -> bytes:
+    pair = base64.b64encode(f"{uid}:{token}".encode()).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {pair}\r\n\r\n"
+    ).encode()
+
+
+class _Device(asyncio.Protocol):
+    """One device's connection: sends its request and timestamps the end of the answer as
+    it arrives, in the transport's callback (no stream reader, no task switch per answer:
+    the load generator shares the machine, its own latency would count as the hub's)."""
+
+    def __init__(self, expect: bytes) -> None:
+        self.expect = expect
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport
+        self.answered: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self.buffer = bytearray()
+        self.sent = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.sent = time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.answered.done():
+            return
+        length = 0
+        for line in bytes(self.buffer[:end]).split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if len(self.buffer) < end + 4 + length:
+            return
+        arrived = time.perf_counter()
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        good = self.buffer.startswith(b"HTTP/1.1 200") and self.expect in body
+        self.answered.set_result(arrived if good else None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_result(None)
+
+
+async def _storm(
+    port: int,
+    requests: list[bytes],
+    spread_s: float,
+    server: psutil.Process,
+    expect: bytes,
+    *,
+    connect: bool = False,
+) -> dict[str, Any]:
+    """Every request once, each device on its own connection; latency percentiles.
+
+    All at once (``spread_s`` 0): the connections are open before the clock starts (a
+    fleet's devices keep theirs alive) and the requests are written in one go; a device's
+    latency runs from the write of its request to the last byte of its answer. With
+    ``connect`` (or spread out over ``spread_s`` seconds, as a fleet polling on a timer),
+    each device opens its connection when its turn comes and its latency includes the
+    connection. The CPU of the server and of this load generator per request is reported
+    alongside (they share the machine).
+    """
+    loop = asyncio.get_running_loop()
+    count = len(requests)
+    devices = [_Device(expect) for _ in requests]
+    at_once = spread_s == 0 and not connect
+    if at_once:
+        await asyncio.gather(*(_connect(loop, d, port) for d in devices))
+    me = psutil.Process()
+    cpu0, mine0 = server.cpu_times(), me.cpu_times()
+    start = time.perf_counter()
+
+    async def one(i: int) -> float | None:
+        device = devices[i]
+        if at_once:
+            device.send(requests[i])
+            began = device.sent
+        else:
+            await asyncio.sleep(max(0.0, start + spread_s * i / count - time.perf_counter()))
+            began = time.perf_counter()
+            await _connect(loop, device, port)
+            device.send(requests[i])
+        arrived = await device.answered
+        return None if arrived is None else (arrived - began) * 1000
+
+    try:
+        times = await asyncio.gather(*(one(i) for i in range(count)))
+        wall = time.perf_counter() - start
+    finally:
+        for device in devices:
+            if device.transport is not None:
+                device.transport.close()
+    cpu1, mine1 = server.cpu_times(), me.cpu_times()
+    ok = [x for x in times if x is not None]
+    return {
+        **_pct(ok),
+        "failed": count - len(ok),
+        "spread_s": spread_s,
+        "connections": "kept alive" if at_once else "opened with the request",
+        "wall_s": round(wall, 2),
+        "server_cpu_ms_per_request": round(1000 * _cpu(cpu1, cpu0) / count, 3),
+        "bench_cpu_ms_per_request": round(1000 * _cpu(mine1, mine0) / count, 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, device: _Device, port: int) -> None:
+    transport, _ = await loop.create_connection(lambda: device, "127.0.0.1", port)
+    device.transport = transport  # connection_made may come a loop turn later (uvloop)
+
+
+def _cpu(after: Any, before: Any) -> float:
+    return float((after.user + after.system) - (before.user + before.system))
+
+
+async def _floor(creds: list[Any]) -> dict[str, Any]:
+    """The same burst against ``hexa.hub.tools.asgi_floor`` (a bare ASGI app under uvicorn
+    in a process of its own, started and stopped here)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hexa.hub.tools.asgi_floor",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(await proc.stdout.readline())
+        requests = [_request(port, CHECK, c.device_uid, c.device_token) for c in creds]
+        server = psutil.Process(proc.pid)
+        await _storm(port, requests, 0.0, server, b"")  # warm-up
+        return await _storm(port, requests, 0.0, server, b'"update":false')
+    finally:
+        proc.terminate()
+        await proc.wait()
