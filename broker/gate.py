@@ -10,12 +10,18 @@ import uuid
 
 from hexa.broker.acl import Identity, Kind
 from hexa.hub import topics
+from hexa.hub.batch import Batched
 from hexa.models import Device, IntegrationToken
 
 log = logging.getLogger(__name__)
 
 HUB_USERNAME = "$hub"  # "$" is valid in no device uid or integration name
 ORG_CACHE_TTL_S = 30.0
+#: device credentials looked up in one query at most (SQL parameters per statement)
+LOOKUP_BATCH = 500
+
+#: a live device's token hash and organization (None: unclaimed)
+Credential = tuple[str, uuid.UUID | None]
 
 
 def _hash(token: str) -> str:
@@ -28,6 +34,10 @@ class Gate:
     def __init__(self, hub_password: str) -> None:
         self.hub_password = hub_password
         self._orgs: dict[str, tuple[uuid.UUID | None, float]] = {}
+        #: a live device's credential as the database has it now: the CONNECTs of a
+        #: storm share queries, and nothing is cached (a token rotated or revoked a
+        #: moment ago is refused)
+        self._credentials = Batched(_credentials)
 
     async def identify(self, username: str | None, password: str | None) -> Identity | None:
         """The identity these credentials prove, or None (anonymous is never allowed)."""
@@ -39,10 +49,11 @@ class Gate:
             return None
         digest = _hash(password)
         if topics.UID_RE.match(username):
-            device = await Device.get_or_none(device_uid=username, deleted_at=None)
+            device = await self._credentials.one(username)
             if device is not None:
-                if hmac.compare_digest(device.token_hash, digest):
-                    self._orgs[username] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)
+                token_hash, org_id = device
+                if hmac.compare_digest(token_hash, digest):
+                    self._orgs[username] = (org_id, time.monotonic() + ORG_CACHE_TTL_S)
                     return Identity(Kind.DEVICE, username)
                 return None
         # Integration names are unique only within an organization: the token itself
@@ -73,3 +84,17 @@ class Gate:
 
     def forget(self, uid: str) -> None:
         self._orgs.pop(uid, None)
+
+
+async def _credentials(uids: list[str]) -> dict[str, Credential]:
+    """uid → (token hash, organization) of the live devices among ``uids``."""
+    found: dict[str, Credential] = {}
+    for i in range(0, len(uids), LOOKUP_BATCH):
+        rows = await Device.filter(
+            device_uid__in=uids[i : i + LOOKUP_BATCH], deleted_at=None
+        ).values_list("device_uid", "token_hash", "org_id")
+        for uid, token_hash, org_id in rows:
+            if org_id is not None and not isinstance(org_id, uuid.UUID):
+                org_id = uuid.UUID(str(org_id))
+            found[uid] = (token_hash, org_id)
+    return found
