@@ -144,3 +144,53 @@ def test_artifact_response_reads_without_worker_threads(tmp_path: Path, monkeypa
     assert serve([]) == (200, data)
     assert serve([(b"range", b"bytes=70000-140000")]) == (206, data[70000:140001])
     assert serve([(b"range", b"bytes=-100")]) == (206, data[-100:])
+
+
+def test_fast_routes_take_only_what_the_fastapi_routes_accept_as_is() -> None:
+    """The routes ahead of FastAPI's take a device's plain GET of the check (no query but a
+    plain ``current_version`` of at most 64 characters) and of its manifest (no query);
+    anything else is left to the FastAPI route of the same path, which keeps its name."""
+    from fastapi import FastAPI
+    from starlette.routing import Match
+
+    from hexa.api.routers import ota
+
+    app = FastAPI()
+    app.include_router(ota.router, prefix="/api/v1")
+    ota.install_fast_routes(app)
+    check, manifest = app.router.routes[:2]
+    assert isinstance(check, ota.DeviceFastRoute) and isinstance(manifest, ota.DeviceFastRoute)
+
+    def scope(path: str, query: bytes = b"", method: str = "GET", **extra: Any) -> Any:
+        return {"type": "http", "method": method, "path": path, "query_string": query, **extra}
+
+    taken = [
+        (check, scope("/api/v1/ota/check")),
+        (check, scope("/api/v1/ota/check", b"current_version=")),
+        (check, scope("/api/v1/ota/check", b"current_version=1.2.3-rc.1")),
+        (check, scope("/api/v1/ota/check", b"current_version=" + b"1" * 64)),
+        (manifest, scope("/api/v1/ota/manifest/hx-0001")),
+    ]
+    for route, s in taken:
+        assert route.matches(s)[0] is Match.FULL, s
+        assert route.matches(s)[1]["route"] is route  # metrics and the access log
+    left = [
+        (check, scope("/api/v1/ota/check", method="HEAD")),
+        (check, scope("/api/v1/ota/check", method="POST")),
+        (check, scope("/api/v1/ota/check", root_path="/hub")),
+        (check, scope("/api/v1/ota/check/")),
+        (check, scope("/api/v1/ota/check", b"current_version=" + b"1" * 65)),
+        (check, scope("/api/v1/ota/check", b"current_version=1.0.0%00")),
+        (check, scope("/api/v1/ota/check", b"current_version=1.0.0+1")),
+        (check, scope("/api/v1/ota/check", b"current_version=1&current_version=2")),
+        (check, scope("/api/v1/ota/check", b"other=1")),
+        (manifest, scope("/api/v1/ota/manifest/hx-0001", b"x=1")),
+        (manifest, scope("/api/v1/ota/manifest/")),
+        (manifest, scope("/api/v1/ota/manifest/a/b")),
+        (manifest, scope("/api/v1/ota/keys")),
+        (check, {"type": "websocket", "path": "/api/v1/ota/check", "query_string": b""}),
+    ]
+    for route, s in left:
+        assert route.matches(s)[0] is Match.NONE, s
+    assert app.url_path_for("check") == "/api/v1/ota/check"
+    assert app.url_path_for("manifest", device_uid="hx-1") == "/api/v1/ota/manifest/hx-1"

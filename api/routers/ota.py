@@ -22,8 +22,9 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Res
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.datastructures import URLPath
 from starlette.exceptions import HTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
 from hexa.api.deps import HubDep, PageDep, PrincipalDep, get_principal
@@ -518,6 +519,9 @@ class DeviceFastRoute(BaseRoute):
             "endpoint": self.handle,
             "path_params": {"device_uid": uid},
         }
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)  # the FastAPI route of the same path has a name
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub: Hub = scope["app"].state.hub
