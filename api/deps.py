@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hexa.api.schemas import Page
@@ -19,13 +19,15 @@ from hexa.hub.access import (
     ORGANIZATION,
     SCHEDULE,
     SITE,
+    ClaimedDevices,
     Principal,
+    Principals,
     Scope,
     fetch,
     in_visible_orgs,
-    principal_for_token,
 )
 from hexa.hub.errors import Unauthorized
+from hexa.hub.events import DeviceEvent
 
 #: the access-checked fetch and its scopes live with the access rules (hexa.hub.access);
 #: routers take them from here with the other dependencies
@@ -38,9 +40,11 @@ __all__ = [
     "ORGANIZATION",
     "SCHEDULE",
     "SITE",
+    "ClaimedDevicesDep",
     "HubDep",
     "PageDep",
     "PrincipalDep",
+    "PrincipalsDep",
     "Scope",
     "client_address",
     "fetch",
@@ -60,15 +64,44 @@ HubDep = Annotated["Hub", Depends(get_hub)]
 _bearer = HTTPBearer(auto_error=False)
 
 
+def _caches(app: FastAPI) -> tuple[Principals, ClaimedDevices]:
+    """The API's principals and claimed devices, made on first use. Kept in memory only
+    on SQLite, where this hub is the database's one server and sees every change (see
+    :class:`~hexa.hub.access.Principals`); on PostgreSQL other hubs may share it."""
+    caches: tuple[Principals, ClaimedDevices] | None = getattr(app.state, "access", None)
+    if caches is None:
+        hub: Hub = app.state.hub
+        assert hub.settings.jwt_secret is not None
+        alone = hub.settings.resolved_database_url.startswith("sqlite://")
+        devices = ClaimedDevices(cache=alone)
+        hub.events.subscribe(DeviceEvent, devices.on_change)
+        caches = (Principals(hub.settings.jwt_secret, cache=alone), devices)
+        app.state.access = caches
+    return caches
+
+
+async def get_principals(request: Request) -> Principals:
+    return _caches(request.app)[0]
+
+
+#: the routes that change what a user may do tell it (``forget``/``clear``) when committed
+PrincipalsDep = Annotated[Principals, Depends(get_principals)]
+
+
+async def get_claimed_devices(request: Request) -> ClaimedDevices:
+    return _caches(request.app)[1]
+
+
+ClaimedDevicesDep = Annotated[ClaimedDevices, Depends(get_claimed_devices)]
+
+
 async def get_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing bearer token")
-    hub: Hub = request.app.state.hub
-    assert hub.settings.jwt_secret is not None
-    principal = await principal_for_token(hub.settings.jwt_secret, credentials.credentials)
+    principal = await _caches(request.app)[0].for_token(credentials.credentials)
     request.state.principal = principal
     return principal
 

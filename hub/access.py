@@ -7,11 +7,13 @@ caller is not a member of does not exist for them (NotFound, never Forbidden).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from hexa.hub.errors import Forbidden, NotFound, Unauthorized
 from hexa.hub.security import decode_access_token
@@ -28,7 +30,12 @@ from hexa.models import (
     User,
 )
 
+if TYPE_CHECKING:
+    from hexa.hub.events import DeviceEvent
+
 M = TypeVar("M")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class Role(IntEnum):
@@ -146,6 +153,87 @@ async def principal_for_token(secret: str, token: str) -> Principal:
     return await load_principal(decode_access_token(secret, token).user_id)
 
 
+class _Bounded(Generic[K, V]):
+    """A dict that drops its oldest entries beyond ``size``, and the generation of what it
+    holds: a value loaded while :meth:`clear` or :meth:`forget` ran may be stale, and
+    :meth:`keep` refuses it (the request that loaded it uses it; no later one does).
+    Call :meth:`forget` / :meth:`clear` after the change is committed."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.generation = 0
+        self._items: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def keep(self, key: K, value: V, generation: int) -> None:
+        if generation != self.generation:
+            return
+        self._items[key] = value
+        while len(self._items) > self.size:
+            del self._items[next(iter(self._items))]
+
+    def forget(self, *keys: K) -> None:
+        self.generation += 1
+        for key in keys:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Principals:
+    """The caller behind each access token, for the REST API.
+
+    The token's claims are kept by the token (a pure function of the token and the hub's
+    secret; the expiry is checked again on every use). The principal itself (user and
+    roles) is kept by user id only where ``cache`` is set, which is right only when this
+    process sees every change to users, memberships and organizations: the hub is its
+    database's only server (SQLite; several hubs share a PostgreSQL database). Whatever
+    changes what a user may do calls :meth:`forget` (that user) or :meth:`clear` (an
+    organization gone) once it is committed, so the next request loads it again: a role
+    changed, a member removed, an organization created, joined or deleted, a user
+    disabled, promoted or demoted.
+    """
+
+    def __init__(self, secret: str, *, cache: bool, size: int = 10_000) -> None:
+        self.secret = secret
+        self.cache = cache
+        #: token → (user id, expiry as a UNIX time)
+        self._claims: _Bounded[str, tuple[uuid.UUID, float]] = _Bounded(size)
+        self._principals: _Bounded[uuid.UUID, Principal] = _Bounded(size)
+
+    async def for_token(self, token: str) -> Principal:
+        """Like :func:`principal_for_token`."""
+        claims = self._claims.get(token)
+        if claims is None or claims[1] <= time.time():
+            decoded = decode_access_token(self.secret, token)  # raises for a stale one
+            claims = (decoded.user_id, decoded.expires_at.timestamp())
+            self._claims.keep(token, claims, self._claims.generation)
+        user_id = claims[0]
+        if not self.cache:
+            return await load_principal(user_id)
+        principal = self._principals.get(user_id)
+        if principal is None:
+            generation = self._principals.generation
+            principal = await load_principal(user_id)
+            self._principals.keep(user_id, principal, generation)
+        return principal
+
+    def forget(self, *user_ids: uuid.UUID) -> None:
+        """What these users may do changed (committed): load them again when they call."""
+        self._principals.forget(*user_ids)
+
+    def clear(self) -> None:
+        """What many users may do changed (committed): load everyone again."""
+        self._principals.clear()
+
+
 #: ids per query in :func:`load_grants` (below SQLite's and PostgreSQL's parameter limits)
 GRANTS_BATCH = 500
 
@@ -232,6 +320,74 @@ INVITATION = Scope[Invitation](
     lambda i: Invitation.get_or_none(id=i, org__deleted_at__isnull=True).prefetch_related("org"),
     lambda v: v.org_id,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """What a relay command needs of a claimed device: its ids, organization and relays."""
+
+    id: uuid.UUID
+    uid: str
+    org_id: uuid.UUID
+    relay_count: int
+
+
+class ClaimedDevices:
+    """Claimed, live devices by id, for the relay command routes (:attr:`scope`).
+
+    A device's id, uid and relay count never change; its organization and whether it is
+    live change only by a claim, a release or a deletion, each a ``DeviceEvent`` of the
+    registry, published once committed. Subscribed to those (:meth:`on_change`), the
+    devices are kept where ``cache`` is set, under the same condition as
+    :class:`Principals`: this process sees every change (SQLite); the first lookup loads
+    every claimed device (up to ``size``), a device claimed later is loaded when first
+    looked up. Elsewhere every lookup is a query.
+    """
+
+    def __init__(self, *, cache: bool, size: int = 100_000) -> None:
+        self.cache = cache
+        self.size = size
+        self._refs: _Bounded[uuid.UUID, DeviceRef] = _Bounded(size)
+        self._loaded = False
+        self._loading = asyncio.Lock()
+        self.scope = Scope[DeviceRef]("device", self.find, lambda d: d.org_id)
+
+    async def find(self, device_id: uuid.UUID) -> DeviceRef | None:
+        ref = self._refs.get(device_id)
+        if ref is not None:
+            return ref
+        if self.cache and not self._loaded:
+            # the first lookup loads every claimed device in one query: commands to a
+            # fleet go to many devices, each rarely
+            async with self._loading:
+                if not self._loaded:
+                    await self._load(Device.filter(deleted_at=None, org_id__isnull=False))
+                    self._loaded = True
+            ref = self._refs.get(device_id)
+            if ref is not None:
+                return ref
+        found = await self._load(Device.filter(id=device_id, deleted_at=None, org_id__isnull=False))
+        return found[0] if found else None
+
+    async def _load(self, query: Any) -> list[DeviceRef]:
+        generation = self._refs.generation
+        rows = await query.limit(self.size).values_list("id", "device_uid", "org_id", "relay_count")
+        refs = [
+            DeviceRef(_as_uuid(i), str(uid), _as_uuid(org_id), int(relays))
+            for i, uid, org_id, relays in rows
+        ]
+        if self.cache:
+            for ref in refs:
+                self._refs.keep(ref.id, ref, generation)
+        return refs
+
+    async def on_change(self, event: DeviceEvent) -> None:
+        """A device was claimed, released or deleted: look it up again."""
+        self._refs.forget(event.device.id)
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 async def fetch(scope: Scope[M], object_id: uuid.UUID, principal: Principal, action: str) -> M:

@@ -12,7 +12,7 @@ from tortoise.expressions import Q
 from tortoise.transactions import in_transaction
 
 from hexa.api.auditing import ActorDep
-from hexa.api.deps import HubDep, PageDep, PrincipalDep
+from hexa.api.deps import HubDep, PageDep, PrincipalDep, PrincipalsDep
 from hexa.api.routers.audit import AuditEntryPublic, AuditFiltersDep, audit_page
 from hexa.api.routers.devices import device_views
 from hexa.api.schemas import (
@@ -51,7 +51,12 @@ async def list_users(_: AdminDep, page: PageDep) -> Page[UserPublic]:
 
 @router.patch("/users/{user_id}")
 async def patch_user(
-    principal: AdminDep, user_id: uuid.UUID, body: UserPatch, actor: ActorDep, hub: HubDep
+    principal: AdminDep,
+    user_id: uuid.UUID,
+    body: UserPatch,
+    actor: ActorDep,
+    hub: HubDep,
+    principals: PrincipalsDep,
 ) -> UserPublic:
     """Activate or deactivate a user, or change their platform role; each change that
     changes something is audited (``user_enabled``, ``user_disabled``, ``user_promoted``,
@@ -67,15 +72,18 @@ async def patch_user(
         actions.append("user_enabled" if changes["is_active"] else "user_disabled")
     if "role" in changes and changes["role"] != user.role:
         actions.append("user_promoted" if changes["role"] == "admin" else "user_demoted")
-    async with in_transaction():
-        if changes:
-            user.update_from_dict(changes)
-            await user.save()
-        if body.is_active is False:
-            await hub.accounts.revoke_all(user)
-        for action in actions:
-            details = {"user_id": str(user.id), "role": user.role, "is_active": user.is_active}
-            await write(actor, action, details=details)
+    try:
+        async with in_transaction():
+            if changes:
+                user.update_from_dict(changes)
+                await user.save()
+            if body.is_active is False:
+                await hub.accounts.revoke_all(user)
+            for action in actions:
+                details = {"user_id": str(user.id), "role": user.role, "is_active": user.is_active}
+                await write(actor, action, details=details)
+    finally:
+        principals.forget(user.id)
     return user_view(user)
 
 

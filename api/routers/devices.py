@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from hexa.api.deps import DEVICE, HubDep, PageDep, PrincipalDep, fetch, in_visible_orgs
+from hexa.api.deps import (
+    DEVICE,
+    ClaimedDevicesDep,
+    HubDep,
+    PageDep,
+    PrincipalDep,
+    fetch,
+    in_visible_orgs,
+)
 from hexa.api.errors import request_id_of
 from hexa.api.schemas import (
     AllRelaysCommand,
@@ -29,7 +37,7 @@ from hexa.api.schemas import (
     device_fields,
     device_view,
 )
-from hexa.hub.access import Principal
+from hexa.hub.access import DeviceRef, Principal
 from hexa.hub.commands import Origin, RelayAction
 from hexa.hub.errors import NotFound, Unauthorized
 from hexa.hub.security import same_secret
@@ -220,10 +228,11 @@ async def set_relay(
     relay_index: Annotated[int, Path(ge=0, le=63)],
     body: RelayCommand,
     principal: PrincipalDep,
+    devices: ClaimedDevicesDep,
     hub: HubDep,
     request: Request,
 ) -> CommandResult:
-    device = await fetch(DEVICE, device_id, principal, "command_relays")
+    device = await fetch(devices.scope, device_id, principal, "command_relays")
     if relay_index >= device.relay_count:
         raise NotFound("relay")
     return await _command(hub, principal, device, relay_index, body.state, request)
@@ -234,24 +243,25 @@ async def set_all_relays(
     device_id: uuid.UUID,
     body: AllRelaysCommand,
     principal: PrincipalDep,
+    devices: ClaimedDevicesDep,
     hub: HubDep,
     request: Request,
 ) -> CommandResult:
-    device = await fetch(DEVICE, device_id, principal, "command_relays")
+    device = await fetch(devices.scope, device_id, principal, "command_relays")
     return await _command(hub, principal, device, None, body.state, request)
 
 
 async def _command(
     hub: Hub,
     principal: Principal,
-    device: Device,
+    device: DeviceRef,
     relay_index: int | None,
     state: bool | str,
     request: Request,
 ) -> CommandResult:
     """Publish the intent, wait for its result; anything but applied raises its error."""
     result = await hub.commands.execute(
-        device.device_uid,
+        device.uid,
         RelayAction.of(relay_index, state),
         Origin(
             "api", actor_type="user", actor_id=str(principal.id), request_id=request_id_of(request)

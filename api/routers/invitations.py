@@ -15,7 +15,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
 from hexa.api.auditing import ActorDep
-from hexa.api.deps import INVITATION, ORGANIZATION, PageDep, PrincipalDep, fetch
+from hexa.api.deps import INVITATION, ORGANIZATION, PageDep, PrincipalDep, PrincipalsDep, fetch
 from hexa.api.schemas import InvitationPublic, Page, invitation_view
 from hexa.hub.access import Principal, Role
 from hexa.hub.audit import Actor, write
@@ -59,7 +59,7 @@ async def org_invitations(
 
 @router.post("/invitations/{invitation_id}/accept")
 async def accept(
-    invitation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
+    invitation_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep, principals: PrincipalsDep
 ) -> InvitationPublic:
     """Join the organization with the invitation's role; the invitation becomes accepted."""
     invitation = await _addressed_to(principal, invitation_id)
@@ -81,6 +81,8 @@ async def accept(
             await _audit(actor, "invitation_accepted", invitation)
     except IntegrityError:  # joined through a concurrent request
         raise Conflict("already a member of this organization") from None
+    finally:
+        principals.forget(principal.id)
     return invitation_view(invitation)
 
 

@@ -17,6 +17,7 @@ from hexa.api.deps import (
     SITE,
     PageDep,
     PrincipalDep,
+    PrincipalsDep,
     fetch,
     in_visible_orgs,
 )
@@ -60,12 +61,15 @@ async def list_orgs(principal: PrincipalDep, page: PageDep) -> Page[Organization
 
 @router.post("/orgs", status_code=201)
 async def create_org(
-    body: OrgCreate, principal: PrincipalDep, actor: ActorDep
+    body: OrgCreate, principal: PrincipalDep, actor: ActorDep, principals: PrincipalsDep
 ) -> OrganizationPublic:
-    async with in_transaction():
-        org = await Organization.create(name=body.name)
-        await Membership.create(org=org, user_id=principal.id, role="owner")
-        await write(actor, "org_created", org_id=org.id, details={"name": org.name})
+    try:
+        async with in_transaction():
+            org = await Organization.create(name=body.name)
+            await Membership.create(org=org, user_id=principal.id, role="owner")
+            await write(actor, "org_created", org_id=org.id, details={"name": org.name})
+    finally:
+        principals.forget(principal.id)
     return org_view(org)
 
 
@@ -89,15 +93,20 @@ async def patch_org(
 
 
 @router.delete("/orgs/{org_id}", status_code=204)
-async def delete_org(org_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep) -> Response:
+async def delete_org(
+    org_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep, principals: PrincipalsDep
+) -> Response:
     org = await fetch(ORGANIZATION, org_id, principal, "delete_org")
     if await Device.filter(org_id=org.id, deleted_at=None).exists():
         raise Conflict("release or delete this organization's devices first")
     now = utcnow()
-    async with in_transaction():
-        await Organization.filter(id=org.id).update(deleted_at=now)
-        await Site.filter(org_id=org.id, deleted_at=None).update(deleted_at=now)
-        await write(actor, "org_deleted", org_id=org.id, details={"name": org.name})
+    try:
+        async with in_transaction():
+            await Organization.filter(id=org.id).update(deleted_at=now)
+            await Site.filter(org_id=org.id, deleted_at=None).update(deleted_at=now)
+            await write(actor, "org_deleted", org_id=org.id, details={"name": org.name})
+    finally:
+        principals.clear()  # every member's roles
     return Response(status_code=204)
 
 
@@ -127,6 +136,7 @@ async def add_member(
     body: MemberAdd,
     principal: PrincipalDep,
     actor: ActorDep,
+    principals: PrincipalsDep,
 ) -> InvitationPublic | JSONResponse:
     """Change an existing member's role (200), or invite the email (201).
 
@@ -147,7 +157,10 @@ async def add_member(
     ).first()
     if existing is not None:
         _check_can_grant(principal, org.id, Role.parse(existing.role))
-        membership = await _change_role(principal, actor, org.id, existing.user_id, body.role)
+        try:
+            membership = await _change_role(principal, actor, org.id, existing.user_id, body.role)
+        finally:
+            principals.forget(existing.user_id)
         await membership.fetch_related("user")
         # 200, not the route's 201: a role change creates nothing
         return JSONResponse(member_view(membership).model_dump(mode="json"), status_code=200)
@@ -211,7 +224,11 @@ async def _change_role(
 
 @router.delete("/orgs/{org_id}/members/{user_id}", status_code=204)
 async def remove_member(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
+    org_id: uuid.UUID,
+    user_id: uuid.UUID,
+    principal: PrincipalDep,
+    actor: ActorDep,
+    principals: PrincipalsDep,
 ) -> Response:
     org = await fetch(ORGANIZATION, org_id, principal, "read")
     membership = await Membership.get_or_none(org_id=org.id, user_id=user_id)
@@ -221,22 +238,25 @@ async def remove_member(
     if not leaving:
         principal.require(org.id, "manage_members")
         _check_can_grant(principal, org.id, Role.parse(membership.role))
-    async with in_transaction() as conn:
-        await _lock_org(conn, org.id)
-        membership = await Membership.get_or_none(org_id=org.id, user_id=user_id, using_db=conn)
-        if membership is None:
-            raise NotFound("member")
-        if membership.role == "owner":
-            await _keep_an_owner(conn, org.id)
-        if not leaving:
-            _check_authority(
-                await _current_role(conn, principal, org.id), Role.parse(membership.role)
-            )
-        await membership.delete(using_db=conn)
-        await _revoke_invitations_by(conn, org_id=org.id, user_id=user_id, above=None)
-        action = "member_left" if leaving else "member_removed"
-        details = {"user_id": str(user_id), "role": membership.role}
-        await write(actor, action, org_id=org.id, details=details)
+    try:
+        async with in_transaction() as conn:
+            await _lock_org(conn, org.id)
+            membership = await Membership.get_or_none(org_id=org.id, user_id=user_id, using_db=conn)
+            if membership is None:
+                raise NotFound("member")
+            if membership.role == "owner":
+                await _keep_an_owner(conn, org.id)
+            if not leaving:
+                _check_authority(
+                    await _current_role(conn, principal, org.id), Role.parse(membership.role)
+                )
+            await membership.delete(using_db=conn)
+            await _revoke_invitations_by(conn, org_id=org.id, user_id=user_id, above=None)
+            action = "member_left" if leaving else "member_removed"
+            details = {"user_id": str(user_id), "role": membership.role}
+            await write(actor, action, org_id=org.id, details=details)
+    finally:
+        principals.forget(user_id)
     return Response(status_code=204)
 
 
@@ -421,7 +441,11 @@ async def delete_area(area_id: uuid.UUID, principal: PrincipalDep, actor: ActorD
 
 @router.delete("/orgs/{org_id}/members", status_code=204)
 async def remove_member_by_query(
-    org_id: uuid.UUID, user_id: uuid.UUID, principal: PrincipalDep, actor: ActorDep
+    org_id: uuid.UUID,
+    user_id: uuid.UUID,
+    principal: PrincipalDep,
+    actor: ActorDep,
+    principals: PrincipalsDep,
 ) -> Response:
     """``DELETE /orgs/{id}/members?user_id=`` — the same as the path form."""
-    return await remove_member(org_id, user_id, principal, actor)
+    return await remove_member(org_id, user_id, principal, actor, principals)
