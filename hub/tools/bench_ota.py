@@ -8,6 +8,8 @@ subprocess). Not a test: it measures and prints, nothing fails on a number.
   over ``--ota-spreads`` seconds, as a fleet polling on a timer does, each device opening
   its connection when its turn comes (its latency includes the connection), and all at
   once again with every device connecting at once.
+- **the fast route's share**: the same burst through the FastAPI route of ``/ota/check``
+  (an unknown query parameter sends it there).
 - **what is reachable**: the same burst on the hub's ``/healthz`` (the API layer without
   the database or credentials) and on a bare ASGI app served by uvicorn as the hub serves
   its API (``hexa.hub.tools.asgi_floor``): the floor of one process on this machine.
@@ -105,6 +107,10 @@ async def _measure(
     gc.collect()
     gc.freeze()  # the load generator's own full collections would show as hub latency
     out["checks_ms"] = [await _storm(port, requests, s, hub, has_update) for s in args.ota_spreads]
+    # the same burst through the FastAPI route (an unknown parameter sends it there): what
+    # the route ahead of FastAPI's dependency machinery saves
+    also = [_request(port, CHECK + "&also=1", c.device_uid, c.device_token) for c in creds]
+    out["checks_fastapi_route_ms"] = await _storm(port, also, 0.0, hub, has_update)
     # all at once again, each device opening its connection with the others (no keep-alive)
     out["checks_connecting_ms"] = await _storm(port, requests, 0.0, hub, has_update, connect=True)
     # the same burst on /healthz (no database, no auth): what the API layer alone costs
