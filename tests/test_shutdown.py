@@ -18,7 +18,7 @@ from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.databases import migrated_database_url
 from support.devices import claimed_device
 from support.hubs import spawn_hub, stop_hub
-from support.mqtt import MqttClient, MqttDevice
+from support.mqtt import MqttClient, MqttDevice, close_all
 
 DEVICES = 6
 
@@ -129,8 +129,7 @@ def test_sigterm_under_load_keeps_every_reported_state(tmp_path: Path, db_kind: 
             t.join(30)
         integ.close()
     finally:
-        for _dev, m in devices:
-            m.close()
+        close_all(m for _dev, m in devices)
         stop_hub(hub)
     assert len(confirmed) == DEVICES
     again = spawn_hub(url, tmp_path / "data")
