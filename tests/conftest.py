@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import pytest
 from support.databases import PG_URL, REQUIRE_PG, new_database_url, pg_unreachable
 from support.hubs import RunningHub, start_hub, stop_hub
+from support.mqtt import MqttClient
 from support.rawmqtt import raws  # noqa: F401  (a fixture, for every test module)
 
 T = TypeVar("T")
@@ -64,6 +65,10 @@ def track() -> Iterator[Callable[[T], T]]:
         return client
 
     yield add
+    for client in reversed(opened):
+        if isinstance(client, MqttClient):  # see close_all: those of a stopped hub stop together
+            with contextlib.suppress(Exception):
+                client.c.disconnect()
     for client in reversed(opened):
         with contextlib.suppress(Exception):  # best-effort cleanup
             client.close()
