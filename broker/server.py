@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -93,6 +94,10 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         self._admitting: dict[str, _Admission] = {}
         self._expiry: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        #: whole second of the monotonic clock → the connections to look at then (when
+        #: they would be silent too long if nothing arrived since they were put there)
+        self._silence_due: dict[int, list[tuple[str, Connection]]] = {}
+        self._swept = math.floor(time.monotonic())  # the last second looked at
         #: connections ended since memory was last handed back to the system
         self._left = 0
         self._trim: asyncio.TimerHandle | None = None
@@ -144,6 +149,7 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
             conn.send(codec.connack(present))
             # MQTT-3.1.2-24: silent for 1.5 x keepalive means gone (see _watch_keepalives)
             conn.silence_limit_s = client.keep_alive * 1.5
+            self._watch_silence(client.client_id, conn)
             client.outbox.attach(conn.send)  # resends what was in flight (MQTT-4.4.0-1)
             clean_exit = await self.engine.serve(client, conn, reader)
         finally:
@@ -338,7 +344,8 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         if self._expiry_s is None:
             return
         while True:
-            await asyncio.sleep(1)
+            # a sweep over every session: as often as the interval needs, at most 1/s
+            await asyncio.sleep(min(60.0, max(1.0, self._expiry_s / 10)))
             limit = time.time() - self._expiry_s
             for client in list(self.engine.clients.values()):
                 if (
@@ -353,14 +360,30 @@ class HexaBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
         self._trim, self._left = None, 0
         _return_memory()
 
+    def _watch_silence(self, cid: str, conn: Connection, after: int | None = None) -> None:
+        """Look at ``conn`` again in the second it would be silent too long (never with
+        keepalive 0), later than second ``after``."""
+        if conn.silence_limit_s:
+            due = math.ceil(conn.last_read + conn.silence_limit_s)
+            due = max(due, (self._swept if after is None else after) + 1)
+            self._silence_due.setdefault(due, []).append((cid, conn))
+
     async def _watch_keepalives(self) -> None:
-        """Close connections silent for longer than 1.5 x their keepalive (one sweep a
-        second over every connection: no timer per connection)."""
+        """Close connections silent for longer than 1.5 x their keepalive. No timer per
+        connection and no sweep over all of them: once a second, the connections due in
+        that second are looked at (each once per keepalive period) and those that spoke
+        meanwhile are put where their new limit falls."""
         while True:
             await asyncio.sleep(KEEPALIVE_SWEEP_S)
             now = time.monotonic()
-            for cid, conn in list(self._live.items()):
-                if conn.silent_too_long(now) and not conn.closing:
+            while self._swept + 1 <= now:
+                second = self._swept = self._swept + 1
+                for cid, conn in self._silence_due.pop(second, None) or []:
+                    if self._live.get(cid) is not conn or conn.closing:
+                        continue  # gone: it was looked after when it ended
+                    if not conn.silent_too_long(now):
+                        self._watch_silence(cid, conn, second)
+                        continue
                     metrics.KEEPALIVE_TIMEOUTS.inc()
                     log.info(
                         "client %s silent for %.0f s: disconnected",

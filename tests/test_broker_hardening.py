@@ -343,6 +343,30 @@ def test_silence_within_keepalive_keeps_the_session(hub: RunningHub, raws: Any) 
         assert packet is not None and packet[0] >> 4 == 13, packet
 
 
+def test_client_that_stops_pinging_is_dropped_and_others_kept(hub: RunningHub, raws: Any) -> None:
+    """A client that kept pinging, then falls silent, is disconnected within its limit,
+    while one that goes on pinging stays: the keepalive watch looks at a connection again
+    where its limit moved to, not once and never again."""
+    user = register(hub)
+    it = integration_token(hub, user)
+    stops = raws(Raw(hub))
+    goes_on = raws(Raw(hub))
+    for r in (stops, goes_on):
+        assert r.connect(f"ka-{uuid.uuid4().hex[:8]}", it["name"], it["token"], keepalive=1) == 0
+    for _ in range(5):  # 2.5 s: past the first limit of each, 1.5 s after connecting
+        time.sleep(0.5)
+        for r in (stops, goes_on):
+            r.sock.sendall(b"\xc0\x00")  # PINGREQ
+            packet = r.read_packet(2)
+            assert packet is not None and packet[0] >> 4 == 13, packet
+    silent_since = time.monotonic()
+    while time.monotonic() - silent_since < 3:
+        time.sleep(0.5)
+        goes_on.sock.sendall(b"\xc0\x00")
+        assert goes_on.read_packet(2) is not None, "a client that pings was disconnected"
+    assert stops.closed_by_peer(6), "the broker kept a client that stopped pinging"
+
+
 # --- 6: a stalled subscriber ------------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_stalled_subscriber_is_disconnected_and_others_unaffected(
