@@ -34,9 +34,9 @@ class Gate:
     def __init__(self, hub_password: str) -> None:
         self.hub_password = hub_password
         self._orgs: dict[str, tuple[uuid.UUID | None, float]] = {}
-        #: a live device's credential as the database has it now: the CONNECTs of a
-        #: storm share queries, and nothing is cached (a token rotated or revoked a
-        #: moment ago is refused)
+        #: a live device's credential and organization as the database has them now:
+        #: the CONNECTs of a storm (and the ACL's organization look-ups) share queries,
+        #: and nothing is cached (a token rotated or revoked a moment ago is refused)
         self._credentials = Batched(_credentials)
 
     async def identify(self, username: str | None, password: str | None) -> Identity | None:
@@ -70,11 +70,11 @@ class Gate:
         cached = self._orgs.get(uid)
         if cached is not None and cached[1] > time.monotonic():
             return
-        device = await Device.get_or_none(device_uid=uid, deleted_at=None)
+        device = await self._credentials.one(uid)  # shares the query with others
         if device is None:
             self._orgs.pop(uid, None)
             return
-        self._orgs[uid] = (device.org_id, time.monotonic() + ORG_CACHE_TTL_S)
+        self._orgs[uid] = (device[1], time.monotonic() + ORG_CACHE_TTL_S)
         if len(self._orgs) > 200_000:
             self._orgs.clear()
 
