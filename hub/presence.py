@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,27 +11,22 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
-from tortoise import connections
 
 from hexa.hub import metrics, topics
 from hexa.hub.audit import AuditLog
-from hexa.hub.batch import Batched
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.events import ConfigReported, DeviceOffline, DeviceOnline, Events, InputEvent
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import BusLike, Message
 from hexa.hub.relay import RelayService
-from hexa.hub.security import utcnow
 from hexa.hub.state import DeviceCache, DeviceInfo
-from hexa.models import Device, DeviceInput, RelayState
+from hexa.models import Device
 
 log = logging.getLogger(__name__)
 P = TypeVar("P")
 
 #: messages of one device waiting to be handled; beyond this the device is flooding
 LANE_LIMIT = 256
-#: devices loaded into the cache with one set of queries at most (SQL parameters)
-LOAD_BATCH = 500
 
 
 Job = Callable[[], Awaitable[None]]
@@ -116,10 +109,6 @@ class Presence:
         self.relay = relay
         self.events = events
         self._lanes = _Lanes()
-        #: devices not cached yet, loaded together (a connect storm is thousands)
-        self._loads = Batched(self._load)
-        #: online/offline changes, written together
-        self._online_writes = Batched(_write_online)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -163,9 +152,7 @@ class Presence:
         if device.online == online:
             await self.cache.touch(device)
             return
-        device.online = online
-        _cache_online(self.cache, device, online)
-        await self._online_writes.one((device.id, online))
+        await self.cache.set_online(device, online)
         metrics.DEVICES_ONLINE.set(self.cache.online_count())
         await self.relay.publish_state(device, only=[])
         name = "device_online" if online else "device_offline"
@@ -180,28 +167,13 @@ class Presence:
             )
         await self.events.publish(DeviceOnline(device) if online else DeviceOffline(device))
 
-    async def _device(self, uid: str) -> DeviceInfo | None:
-        """The cached device; one not cached yet is loaded together with the others
-        that came at the same time (three queries for them all, not three each)."""
-        device = self.cache.peek(uid)
-        if device is None:
-            device = await self._loads.one(uid)
-        return device
-
-    async def _load(self, uids: list[str]) -> dict[str, DeviceInfo]:
-        found: dict[str, DeviceInfo] = {}
-        for i in range(0, len(uids), LOAD_BATCH):
-            for info in await _load_devices(uids[i : i + LOAD_BATCH]):
-                found[info.uid] = _adopt(self.cache, info)
-        return found
-
     async def _on_availability(self, uid: str, online: bool) -> None:
-        device = await self._device(uid)
+        device = await self.cache.get(uid)
         if device is not None:
             await self.set_online(device, online)
 
     async def _on_report(self, uid: str, report: topics.Report) -> None:
-        device = await self._device(uid)
+        device = await self.cache.get(uid)
         if device is None:
             return
         metrics.STATE_REPORTS.inc()
@@ -255,87 +227,3 @@ class Presence:
         await self.events.publish(
             InputEvent(device, event.input_index, event.event, event.duration_ms)
         )
-
-
-async def _load_devices(uids: list[str]) -> list[DeviceInfo]:
-    """The live devices among ``uids`` as the cache keeps them, in three queries."""
-    rows = await Device.filter(device_uid__in=uids, deleted_at=None).values(
-        "id",
-        "device_uid",
-        "org_id",
-        "relay_count",
-        "input_count",
-        "online",
-        "fw_version",
-        "config_version",
-        "config_applied_version",
-    )
-    if not rows:
-        return []
-    ids = [_uuid(row["id"]) for row in rows]
-    relays: dict[uuid.UUID, list[bool]] = {}
-    inputs: dict[uuid.UUID, list[bool]] = {}
-    for model, states in ((RelayState, relays), (DeviceInput, inputs)):
-        for device_id, state in (
-            await model.filter(device_id__in=ids)
-            .order_by("device_id", "index")
-            .values_list("device_id", "state")
-        ):
-            states.setdefault(_uuid(device_id), []).append(bool(state))
-    return [
-        DeviceInfo(
-            id=device_id,
-            uid=row["device_uid"],
-            org_id=None if row["org_id"] is None else _uuid(row["org_id"]),
-            relay_count=row["relay_count"],
-            input_count=row["input_count"],
-            relays=relays.get(device_id) or [False] * row["relay_count"],
-            inputs=inputs.get(device_id) or [False] * row["input_count"],
-            online=bool(row["online"]),
-            fw_version=row["fw_version"],
-            config_version=row["config_version"],
-            config_applied_version=row["config_applied_version"],
-        )
-        for row, device_id in zip(rows, ids, strict=True)
-    ]
-
-
-def _uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-
-
-async def _write_online(changes: list[tuple[uuid.UUID, bool]]) -> dict[Any, None]:
-    """Write devices' ``online`` (and ``last_seen_at``) in one statement batch."""
-    now = utcnow()
-    rows = [[online, now, str(device_id)] for device_id, online in changes]
-    client = connections.get("default")
-    sql = _SET_ONLINE_PG if client.capabilities.dialect == "postgres" else _SET_ONLINE
-    if len(rows) == 1:
-        await client.execute_query(sql, rows[0])
-    else:
-        await client.execute_many(sql, rows)
-    return {}
-
-
-_SET_ONLINE = 'UPDATE "devices" SET "online"=?,"last_seen_at"=? WHERE "id"=?'
-_SET_ONLINE_PG = 'UPDATE "devices" SET "online"=$1,"last_seen_at"=$2 WHERE "id"=$3'
-
-
-# What follows is DeviceCache's bookkeeping (hub/state.py) for devices loaded and
-# changed in batches, as its get() and touch(online=...) do it for one device at a time.
-def _cache_online(cache: DeviceCache, device: DeviceInfo, online: bool) -> None:
-    """The cache's side of :meth:`DeviceCache.touch` with ``online``; the row is written
-    by :func:`_write_online`."""
-    device.seen_written = time.monotonic()
-    (cache._online.add if online else cache._online.discard)(device.uid)
-    cache._seen.pop(device.id, None)
-
-
-def _adopt(cache: DeviceCache, info: DeviceInfo) -> DeviceInfo:
-    """Put a device loaded in a batch into the cache, as :meth:`DeviceCache.get` does
-    for the one it loads (the cache has no batch load of its own yet); a device the
-    cache meanwhile loaded itself is kept."""
-    info = cache._by_uid.setdefault(info.uid, info)
-    if info.online:
-        cache._online.add(info.uid)
-    return info

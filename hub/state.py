@@ -19,6 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 from tortoise import connections
 
+from hexa.hub.batch import Batched
 from hexa.hub.security import utcnow
 from hexa.models import Device, DeviceInput, RelayState
 
@@ -26,6 +27,8 @@ from hexa.models import Device, DeviceInput, RelayState
 LAST_SEEN_EVERY_S = 5.0
 #: last_seen_at updates wait this long to share one write with other devices'
 SEEN_FLUSH_S = 1.0
+#: devices loaded into the cache with one set of queries at most (SQL parameters)
+LOAD_BATCH = 500
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +58,56 @@ class DeviceCache:
         self._online: set[str] = set()  # uids of cached devices that are online
         self._seen: dict[uuid.UUID, datetime] = {}
         self._seen_due = asyncio.Event()
+        #: bumped by every forget(): a load that overlapped one is not kept
+        self._generation = 0
+        #: devices not cached yet, loaded together (a connect storm is thousands)
+        self._loads: Batched[str, DeviceInfo] = Batched(self._load)
+        #: online/offline changes, written together
+        self._online_writes: Batched[tuple[uuid.UUID, bool], None] = Batched(_write_online)
 
     def peek(self, uid: str) -> DeviceInfo | None:
         return self._by_uid.get(uid)
 
     async def get(self, uid: str) -> DeviceInfo | None:
+        """The live device ``uid``; one not cached yet is loaded together with the others
+        asked for at the same time (three queries for them all, not three each)."""
         info = self._by_uid.get(uid)
         if info is not None:
             return info
-        device = await Device.get_or_none(device_uid=uid, deleted_at=None)
-        if device is None:
-            return None
-        relays = await RelayState.filter(device_id=device.id).order_by("index")
-        inputs = await DeviceInput.filter(device_id=device.id).order_by("index")
-        info = DeviceInfo(
-            id=device.id,
-            uid=uid,
-            org_id=device.org_id,
-            relay_count=device.relay_count,
-            input_count=device.input_count,
-            relays=[r.state for r in relays] or [False] * device.relay_count,
-            inputs=[i.state for i in inputs] or [False] * device.input_count,
-            online=device.online,
-            fw_version=device.fw_version,
-            config_version=device.config_version,
-            config_applied_version=device.config_applied_version,
-        )
-        info = self._by_uid.setdefault(uid, info)
-        if info.online:
-            self._online.add(uid)
-        return info
+        return await self._loads.one(uid)
 
-    async def touch(self, device: DeviceInfo, *, online: bool | None = None) -> None:
-        """Record ``last_seen_at`` (and ``online`` when given). Every ack and report
-        counts as seen, so that is written at most every few seconds per device, and for
-        many devices at once (:meth:`flush_seen`); a presence change is written now."""
+    async def _load(self, uids: list[str]) -> dict[str, DeviceInfo]:
+        generation = self._generation
+        found: dict[str, DeviceInfo] = {}
+        for i in range(0, len(uids), LOAD_BATCH):
+            for info in await _load_devices(uids[i : i + LOAD_BATCH]):
+                if self._generation != generation:
+                    # a claim, release or delete happened meanwhile: this read may be
+                    # older than it, so it answers its callers but is not kept
+                    found[info.uid] = info
+                    continue
+                info = found[info.uid] = self._by_uid.setdefault(info.uid, info)
+                if info.online:
+                    self._online.add(info.uid)
+        return found
+
+    async def set_online(self, device: DeviceInfo, online: bool) -> None:
+        """Record a presence change; the row is written with the other changes of the
+        same moment, and this returns once it is."""
+        device.online = online
+        device.seen_written = time.monotonic()
+        (self._online.add if online else self._online.discard)(device.uid)
+        self._seen.pop(device.id, None)
+        await self._online_writes.one((device.id, online))
+
+    async def touch(self, device: DeviceInfo) -> None:
+        """Record ``last_seen_at``. Every ack and report counts as seen, so that is written
+        at most every few seconds per device, and for many devices at once
+        (:meth:`flush_seen`)."""
         now = time.monotonic()
-        if online is None and now - device.seen_written < LAST_SEEN_EVERY_S:
+        if now - device.seen_written < LAST_SEEN_EVERY_S:
             return
         device.seen_written = now
-        if online is not None:
-            (self._online.add if online else self._online.discard)(device.uid)
-            self._seen.pop(device.id, None)
-            await Device.filter(id=device.id).update(online=online, last_seen_at=utcnow())
-            return
         self._seen[device.id] = utcnow()
         self._seen_due.set()
 
@@ -140,6 +149,7 @@ class DeviceCache:
             await self.touch(device)
 
     def forget(self, uid: str) -> None:
+        self._generation += 1
         self._by_uid.pop(uid, None)
         self._online.discard(uid)
 
@@ -223,6 +233,65 @@ _UPDATE_SEEN = 'UPDATE "devices" SET "last_seen_at"=? WHERE "id"=?'
 _UPDATE_INPUT = (
     'UPDATE "device_inputs" SET "state"=?,"updated_at"=? WHERE "device_id"=? AND "index"=?'
 )
+
+
+async def _load_devices(uids: list[str]) -> list[DeviceInfo]:
+    """The live devices among ``uids`` as the cache keeps them, in three queries."""
+    rows = await Device.filter(device_uid__in=uids, deleted_at=None).values(
+        "id",
+        "device_uid",
+        "org_id",
+        "relay_count",
+        "input_count",
+        "online",
+        "fw_version",
+        "config_version",
+        "config_applied_version",
+    )
+    if not rows:
+        return []
+    ids = [_uuid(row["id"]) for row in rows]
+    relays: dict[uuid.UUID, list[bool]] = {}
+    inputs: dict[uuid.UUID, list[bool]] = {}
+    for model, states in ((RelayState, relays), (DeviceInput, inputs)):
+        for device_id, state in (
+            await model.filter(device_id__in=ids)
+            .order_by("device_id", "index")
+            .values_list("device_id", "state")
+        ):
+            states.setdefault(_uuid(device_id), []).append(bool(state))
+    return [
+        DeviceInfo(
+            id=device_id,
+            uid=row["device_uid"],
+            org_id=None if row["org_id"] is None else _uuid(row["org_id"]),
+            relay_count=row["relay_count"],
+            input_count=row["input_count"],
+            relays=relays.get(device_id) or [False] * row["relay_count"],
+            inputs=inputs.get(device_id) or [False] * row["input_count"],
+            online=bool(row["online"]),
+            fw_version=row["fw_version"],
+            config_version=row["config_version"],
+            config_applied_version=row["config_applied_version"],
+        )
+        for row, device_id in zip(rows, ids, strict=True)
+    ]
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+async def _write_online(changes: list[tuple[uuid.UUID, bool]]) -> dict[Any, None]:
+    """Write devices' ``online`` (and ``last_seen_at``) in one statement batch."""
+    now = utcnow()
+    await execute_rows(
+        _SET_ONLINE, [[online, now, str(device_id)] for device_id, online in changes]
+    )
+    return {}
+
+
+_SET_ONLINE = 'UPDATE "devices" SET "online"=?,"last_seen_at"=? WHERE "id"=?'
 
 
 async def execute_rows(sql: str, rows: list[list[Any]]) -> None:
