@@ -62,12 +62,17 @@ class Bus:
         *,
         client_id: str,
         presence_topic: str | None = None,
+        announce: bool = True,
         keepalive: int = 30,
         max_backoff_s: float = 5.0,
     ) -> None:
         self.address = address
         self.client_id = client_id
         self.presence_topic = presence_topic if presence_topic else topics.HUB_STATUS.format()
+        #: whether ``online``/``offline`` (and the will) go to the presence topic; a load
+        #: generator standing in for an integration must not look like Home Assistant
+        #: coming online, which makes the hub republish every device's discovery
+        self.announce = announce
         self.keepalive = keepalive
         self.max_backoff_s = max_backoff_s
         self._handlers: list[tuple[str, Handler]] = []
@@ -134,7 +139,11 @@ class Bus:
             username=a.username,
             password=a.password,
             keepalive=self.keepalive,
-            will=mqtt.Will(self.presence_topic, b"offline", qos=1, retain=True),
+            will=(
+                mqtt.Will(self.presence_topic, b"offline", qos=1, retain=True)
+                if self.announce
+                else None
+            ),
             ssl=ssl.create_default_context(cafile=a.ca_file) if a.tls else None,
         )
 
@@ -155,7 +164,8 @@ class Bus:
                 filters = list(dict.fromkeys(f for f, _ in self._handlers))
                 if filters:
                     self._check_granted(filters, await conn.subscribe(filters))
-                await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
+                if self.announce:
+                    await conn.publish(self.presence_topic, b"online", qos=1, retain=True)
                 self._connected.set()
                 # handlers added while the first SUBSCRIBE was on its way were neither in
                 # it nor subscribed by subscribe() (not connected yet): subscribe them now
@@ -207,7 +217,7 @@ class Bus:
     async def close(self) -> None:
         """Publish ``offline`` on the presence topic (best effort); run() then ends on cancel."""
         conn = self._conn
-        if conn is not None and self.connected:
+        if conn is not None and self.connected and self.announce:
             try:
                 await asyncio.wait_for(
                     conn.publish(self.presence_topic, b"offline", qos=1, retain=True), 2

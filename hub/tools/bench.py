@@ -408,6 +408,7 @@ async def _run(
             BrokerAddress("127.0.0.1", mqtt_port, it["name"], it["token"]),
             client_id=f"bench-{uuid.uuid4().hex[:6]}",
             presence_topic="homeassistant/status",
+            announce=False,  # not Home Assistant: no discovery republish mid-measurement
         )
         await integration.subscribe(topics.RESULT.filter(), on_result)
         await tg.start(integration.run)
