@@ -79,14 +79,19 @@ class LocalBus:
         qos: int = 1,
         retain: bool = False,
         decoded: Decoded[Any] | None = None,
+        paced: bool = False,
     ) -> None:
         """Route a message of the hub's: outside subscribers get ``payload``, the hub's own
-        handlers also ``decoded`` (what it was built from) when given."""
+        handlers also ``decoded`` (what it was built from) when given. ``paced``: then wait
+        for the subscribers it left congested, as a client publisher does."""
         if self._session is None:
             raise BusUnavailable("the embedded broker is not running")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         self._received_hub.inc()
-        await self.broker.engine.route(self._session, topic, data, qos, retain, decoded)
+        congested = await self.broker.engine.route(self._session, topic, data, qos, retain, decoded)
+        if paced:
+            for drains in congested:
+                await drains.drained()
 
     def deliver(
         self,

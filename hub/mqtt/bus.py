@@ -117,9 +117,10 @@ class Bus:
         qos: int = 1,
         retain: bool = False,
         decoded: Decoded[Any] | None = None,
+        paced: bool = False,
     ) -> None:
         """``decoded`` is not used: over a broker every subscriber, the hub's own too,
-        gets the payload."""
+        gets the payload. Every publish is ``paced``: QoS 1 waits for the broker."""
         conn = self._conn
         if conn is None or not self.connected:
             raise BusUnavailable("the message bus is not connected")

@@ -67,10 +67,13 @@ class BusLike(Protocol):
         qos: int = 1,
         retain: bool = False,
         decoded: Decoded[Any] | None = None,
+        paced: bool = False,
     ) -> None:
         """Publish ``payload``; ``decoded``, if given, is what it encodes (its topic
         template, placeholders and value), handed as such to the hub's own subscribers
-        where the bus delivers in process. Subscribers elsewhere get the payload."""
+        where the bus delivers in process. Subscribers elsewhere get the payload.
+        ``paced``: return only once no subscriber it reached is behind (a burst of many
+        messages from a task of its own; never from a bus handler)."""
         ...
 
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None: ...
