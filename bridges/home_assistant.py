@@ -18,11 +18,12 @@ import anyio
 from anyio.abc import TaskStatus
 
 from hexa.bridges.home_assistant_config import DeviceView
-from hexa.bridges.home_assistant_sync import Births, Discovery
+from hexa.bridges.home_assistant_sync import Births, Discovery, cached, yield_turn
 from hexa.hub import topics
 from hexa.hub.errors import BusUnavailable
 from hexa.hub.mqtt import inbox
 from hexa.hub.mqtt.busapi import Handler, Message
+from hexa.hub.relay import state_messages
 from hexa.models import Device
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class HomeAssistant:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.prefix = hub.settings.ha_discovery_prefix
-        self.discovery = Discovery(self._publish, prefix=self.prefix)
+        self.discovery = Discovery(self._publish, prefix=self.prefix, paced=self._publish_paced)
         self.births = Births()
         self._status_topic = topics.ha_topic(topics.HA_STATUS.format(), self.prefix)
         self._on_status = self._status_handler()
@@ -52,6 +53,9 @@ class HomeAssistant:
 
     async def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         await self.hub.bus.publish(topic, payload, retain=retain)
+
+    async def _publish_paced(self, topic: str, payload: bytes, retain: bool) -> None:
+        await self.hub.bus.publish(topic, payload, retain=retain, paced=True)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         unfollow = self.discovery.follow(self.hub.events, self._changed)
@@ -84,18 +88,19 @@ class HomeAssistant:
 
     async def republish(self) -> int:
         """Every claimed device's configs and current state."""
-        return await self.discovery.republish(self._states)
+        return await self.discovery.republish(self._republished_states)
 
-    async def _states(self, view: DeviceView) -> None:
-        """The device's relay states, retained, for a Home Assistant that just
-        subscribed. Not its availability: on this bus that topic is the device's own
+    async def _republished_states(self, views: list[DeviceView]) -> None:
+        """The devices' relay states, retained, for a Home Assistant that just
+        subscribed. Not their availability: on this bus that topic is the device's own
         (its ``online`` and its will, retained by the broker, and the hub's ``online``
         after a reconnect). Publishing the hub's cached view of it here could overwrite a
         fresher ``online`` from a device that is connecting at this moment with a stale
         ``offline``."""
-        device = await self.hub.cache.get(view.uid)
-        if device is not None:
-            await self.hub.relay.publish_state(device)
+        for device in await cached(self.hub.cache, views):
+            for topic, payload in state_messages(device):
+                await self._publish_paced(topic, payload, True)
+            await yield_turn()
 
     def _status_handler(self) -> Handler:
         """Home Assistant's status (under the configured prefix): ``online`` is a birth."""
@@ -126,4 +131,6 @@ class HomeAssistant:
             log.warning("discovery of %s not published: bus down", device.device_uid)
             return
         if view is not None and with_states:
-            await self._states(view)
+            info = await self.hub.cache.get(view.uid)
+            if info is not None:
+                await self.hub.relay.publish_state(info)

@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from hexa.bridges.home_assistant_config import DeviceView, configs
-from hexa.bridges.home_assistant_sync import Births, Discovery
+from hexa.bridges.home_assistant_sync import Births, Discovery, cached
 from hexa.hub import metrics, topics
 from hexa.hub.config import ha_tls_context
 from hexa.hub.errors import BusUnavailable
@@ -244,18 +244,17 @@ class RemoteHomeAssistant:
         count = await self.discovery.republish(self._states)
         log.info("Home Assistant discovery published for %d devices on %s", count, self.where)
 
-    async def _states(self, view: DeviceView) -> None:
-        device = await self.hub.cache.get(view.uid)
-        if device is None:
-            return
-        for topic, payload in state_messages(device):
-            await self._publish(topic, payload, True)
-        # Here, unlike on the hub's bus, the hub is the only one to speak for the device:
-        # what the device last said (the cache may not have heard it yet), else the cache.
-        availability = self._availability.get(device.uid)
-        if availability is None:
-            availability = topics.encode_availability(device.online)
-        await self._publish(topics.AVAILABILITY.format(uid=device.uid), availability, True)
+    async def _states(self, views: list[DeviceView]) -> None:
+        for device in await cached(self.hub.cache, views):
+            for topic, payload in state_messages(device):
+                await self._publish(topic, payload, True)
+            # Here, unlike on the hub's bus, the hub is the only one to speak for the
+            # device: what the device last said (the cache may not have heard it yet),
+            # else the cache.
+            availability = self._availability.get(device.uid)
+            if availability is None:
+                availability = topics.encode_availability(device.online)
+            await self._publish(topics.AVAILABILITY.format(uid=device.uid), availability, True)
 
     async def _clear_states(self, uid: str, relay_count: int) -> None:
         """A device that left the organization leaves no retained state behind there."""
@@ -287,7 +286,7 @@ class RemoteHomeAssistant:
             if view is None:
                 await self._clear_states(job.uid, job.relay_count)
             elif job.with_states:
-                await self._states(view)
+                await self._states([view])
 
     def _enqueue(self, job: _Job) -> None:
         if self._client is None:

@@ -17,7 +17,15 @@ from dataclasses import replace
 import anyio
 from anyio.abc import TaskStatus
 
-from hexa.bridges.home_assistant_config import DeviceView, config_topics, configs, encode, load
+from hexa.bridges import home_assistant_config
+from hexa.bridges.home_assistant_config import (
+    DeviceView,
+    config_topics,
+    configs,
+    encode,
+    load,
+    load_many,
+)
 from hexa.hub import topics
 from hexa.hub.events import (
     DeviceClaimed,
@@ -29,6 +37,7 @@ from hexa.hub.events import (
     Events,
 )
 from hexa.hub.logs import printable
+from hexa.hub.state import DeviceCache, DeviceInfo
 from hexa.models import Device
 
 log = logging.getLogger(__name__)
@@ -64,8 +73,12 @@ class Discovery:
         *,
         org_id: uuid.UUID | None = None,
         prefix: str = topics.HA_PREFIX,
+        paced: Publish | None = None,
     ) -> None:
         self._publish = publish
+        #: what a republish publishes with: ``publish``, waiting for subscribers that are
+        #: behind (thousands of messages in a burst), if the broker needs that said
+        self._paced = paced or publish
         self.org_id = org_id
         #: Home Assistant's discovery prefix
         self.prefix = prefix
@@ -147,27 +160,48 @@ class Discovery:
         ``relay_count`` and ``input_count`` name the topics to remove when this broker's
         configs for the device are not known (published before the hub started)."""
         async with self._lock:
-            while True:
+            return await self._reconcile(uid, relay_count, input_count)
+
+    async def _reconcile(
+        self,
+        uid: str,
+        relay_count: int,
+        input_count: int,
+        view: DeviceView | None = None,
+        *,
+        paced: bool = False,
+    ) -> DeviceView | None:
+        """:meth:`reconcile` under the lock; ``view``: the device as just read, if it was."""
+        fresh = view is not None
+        while True:
+            if not fresh:
                 view = await self.wanted(uid)
-                reported = self._reported.get(uid)
-                if view is not None and reported:  # it may not be stored yet
-                    view = replace(view, sw_version=reported)
-                await self._publish_configs(uid, view, relay_count, input_count)
-                # a version reported meanwhile found the old one recorded: once more
-                if view is None or self._reported.get(uid) == reported:
-                    return view
+            fresh = False
+            reported = self._reported.get(uid)
+            if view is not None and reported:  # it may not be stored yet
+                view = replace(view, sw_version=reported)
+            await self._publish_configs(uid, view, relay_count, input_count, paced)
+            # a version reported meanwhile found the old one recorded: once more
+            if view is None or self._reported.get(uid) == reported:
+                return view
 
     async def _publish_configs(
-        self, uid: str, view: DeviceView | None, relay_count: int, input_count: int
+        self,
+        uid: str,
+        view: DeviceView | None,
+        relay_count: int,
+        input_count: int,
+        paced: bool = False,
     ) -> None:
+        publish = self._paced if paced else self._publish
         wanted = configs(view, self.prefix) if view is not None else {}
         before = self._published.get(uid)
         if before is None:
             before = frozenset(config_topics(uid, relay_count, input_count, self.prefix))
         for topic in sorted(before - wanted.keys()):
-            await self._publish(topic, encode(None), True)
+            await publish(topic, encode(None), True)
         for topic, config in wanted.items():
-            await self._publish(topic, encode(config), True)
+            await publish(topic, encode(config), True)
         self._published[uid] = frozenset(wanted)
         if view is None:
             self._versions.pop(uid, None)
@@ -189,16 +223,56 @@ class Discovery:
             query = query.filter(org_id=self.org_id)
         return [str(uid) for uid in await query.values_list("device_uid", flat=True)]
 
-    async def republish(self, states: Callable[[DeviceView], Awaitable[None]]) -> int:
+    async def republish(self, states: Callable[[list[DeviceView]], Awaitable[None]]) -> int:
         """Every device's configs, then its current ``states``; returns how many devices.
-        Each device is reconciled on its own, so a release meanwhile is never undone."""
+
+        Devices go by ``home_assistant_config.LOAD_BATCH``: each batch is read in a few
+        queries and its configs published under the lock (so a release meanwhile is never
+        undone: it runs before the batch, and is seen, or after it), then ``states`` are
+        published for the batch's described devices. Both wait for subscribers that are
+        behind (a paced publish) and let the event loop run between devices."""
         count = 0
-        for uid in await self.uids():
-            view = await self.reconcile(uid)
-            if view is not None:
-                await states(view)
-                count += 1
+        uids = await self.uids()
+        batch = home_assistant_config.LOAD_BATCH
+        for i in range(0, len(uids), batch):
+            views = await self._reconcile_batch(uids[i : i + batch])
+            if views:
+                await states(views)
+                count += len(views)
         return count
+
+    async def _reconcile_batch(self, uids: list[str]) -> list[DeviceView]:
+        """:meth:`reconcile` for each of ``uids``, read together; the described ones."""
+        async with self._lock:
+            loaded = await load_many([uid for uid in uids if uid not in self._leaving], self.org_id)
+            views: list[DeviceView] = []
+            for uid in uids:
+                view = loaded.get(uid) if uid not in self._leaving else None
+                if view is None:  # read again: what it had is removed
+                    await self._reconcile(uid, 0, 0, paced=True)
+                    continue
+                view = await self._reconcile(uid, 0, 0, view, paced=True)
+                if view is not None:
+                    views.append(view)
+                await yield_turn()
+            return views
+
+
+async def yield_turn() -> None:
+    """Let the event loop run between two devices' messages: a republish publishes a
+    dozen per device without waiting for anything, and the broker's connections (their
+    acknowledgements, their sockets) must keep up with it, as must everything else."""
+    await asyncio.sleep(0)
+
+
+async def cached(cache: DeviceCache, views: list[DeviceView]) -> list[DeviceInfo]:
+    """The cached devices of ``views`` (live ones, in order); those not cached yet are
+    loaded together (a few queries for them all, not a few each)."""
+    found = {view.uid: cache.peek(view.uid) for view in views}
+    missing = [uid for uid, device in found.items() if device is None]
+    if missing:  # asked in one loop turn: the cache loads them as one batch
+        found.update(zip(missing, await asyncio.gather(*map(cache.get, missing)), strict=True))
+    return [device for device in (found[view.uid] for view in views) if device is not None]
 
 
 class Births:

@@ -608,3 +608,82 @@ def test_another_discovery_prefix_end_to_end(db_kind: str, tmp_path: Any) -> Non
         finally:
             ha.close()
             theirs.close()
+
+
+def test_a_republish_of_many_devices_sends_each_config_and_state_once(
+    hub: RunningHub, track: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A birth republishes many devices, read a batch at a time (batches made small here
+    so that the devices span several, with a partial last one): every device's twelve
+    configs exactly once, byte for byte what its claim and renames published (contract §6
+    payloads, with its own names), and its relay and aggregate states once."""
+    from hexa.bridges import home_assistant_config
+
+    monkeypatch.setattr(home_assistant_config, "LOAD_BATCH", 4)  # the hub runs in process
+    user = register(hub)
+    ha = home_assistant(hub, user, track)
+    devices: list[dict[str, Any]] = []
+    for i in range(15):
+        p = provision(hub)
+        name = f'Hall "{i}" ✓' if i % 3 == 0 else None
+        devices.append(claim(hub, user, p["claim_code"], **({"name": name} if name else {})))
+    with hub.api(user.access_token) as c:
+        for dev in devices[::4]:
+            r = c.patch(f"/devices/{dev['id']}", json={"relay_names": [None, f"L{dev['id'][:4]}"]})
+            assert r.status_code == 200, r.text
+    barrier(ha, hub, user)
+    uids = [dev["device_uid"] for dev in devices]
+    renamed = {dev["device_uid"] for dev in devices[::4]}
+    for dev in devices:
+        uid = dev["device_uid"]
+        assert wait_until(
+            lambda uid=uid: (
+                uid not in renamed or latest(ha, switch_topic(uid, 1))["name"] != "Relay 2"
+            ),
+            5,
+        )
+        assert latest(ha, switch_topic(uid, 0)) == {
+            "name": "Relay 1",
+            "unique_id": f"hexa_{uid}_0",
+            "command_topic": f"hexa/{uid}/relay/0/set",
+            "state_topic": f"hexa/{uid}/relay/0/state",
+            "payload_on": "ON",
+            "payload_off": "OFF",
+            "availability": [{"topic": f"hexa/{uid}/availability"}, {"topic": "hexa/hub/status"}],
+            "availability_mode": "all",
+            "qos": 1,
+            "retain": False,
+            "device": {
+                "identifiers": [f"hexa_{uid}"],
+                "name": dev["name"],
+                "manufacturer": "Hexa",
+                "model": "hexa-mini-switch-v1",
+            },
+            "origin": {"name": "Hexa Hub", "sw_version": __version__},
+        }
+        relay_2 = f"L{dev['id'][:4]}" if uid in renamed else "Relay 2"
+        assert latest(ha, switch_topic(uid, 1))["name"] == relay_2
+    published = {t: configs_of(ha, t) for uid in uids for t in all_topics(uid)}
+    relay_states = {f"hexa/{uid}/relay/{n}/state" for uid in uids for n in range(3)}
+    aggregates = {f"hexa/{uid}/state" for uid in uids}
+
+    def count(topics: set[str]) -> dict[str, int]:
+        got = dict.fromkeys(topics, 0)
+        for t, _, _ in ha.messages(lambda t, p, r: t in topics):
+            got[t] += 1
+        return got
+
+    states_before = count(relay_states | aggregates)
+    ha.publish("homeassistant/status", "online")
+    for topic, before in published.items():
+        n = len(before)
+        assert wait_until(lambda t=topic, n=n: len(configs_of(ha, t)) > n, BIRTH_ANSWER_S)
+    for topic, n in states_before.items():  # states follow each batch's configs
+        assert wait_until(lambda t=topic, n=n: count({t})[t] > n, 5), topic
+    barrier(ha, hub, user)  # a claim after the republish: nothing more of it comes
+    for topic, before in published.items():
+        assert configs_of(ha, topic) == [*before, before[-1]], topic  # once, the same bytes
+    states_after = count(relay_states | aggregates)
+    assert all(states_after[t] == states_before[t] + 1 for t in states_after), states_after
+    for topic in relay_states:
+        assert ha.messages(lambda t, p, r, topic=topic: t == topic)[-1][1] == b"OFF"
