@@ -14,13 +14,11 @@ from hexa.hub.audit import Actor, write
 from hexa.hub.config import Settings
 from hexa.hub.errors import Conflict, Forbidden, Unauthorized, ValidationFailed
 from hexa.hub.security import (
-    DUMMY_PASSWORD_HASH,
-    hash_password,
+    Passwords,
     issue_access_token,
     new_token,
     token_hash,
     utcnow,
-    verify_password,
 )
 from hexa.hub.throttle import LoginThrottle
 from hexa.models import Membership, Organization, RefreshToken, User
@@ -58,6 +56,7 @@ class Accounts:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
+        self.passwords = Passwords(settings.password_hash)
 
     @property
     def _secret(self) -> str:
@@ -78,7 +77,7 @@ class Accounts:
         through the request ``request_id``), else ``user_created`` by ``by``."""
         email = normalize_email(email)
         check_password_policy(password)
-        password_hash = hash_password(password)
+        password_hash = await self.passwords.hash(password)
         try:
             async with in_transaction():
                 user = await User.create(email=email, password_hash=password_hash, role=role)
@@ -107,7 +106,7 @@ class Accounts:
         email = email.strip().lower()
         with self.throttle.attempt(email, address) as attempt:
             user = await User.get_or_none(email=email)
-            ok = verify_password(user.password_hash if user else DUMMY_PASSWORD_HASH, password)
+            ok = await self.passwords.verify(user.password_hash if user else None, password)
             if user is None or not ok:
                 attempt.failed()
                 reason = "unknown_account" if user is None else "bad_password"

@@ -198,6 +198,17 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return origins
 
 
+#: HEXA_PASSWORD_HASH's values (their argon2id parameters: security.PASSWORD_PROFILES)
+PASSWORD_HASH_PROFILES = ("strong", "light")
+
+
+def _password_hash(name: str, raw: str) -> str:
+    value = raw.lower()
+    if value not in PASSWORD_HASH_PROFILES:
+        raise SettingError(name, raw, "must be strong or light")
+    return value
+
+
 def _log_format(name: str, raw: str) -> str:
     value = raw.lower()
     if value not in ("text", "json"):
@@ -296,6 +307,7 @@ class Settings:
     scheduler_tick_s: float = 10.0
     scheduler_grace_s: float = 60.0
     access_token_ttl_s: int = 900
+    password_hash: str = "strong"  # noqa: S105 - the name of an argon2id profile
     refresh_token_ttl_s: int = 30 * 24 * 3600
     heartbeat_s: float = 30.0
     max_body_bytes: int = 1024 * 1024
@@ -405,6 +417,7 @@ _PARSERS: dict[str, Parser] = {
     "scheduler_tick_s": _positive_float,
     "scheduler_grace_s": _positive_float,
     "access_token_ttl_s": _positive_int,
+    "password_hash": _password_hash,
     "refresh_token_ttl_s": _positive_int,
     "heartbeat_s": _positive_float,
     "max_body_bytes": _positive_int,
