@@ -97,6 +97,9 @@ def start_hub(db_url: str, data_dir: Path, **overrides: str) -> RunningHub:
         "HEXA_COMMAND_TIMEOUT_MS": str(COMMAND_TIMEOUT_MS),
         "HEXA_TRUST_PROXY": "true",
         "HEXA_LOG_LEVEL": "WARNING",
+        # OWASP's minimum argon2id cost: the suite signs up and logs in thousands of times
+        # (the default's own test: tests/test_unit_passwords.py, and hubs the CLI tests start)
+        "HEXA_PASSWORD_HASH": "light",
         # the suite runs on the in-process bus; CI runs the bus-heavy files again over TCP
         "HEXA_EMBEDDED_BUS": os.environ.get("HEXA_TEST_EMBEDDED_BUS", "local"),
     }
@@ -170,6 +173,7 @@ def spawn_hub(
         "HEXA_JWT_SECRET": JWT_SECRET,
         "HEXA_COMMAND_TIMEOUT_MS": str(COMMAND_TIMEOUT_MS),
         "HEXA_LOG_LEVEL": "WARNING",
+        "HEXA_PASSWORD_HASH": "light",  # as in start_hub
         **{f"HEXA_{k.upper()}": v for k, v in overrides.items()},
     }
     env = {k: v for k, v in env.items() if v != UNSET}
