@@ -9,14 +9,25 @@ from typing import Any
 
 import pytest
 from support.databases import migrated_database_url
+from tortoise import Tortoise
+from tortoise.backends.base.executor import EXECUTOR_CACHE
 
 from hexa.hub import db, state
 from hexa.models import Device
 
 
 async def _with_orm(url: str, body: Any) -> None:
-    async with db.database(url):
+    """The ORM on ``url`` for this event loop only: the suite's shared hub, running in
+    the same process, holds the global context."""
+    # compiled INSERTs are kept by connection name, not by database (see db.database):
+    # none of another database's may be used here, none of this one's left behind
+    EXECUTOR_CACHE.clear()
+    await Tortoise.init(config=db.tortoise_config(url), _enable_global_fallback=False)
+    try:
         await body()
+    finally:
+        await Tortoise.close_connections()
+        EXECUTOR_CACHE.clear()
 
 
 async def _device(uid: str, *, online: bool = False) -> Device:
