@@ -101,7 +101,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if not _pg_skipped and not REQUIRE_PG and config.getoption("numprocesses", None):
+        # the tests ran in worker processes (scripts/test), which skipped them: ask here
+        reason = pg_unreachable()
+        if reason is not None:
+            _pg_skipped.append(reason)
     if _pg_skipped:
         terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
         terminalreporter.write_line(
