@@ -10,7 +10,7 @@ from amqtt.errors import BrokerError
 
 from hexa.broker.acl import Identity, Kind
 from hexa.broker.engine import Engine, Limits
-from hexa.broker.gate import HUB_USERNAME, Gate
+from hexa.broker.gate import HUB_USERNAME, ORG_CACHE_TTL_S, Gate
 from hexa.broker.local import LocalBus
 from hexa.broker.plugins import Access, HexaAuthPlugin
 from hexa.broker.server import HexaBroker
@@ -27,7 +27,10 @@ class EmbeddedBroker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.hub_password = secrets.token_urlsafe(32)
-        self.gate = Gate(self.hub_password)
+        # on SQLite this hub is the database's only server: it hears of every change of a
+        # device's organization itself, so the gate need not expire what it knows
+        alone = settings.resolved_database_url.startswith("sqlite://")
+        self.gate = Gate(self.hub_password, org_ttl=None if alone else ORG_CACHE_TTL_S)
         self._broker: HexaBroker | None = None
         self.port: int | None = None  # the plain listener's, None when it is off
         self._own_port: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import time
 import uuid
 
@@ -16,6 +17,7 @@ from hexa.models import Device, IntegrationToken
 log = logging.getLogger(__name__)
 
 HUB_USERNAME = "$hub"  # "$" is valid in no device uid or integration name
+#: how long a device's organization is trusted when other hubs may change it (PostgreSQL)
 ORG_CACHE_TTL_S = 30.0
 #: device credentials looked up in one query at most (SQL parameters per statement)
 LOOKUP_BATCH = 500
@@ -29,10 +31,18 @@ def _hash(token: str) -> str:
 
 
 class Gate:
-    """Authenticates broker sessions and caches device → organization for the ACL."""
+    """Authenticates broker sessions and caches device → organization for the ACL.
 
-    def __init__(self, hub_password: str) -> None:
+    A device changes organization only when it is claimed, released or deleted, and this
+    hub tells the gate (:meth:`forget`) when it does. ``org_ttl`` bounds how long an entry
+    is trusted beyond that: changes made by another hub sharing the database (PostgreSQL)
+    reach this one only by expiry. None keeps entries until forgotten, for a database this
+    hub is the only server of (SQLite).
+    """
+
+    def __init__(self, hub_password: str, org_ttl: float | None = ORG_CACHE_TTL_S) -> None:
         self.hub_password = hub_password
+        self.org_ttl = math.inf if org_ttl is None else org_ttl
         self._orgs: dict[str, tuple[uuid.UUID | None, float]] = {}
         #: a live device's credential and organization as the database has them now:
         #: the CONNECTs of a storm (and the ACL's organization look-ups) share queries,
@@ -53,7 +63,7 @@ class Gate:
             if device is not None:
                 token_hash, org_id = device
                 if hmac.compare_digest(token_hash, digest):
-                    self._orgs[username] = (org_id, time.monotonic() + ORG_CACHE_TTL_S)
+                    self._orgs[username] = (org_id, time.monotonic() + self.org_ttl)
                     return Identity(Kind.DEVICE, username)
                 return None
         # Integration names are unique only within an organization: the token itself
@@ -74,7 +84,7 @@ class Gate:
         if device is None:
             self._orgs.pop(uid, None)
             return
-        self._orgs[uid] = (device[1], time.monotonic() + ORG_CACHE_TTL_S)
+        self._orgs[uid] = (device[1], time.monotonic() + self.org_ttl)
         if len(self._orgs) > 200_000:
             self._orgs.clear()
 

@@ -14,7 +14,7 @@ from support.accounts import integration_token, register
 from support.checks import NEGATIVE_WAIT_S, wait_until
 from support.devices import claimed_device, online_device, state_of
 from support.hubs import RunningHub
-from support.mqtt import MqttClient, integration_client, mentions, sync_on
+from support.mqtt import MqttClient, MqttDevice, integration_client, mentions, sync_on
 
 C = TypeVar("C", bound=MqttClient)
 
@@ -282,6 +282,37 @@ def test_integration_intent_for_other_org_has_no_effect(hub: RunningHub, track: 
         lambda t, p, r: t.endswith("/set") or t.endswith("/cmd") or t.endswith("/result")
     )
     assert state_of(hub, u2, d2["id"])["relays"] == [False, False, False]
+
+
+def test_a_device_moved_to_another_org_leaves_the_old_orgs_integrations(
+    hub: RunningHub, track: Any
+) -> None:
+    """The broker knows a device's organization from its claim: once the device is
+    released and claimed by another organization, the old one's integration can neither
+    command it nor see it, and the new one's can, at once (not after a cache expiry)."""
+    first, second = register(hub), register(hub)
+    prov, dev = claimed_device(hub, first)
+    m = track(MqttDevice(hub, prov["device_uid"], prov["device_token"]))
+    assert m.ok(), m.rc
+    old = integration_client(hub, first, track, "hexa/#")
+    old.publish(f"hexa/{m.uid}/relay/0/set", "ON")  # the broker now knows the device's org
+    assert wait_until(lambda: any(c.get("relay_index") == 0 for c in m.commands), 5)
+    with hub.api(first.access_token) as c:
+        assert c.post(f"/devices/{dev['id']}/release").status_code == 200
+    with hub.api(second.access_token) as c:
+        r = c.post("/devices/claim", json={"claim_code": prov["claim_code"]})
+    assert r.status_code == 200, r.text
+    moved = track(MqttDevice(hub, m.uid, r.json()["device_token"]))
+    assert moved.ok(), moved.rc
+    new = integration_client(hub, second, track, "hexa/#")
+    seen = len(old.messages())
+    old.publish(f"hexa/{m.uid}/relay/1/set", "ON")
+    new.publish(f"hexa/{m.uid}/relay/2/set", "ON")  # allowed (also a barrier)
+    assert wait_until(lambda: any(c.get("relay_index") == 2 for c in moved.commands), 5)
+    assert new.wait_for(lambda t, p, r: t == f"hexa/{m.uid}/relay/2/state" and p == b"ON", 5)
+    time.sleep(NEGATIVE_WAIT_S)  # nothing is expected to arrive
+    assert [c for c in moved.commands if c.get("relay_index") == 1] == []
+    assert not [msg for msg in old.messages()[seen:] if mentions(m.uid)(*msg)]
 
 
 def test_integration_cannot_forge_device_topics(hub: RunningHub, track: Any) -> None:
