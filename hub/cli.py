@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--commands", type=int, default=200, help="REST commands to time")
     bench.add_argument("--rate", type=float, default=10.0, help="REST commands per second")
+    bench.add_argument(
+        "--warmup", type=int, default=10, help="REST commands sent before the timed ones"
+    )
     bench.add_argument("--intent-rtt-samples", type=int, default=200)
     bench.add_argument("--intents", type=int, default=2000, help="MQTT intents for throughput")
     bench.add_argument("--window", type=int, default=64, help="intents in flight")
