@@ -160,10 +160,11 @@ _COLUMNS = (
     "schedule_id",
     "request_id",
 )
-_INSERT = (
-    'INSERT INTO "audit_log" ("id","at","org_id","actor_type","actor_id","source","action",'
-    '"device_id","details","automation_id","schedule_id","request_id") '
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+#: built from the model's table and the columns above (constants, no input)
+_INSERT = 'INSERT INTO "{}" ({}) VALUES ({})'.format(  # noqa: S608
+    AuditEntry._meta.db_table,
+    ",".join(f'"{column}"' for column in _COLUMNS),
+    ",".join("?" * len(_COLUMNS)),
 )
 _DETAILS = _COLUMNS.index("details")
 #: ``details`` as the ORM writes its JSON field
