@@ -90,6 +90,33 @@ def barrier(ha: MqttClient, hub: RunningHub, user: User) -> str:
     return uid
 
 
+def switch_config(uid: str, n: int, device_name: str, sw_version: str | None = None) -> Any:
+    """The discovery config of relay ``n`` of a hexa-mini-switch-v1 named ``device_name``
+    (``sw_version``: the firmware it reported, if any), as the hub publishes it."""
+    device: dict[str, Any] = {
+        "identifiers": [f"hexa_{uid}"],
+        "name": device_name,
+        "manufacturer": "Hexa",
+        "model": "hexa-mini-switch-v1",
+    }
+    if sw_version is not None:
+        device["sw_version"] = sw_version
+    return {
+        "name": f"Relay {n + 1}",
+        "unique_id": f"hexa_{uid}_{n}",
+        "command_topic": f"hexa/{uid}/relay/{n}/set",
+        "state_topic": f"hexa/{uid}/relay/{n}/state",
+        "payload_on": "ON",
+        "payload_off": "OFF",
+        "availability": [{"topic": f"hexa/{uid}/availability"}, {"topic": "hexa/hub/status"}],
+        "availability_mode": "all",
+        "qos": 1,
+        "retain": False,
+        "device": device,
+        "origin": {"name": "Hexa Hub", "sw_version": __version__},
+    }
+
+
 def test_claimed_switch_is_discovered_as_three_switches_and_nine_triggers(
     hub: RunningHub, track: Callable[[Any], Any]
 ) -> None:
@@ -106,26 +133,7 @@ def test_claimed_switch_is_discovered_as_three_switches_and_nine_triggers(
             lambda n=n: latest(ha, switch_topic(uid, n))["device"].get("sw_version") == "1.0.0", 5
         )
         config = latest(ha, switch_topic(uid, n))
-        assert config == {
-            "name": f"Relay {n + 1}",
-            "unique_id": f"hexa_{uid}_{n}",
-            "command_topic": f"hexa/{uid}/relay/{n}/set",
-            "state_topic": f"hexa/{uid}/relay/{n}/state",
-            "payload_on": "ON",
-            "payload_off": "OFF",
-            "availability": [{"topic": f"hexa/{uid}/availability"}, {"topic": "hexa/hub/status"}],
-            "availability_mode": "all",
-            "qos": 1,
-            "retain": False,
-            "device": {
-                "identifiers": [f"hexa_{uid}"],
-                "name": dev["name"],
-                "manufacturer": "Hexa",
-                "model": "hexa-mini-switch-v1",
-                "sw_version": "1.0.0",
-            },
-            "origin": {"name": "Hexa Hub", "sw_version": __version__},
-        }
+        assert config == switch_config(uid, n, dev["name"], sw_version="1.0.0")
     kinds = {"press": "button_short_press", "hold": "button_long_press"}
     kinds["double_press"] = "button_double_press"
     for n in range(3):
@@ -642,25 +650,7 @@ def test_a_republish_of_many_devices_sends_each_config_and_state_once(
             ),
             5,
         )
-        assert latest(ha, switch_topic(uid, 0)) == {
-            "name": "Relay 1",
-            "unique_id": f"hexa_{uid}_0",
-            "command_topic": f"hexa/{uid}/relay/0/set",
-            "state_topic": f"hexa/{uid}/relay/0/state",
-            "payload_on": "ON",
-            "payload_off": "OFF",
-            "availability": [{"topic": f"hexa/{uid}/availability"}, {"topic": "hexa/hub/status"}],
-            "availability_mode": "all",
-            "qos": 1,
-            "retain": False,
-            "device": {
-                "identifiers": [f"hexa_{uid}"],
-                "name": dev["name"],
-                "manufacturer": "Hexa",
-                "model": "hexa-mini-switch-v1",
-            },
-            "origin": {"name": "Hexa Hub", "sw_version": __version__},
-        }
+        assert latest(ha, switch_topic(uid, 0)) == switch_config(uid, 0, dev["name"])
         relay_2 = f"L{dev['id'][:4]}" if uid in renamed else "Relay 2"
         assert latest(ha, switch_topic(uid, 1))["name"] == relay_2
     published = {t: configs_of(ha, t) for uid in uids for t in all_topics(uid)}
