@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import re
 import socket
@@ -23,6 +22,7 @@ from support.accounts import register, unique_email
 from support.checks import error_shape_ok
 from support.hubs import PROVISION_KEY, UNSET, RunningHub, free_port, spawned_hub
 from support.tls import self_signed
+from support.ws import wss_exchange
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -255,9 +255,8 @@ def test_https_and_wss_are_served_with_the_certificate(
     assert p["ws_url"].startswith("wss://")
     assert p["mqtt"]["port"] is not None  # HEXA_MQTT_PORT given: the plain listener stays
     context = ssl.create_default_context(cafile=str(cert))
-    with connect(f"{hub.ws_base}/ws/client?token={token}", ssl=context, proxy=None) as ws:
-        ws.send(json.dumps({"type": "ping"}))
-        assert json.loads(ws.recv(timeout=10))["type"] == "pong"
+    answer = wss_exchange(f"{hub.ws_base}/ws/client?token={token}", context, {"type": "ping"})
+    assert answer["type"] == "pong"
     # a client that does not trust the certificate gets no answer at all
     with pytest.raises(httpx.ConnectError):
         httpx.get(hub.base + "/health", verify=True)

@@ -3,12 +3,15 @@ receives; ``WsDevice`` simulates a hexa-mini-switch-v1 over /ws/device (contract
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
+from websockets.asyncio.client import connect as connect_async
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -21,6 +24,27 @@ from support.hubs import RunningHub
 def connect_ws(url: str) -> ClientConnection:
     """A WebSocket connection to ``url`` (no proxy, bounded handshake and close)."""
     return connect(url, open_timeout=10, close_timeout=5, proxy=None)
+
+
+def wss_exchange(
+    url: str, context: ssl.SSLContext, doc: dict[str, Any], timeout: float = 10
+) -> dict[str, Any]:
+    """Send ``doc`` over a new wss:// connection; the first JSON document answered.
+
+    With websockets' asyncio client, never its sync one over TLS: the sync client reads in
+    a thread of its own while the caller's thread writes, two threads on one OpenSSL
+    connection, and its upgrade request was now and then lost (tests/test_unit_ws_clients.py).
+    """
+
+    async def exchange() -> dict[str, Any]:
+        async with connect_async(
+            url, ssl=context, proxy=None, open_timeout=timeout, close_timeout=5
+        ) as ws:
+            await ws.send(json.dumps(doc))
+            answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+            return answer
+
+    return asyncio.run(exchange())
 
 
 class WsPeer:
