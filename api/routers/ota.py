@@ -33,7 +33,8 @@ from hexa.api.schemas import Body, Page, Timestamp
 from hexa.hub import ota_crypto
 from hexa.hub.access import Principal
 from hexa.hub.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
-from hexa.hub.ota import REPORT_STATES, Offer
+from hexa.hub.ota import Offer
+from hexa.hub.ota_reports import REPORT_STATES
 from hexa.models import Device, OtaKey, OtaRelease
 
 if TYPE_CHECKING:
