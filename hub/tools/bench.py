@@ -36,6 +36,8 @@ from typing import Any
 import anyio
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from tortoise.transactions import in_transaction
 
 from hexa.hub import topics
@@ -172,25 +174,29 @@ class _Usage:
         return out
 
 
-async def _metric(client: httpx.AsyncClient, name: str) -> float:
+async def _samples(client: httpx.AsyncClient, name: str, **labels: str) -> list[Sample]:
+    """The hub's samples named ``name`` (a counter's ``_total``, a histogram's ``_bucket``)
+    whose labels include ``labels``, read from its ``/metrics``."""
     text = (await client.get("/metrics")).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+
+
+async def _metric(client: httpx.AsyncClient, name: str) -> float:
+    return sum(sample.value for sample in await _samples(client, name))
 
 
 async def _buckets(client: httpx.AsyncClient, name: str, **labels: str) -> dict[str, float]:
     """A histogram's cumulative bucket counts (``le`` → count) over the series whose labels
     include ``labels``."""
-    text = (await client.get("/metrics")).text
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
     counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket{") and all(w in line for w in wanted):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            counts[le] = counts.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    for sample in await _samples(client, name + "_bucket", **labels):
+        le = sample.labels["le"]
+        counts[le] = counts.get(le, 0.0) + sample.value
     return counts
 
 
