@@ -72,7 +72,7 @@ def _caches(app: FastAPI) -> tuple[Principals, ClaimedDevices]:
     if caches is None:
         hub: Hub = app.state.hub
         assert hub.settings.jwt_secret is not None
-        alone = hub.settings.resolved_database_url.startswith("sqlite://")
+        alone = hub.settings.database_is_ours_alone
         devices = ClaimedDevices(cache=alone)
         hub.events.subscribe(DeviceEvent, devices.on_change)
         caches = (Principals(hub.settings.jwt_secret, cache=alone), devices)

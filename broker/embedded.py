@@ -27,9 +27,9 @@ class EmbeddedBroker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.hub_password = secrets.token_urlsafe(32)
-        # on SQLite this hub is the database's only server: it hears of every change of a
-        # device's organization itself, so the gate need not expire what it knows
-        alone = settings.resolved_database_url.startswith("sqlite://")
+        # a hub alone on its database hears of every change of a device's organization
+        # itself, so the gate need not expire what it knows
+        alone = settings.database_is_ours_alone
         self.gate = Gate(self.hub_password, org_ttl=None if alone else ORG_CACHE_TTL_S)
         self._broker: HexaBroker | None = None
         self.port: int | None = None  # the plain listener's, None when it is off

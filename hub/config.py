@@ -360,6 +360,13 @@ class Settings:
         return f"sqlite://{(self.data_dir / 'hexa.db').resolve()}"
 
     @property
+    def database_is_ours_alone(self) -> bool:
+        """Whether this hub is its database's only server (SQLite), so that it sees every
+        change itself and may keep what it read until it changes it; several hubs may share
+        a PostgreSQL database."""
+        return self.resolved_database_url.startswith("sqlite://")
+
+    @property
     def command_timeout_s(self) -> float:
         return self.command_timeout_ms / 1000
 
